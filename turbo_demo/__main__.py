@@ -1,0 +1,3 @@
+from turbo_demo.cli import main
+
+raise SystemExit(main())

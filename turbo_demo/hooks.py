@@ -1,0 +1,67 @@
+"""Watching (and editing) the FFN activations of any Mistral-family model through hooks.
+
+The combined activation h of layer i is the input of `model.layers[i].mlp.down_proj`:
+h = act(W_gate x) * (W_up x) for SwiGLU, relu(W_gate x) * relu(W_up x) for dReLU. A forward
+pre-hook on down_proj therefore sees h for every FFN variant without touching its code.
+Hooks live only inside the context managers below, which always remove them.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from turbo_demo.errors import UserError
+
+
+def ffn_modules(model: nn.Module) -> list[nn.Module]:
+    """The MLP module of every decoder layer, in order; a clear error for other architectures."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+        raise UserError(f"{type(model).__name__} has no model.layers[i].mlp: not a Mistral-family model")
+    mlps = [layer.mlp for layer in layers]
+    if not all(all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")) for m in mlps):
+        raise UserError(f"{type(model).__name__} has no gated FFN (gate_proj/up_proj/down_proj)")
+    return mlps
+
+
+@contextmanager
+def on_ffn_activation(
+    model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor | None]
+) -> Iterator[None]:
+    """Call fn(layer, h) with each layer's combined activation h (..., intermediate).
+
+    If fn returns a tensor, it replaces h as the input of down_proj (used for top-k pruning).
+    """
+    handles = []
+    for i, mlp in enumerate(ffn_modules(model)):
+
+        def pre_hook(module, args, layer=i):
+            new = fn(layer, args[0])
+            return None if new is None else (new,)
+
+        handles.append(mlp.down_proj.register_forward_pre_hook(pre_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
+    """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
+    handles = []
+    for i, mlp in enumerate(ffn_modules(model)):
+        for name in ("gate", "up"):
+
+            def hook(module, args, output, layer=i, branch=name):
+                fn(layer, branch, output)
+
+            handles.append(getattr(mlp, f"{name}_proj").register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

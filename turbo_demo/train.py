@@ -1,0 +1,177 @@
+"""One training loop for the three presets of the embedded models.
+
+    dense   MistralForCausalLM, SwiGLU FFN, from scratch
+    drelu   BambooForCausalLM, dReLU FFN, from scratch, same shape, data order and budget,
+            plus a ProSparse-style L1 penalty on the combined activation h (0 = plain dReLU)
+    relufy  starts from a dense checkpoint, swaps SwiGLU for dReLU and continues training
+
+Loss = cross-entropy + l1 * ramp(step) * sum over layers of mean over tokens of sum_i |h_i|,
+where ramp rises linearly from 0 to 1 over the first `l1_ramp` share of steps. AdamW
+(0.9, 0.95), linear warm-up then cosine decay to `min_lr`. Everything random comes from `seed`.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import MistralConfig, MistralForCausalLM
+
+from turbo_demo import data
+from turbo_demo.checkpoint import load_model, load_tokenizer, save_checkpoint
+from turbo_demo.errors import UserError
+from turbo_demo.hooks import on_ffn_activation
+from turbo_demo.modeling_bamboo import BambooConfig, BambooForCausalLM, swiglu_to_drelu
+
+
+@dataclass
+class Shape:
+    """The embedded models' shape: a wide FFN (5x hidden) so that the FFN dominates decoding."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 1280
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    vocab_size: int = 4096
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class TrainSettings:
+    preset: str
+    steps: int = 1200
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    l1: float = 0.0
+    l1_ramp: float = 0.3
+    eval_every: int = 100
+    eval_tokens: int = 32768
+    seed: int = 0
+    init: str | None = None
+
+
+PRESETS = {
+    "dense": TrainSettings("dense"),
+    "drelu": TrainSettings("drelu", l1=3e-4),
+    "relufy": TrainSettings(
+        "relufy", steps=400, lr=6e-4, min_lr=1e-4, warmup=20, l1=3e-4,
+        init="assets/models/dense-swiglu",
+    ),
+}
+
+
+def settings_for(preset: str, **overrides) -> TrainSettings:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_model(s: TrainSettings, tokenizer, shape: Shape):
+    """A freshly initialised model for dense/drelu, or the ReLUfied dense checkpoint."""
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, sliding_window=None)
+    torch.manual_seed(s.seed)
+    if s.preset == "dense":
+        return MistralForCausalLM(MistralConfig(**asdict(shape), hidden_act="silu", **ids))
+    if s.preset == "drelu":
+        return BambooForCausalLM(BambooConfig(**asdict(shape), hidden_act="relu", **ids))
+    dense = load_model(s.init)
+    if not isinstance(dense, MistralForCausalLM) or isinstance(dense, BambooForCausalLM):
+        raise UserError(f"relufy needs a dense Mistral (SwiGLU) checkpoint; {s.init} is not one")
+    return swiglu_to_drelu(dense)
+
+
+def batch_loss(model, x, y):
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def heldout_loss(model, tokens: torch.Tensor, s: TrainSettings) -> float:
+    model.eval()
+    losses = [batch_loss(model, x, y).item()
+              for x, y in data.sequential_batches(tokens, s.batch_size, s.seq_len, s.eval_tokens)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_step(model, opt, x, y, l1: float) -> tuple[float, float]:
+    """One optimizer step on (x, y) with an L1 weight; returns (cross-entropy, FFN sparsity).
+
+    Sparsity here is the share of exactly-zero h over all layers, tokens and neurons.
+    """
+    penalties, zeros = [], []
+
+    def watch(layer, h):
+        penalties.append(h.abs().sum(-1).mean())
+        zeros.append((h.detach() == 0).float().mean())
+
+    with on_ffn_activation(model, watch):
+        ce = batch_loss(model, x, y)
+    loss = ce + l1 * torch.stack(penalties).sum() if l1 else ce
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return ce.item(), torch.stack(zeros).mean().item()
+
+
+def make_optimizer(model, s: TrainSettings) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); weight decay on matrices only, not on norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+
+
+def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
+    """Train one preset and write the checkpoint plus training_log.json into `out`."""
+    out = Path(out)
+    tokenizer = load_tokenizer(s.init) if s.preset == "relufy" else data.train_tokenizer(shape.vocab_size)
+    train_tokens = data.encode_split(tokenizer, "train")
+    val_tokens = data.encode_split(tokenizer, "heldout")
+    model = build_model(s, tokenizer, shape).train()
+    opt = make_optimizer(model, s)
+    gen = torch.Generator().manual_seed(s.seed)
+    log = {"preset": s.preset, "settings": asdict(s), "shape": {k: getattr(model.config, k) for k in asdict(shape)},
+           "architecture": type(model).__name__, "hidden_act": model.config.hidden_act, "steps": []}
+    start = time.time()
+    with tqdm(range(s.steps), desc=f"train {s.preset}") as bar:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, s)
+            x, y = data.random_batch(train_tokens, s.batch_size, s.seq_len, gen)
+            ramp = min(1.0, step / max(1, s.l1_ramp * s.steps))
+            ce, sparsity = train_step(model, opt, x, y, s.l1 * ramp)
+            bar.set_postfix(loss=f"{ce:.3f}", sparsity=f"{sparsity:.3f}")
+            last = step == s.steps - 1
+            if step % 10 == 0 or last:
+                entry = {"step": step, "tokens": (step + 1) * s.batch_size * s.seq_len,
+                         "train_loss": round(ce, 4), "sparsity": round(sparsity, 4),
+                         "lr": lr_at(step, s), "elapsed_s": round(time.time() - start, 1)}
+                if step % s.eval_every == 0 or last:
+                    entry["val_loss"] = round(heldout_loss(model, val_tokens, s), 4)
+                log["steps"].append(entry)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    model.eval()
+    save_checkpoint(model, tokenizer, out)
+    log["final"] = log["steps"][-1]
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
