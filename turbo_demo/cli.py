@@ -33,6 +33,57 @@ def cmd_eval(args) -> None:
         print(f"  top-k perplexity at {float(k):.0%} sparsity: {ppl:.2f}")
 
 
+def mode_options(args) -> dict:
+    """The FFN mode's options given on the command line (budget, threshold, sparsity)."""
+    names = ("budget", "threshold", "sparsity")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def cmd_predictors(args) -> None:
+    from turbo_demo.runtime.predictors import train_predictors
+
+    result = train_predictors(args.model_dir, rank=args.rank, target_recall=args.target_recall,
+                              train_tokens=args.tokens)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']}: rank {result['rank']}, predictors = "
+          f"{result['predictor_share_of_ffn']:.1%} of FFN weights")
+    print("layer  recall  predicted sparsity  true sparsity  threshold")
+    for e in result["layers"]:
+        print(f"{e['layer']:5d}  {e['recall']:.4f}  {e['predicted_sparsity']:18.4f}  "
+              f"{e['true_sparsity']:13.4f}  {e['threshold']:9.3f}")
+
+
+def cmd_generate(args) -> None:
+    from turbo_demo.checkpoint import load_model, load_tokenizer
+    from turbo_demo.runtime import open_runtime
+
+    model = load_model(args.model_dir)
+    tokenizer = load_tokenizer(args.model_dir)
+    runtime = open_runtime(model, args.mode, **mode_options(args))
+    prompt_ids = tokenizer(args.prompt)["input_ids"]
+    if not prompt_ids:
+        raise UserError("empty prompt: give some text with --prompt")
+    steps, ids, shown = [], [], ""
+    for stats in runtime.generate(prompt_ids, args.max_new_tokens, args.temperature, args.top_p,
+                                  args.seed, eos_token_id=tokenizer.eos_token_id, audit=args.audit):
+        steps.append(stats)
+        ids.append(stats.token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not args.json:
+            print(text[len(shown):], end="", flush=True)
+        shown = text
+    seconds = sum(s.time_s for s in steps)
+    if not args.json:
+        print(f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
+              f"engine {runtime.engine}]", file=sys.stderr)
+        return
+    print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
+                      "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
+                      "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps]}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbo_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -53,6 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=131072, help="tokens to score (default 131072)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predictors", help="train per-layer activation predictors into a dReLU checkpoint")
+    p.add_argument("model_dir")
+    p.add_argument("--rank", type=int, default=64, help="predictor rank (default 64)")
+    p.add_argument("--target-recall", type=float, default=0.97, help="per-layer recall to calibrate to")
+    p.add_argument("--tokens", type=int, default=65536, help="training-split tokens to learn from")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_predictors)
+
+    p = sub.add_parser("generate", help="stream text from a model in one backend mode")
+    p.add_argument("model_dir")
+    p.add_argument("--mode", default="dense", help="dense | exact | predictor | threshold")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, help="predictor mode: compute this share of neurons")
+    p.add_argument("--threshold", type=float, help="predictor score or |activation| threshold")
+    p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity, calibrated on the prompt")
+    p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
+    p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -30,13 +30,13 @@ class BambooConfig(MistralConfig):
     predictor_rank: rank of the per-layer activation predictor; an int for every layer, a list
         with one rank per layer, or None when the checkpoint carries no predictors.
     predictor_threshold: the score (a logit) at or above which a neuron is predicted active;
-        0.0 is sigmoid 0.5, PowerInfer's default.
+        0.0 is sigmoid 0.5, PowerInfer's default; a list gives one threshold per layer.
     """
 
     model_type = "bamboo"
     hidden_act: str = "relu"
     predictor_rank: int | list[int] | None = None
-    predictor_threshold: float = 0.0
+    predictor_threshold: float | list[float] = 0.0
 
     def rank_of(self, layer: int) -> int | None:
         """The predictor rank of one layer, or None without predictors."""
@@ -45,6 +45,10 @@ class BambooConfig(MistralConfig):
         if isinstance(self.predictor_rank, int):
             return self.predictor_rank
         return self.predictor_rank[layer]
+
+    def threshold_of(self, layer: int) -> float:
+        t = self.predictor_threshold
+        return t if isinstance(t, (int, float)) else t[layer]
 
 
 class BambooPredictor(nn.Module):

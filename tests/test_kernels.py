@@ -1,0 +1,125 @@
+"""The fused C++ gather-GEMV kernels against the PyTorch reference, and backend switching."""
+
+import pytest
+import torch
+
+from turbo_demo.errors import UserError
+from turbo_demo.runtime import cpp, kernels
+
+needs_cpp = pytest.mark.skipif(
+    not cpp.available(), reason="C++ kernels unavailable (no C++ compiler, or the extension build failed)")
+
+# (N, H): H a multiple of 16, H not a multiple of 16 (SIMD tails), H below one vector.
+SHAPES = [(64, 128), (97, 203), (33, 7)]
+# fp32: both sides sum in fp32, in different orders. bf16: one rounding of results of size ~10
+# (sums of up to ~200 products of order 1) is 1/16, and torch may round its partial sums too.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.5e-1, rtol=2e-2)}
+
+
+def case(n, h, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, h, generator=g).to(dtype)
+    x = torch.randn(h, generator=g).to(dtype)
+    hv = torch.randn(k, generator=g).to(dtype)
+    idx = torch.randperm(n, generator=g)[:k].sort().values
+    return w, x, hv, idx
+
+
+@pytest.fixture
+def module():
+    return cpp.load()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h", SHAPES)
+@pytest.mark.parametrize("k", ["0", "1", "half", "N"])
+def test_cpp_matches_torch(module, n, h, k, dtype):
+    k = {"0": 0, "1": 1, "half": n // 2, "N": n}[k]
+    w, x, hv, idx = case(n, h, k, dtype)
+    ref_axpy = kernels.torch_rows_axpy(w, hv, idx)
+    for got, ref, size in ((module.rows_dot(w, x, idx), kernels.torch_rows_dot(w, x, idx), k),
+                           (module.rows_axpy(w, hv, idx), ref_axpy, h)):
+        assert got.dtype == dtype and got.shape == (size,)
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@needs_cpp
+def test_cpp_bf16_accumulates_in_fp32(module):
+    """bf16 results are the fp32 sums of the exact bf16 inputs, rounded once."""
+    w, x, hv, idx = case(300, 1000, 150, torch.bfloat16, seed=1)
+    ref_dot = kernels.torch_rows_dot(w.float(), x.float(), idx).to(torch.bfloat16)
+    ref_axpy = kernels.torch_rows_axpy(w.float(), hv.float(), idx).to(torch.bfloat16)
+    torch.testing.assert_close(module.rows_dot(w, x, idx), ref_dot, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(module.rows_axpy(w, hv, idx), ref_axpy, atol=1e-2, rtol=1e-2)
+
+
+@needs_cpp
+def test_cpp_repeated_indices_and_threads(module):
+    w, x, hv, _ = case(50, 333, 0, torch.float32)
+    idx = torch.tensor([3, 3, 0, 49, 7, 3, 12, 49, 1, 2, 5, 6])
+    hv = torch.randn(len(idx))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(module.rows_dot(w, x, idx), kernels.torch_rows_dot(w, x, idx),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(module.rows_axpy(w, hv, idx), kernels.torch_rows_axpy(w, hv, idx),
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
+@pytest.mark.parametrize("fn", ["rows_dot", "rows_axpy"])
+def test_cpp_rejects_bad_input(module, fn):
+    f = getattr(module, fn)
+    w, x, hv, idx = case(40, 24, 10, torch.float32)
+    v = x if fn == "rows_dot" else hv
+    bad = {
+        "weight dtype": (w.double(), v.double(), idx),
+        "weight float16": (w.half(), v.half(), idx),
+        "vector dtype": (w, v.to(torch.bfloat16), idx),
+        "idx dtype": (w, v, idx.int()),
+        "weight not contiguous": (w.t().contiguous().t(), v, idx),
+        "vector not contiguous": (w, torch.stack([v, v], 1)[:, 0], idx),
+        "weight not 2-D": (w.flatten(), v, idx),
+        "vector size": (w, v[:-1], idx),
+        "idx too large": (w, v, torch.cat([idx[:-1], torch.tensor([40])])),
+        "idx negative": (w, v, torch.cat([idx[:-1], torch.tensor([-1])])),
+        "idx not 1-D": (w, v, idx.unsqueeze(0)),
+    }
+    for what, args in bad.items():
+        with pytest.raises(RuntimeError):
+            f(*args)
+            pytest.fail(f"{fn} accepted bad input: {what}")
+    with pytest.raises(RuntimeError, match="out of range"):
+        f(w, v, torch.tensor([0, 40]))
+
+
+@needs_cpp
+def test_use_backend_switches_and_restores():
+    assert kernels.backend() == "torch"
+    try:
+        kernels.use_backend("cpp")
+        assert kernels.backend() == "cpp"
+        assert kernels.rows_dot is cpp.load().rows_dot
+        assert kernels.rows_axpy is cpp.load().rows_axpy
+    finally:
+        kernels.use_backend("torch")
+    assert kernels.backend() == "torch"
+    assert kernels.rows_dot is kernels.torch_rows_dot
+    assert kernels.rows_axpy is kernels.torch_rows_axpy
+
+
+def test_torch_rows_axpy_empty():
+    w = torch.randn(5, 3)
+    y = kernels.torch_rows_axpy(w, torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(y, torch.zeros(3))
+
+
+def test_use_backend_unknown_name():
+    with pytest.raises(UserError, match="unknown kernel backend"):
+        kernels.use_backend("cuda")
+    assert kernels.backend() == "torch" and kernels.rows_dot is kernels.torch_rows_dot

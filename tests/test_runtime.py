@@ -1,0 +1,149 @@
+"""The lean runtime and the FFN modes: paths that must agree, statistics, and clear errors."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_model
+from turbo_demo.errors import UserError
+from turbo_demo.hooks import on_ffn_activation
+from turbo_demo.modeling_bamboo import BambooConfig, BambooMLP
+from turbo_demo.runtime import ffn as ffn_module
+from turbo_demo.runtime.engine import Runtime
+from turbo_demo.runtime.ffn import make_ffn
+from turbo_demo.runtime.hf import TransformersRuntime, sparse_mode
+from turbo_demo.runtime.predictors import train_predictors
+
+IDS = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14, 200, 150, 11, 76, 43, 21,
+                    5, 6, 70, 80, 90, 100, 110, 120, 130, 140])
+
+
+def runtime_logits(runtime, ids=IDS, prefill=8):
+    """Logits for every position from `prefill` on: one prefill, then one decode step each."""
+    out = [runtime.prefill(ids[:prefill])]
+    out += [runtime.decode(int(t)) for t in ids[prefill:-1]]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["dense", "drelu"])
+def test_runtime_equals_transformers_forward(kind):
+    model = tiny_model(kind)
+    with torch.no_grad():
+        reference = model(IDS[None]).logits[0, 7:-1]
+    torch.testing.assert_close(runtime_logits(Runtime(model)), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runtime_logits(TransformersRuntime(tiny_model(kind))), reference,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_exact_equals_dense_over_prefill_and_20_decode_steps():
+    runtime = Runtime(tiny_model("drelu", seed=1))
+    dense = runtime_logits(runtime)
+    runtime.set_mode("exact")
+    exact = runtime_logits(runtime)
+    assert len(exact) == 22
+    torch.testing.assert_close(exact, dense, rtol=0, atol=1e-5)
+    assert runtime.ffns[0].record.computed < runtime.ffns[0].n
+
+
+def test_threshold_zero_equals_dense():
+    for kind in ("dense", "drelu"):
+        runtime = Runtime(tiny_model(kind))
+        dense = runtime_logits(runtime)
+        runtime.set_mode("threshold", threshold=0.0)
+        torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
+
+
+def test_predictor_with_every_neuron_active_equals_dense(monkeypatch):
+    model = tiny_model("drelu", predictor_rank=4)
+    runtime = Runtime(model)
+    dense = runtime_logits(runtime)
+    runtime.set_mode("predictor", threshold=float("-inf"))
+    torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)  # dense fallback
+    monkeypatch.setattr(ffn_module, "DENSE_FALLBACK_SHARE", 1.0)  # force the gathered path
+    torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
+    runtime.set_mode("predictor", budget=1.0)
+    torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
+
+
+def test_statistics_of_a_hand_built_layer():
+    config = BambooConfig(hidden_size=4, intermediate_size=6, num_hidden_layers=1,
+                          num_attention_heads=1, num_key_value_heads=1, vocab_size=8)
+    mlp = BambooMLP(config, 0)
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [-1, 0, 0, 0], [0, 1, 0, 0],
+                                                 [0, 0, 1, 0], [0, 0, 0, 1], [0, -1, 0, 0]]))
+        mlp.up_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [1, 0, 0, 0], [0, -1, 0, 0],
+                                               [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]]))
+        mlp.down_proj.weight.copy_(torch.arange(24.0).view(4, 6))
+    x = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    # gate = [1, -1, 2, 3, 0, -2] -> relu > 0 for neurons 0, 2, 3; up = [1, 1, -2, 3, 0, 2]
+    # h = [1, 0, 0, 9, 0, 0]: neuron 2 is computed (gate on) but its up branch is off.
+    exact = make_ffn("exact", mlp, config, 0)
+    y = exact.step(x, x)
+    torch.testing.assert_close(y, mlp(x))
+    row = 4 * 4  # bytes of one fp32 row of H = 4
+    assert (exact.record.computed, exact.record.active) == (3, 2)
+    assert exact.record.bytes == 6 * row + 3 * row + 2 * row  # all gate rows, 3 up, 2 down
+    dense = make_ffn("dense", mlp, config, 0)
+    dense.step(x, x)
+    assert (dense.record.computed, dense.record.active, dense.record.bytes) == (6, 2, 18 * row)
+
+
+def test_predictor_audit_measures_recall():
+    model = tiny_model("drelu", predictor_rank=4)
+    runtime = Runtime(model, "predictor", budget=0.25)
+    steps = list(runtime.generate([5, 6, 7, 8], max_new_tokens=5, audit=True))
+    for stats in steps:
+        assert stats.recall is not None and all(0.0 <= r <= 1.0 for r in stats.recall)
+        assert all(abs(c - 32 / 128) < 1e-9 for c in stats.computed_share)
+        assert stats.ffn_bytes < stats.ffn_bytes_dense
+    runtime.set_mode("predictor", threshold=float("-inf"))
+    assert all(r == [1.0, 1.0] for r in (s.recall for s in runtime.generate([5, 6], 3, audit=True)))
+    assert list(runtime.generate([5, 6], 2))[0].recall is None
+
+
+def test_sparsified_model_still_works_with_transformers_generate():
+    model = tiny_model("drelu", seed=3)
+    prompt = torch.tensor([[5, 17, 3, 99]])
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    dense = model.generate(prompt, **kwargs)
+    with sparse_mode(model, "exact") as ffns:
+        sparse = model.generate(prompt, **kwargs)
+        assert ffns[0].record.computed < ffns[0].n
+    assert torch.equal(sparse.sequences, dense.sequences)
+    torch.testing.assert_close(torch.cat(sparse.logits), torch.cat(dense.logits), rtol=0, atol=1e-5)
+
+
+def test_hooks_and_transforms_leave_nothing_behind():
+    model = tiny_model("drelu")
+    mlps = [layer.mlp for layer in model.model.layers]
+    with on_ffn_activation(model, lambda i, h: None), sparse_mode(model, "exact"):
+        pass
+    assert [layer.mlp for layer in model.model.layers] == mlps
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_bad_modes_say_what_to_do_instead():
+    with pytest.raises(UserError, match="unknown mode 'turbo'"):
+        Runtime(tiny_model("drelu"), "turbo")
+    with pytest.raises(UserError, match="threshold mode for SwiGLU"):
+        Runtime(tiny_model("dense"), "exact")
+    with pytest.raises(UserError, match="python -m turbo_demo predictors"):
+        Runtime(tiny_model("drelu"), "predictor")
+
+
+def test_predictors_round_trip_through_from_pretrained(tiny_dirs, tmp_path):
+    import shutil
+
+    path = shutil.copytree(tiny_dirs["drelu"], tmp_path / "drelu")
+    result = train_predictors(str(path), rank=8, train_tokens=2048, val_tokens=1024, steps=30)
+    assert [e["layer"] for e in result["layers"]] == [0, 1]
+    assert all(e["recall"] >= 0.9 for e in result["layers"])
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert loaded.config.predictor_rank == 8
+    assert loaded.config.predictor_threshold == [e["threshold"] for e in result["layers"]]
+    assert loaded.model.layers[1].mlp.predictor.fc2.weight.shape == (128, 8)
+    runtime = Runtime(loaded, "predictor")
+    assert len(list(runtime.generate([5, 6, 7], 4))) == 4

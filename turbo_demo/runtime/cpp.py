@@ -1,0 +1,69 @@
+"""The fused C++ gather-GEMV kernels (csrc/gather_gemv.cpp), built on first use.
+
+    load()       the compiled module (rows_dot, rows_axpy), built once per process and cached on
+                 disk under cache_dir()/torch_extensions; raises UserError if it cannot be built
+    available()  whether load() works; never raises
+
+Importing this module never compiles anything.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from turbo_demo.errors import UserError
+
+NAME = "turbo_demo_gather_gemv"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "gather_gemv.cpp"
+
+_module = None
+_error: UserError | None = None
+
+
+def _first_error_line(exc: BaseException) -> str:
+    """The compiler's first `error:` line in a failed build's output, else the exception's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line or "fatal error" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+def load(verbose: bool = False):
+    """The compiled extension module; builds it on the first call (takes about a minute)."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise _error
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        if shutil.which(compiler) is None:
+            raise UserError(f"cannot build the C++ kernels: no C++ compiler ({compiler!r} is not on "
+                            "PATH); install g++ or use the torch backend")
+        from torch.utils import cpp_extension
+
+        from turbo_demo.data import cache_dir
+
+        build = cache_dir() / "torch_extensions"
+        build.mkdir(parents=True, exist_ok=True)
+        try:
+            _module = cpp_extension.load(
+                name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=verbose)
+        except Exception as exc:  # compiler / ninja / linker failures
+            raise UserError(f"cannot build the C++ kernels with {compiler!r}: "
+                            f"{_first_error_line(exc)}; use the torch backend") from exc
+    except UserError as exc:
+        _error = exc
+        raise
+    return _module
+
+
+def available() -> bool:
+    """Whether the C++ kernels can be used here (compiler present and the build succeeds)."""
+    try:
+        load()
+    except Exception:
+        return False
+    return True

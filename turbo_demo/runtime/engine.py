@@ -1,0 +1,202 @@
+"""Lean batch-1 decoding for the Mistral family (Mistral, Llama, bamboo), on HF weights.
+
+The runtime reads the weight tensors of a loaded transformers model (no copies), keeps a
+preallocated KV cache, and decodes with a small ladder of functions:
+
+    prefill(ids) -> logits    all prompt tokens at once, causal attention, dense FFN
+    decode(token) -> logits   one token: attention on the cache, then the layer's FFN mode
+    sample(logits) -> token   greedy, or temperature + top-p from a seeded generator
+    generate(...)             yields one StepStats per new token (time, sparsity, bytes)
+
+Per layer:  a = x + W_o attn(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x));  x' = a + FFN(n2(a), a)
+where n1, n2 are RMSNorms and the FFN gets the residual a for its predictor.
+"""
+
+import time
+from collections.abc import Iterator
+from threading import Event
+
+import torch
+import torch.nn.functional as F
+
+from turbo_demo.errors import UserError
+from turbo_demo.runtime.ffn import FFN, make_ffn
+from turbo_demo.runtime.stats import StepStats
+
+SUPPORTED = ("mistral", "llama", "bamboo")
+
+
+def supports(config) -> bool:
+    """Whether the lean runtime knows this architecture (else: TransformersRuntime)."""
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    return (config.model_type in SUPPORTED and rope == "default"
+            and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy for temperature <= 0, else nucleus sampling over softmax(logits / temperature)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the first token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Decoder:
+    """The generation loop shared by both engines; subclasses give prefill, decode and ffns."""
+
+    engine = "?"
+    ffns: list[FFN]
+    max_len: int
+    dense_ffn_bytes: int
+
+    def audit(self, on: bool) -> None:
+        for ffn in self.ffns:
+            ffn.audit = on
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop: Event | None = None,
+                 eos_token_id: int | None = None, audit: bool = False) -> Iterator[StepStats]:
+        """Yield one StepStats per new token.
+
+        The prompt but its last token is prefilled (dense FFN); every new token then comes from
+        a decode step in the current mode, timed alone (decode + sample). The predictor audit,
+        when on, runs after the timer stops so that it never counts as decoding time.
+        """
+        if not prompt_ids:
+            raise UserError("empty prompt: give at least one token")
+        gen = torch.Generator().manual_seed(seed)
+        max_new_tokens = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
+        self.audit(audit)
+        if len(prompt_ids) > 1:
+            self.prefill(torch.tensor(prompt_ids[:-1]))
+        else:
+            self.reset()
+        token = prompt_ids[-1]
+        n = self.ffns[0].n if self.ffns else 0
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            logits = self.decode(token)
+            token = sample(logits, temperature, top_p, gen)
+            elapsed = time.perf_counter() - start
+            if audit:
+                for ffn in self.ffns:
+                    ffn.record.recall = ffn.audit_recall()
+            records = [ffn.record for ffn in self.ffns]
+            yield StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes)
+            if (stop is not None and stop.is_set()) or token == eos_token_id:
+                return
+
+
+class Runtime(Decoder):
+    """Decodes a loaded Mistral-family HF model with a chosen FFN mode."""
+
+    engine = "lean"
+
+    def __init__(self, model, mode: str = "dense", **mode_options):
+        config = model.config
+        if not supports(config):
+            raise UserError(f"the lean runtime does not know {config.model_type!r} models")
+        self.model, self.config = model, config
+        self.eps = config.rms_norm_eps
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.window = getattr(config, "sliding_window", None)
+        self.max_len = config.max_position_embeddings
+        inner = model.model
+        self.embed = inner.embed_tokens.weight.data
+        self.norm = inner.norm.weight.data
+        self.lm_head = model.lm_head.weight.data
+        self.layers = [layer for layer in inner.layers]
+        self.dtype = self.embed.dtype
+        theta = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        freqs = torch.arange(self.max_len, dtype=torch.float)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
+        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        self.k_cache = self.v_cache = None
+        self.pos = 0
+        self.set_mode(mode, **mode_options)
+
+    @classmethod
+    def from_dir(cls, path, mode: str = "dense", dtype=torch.float32, **mode_options):
+        from turbo_demo.checkpoint import load_model
+
+        return cls(load_model(path, dtype), mode, **mode_options)
+
+    def set_mode(self, mode: str, **options) -> None:
+        """Swap every layer's FFN for `mode`; the weights stay shared with the HF model."""
+        self.ffns: list[FFN] = [make_ffn(mode, layer.mlp, self.config, i, **options)
+                                for i, layer in enumerate(self.layers)]
+        self.mode = mode
+        self.dense_ffn_bytes = sum(3 * f.n * f.row_bytes for f in self.ffns)
+
+    def reset(self) -> None:
+        shape = (len(self.layers), self.n_kv, self.max_len, self.head_dim)
+        if self.k_cache is None:
+            self.k_cache = torch.zeros(shape, dtype=self.dtype)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.pos = 0
+
+    def attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        """x (T, H) at positions pos..pos+T-1 -> attention output (T, H); fills the cache."""
+        attn = layer.self_attn
+        T, start = x.size(0), self.pos
+        h = rms_norm(x, layer.input_layernorm.weight, self.eps)
+        q = F.linear(h, attn.q_proj.weight).view(T, self.n_heads, self.head_dim).transpose(0, 1)
+        k = F.linear(h, attn.k_proj.weight).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        v = F.linear(h, attn.v_proj.weight).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hd)
+        q = q * cos + rotate_half(q) * sin  # (nh, T, hd)
+        k = k * cos + rotate_half(k) * sin  # (nkv, T, hd)
+        self.k_cache[i, :, start:start + T] = k
+        self.v_cache[i, :, start:start + T] = v
+        end = start + T
+        first = max(0, end - self.window) if self.window and T == 1 else 0
+        keys, values = self.k_cache[i, :, first:end], self.v_cache[i, :, first:end]
+        mask = None
+        if T > 1:  # prefill from position 0: causal, and banded when a sliding window applies
+            qpos = torch.arange(start, end)[:, None]
+            kpos = torch.arange(0, end)[None, :]
+            mask = kpos <= qpos
+            if self.window:
+                mask &= kpos > qpos - self.window
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return F.linear(out.transpose(0, 1).reshape(T, -1), attn.o_proj.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (T,) at the current position -> logits of the last token (V,)."""
+        x = self.embed[ids]  # (T, H)
+        single = ids.numel() == 1
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, x)
+            n = rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+            ffn = self.ffns[i]
+            x = x + (ffn.step(n[0], x[0])[None] if single else ffn.batch(n))
+        self.pos += ids.numel()
+        return F.linear(rms_norm(x[-1], self.norm, self.eps), self.lm_head)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.reset()
+        if ids.numel() > self.max_len:
+            raise UserError(f"prompt of {ids.numel()} tokens exceeds the context of {self.max_len}")
+        return self.forward(ids)
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> torch.Tensor:
+        return self.forward(torch.tensor([token]))

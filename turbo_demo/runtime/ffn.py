@@ -1,0 +1,208 @@
+"""FFN modes: one object per layer, sharing the layer's weight tensors with the HF model.
+
+All modes compute, for one token's normed hidden state x (H,) and residual r (H,):
+
+    dense      y = sum_i h_i W_down[:, i],  h = act(W_gate x) * up(x)   for every neuron i
+    exact      dReLU / ReGLU: gate for every neuron, then up and down only where
+               relu(W_gate x)_i > 0; equal to dense, since the other neurons have h_i = 0
+    predictor  S = {i : score_i >= threshold} (or the `budget` highest scores), with
+               score = fc2(relu(fc1(r))); gate, up and down only on S (PowerInfer, Deja Vu)
+    threshold  gate for every neuron, then up and down only where |act(W_gate x)_i| > t_i
+               (CATS / TEAL-style; t_i calibrated per layer for a target sparsity)
+
+with up(x) = act(W_up x) for dReLU and W_up x otherwise. W_down is kept neuron-major
+(W_down_t, (I, H)): the HF module's weight becomes a transposed view of the same storage, so
+there is still one copy of every weight.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from turbo_demo.errors import UserError
+from turbo_demo.runtime import kernels
+from turbo_demo.runtime.stats import LayerRecord
+
+MODES = ("dense", "exact", "predictor", "threshold")
+# Above this share of computed neurons the gathered path reads no less than the dense one.
+DENSE_FALLBACK_SHARE = 0.45
+
+
+def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
+    """down_proj.weight (H, I) laid out as (I, H) rows, in place: returns the (I, H) tensor."""
+    w = linear.weight.data
+    if w.t().is_contiguous():
+        return w.t()
+    wt = w.t().contiguous()
+    linear.weight.data = wt.t()
+    return wt
+
+
+def activation_kind(config) -> tuple[str, bool]:
+    """(act, drelu): the activation name, and whether it applies to the up branch too."""
+    act = getattr(config, "hidden_act", "silu")
+    return act, getattr(config, "model_type", "") == "bamboo"
+
+
+ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
+class FFN:
+    """A layer's FFN weights and the dense formula; subclasses compute fewer neurons."""
+
+    mode = "dense"
+
+    def __init__(self, mlp, config, layer: int = 0, **_):
+        act, self.drelu = activation_kind(config)
+        if act not in ACTS:
+            raise UserError(f"unsupported FFN activation {act!r}")
+        self.act = ACTS[act]
+        self.relu_gate = act == "relu"
+        self.wg = mlp.gate_proj.weight.data
+        self.wu = mlp.up_proj.weight.data
+        self.wd_t = neuron_major(mlp.down_proj)
+        self.n, self.h = self.wg.shape
+        self.row_bytes = self.h * self.wg.element_size()
+        self.record = LayerRecord()
+        # When set, step() keeps (x, computed idx) so that audit_recall can run after timing.
+        self.audit = False
+        self.last = None
+
+    def up(self, u: torch.Tensor) -> torch.Tensor:
+        return self.act(u) if self.drelu else u
+
+    def dense_h(self, x: torch.Tensor) -> torch.Tensor:
+        """h (..., I) for x (..., H)."""
+        return self.act(x @ self.wg.t()) * self.up(x @ self.wu.t())
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense FFN for x (..., H), as in prefill."""
+        return self.dense_h(x) @ self.wd_t
+
+    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """One token: x (H,) normed input, r (H,) residual -> y (H,); fills self.record."""
+        h = self.dense_h(x)
+        active = int(torch.count_nonzero(h))
+        self.record = LayerRecord(computed=self.n, active=active, bytes=3 * self.n * self.row_bytes)
+        return h @ self.wd_t
+
+    def finish(self, x, idx, a_sel, bytes_read: int) -> torch.Tensor:
+        """Up and down for the neurons `idx` (k,) whose activated gate values are a_sel (k,).
+
+        Down reads only the rows whose h is non-zero; fills self.record; returns y (H,).
+        """
+        h = a_sel * self.up(kernels.rows_dot(self.wu, x, idx))
+        nz = h != 0
+        idx_nz, h_nz = idx[nz], h[nz]
+        self.record = LayerRecord(computed=len(idx), active=len(idx_nz),
+                                  bytes=bytes_read + (len(idx) + len(idx_nz)) * self.row_bytes)
+        return kernels.rows_axpy(self.wd_t, h_nz, idx_nz)
+
+    def audit_recall(self) -> float | None:
+        """Share of the neurons active in the dense FFN (h != 0) that the last step computed.
+
+        None for modes that never skip an active neuron (dense, exact) or without a kept step.
+        """
+        if self.last is None:
+            return None
+        x, computed = self.last
+        self.last = None
+        truly = self.dense_h(x) != 0
+        hits = truly.index_select(0, computed).sum().item()
+        return hits / max(1, int(truly.sum()))
+
+
+class ExactFFN(FFN):
+    mode = "exact"
+
+    def __init__(self, mlp, config, layer: int = 0, **kw):
+        super().__init__(mlp, config, layer, **kw)
+        if not self.relu_gate:
+            raise UserError(
+                "exact mode needs a ReLU-gated FFN (dReLU or ReGLU); this model's gate uses "
+                f"{config.hidden_act}: use the threshold mode for SwiGLU models"
+            )
+
+    def step(self, x, r):
+        g = self.wg @ x
+        idx = torch.nonzero(g > 0).squeeze(1)
+        return self.finish(x, idx, g.index_select(0, idx), self.n * self.row_bytes)
+
+
+class PredictorFFN(FFN):
+    mode = "predictor"
+
+    def __init__(self, mlp, config, layer: int = 0, threshold: float | None = None,
+                 budget: float | None = None, **kw):
+        super().__init__(mlp, config, layer, **kw)
+        predictor = getattr(mlp, "predictor", None)
+        if predictor is None:
+            raise UserError(
+                "predictor mode needs trained predictors in the checkpoint; run "
+                "`python -m turbo_demo predictors MODEL_DIR` first, or use the exact mode"
+            )
+        self.fc1 = predictor.fc1.weight.data
+        self.fc2_t = neuron_major(predictor.fc2)
+        self.threshold = config.threshold_of(layer) if threshold is None else threshold
+        self.budget = None if budget is None else max(1, round(budget * self.n))
+        self.predictor_bytes = (self.fc1.numel() + self.fc2_t.numel()) * self.fc1.element_size()
+
+    def select(self, r: torch.Tensor) -> torch.Tensor:
+        """Indices (k,) of the neurons predicted active for residual r (H,)."""
+        score = torch.relu(self.fc1 @ r) @ self.fc2_t
+        if self.budget is not None:
+            return score.topk(self.budget, sorted=False).indices.sort().values
+        return torch.nonzero(score >= self.threshold).squeeze(1)
+
+    def step(self, x, r):
+        idx = self.select(r)
+        if len(idx) > DENSE_FALLBACK_SHARE * self.n:
+            y = self.masked_dense(x, idx)
+        else:
+            a_sel = self.act(kernels.rows_dot(self.wg, x, idx))
+            y = self.finish(x, idx, a_sel, self.predictor_bytes + len(idx) * self.row_bytes)
+        if self.audit:
+            self.last = (x, idx)
+        return y
+
+    def masked_dense(self, x, idx):
+        """The same result as the gathered path, computed densely (faster for large sets)."""
+        mask = torch.zeros(self.n, dtype=x.dtype).index_fill_(0, idx, 1)
+        h = self.dense_h(x) * mask
+        self.record = LayerRecord(computed=len(idx), active=int(torch.count_nonzero(h)),
+                                  bytes=self.predictor_bytes + 3 * self.n * self.row_bytes)
+        return h @ self.wd_t
+
+
+class ThresholdFFN(FFN):
+    mode = "threshold"
+
+    def __init__(self, mlp, config, layer: int = 0, threshold: float = 0.0,
+                 sparsity: float | None = None, **kw):
+        super().__init__(mlp, config, layer, **kw)
+        self.threshold = threshold
+        self.target = sparsity
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense prefill; with a target sparsity, first calibrate the threshold on x (T, H):
+        the target quantile of |act(W_gate x)| over the prompt's tokens and neurons."""
+        if self.target is not None:
+            a = self.act(x @ self.wg.t()).abs().flatten().float()
+            self.threshold = float(torch.quantile(a[:1_000_000], self.target)) if self.target > 0 else 0.0
+        return super().batch(x)
+
+    def step(self, x, r):
+        a = self.act(self.wg @ x)
+        idx = torch.nonzero(a.abs() > self.threshold).squeeze(1)
+        y = self.finish(x, idx, a.index_select(0, idx), self.n * self.row_bytes)
+        if self.audit:
+            self.last = (x, idx)
+        return y
+
+
+FFN_CLASSES = {"dense": FFN, "exact": ExactFFN, "predictor": PredictorFFN, "threshold": ThresholdFFN}
+
+
+def make_ffn(mode: str, mlp, config, layer: int, **options) -> FFN:
+    if mode not in FFN_CLASSES:
+        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return FFN_CLASSES[mode](mlp, config, layer, **options)

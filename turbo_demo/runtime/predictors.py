@@ -1,0 +1,126 @@
+"""Activation predictors (PowerInfer / Deja Vu): collect, train, calibrate, store in the checkpoint.
+
+For layer l, with r the residual stream just before the FFN's RMSNorm (the input of
+post_attention_layernorm) and h the FFN's combined activation:
+
+    label_i = 1[h_i != 0]                   (I,) per token
+    score   = fc2(relu(fc1(r)))             fc1: H -> rank, fc2: rank -> I, no biases
+    loss    = BCEWithLogits(score, label, pos_weight = sqrt(#neg / #pos))
+
+trained on tokens of the training split. Each layer's threshold is then lowered from 0 until
+recall (share of truly active neurons predicted active) reaches `target_recall` on held-out
+tokens. Predictors are stored as `model.layers.{l}.mlp.predictor.fc1/fc2` (the published
+TurboSparse layout) with `predictor_rank` and per-layer `predictor_threshold` in config.json.
+"""
+
+import math
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from turbo_demo import data
+from turbo_demo.checkpoint import load_model, load_tokenizer
+from turbo_demo.errors import UserError
+from turbo_demo.hooks import on_ffn_activation
+from turbo_demo.modeling_bamboo import BambooForCausalLM, BambooPredictor
+
+
+@torch.no_grad()
+def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = 256):
+    """Per layer: residuals (n, H) and labels h != 0 (n, I) bool, from the first n tokens."""
+    rs, labels = {}, {}
+    with ExitStack() as stack:
+        for i, layer in enumerate(model.model.layers):
+            stack.enter_context(_hook_input(layer.post_attention_layernorm,
+                                            lambda r, i=i: rs.setdefault(i, []).append(r.flatten(0, 1))))
+        stack.enter_context(on_ffn_activation(
+            model, lambda i, h: labels.setdefault(i, []).append((h != 0).flatten(0, 1))))
+        for x, _ in tqdm(list(data.sequential_batches(tokens, 8, seq_len, n_tokens)), desc="collect"):
+            model(input_ids=x, use_cache=False)
+    return ([torch.cat(rs[i]).float() for i in sorted(rs)], [torch.cat(labels[i]) for i in sorted(labels)])
+
+
+class _hook_input:
+    """Context manager: fn(input) for every call of `module`, removed on exit."""
+
+    def __init__(self, module, fn):
+        self.module, self.fn = module, fn
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(lambda m, args: self.fn(args[0]))
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def train_layer(r, y, rank: int, steps: int, seed: int, batch_size: int = 1024) -> BambooPredictor:
+    """Fit one layer's predictor on residuals r (n, H) and labels y (n, I)."""
+    torch.manual_seed(seed)
+    pred = BambooPredictor(r.size(1), rank, y.size(1))
+    opt = torch.optim.AdamW(pred.parameters(), lr=3e-3, weight_decay=0.0)
+    pos = y.float().mean().clamp(1e-4, 1 - 1e-4)
+    pos_weight = torch.tensor(math.sqrt((1 - pos) / pos))
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(r), (batch_size,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(pred(r[idx]), y[idx].float(), pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return pred.eval()
+
+
+@torch.no_grad()
+def calibrate(pred: BambooPredictor, r, y, target_recall: float) -> dict:
+    """The highest threshold whose recall on (r, y) is >= target_recall, and its statistics."""
+    scores = pred(r)
+    truly = scores[y]  # scores of the truly active neurons
+    threshold = min(0.0, float(torch.quantile(truly[:2_000_000], 1 - target_recall))) if len(truly) else 0.0
+    predicted = scores >= threshold
+    recall = (predicted & y).sum().item() / max(1, y.sum().item())
+    return {"threshold": round(threshold, 4), "recall": round(recall, 4),
+            "predicted_sparsity": round(1 - predicted.float().mean().item(), 4),
+            "true_sparsity": round(1 - y.float().mean().item(), 4)}
+
+
+def train_predictors(model_dir: str, rank: int = 64, train_tokens: int = 65536, val_tokens: int = 16384,
+                     steps: int = 600, target_recall: float = 0.97, seed: int = 0) -> dict:
+    """Train, calibrate and store predictors in `model_dir`; returns per-layer statistics."""
+    model = load_model(model_dir)
+    if not isinstance(model, BambooForCausalLM):
+        raise UserError(f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
+                        f"{model_dir} is a {type(model).__name__}")
+    tokenizer = load_tokenizer(model_dir)
+    r_train, y_train = collect(model, data.encode_split(tokenizer, "train"), train_tokens)
+    r_val, y_val = collect(model, data.encode_split(tokenizer, "heldout"), val_tokens)
+    layers = []
+    for i, mlp in enumerate(tqdm([layer.mlp for layer in model.model.layers], desc="train predictors")):
+        mlp.predictor = train_layer(r_train[i], y_train[i], rank, steps, seed + i)
+        layers.append({"layer": i, **calibrate(mlp.predictor, r_val[i], y_val[i], target_recall)})
+    model.config.predictor_rank = rank
+    model.config.predictor_threshold = [entry["threshold"] for entry in layers]
+    save_weights_in_place(model, Path(model_dir))
+    ffn = sum(3 * m.down_proj.weight.numel() for m in (layer.mlp for layer in model.model.layers))
+    extra = sum(p.numel() for layer in model.model.layers for p in layer.mlp.predictor.parameters())
+    return {"model": str(model_dir), "rank": rank, "train_tokens": len(r_train[0]),
+            "val_tokens": len(r_val[0]), "target_recall": target_recall,
+            "predictor_share_of_ffn": round(extra / ffn, 4), "layers": layers}
+
+
+def save_weights_in_place(model, path: Path) -> None:
+    """Rewrite config.json and the weights of `path` without ever leaving a half-written file."""
+    dtype = getattr(model.config, "dtype", None) or torch.float16
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        model.to(dtype).save_pretrained(tmp)
+        model.to(torch.float32)
+        for name in os.listdir(tmp):
+            os.replace(Path(tmp) / name, path / name)
+    shutil.rmtree(path / "__pycache__", ignore_errors=True)

@@ -1,0 +1,59 @@
+"""Statistics of one decode step: one schema for the CLI's --json, the app's panels and tests.
+
+Per layer and step, an FFN mode records:
+    computed   neurons whose up/down rows were read (the predicted or gate-active set)
+    active     neurons with a non-zero combined activation h among those computed
+    bytes      FFN weight bytes read (gate, up, down and the predictor)
+and, where the step was audited against the dense FFN (predictor and threshold modes):
+    recall     share of the truly active neurons (h != 0 in the dense FFN) that were computed
+"""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerRecord:
+    computed: int = 0
+    active: int = 0
+    bytes: int = 0
+    recall: float | None = None
+
+
+@dataclass
+class StepStats:
+    """One generated token and what it cost; lists hold one value per layer."""
+
+    step: int
+    token: int
+    time_s: float
+    intermediate_size: int
+    active_share: list[float] = field(default_factory=list)
+    computed_share: list[float] = field(default_factory=list)
+    false_positive_share: list[float] = field(default_factory=list)
+    recall: list[float] | None = None
+    ffn_bytes: int = 0
+    ffn_bytes_dense: int = 0
+
+    @classmethod
+    def from_records(cls, step, token, time_s, records: list[LayerRecord], intermediate_size, dense_bytes):
+        n = intermediate_size
+        recalls = [r.recall for r in records]
+        return cls(
+            step=step, token=token, time_s=time_s, intermediate_size=n,
+            active_share=[r.active / n for r in records],
+            computed_share=[r.computed / n for r in records],
+            false_positive_share=[(r.computed - r.active) / max(1, r.computed) for r in records],
+            recall=recalls if all(r is not None for r in recalls) else None,
+            ffn_bytes=sum(r.bytes for r in records),
+            ffn_bytes_dense=dense_bytes,
+        )
+
+    @property
+    def sparsity(self) -> float | None:
+        """Mean share of FFN neurons with h == 0 over layers (as computed in this mode)."""
+        if not self.active_share:
+            return None
+        return 1.0 - sum(self.active_share) / len(self.active_share)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sparsity": self.sparsity}
