@@ -1,0 +1,100 @@
+"""The models the app offers: the embedded ones by name, or any local HF directory.
+
+A `ModelStore` loads each model once and shares it read-only between runs and visitors; every
+run builds its own runtime (KV cache, FFN mode objects) on top of the shared weights.
+"""
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from turbo_demo.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
+from turbo_demo.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MODELS_DIR = ASSETS / "models"
+EMBEDDED = {
+    "Dense SwiGLU": "dense-swiglu",
+    "TurboSparse dReLU": "turbosparse-drelu",
+    "ReLUfied dReLU": "turbosparse-relufied",
+}
+DEFAULT_LEFT = ("Dense SwiGLU", "dense")
+DEFAULT_RIGHT = ("TurboSparse dReLU", "predictor")
+
+
+def resolve(name_or_path: str) -> Path:
+    """An embedded model's name, or a path to a local checkpoint directory -> its directory."""
+    name_or_path = (name_or_path or "").strip()
+    if not name_or_path:
+        raise UserError("no model chosen")
+    if name_or_path in EMBEDDED:
+        return check_model_dir(MODELS_DIR / EMBEDDED[name_or_path])
+    return check_model_dir(Path(name_or_path).expanduser())
+
+
+def modes_for(config) -> list[str]:
+    """The backend modes a model supports: exact needs a ReLU gate, predictor trained predictors."""
+    modes = ["dense"]
+    if getattr(config, "hidden_act", None) == "relu":
+        modes.append("exact")
+    if getattr(config, "predictor_rank", None):
+        modes.append("predictor")
+    if hasattr(config, "intermediate_size"):
+        modes.append("threshold")
+    return modes
+
+
+def embedded_names() -> list[str]:
+    """Embedded models present in this checkout, in menu order."""
+    return [name for name, folder in EMBEDDED.items() if (MODELS_DIR / folder / "config.json").is_file()]
+
+
+def model_modes(name_or_path: str) -> list[str]:
+    return modes_for(load_config(resolve(name_or_path)))
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file that a command of this project wrote next to a model, or None."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: object
+    tokenizer: object
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def context(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", 2048)
+
+
+class ModelStore:
+    """Loads each model directory once (thread-safe) and hands out the shared instance."""
+
+    def __init__(self):
+        self._models: dict[Path, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def is_loaded(self, name_or_path: str) -> bool:
+        try:
+            return resolve(name_or_path) in self._models
+        except UserError:
+            return False
+
+    def get(self, name_or_path: str) -> LoadedModel:
+        path = resolve(name_or_path)
+        with self._lock:
+            if path not in self._models:
+                model = load_model(path)
+                self._models[path] = LoadedModel(name_or_path, path, model, load_tokenizer(path))
+            return self._models[path]

@@ -1,0 +1,136 @@
+"""The side-by-side engine: two models decode the same prompt, one step each in turn.
+
+Fairness: the two generators are stepped alternately (as FastChat's arena does), so exactly
+one model computes at any time and each step is timed alone inside its runtime. A side that
+fails (unknown model, broken directory, unsupported mode) records its error and the other side
+goes on. A shared threading.Event stops both within one step.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from threading import Event
+
+import psutil
+
+from turbo_demo.catalog import ModelStore
+from turbo_demo.errors import UserError
+from turbo_demo.runtime import open_runtime
+from turbo_demo.runtime.stats import StepStats
+
+MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class Settings:
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    audit: bool = True  # predictor recall, measured outside the timed step
+
+    def checked(self) -> "Settings":
+        """The same settings clamped to what the app allows (the widgets clamp too)."""
+        return Settings(max(1, min(MAX_NEW_TOKENS, int(self.max_new_tokens))),
+                        max(0.0, min(2.0, float(self.temperature))),
+                        max(0.05, min(1.0, float(self.top_p))), int(self.seed), self.audit)
+
+
+@dataclass
+class SideRecord:
+    """Everything one side of a run produced: the app's panels and the API read this."""
+
+    model: str
+    mode: str
+    engine: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    steps: list[StepStats] = field(default_factory=list)
+    weight_bytes: int = 0
+    peak_rss: int = 0
+    notice: str = ""
+    error: str = ""
+    done: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        seconds = sum(s.time_s for s in self.steps)
+        return len(self.steps) / seconds if seconds else 0.0
+
+    @property
+    def mean_sparsity(self) -> float | None:
+        values = [s.sparsity for s in self.steps if s.sparsity is not None]
+        return sum(values) / len(values) if values else None
+
+    def summary(self) -> dict:
+        return {"model": self.model, "mode": self.mode, "engine": self.engine, "text": self.text,
+                "tokens": len(self.token_ids), "tokens_per_s": round(self.tokens_per_s, 2),
+                "mean_sparsity": None if self.mean_sparsity is None else round(self.mean_sparsity, 4),
+                "peak_rss_mb": round(self.peak_rss / 2**20, 1), "error": self.error or None,
+                "notice": self.notice or None}
+
+
+def speedup(left: SideRecord, right: SideRecord) -> float | None:
+    """Right's tokens/s over left's (the sparse side is on the right by default)."""
+    if left.tokens_per_s and right.tokens_per_s:
+        return right.tokens_per_s / left.tokens_per_s
+    return None
+
+
+def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> tuple[list[int], str]:
+    """Keep the last tokens of the prompt so that prompt + new tokens fit the context."""
+    room = max(1, context - max_new_tokens)
+    if len(ids) <= room:
+        return ids, ""
+    return ids[-room:], f"prompt truncated from the left to its last {room} tokens (context {context})"
+
+
+def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Settings,
+               stop: Event) -> Iterator[None]:
+    """Run one side, updating `record` in place; yields once per generated token."""
+    try:
+        loaded = store.get(record.model)
+        runtime = open_runtime(loaded.model, record.mode)
+        record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
+        ids = loaded.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise UserError("the prompt gives no tokens for this model's tokenizer")
+        record.prompt_ids, record.notice = fit_prompt(ids, loaded.context, settings.max_new_tokens)
+        process = psutil.Process()
+        for stats in runtime.generate(record.prompt_ids, settings.max_new_tokens, settings.temperature,
+                                      settings.top_p, settings.seed, stop=stop,
+                                      eos_token_id=loaded.tokenizer.eos_token_id, audit=settings.audit):
+            record.steps.append(stats)
+            record.token_ids.append(stats.token)
+            record.text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
+            record.peak_rss = max(record.peak_rss, process.memory_info().rss)
+            yield
+    except Exception as exc:  # one side's failure must never take the other side down
+        record.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    finally:
+        record.done = True
+
+
+def run_compare(store: ModelStore, left: SideRecord, right: SideRecord, prompt: str,
+                settings: Settings, stop: Event | None = None) -> Iterator[tuple[SideRecord, SideRecord]]:
+    """Step both sides in turn until both finish (or stop is set); yields after every round."""
+    if not prompt or not prompt.strip():
+        raise UserError("empty prompt: type something for the models to continue")
+    stop = stop or Event()
+    settings = settings.checked()
+    running = [side_steps(store, rec, prompt, settings, stop) for rec in (left, right)]
+    while running:
+        for gen in list(running):
+            if next(gen, StopIteration) is StopIteration:
+                running.remove(gen)
+        yield left, right
+    if stop.is_set():
+        for rec in (left, right):
+            rec.notice = (rec.notice + "; " if rec.notice else "") + "stopped"
+
+
+def compare_summary(left: SideRecord, right: SideRecord) -> dict:
+    """The JSON summary of the `compare` API endpoint."""
+    ratio = speedup(left, right)
+    return {"left": left.summary(), "right": right.summary(),
+            "speedup": None if ratio is None else round(ratio, 3)}

@@ -1,0 +1,124 @@
+"""What the app shows for a run, as plain functions of the run's records (tested without a browser).
+
+`compare_view` turns the two SideRecords into the headline text and the live figures;
+`neurons_view` into the Neurons tab; `about_view` reads what the project's own commands wrote
+next to the embedded models (training log, eval.json, bench.json).
+"""
+
+import psutil
+
+from turbo_demo import plots
+from turbo_demo.catalog import ASSETS, EMBEDDED, MODELS_DIR, read_json
+from turbo_demo.compare import SideRecord, speedup
+
+MB = 2**20
+
+
+def side_label(rec: SideRecord) -> str:
+    return f"{rec.model} · {rec.mode}"
+
+
+def side_markdown(rec: SideRecord) -> str:
+    """One pane's status line: what runs, how fast, how sparse, and any notice or error."""
+    if rec.error:
+        return f"**{side_label(rec)}**: ⚠️ {rec.error}"
+    parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine)" if rec.engine else "")]
+    if rec.steps:
+        parts.append(f"{rec.tokens_per_s:,.1f} tokens/s")
+        if rec.mean_sparsity is not None:
+            parts.append(f"FFN sparsity {rec.mean_sparsity:.1%}")
+    if rec.notice:
+        parts.append(f"_{rec.notice}_")
+    return " · ".join(parts)
+
+
+def headline(left: SideRecord, right: SideRecord) -> str:
+    """The numbers above the plots: tokens/s each, speed-up, mean sparsity, peak RSS."""
+    ratio = speedup(left, right)
+    peak = max(left.peak_rss, right.peak_rss) / MB
+    cells = [
+        f"**Left** {left.tokens_per_s:,.1f} tok/s" if left.steps else "**Left** –",
+        f"**Right** {right.tokens_per_s:,.1f} tok/s" if right.steps else "**Right** –",
+        f"**Speed-up** ×{ratio:.2f}" if ratio else "**Speed-up** –",
+        f"**Sparsity** {fmt_share(left.mean_sparsity)} vs {fmt_share(right.mean_sparsity)}",
+        f"**Peak RSS** {peak:,.0f} MB" if peak else "**Peak RSS** –",
+    ]
+    return " &nbsp;|&nbsp; ".join(cells)
+
+
+def fmt_share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def mean_per_layer(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*rows)] if rows else []
+
+
+def compare_view(left: SideRecord, right: SideRecord) -> dict:
+    """Headline and figures for the Compare tab, from the two records as they are now."""
+    sides = {side_label(r): r for r in (left, right)}
+    ffn_read = {}
+    for label, rec in sides.items():
+        if rec.steps and rec.steps[-1].ffn_bytes_dense:
+            mean_read = sum(s.ffn_bytes for s in rec.steps) / len(rec.steps)
+            ffn_read[label] = (mean_read / MB, rec.steps[-1].ffn_bytes_dense / MB)
+    recall = {label: mean_per_layer([s.recall for s in rec.steps if s.recall is not None])
+              for label, rec in sides.items() if any(s.recall is not None for s in rec.steps)}
+    return {
+        "headline": headline(left, right),
+        "left_status": side_markdown(left),
+        "right_status": side_markdown(right),
+        "left_heatmap": plots.activity_heatmap([s.active_share for s in left.steps],
+                                               f"Active FFN neurons: {side_label(left)}", "heat-left"),
+        "right_heatmap": plots.activity_heatmap([s.active_share for s in right.steps],
+                                                f"Active FFN neurons: {side_label(right)}", "heat-right"),
+        "speed": plots.speed_figure({label: [s.time_s for s in rec.steps] for label, rec in sides.items()}),
+        "memory": plots.memory_figure(psutil.Process().memory_info().rss / MB,
+                                      {label: rec.weight_bytes / MB for label, rec in sides.items()},
+                                      ffn_read),
+        "recall": plots.recall_figure(recall),
+    }
+
+
+def neurons_view(profiles: dict[str, dict]) -> dict:
+    """Firing heatmaps (one per side) and histograms from activation profiles by side label."""
+    labels = list(profiles)
+    figures = {f"firing_{i}": plots.firing_figure(profiles[label]["firing"],
+                                                   f"Neuron firing frequency: {label}", f"firing-{i}")
+               for i, label in enumerate(labels)}
+    figures["hist"] = plots.histogram_figure({label: p["hist"] for label, p in profiles.items()})
+    return figures
+
+
+def about_numbers() -> str:
+    """A markdown table of the embedded models' eval.json (written by the eval command)."""
+    rows = []
+    for name, folder in EMBEDDED.items():
+        ev = read_json(MODELS_DIR / folder / "eval.json")
+        if ev:
+            topk = ev["topk_perplexity"]
+            rows.append(f"| {name} | {ev['perplexity']:.2f} | {ev['sparsity']['mean']:.1%} | "
+                        f"{topk['0.5']:.2f} / {topk['0.8']:.2f} / {topk['0.9']:.2f} |")
+    if not rows:
+        return "_No eval.json next to the embedded models: run `python -m turbo_demo eval DIR --json`._"
+    head = ("| model | held-out perplexity | FFN sparsity | top-k perplexity at 50 / 80 / 90% |\n"
+            "|---|---|---|---|\n")
+    return head + "\n".join(rows)
+
+
+def bench_numbers() -> str:
+    """The end-to-end rows of assets/bench.json (written by the bench command), as markdown."""
+    bench = read_json(ASSETS / "bench.json")
+    if not bench:
+        return "_No assets/bench.json yet: run `python -m turbo_demo bench --json`._"
+    rows = [f"| {e['model']} | {e['engine']} | {e['tokens_per_s']:,.1f} | {e.get('speedup_vs_dense', 0):.2f}x |"
+            for e in bench.get("e2e", [])]
+    return ("| model | engine | tokens/s | vs our dense |\n|---|---|---|---|\n" + "\n".join(rows)
+            + f"\n\n_Machine: {bench['machine'].get('cpu', '?')}, {bench['machine'].get('threads', '?')} threads._")
+
+
+def training_curve():
+    log = read_json(MODELS_DIR / EMBEDDED["TurboSparse dReLU"] / "training_log.json")
+    if not log:
+        return None
+    return plots.training_figure(log["steps"], "How sparsity emerges while the embedded dReLU model trains")

@@ -1,0 +1,127 @@
+"""Plotly figure builders: plain numbers in, `go.Figure` out; no tensors, no models.
+
+Every figure sets `uirevision` so that a viewer's zoom and pan survive live updates.
+"""
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+LEFT_COLOR, RIGHT_COLOR = "#636efa", "#ef553b"
+HEAT_SCALE = "Viridis"
+
+
+def _layout(fig: go.Figure, title: str, key: str, height: int = 300) -> go.Figure:
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, uirevision=key,
+                      margin=dict(l=50, r=20, t=40, b=40), template="plotly_white",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def activity_heatmap(active: list[list[float]], title: str, key: str) -> go.Figure:
+    """Share of FFN neurons active, layers (rows) x generated tokens (columns), fixed 0..1 scale.
+
+    active[t][l] is token t's share at layer l; both panes use the same colour scale.
+    """
+    z = [list(col) for col in zip(*active)] if active else [[]]
+    fig = go.Figure(go.Heatmap(z=z, zmin=0.0, zmax=1.0, colorscale=HEAT_SCALE,
+                               colorbar=dict(title="active"),
+                               hovertemplate="token %{x}, layer %{y}: %{z:.1%} active<extra></extra>"))
+    fig.update_xaxes(title_text="generated token")
+    fig.update_yaxes(title_text="layer", dtick=1)
+    return _layout(fig, title, key, height=260)
+
+
+def rolling(values: list[float], window: int = 5) -> list[float]:
+    """Mean over the last `window` values at each position."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def speed_figure(series: dict[str, list[float]]) -> go.Figure:
+    """Tokens/s over the run (5-step rolling mean of 1 / step time) for each labelled side."""
+    fig = go.Figure()
+    for (label, times), color in zip(series.items(), (LEFT_COLOR, RIGHT_COLOR)):
+        rates = rolling([1.0 / t for t in times if t > 0])
+        fig.add_trace(go.Scatter(y=rates, x=list(range(1, len(rates) + 1)), mode="lines",
+                                 name=label, line=dict(color=color)))
+    fig.update_xaxes(title_text="generated token")
+    fig.update_yaxes(title_text="tokens/s", rangemode="tozero")
+    return _layout(fig, "Decoding speed (each step timed alone)", "speed")
+
+
+def memory_figure(rss_mb: float, weights_mb: dict[str, float],
+                  ffn_read_mb: dict[str, tuple[float, float]]) -> go.Figure:
+    """Left: process RSS and each model's weights (MB). Right: FFN MB read per token, vs dense."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Memory (MB)", "FFN weights read per token (MB)"))
+    labels = ["process RSS"] + list(weights_mb)
+    fig.add_trace(go.Bar(x=labels, y=[rss_mb] + list(weights_mb.values()), showlegend=False,
+                         marker_color=["#7f7f7f", LEFT_COLOR, RIGHT_COLOR][:len(labels)]), 1, 1)
+    sides = list(ffn_read_mb)
+    fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][1] for s in sides], name="dense FFN",
+                         marker_color="#c7c7c7"), 1, 2)
+    fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][0] for s in sides], name="actually read",
+                         marker_color=RIGHT_COLOR), 1, 2)
+    fig.update_layout(barmode="group")
+    return _layout(fig, "", "memory")
+
+
+def recall_figure(recall: dict[str, list[float]]) -> go.Figure:
+    """Mean predictor recall per layer (share of truly active neurons that were computed)."""
+    fig = go.Figure()
+    for label, values in recall.items():
+        fig.add_trace(go.Bar(x=list(range(len(values))), y=values, name=label,
+                             hovertemplate="layer %{x}: recall %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_yaxes(title_text="recall", range=[0, 1.02])
+    title = "Predictor recall per layer" if recall else "Predictor recall: no side runs a predictor"
+    return _layout(fig, title, "recall")
+
+
+def firing_figure(firing: list[list[float]], title: str, key: str) -> go.Figure:
+    """Firing frequency per layer x neuron, neurons sorted hot to cold within each layer."""
+    z = [sorted(row, reverse=True) for row in firing] or [[]]
+    fig = go.Figure(go.Heatmap(z=z, zmin=0.0, zmax=1.0, colorscale="Hot", reversescale=True,
+                               colorbar=dict(title="fires"),
+                               hovertemplate="layer %{y}, rank %{x}: fires on %{z:.0%} of tokens"
+                                             "<extra></extra>"))
+    fig.update_xaxes(title_text="neurons, hot to cold")
+    fig.update_yaxes(title_text="layer", dtick=1)
+    return _layout(fig, title, key, height=260)
+
+
+def histogram_figure(hists: dict[str, dict]) -> go.Figure:
+    """Gate, up and combined activation histograms (log counts), one trace per side.
+
+    hists[label][kind] = {"centers", "counts", "zeros", "total"}; exact zeros are in the legend.
+    """
+    kinds = ("gate", "up", "combined")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("gate: W_gate x", "up: W_up x", "combined h"))
+    for (label, per_kind), color in zip(hists.items(), (LEFT_COLOR, RIGHT_COLOR)):
+        for col, kind in enumerate(kinds, start=1):
+            h = per_kind[kind]
+            zero_share = h["zeros"] / max(1, h["total"])
+            name = f"{label} ({zero_share:.0%} exactly 0)" if kind == "combined" else label
+            fig.add_trace(go.Scatter(x=h["centers"], y=h["counts"], mode="lines", name=name,
+                                     line=dict(color=color, shape="hvh"), showlegend=kind == "combined"),
+                          1, col)
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Activation distributions (this run's tokens)", "hist", height=320)
+
+
+def training_figure(steps: list[dict], title: str) -> go.Figure:
+    """Sparsity and held-out loss over training tokens, from a training_log.json."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    tokens = [s["tokens"] for s in steps]
+    fig.add_trace(go.Scatter(x=tokens, y=[s["sparsity"] for s in steps], name="FFN sparsity",
+                             line=dict(color=RIGHT_COLOR)), secondary_y=False)
+    val = [s for s in steps if "val_loss" in s]
+    fig.add_trace(go.Scatter(x=[s["tokens"] for s in val], y=[s["val_loss"] for s in val],
+                             name="held-out loss", mode="lines+markers", line=dict(color=LEFT_COLOR)),
+                  secondary_y=True)
+    fig.update_xaxes(title_text="training tokens")
+    fig.update_yaxes(title_text="sparsity", range=[0, 1], secondary_y=False)
+    fig.update_yaxes(title_text="loss", secondary_y=True)
+    return _layout(fig, title, "training", height=320)
