@@ -1,0 +1,151 @@
+"""The app's plain functions (side-by-side engine, panels, plots) and the `compare` endpoint."""
+
+import socket
+from threading import Event
+
+import pytest
+from plotly import graph_objects as go
+
+from turbo_demo import panels, plots
+from turbo_demo.catalog import ModelStore, modes_for, resolve
+from turbo_demo.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
+from turbo_demo.errors import UserError
+from turbo_demo.profile import activation_profile
+
+PROMPT = "def add(a, b):\n    return"
+
+
+def run(store, left, right, prompt=PROMPT, stop=None, **settings):
+    left, right = SideRecord(*left), SideRecord(*right)
+    rounds = list(run_compare(store, left, right, prompt, Settings(**{"temperature": 0.0, **settings}), stop))
+    return left, right, rounds
+
+
+def test_both_sides_stream_in_turn_and_summarise(tiny_dirs):
+    store = ModelStore()
+    left, right, rounds = run(store, (str(tiny_dirs["dense"]), "dense"),
+                              (str(tiny_dirs["drelu"]), "exact"), max_new_tokens=6)
+    assert len(left.steps) == len(right.steps) == 6 and len(rounds) >= 6
+    assert left.text and right.text and left.engine == right.engine == "lean"
+    summary = compare_summary(left, right)
+    assert set(summary) == {"left", "right", "speedup"}
+    for side in ("left", "right"):
+        assert {"text", "tokens", "tokens_per_s", "mean_sparsity", "peak_rss_mb"} <= set(summary[side])
+        assert summary[side]["tokens"] == 6 and summary[side]["tokens_per_s"] > 0
+    assert summary["left"]["mean_sparsity"] == 0.0 and summary["right"]["mean_sparsity"] > 0.3
+    # the models are loaded once and shared
+    assert store.get(str(tiny_dirs["dense"])) is store.get(str(tiny_dirs["dense"]))
+
+
+def test_a_broken_side_reports_its_error_while_the_other_runs(tiny_dirs, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"x")
+    store = ModelStore()
+    for bad, needle in ((str(tmp_path / "nope"), "not found"), (str(broken), str(broken)),
+                        ("No Such Model", "not found")):
+        left, right, _ = run(store, (bad, "dense"), (str(tiny_dirs["drelu"]), "exact"), max_new_tokens=3)
+        assert needle in left.error and not left.steps
+        assert len(right.steps) == 3 and not right.error
+    left, right, _ = run(store, (str(tiny_dirs["dense"]), "exact"), (str(tiny_dirs["drelu"]), "predictor"),
+                         max_new_tokens=2)
+    assert "threshold mode" in left.error and "predictors" in right.error
+
+
+def test_bad_prompts_and_settings():
+    store = ModelStore()
+    with pytest.raises(UserError, match="empty prompt"):
+        run(store, ("a", "dense"), ("b", "dense"), prompt="   ")
+    ids, notice = fit_prompt(list(range(600)), context=128, max_new_tokens=28)
+    assert ids == list(range(500, 600)) and "truncated from the left" in notice
+    assert fit_prompt([1, 2], 128, 28) == ([1, 2], "")
+    clamped = Settings(max_new_tokens=10_000, temperature=-1, top_p=7, seed=3).checked()
+    assert (clamped.max_new_tokens, clamped.temperature, clamped.top_p) == (256, 0.0, 1.0)
+
+
+def test_long_prompt_is_truncated_with_a_notice(tiny_dirs):
+    left, right, _ = run(ModelStore(), (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "dense"),
+                         prompt="def add(a, b): return a + b\n" * 60, max_new_tokens=4)
+    assert "truncated" in left.notice and len(left.prompt_ids) + 4 <= 128 and len(left.steps) == 4
+
+
+def test_stop_ends_both_sides_within_a_step(tiny_dirs):
+    store, stop = ModelStore(), Event()
+    left, right = SideRecord(str(tiny_dirs["dense"]), "dense"), SideRecord(str(tiny_dirs["drelu"]), "dense")
+    for i, _ in enumerate(run_compare(store, left, right, PROMPT, Settings(max_new_tokens=100), stop)):
+        if i == 2:
+            stop.set()
+    assert len(left.steps) <= 4 and len(right.steps) <= 4 and "stopped" in left.notice
+
+
+def test_modes_offered_per_model(tiny_dirs):
+    from turbo_demo.checkpoint import load_config
+
+    assert modes_for(load_config(tiny_dirs["dense"])) == ["dense", "threshold"]
+    assert modes_for(load_config(tiny_dirs["drelu"])) == ["dense", "exact", "threshold"]
+    with pytest.raises(UserError):
+        resolve("")
+
+
+def test_panels_build_the_expected_figures(tiny_dirs):
+    store = ModelStore()
+    left, right, _ = run(store, (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"),
+                         max_new_tokens=5)
+    view = panels.compare_view(left, right)
+    heat = view["right_heatmap"].data[0]
+    assert isinstance(heat, go.Heatmap) and (heat.zmin, heat.zmax) == (0.0, 1.0)
+    assert len(heat.z) == 2 and len(heat.z[0]) == 5  # layers x tokens
+    assert len(view["speed"].data) == 2 and all(len(t.y) == 5 for t in view["speed"].data)
+    assert [t.name for t in view["memory"].data] == [None, "dense FFN", "actually read"]
+    assert view["recall"].data == ()  # no predictor on either side
+    assert "Speed-up" in view["headline"] and "tok/s" in view["headline"]
+    for fig in view.values():
+        if isinstance(fig, go.Figure):
+            assert fig.layout.uirevision
+    profiles = {panels.side_label(r): activation_profile(store.get(r.model).model, r.prompt_ids + r.token_ids)
+                for r in (left, right)}
+    neurons = panels.neurons_view(profiles)
+    assert len(neurons["firing_0"].data[0].z) == 2 and len(neurons["firing_0"].data[0].z[0]) == 128
+    assert len(neurons["hist"].data) == 6
+    dense_h = profiles[panels.side_label(left)]["hist"]["combined"]
+    drelu_h = profiles[panels.side_label(right)]["hist"]["combined"]
+    assert dense_h["zeros"] == 0 and drelu_h["zeros"] > 0.3 * drelu_h["total"]
+
+
+def test_plot_builders_on_plain_data():
+    fig = plots.recall_figure({"a": [0.9, 0.95]})
+    assert list(fig.data[0].y) == [0.9, 0.95]
+    assert plots.rolling([1, 2, 3, 4], window=2) == [1, 1.5, 2.5, 3.5]
+    firing = plots.firing_figure([[0.1, 0.9, 0.5]], "t", "k")
+    assert list(firing.data[0].z[0]) == [0.9, 0.5, 0.1]
+    curve = plots.training_figure([{"tokens": 1, "sparsity": 0.5, "val_loss": 3.0},
+                                   {"tokens": 2, "sparsity": 0.6}], "t")
+    assert len(curve.data) == 2 and list(curve.data[1].y) == [3.0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_compare_endpoint_through_gradio_client(tiny_dirs):
+    from gradio_client import Client
+
+    from turbo_demo.ui import build_demo
+
+    demo = build_demo()
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        result = client.predict(PROMPT, str(tiny_dirs["dense"]), "dense", str(tiny_dirs["drelu"]), "exact",
+                                5, 0.0, 0, api_name="/compare")
+        assert result["left"]["tokens"] == result["right"]["tokens"] == 5
+        assert result["speedup"] > 0 and result["right"]["mean_sparsity"] > 0
+        bad = client.predict(PROMPT, "/no/such/dir", "dense", str(tiny_dirs["drelu"]), "dense",
+                             3, 0.0, 0, api_name="/compare")
+        assert "not found" in bad["left"]["error"] and bad["right"]["tokens"] == 3
+    finally:
+        demo.close()
