@@ -58,7 +58,7 @@ def compare_view(left: SideRecord, right: SideRecord) -> dict:
     """Headline and figures for the Compare tab, from the two records as they are now."""
     sides = {side_label(r): r for r in (left, right)}
     ffn_read = {}
-    for label, rec in sides.items():
+    for label, rec in (("left", left), ("right", right)):
         if rec.steps and rec.steps[-1].ffn_bytes_dense:
             mean_read = sum(s.ffn_bytes for s in rec.steps) / len(rec.steps)
             ffn_read[label] = (mean_read / MB, rec.steps[-1].ffn_bytes_dense / MB)
@@ -74,7 +74,7 @@ def compare_view(left: SideRecord, right: SideRecord) -> dict:
                                                 f"Active FFN neurons: {side_label(right)}", "heat-right"),
         "speed": plots.speed_figure({label: [s.time_s for s in rec.steps] for label, rec in sides.items()}),
         "memory": plots.memory_figure(psutil.Process().memory_info().rss / MB,
-                                      {label: rec.weight_bytes / MB for label, rec in sides.items()},
+                                      {"left": left.weight_bytes / MB, "right": right.weight_bytes / MB},
                                       ffn_read),
         "recall": plots.recall_figure(recall),
     }

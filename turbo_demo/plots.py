@@ -12,8 +12,8 @@ HEAT_SCALE = "Viridis"
 
 def _layout(fig: go.Figure, title: str, key: str, height: int = 300) -> go.Figure:
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, uirevision=key,
-                      margin=dict(l=50, r=20, t=40, b=40), template="plotly_white",
-                      legend=dict(orientation="h", y=-0.2))
+                      margin=dict(l=50, r=20, t=60, b=40), template="plotly_white",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
     return fig
 
 
@@ -54,9 +54,12 @@ def speed_figure(series: dict[str, list[float]]) -> go.Figure:
 
 def memory_figure(rss_mb: float, weights_mb: dict[str, float],
                   ffn_read_mb: dict[str, tuple[float, float]]) -> go.Figure:
-    """Left: process RSS and each model's weights (MB). Right: FFN MB read per token, vs dense."""
+    """Left: process RSS and each side's weights (MB). Right: FFN MB read per token, vs dense.
+
+    weights_mb and ffn_read_mb are keyed by short side names ("left", "right").
+    """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Memory (MB)", "FFN weights read per token (MB)"))
-    labels = ["process RSS"] + list(weights_mb)
+    labels = ["process RSS"] + [f"{side} weights" for side in weights_mb]
     fig.add_trace(go.Bar(x=labels, y=[rss_mb] + list(weights_mb.values()), showlegend=False,
                          marker_color=["#7f7f7f", LEFT_COLOR, RIGHT_COLOR][:len(labels)]), 1, 1)
     sides = list(ffn_read_mb)

@@ -1,0 +1,82 @@
+"""The page really renders and streams: Playwright drives Debian's headless Chromium.
+
+Chromium comes from Debian's `chromium` package (installed here with apt-get when missing;
+Playwright never downloads a browser). The test opens the app on the embedded models, clicks
+Generate, waits for both panes and both heatmaps, stops a long run, and saves the screenshot
+that README shows (assets/screenshot.png).
+"""
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO, SHIPPED
+from test_app import free_port
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+
+
+def ensure_chromium() -> str:
+    if shutil.which(CHROMIUM) is None:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
+                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    if not (SHIPPED / "turbosparse-drelu" / "config.json").is_file():
+        pytest.fail("the embedded models are missing from assets/models")
+    from turbo_demo.ui import build_demo
+
+    demo = build_demo()
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=ensure_chromium(), args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        page.goto(app_url)
+        yield page
+        browser.close()
+
+
+def output_text(page, side):
+    return page.locator(f"#{side}-text textarea").input_value()
+
+
+def test_generate_streams_both_panes_and_draws_heatmaps(page):
+    page.click("#generate")
+    for side in ("left", "right"):
+        page.wait_for_function(f"document.querySelector('#{side}-text textarea').value.length > 0",
+                               timeout=120_000)
+    for plot in ("heat-left", "heat-right"):
+        page.wait_for_selector(f"#{plot} .js-plotly-plot .heatmaplayer", timeout=60_000)
+    page.wait_for_function("document.body.innerText.includes('Done.')", timeout=120_000)
+    assert "tok/s" in page.inner_text("#headline")
+    assert output_text(page, "left") and output_text(page, "right")
+    page.screenshot(path=str(REPO / "assets" / "screenshot.png"), full_page=False)
+
+
+def test_stop_ends_a_long_run(page):
+    page.get_by_text("Generation settings").click()
+    box = page.locator("input[aria-label='number input for Max new tokens']")
+    box.fill("256")
+    box.press("Enter")
+    page.click("#generate")
+    page.wait_for_function("document.body.innerText.includes('Generating')", timeout=120_000)
+    page.click("#stop")
+    page.wait_for_function("document.body.innerText.includes('Stopped.')", timeout=60_000)
+    assert "stopped" in page.inner_text("#right-status")
