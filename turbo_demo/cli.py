@@ -84,6 +84,12 @@ def cmd_generate(args) -> None:
                       "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps]}))
 
 
+def cmd_card(args) -> None:
+    from turbo_demo.card import write_card
+
+    print(write_card(args.model_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbo_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -112,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=65536, help="training-split tokens to learn from")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predictors)
+
+    p = sub.add_parser("card", help="write a model card from training_log.json, eval.json, predictors.json")
+    p.add_argument("model_dir")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("generate", help="stream text from a model in one backend mode")
     p.add_argument("model_dir")

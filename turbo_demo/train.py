@@ -150,7 +150,8 @@ def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
     opt = make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s.seed)
     log = {"preset": s.preset, "settings": asdict(s), "shape": {k: getattr(model.config, k) for k in asdict(shape)},
-           "architecture": type(model).__name__, "hidden_act": model.config.hidden_act, "steps": []}
+           "architecture": type(model).__name__, "hidden_act": model.config.hidden_act,
+           "threads": torch.get_num_threads(), "steps": []}
     start = time.time()
     with tqdm(range(s.steps), desc=f"train {s.preset}") as bar:
         for step in bar:

@@ -1,0 +1,57 @@
+"""Model cards for the embedded checkpoints, written from the files the project's commands left
+in the checkpoint directory: training_log.json (train), eval.json (eval --json) and
+predictors.json (predictors --json). Nothing in a card is typed by hand."""
+
+import json
+from pathlib import Path
+
+from turbo_demo.catalog import read_json
+from turbo_demo.errors import UserError
+
+HOW = {
+    "dense": "a dense Mistral model with a SwiGLU FFN, trained from scratch",
+    "drelu": "a TurboSparse-style dReLU model (bamboo), trained from scratch with the same shape, "
+             "data order and budget as the dense model",
+    "relufy": "the dense SwiGLU model ReLUfied: its SwiGLU swapped for dReLU, then trained further",
+}
+
+
+def card_text(path: Path) -> str:
+    log, ev = read_json(path / "training_log.json"), read_json(path / "eval.json")
+    if not log or not ev:
+        raise UserError(f"{path} needs training_log.json and eval.json (from the train and eval commands)")
+    s, shape, final = log["settings"], log["shape"], log["final"]
+    penalty = (f"plus an L1 penalty on the FFN activation (lambda {s['l1']:g}, ramped in over the "
+               f"first {s['l1_ramp']:.0%} of steps, ProSparse-style)" if s["l1"] else "no sparsity penalty")
+    lines = [
+        "---", "license: mit", "library_name: transformers", "---", "",
+        f"# {path.name}", "",
+        f"{HOW[log['preset']]}; {penalty}. Part of TurboSparse Studio; load it with "
+        "`import turbo_demo` then `AutoModelForCausalLM.from_pretrained(dir)` (no remote code).", "",
+        "## Training", "",
+        f"- Architecture: {log['architecture']}, hidden {shape['hidden_size']}, FFN "
+        f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
+        f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} KV), vocabulary "
+        f"{shape['vocab_size']} (byte-level BPE trained on the same corpus), activation `{log['hidden_act']}`.",
+        "- Data: the Python standard library's own sources (code, docstrings, pydoc topics), "
+        "split by file; held-out files are never trained on.",
+        f"- {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens ({final['tokens']:,} tokens), "
+        f"AdamW (0.9, 0.95), peak LR {s['lr']:g}, cosine to {s['min_lr']:g}, seed {s['seed']}, "
+        f"{final['elapsed_s'] / 60:.0f} minutes on {log.get('threads', 1)} CPU thread(s).",
+        f"- Reproduce: `python -m turbo_demo --threads 1 train --preset {log['preset']}"
+        + (f" --l1 {s['l1']:g}" if log["preset"] == "drelu" and s["l1"] == 0 else "") + " --out DIR`.", "",
+        "## Evaluation", "",
+        "`python -m turbo_demo eval DIR --json` printed:", "", "```json", json.dumps(ev), "```", "",
+    ]
+    pred = read_json(path / "predictors.json")
+    if pred:
+        lines += ["## Activation predictors", "",
+                  "`python -m turbo_demo predictors DIR --json` printed:", "", "```json",
+                  json.dumps(pred), "```", ""]
+    return "\n".join(lines)
+
+
+def write_card(path: str) -> Path:
+    out = Path(path) / "README.md"
+    out.write_text(card_text(Path(path)))
+    return out
