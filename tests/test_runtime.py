@@ -1,7 +1,10 @@
 """The lean runtime and the FFN modes: paths that must agree, statistics, and clear errors."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
@@ -138,11 +141,17 @@ def test_predictors_round_trip_through_from_pretrained(tiny_dirs, tmp_path):
     import shutil
 
     path = shutil.copytree(tiny_dirs["drelu"], tmp_path / "drelu")
+    config = json.loads((path / "config.json").read_text())
+    config["dtype"] = "bfloat16"  # predictors must keep the checkpoint's own dtype
+    (path / "config.json").write_text(json.dumps(config))
     result = train_predictors(str(path), rank=8, train_tokens=2048, val_tokens=1024, steps=30)
     assert [e["layer"] for e in result["layers"]] == [0, 1]
     assert all(e["recall"] >= 0.9 for e in result["layers"])
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert loaded.config.predictor_rank == 8
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.predictor.fc1.weight").dtype == torch.bfloat16
     assert loaded.config.predictor_threshold == [e["threshold"] for e in result["layers"]]
     assert loaded.model.layers[1].mlp.predictor.fc2.weight.shape == (128, 8)
     runtime = Runtime(loaded, "predictor")

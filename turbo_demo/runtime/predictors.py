@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from turbo_demo import data
-from turbo_demo.checkpoint import load_model, load_tokenizer
+from turbo_demo.checkpoint import load_config, load_model, load_tokenizer
 from turbo_demo.errors import UserError
 from turbo_demo.hooks import on_ffn_activation
 from turbo_demo.modeling_bamboo import BambooForCausalLM, BambooPredictor
@@ -94,6 +94,7 @@ def calibrate(pred: BambooPredictor, r, y, target_recall: float) -> dict:
 def train_predictors(model_dir: str, rank: int = 64, train_tokens: int = 65536, val_tokens: int = 16384,
                      steps: int = 600, target_recall: float = 0.97, seed: int = 0) -> dict:
     """Train, calibrate and store predictors in `model_dir`; returns per-layer statistics."""
+    stored_dtype = load_config(model_dir).dtype  # keep the checkpoint's own (16-bit) dtype
     model = load_model(model_dir)
     if not isinstance(model, BambooForCausalLM):
         raise UserError(f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
@@ -107,7 +108,7 @@ def train_predictors(model_dir: str, rank: int = 64, train_tokens: int = 65536, 
         layers.append({"layer": i, **calibrate(mlp.predictor, r_val[i], y_val[i], target_recall)})
     model.config.predictor_rank = rank
     model.config.predictor_threshold = [entry["threshold"] for entry in layers]
-    save_weights_in_place(model, Path(model_dir))
+    save_weights_in_place(model, Path(model_dir), stored_dtype)
     ffn = sum(3 * m.down_proj.weight.numel() for m in (layer.mlp for layer in model.model.layers))
     extra = sum(p.numel() for layer in model.model.layers for p in layer.mlp.predictor.parameters())
     return {"model": str(model_dir), "rank": rank, "train_tokens": len(r_train[0]),
@@ -115,9 +116,9 @@ def train_predictors(model_dir: str, rank: int = 64, train_tokens: int = 65536, 
             "predictor_share_of_ffn": round(extra / ffn, 4), "layers": layers}
 
 
-def save_weights_in_place(model, path: Path) -> None:
-    """Rewrite config.json and the weights of `path` without ever leaving a half-written file."""
-    dtype = getattr(model.config, "dtype", None) or torch.float16
+def save_weights_in_place(model, path: Path, dtype) -> None:
+    """Rewrite config.json and the weights of `path` in `dtype`, never leaving a half-written file."""
+    dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype else torch.float16
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         model.to(dtype).save_pretrained(tmp)
         model.to(torch.float32)
