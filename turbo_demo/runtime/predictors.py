@@ -91,11 +91,16 @@ def calibrate(pred: BambooPredictor, r, y, target_recall: float) -> dict:
             "true_sparsity": round(1 - y.float().mean().item(), 4)}
 
 
-def train_predictors(model_dir: str, rank: int = 64, train_tokens: int = 65536, val_tokens: int = 16384,
+def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: int = 65536, val_tokens: int = 16384,
                      steps: int = 600, target_recall: float = 0.97, seed: int = 0) -> dict:
-    """Train, calibrate and store predictors in `model_dir`; returns per-layer statistics."""
+    """Train, calibrate and store predictors in `model_dir`; returns per-layer statistics.
+
+    rank: one rank for every layer, or a list with one per layer (PowerInfer sizes them per layer).
+    """
     stored_dtype = load_config(model_dir).dtype  # keep the checkpoint's own (16-bit) dtype
     model = load_model(model_dir)
+    if isinstance(rank, list) and len(rank) != model.config.num_hidden_layers:
+        raise UserError(f"--rank lists {len(rank)} ranks for {model.config.num_hidden_layers} layers")
     if not isinstance(model, BambooForCausalLM):
         raise UserError(f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
                         f"{model_dir} is a {type(model).__name__}")
@@ -104,7 +109,8 @@ def train_predictors(model_dir: str, rank: int = 64, train_tokens: int = 65536, 
     r_val, y_val = collect(model, data.encode_split(tokenizer, "heldout"), val_tokens)
     layers = []
     for i, mlp in enumerate(tqdm([layer.mlp for layer in model.model.layers], desc="train predictors")):
-        mlp.predictor = train_layer(r_train[i], y_train[i], rank, steps, seed + i)
+        layer_rank = rank[i] if isinstance(rank, list) else rank
+        mlp.predictor = train_layer(r_train[i], y_train[i], layer_rank, steps, seed + i)
         layers.append({"layer": i, **calibrate(mlp.predictor, r_val[i], y_val[i], target_recall)})
     model.config.predictor_rank = rank
     model.config.predictor_threshold = [entry["threshold"] for entry in layers]
