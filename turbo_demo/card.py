@@ -9,10 +9,10 @@ from turbo_demo.catalog import read_json
 from turbo_demo.errors import UserError
 
 HOW = {
-    "dense": "a dense Mistral model with a SwiGLU FFN, trained from scratch",
-    "drelu": "a TurboSparse-style dReLU model (bamboo), trained from scratch with the same shape, "
+    "dense": "A dense Mistral model with a SwiGLU FFN, trained from scratch",
+    "drelu": "A TurboSparse-style dReLU model (bamboo), trained from scratch with the same shape, "
              "data order and budget as the dense model",
-    "relufy": "the dense SwiGLU model ReLUfied: its SwiGLU swapped for dReLU, then trained further",
+    "relufy": "The dense SwiGLU model ReLUfied: its SwiGLU swapped for dReLU, then trained further",
 }
 
 
@@ -45,8 +45,11 @@ def card_text(path: Path) -> str:
     ]
     pred = read_json(path / "predictors.json")
     if pred:
+        rank = pred["rank"] if isinstance(pred["rank"], int) else ",".join(map(str, pred["rank"]))
+        options = (f"--rank {rank} --tokens {pred['train_tokens']} --target-recall {pred['target_recall']}"
+                    + (f" --steps {pred['steps']}" if "steps" in pred else ""))
         lines += ["## Activation predictors", "",
-                  "`python -m turbo_demo predictors DIR --json` printed:", "", "```json",
+                  f"`python -m turbo_demo predictors DIR {options} --json` printed:", "", "```json",
                   json.dumps(pred), "```", ""]
     return "\n".join(lines)
 

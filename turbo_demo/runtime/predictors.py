@@ -117,7 +117,7 @@ def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: i
     save_weights_in_place(model, Path(model_dir), stored_dtype)
     ffn = sum(3 * m.down_proj.weight.numel() for m in (layer.mlp for layer in model.model.layers))
     extra = sum(p.numel() for layer in model.model.layers for p in layer.mlp.predictor.parameters())
-    return {"model": str(model_dir), "rank": rank, "train_tokens": len(r_train[0]),
+    return {"model": str(model_dir), "rank": rank, "steps": steps, "train_tokens": len(r_train[0]),
             "val_tokens": len(r_val[0]), "target_recall": target_recall,
             "predictor_share_of_ffn": round(extra / ffn, 4), "layers": layers}
 
