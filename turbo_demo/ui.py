@@ -24,7 +24,8 @@ Two language models continue your prompt side by side. The right one uses **dReL
 (`relu(x W_gate) * relu(x W_up)`, from the Turbo Sparse paper): most of its FFN neurons are
 exactly zero for each token, so the sparse backend can skip them. Watch which neurons fire, and
 what skipping them buys. The embedded models are tiny (trained here on Python's own source
-code), so they write Python-flavoured text."""
+code), so they write Python-flavoured text. The embedded dReLU models were trained with a small L1
+penalty on the FFN activation (ProSparse-style) on top of dReLU; see the About tab."""
 ABOUT = """### dReLU
 SwiGLU FFNs multiply `silu(x W_gate)` by a dense `x W_up`: almost no neuron is ever exactly
 zero. dReLU puts a ReLU on both branches, so a neuron contributes only when both are positive;
