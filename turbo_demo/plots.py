@@ -67,8 +67,9 @@ def memory_figure(rss_mb: float, weights_mb: dict[str, float],
                          marker_color="#c7c7c7"), 1, 2)
     fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][0] for s in sides], name="actually read",
                          marker_color=RIGHT_COLOR), 1, 2)
-    fig.update_layout(barmode="group")
-    return _layout(fig, "", "memory")
+    fig = _layout(fig, "", "memory")
+    fig.update_layout(barmode="group", legend=dict(yanchor="top", y=-0.15, xanchor="right", x=1))
+    return fig
 
 
 def recall_figure(recall: dict[str, list[float]]) -> go.Figure:
