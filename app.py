@@ -14,10 +14,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--kernels", choices=("auto", "cpp", "torch"), default="auto",
+                        help="sparse kernels: C++ when they build here (auto), or force one")
     args = parser.parse_args()
     from turbo_demo.ui import build_demo
 
-    demo = build_demo()
+    demo = build_demo(kernel_backend=args.kernels)
     demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port)
 
 

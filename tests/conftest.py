@@ -56,3 +56,13 @@ def tiny_dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("tiny")
     return {kind: save_checkpoint(tiny_model(kind), tokenizer, root / kind, dtype=torch.float32)
             for kind in ("dense", "drelu")}
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel_backend():
+    """The app may switch the process-wide kernel backend; every test starts from the one it had."""
+    from turbo_demo.runtime import kernels
+
+    before = kernels.backend()
+    yield
+    kernels.use_backend(before)

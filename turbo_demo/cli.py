@@ -39,11 +39,19 @@ def mode_options(args) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
+def ranks(text: str) -> int | list[int]:
+    """argparse type: "64" -> 64, "256,64,64,96" -> [256, 64, 64, 96]."""
+    values = [int(v) for v in text.split(",")]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("ranks must be positive integers")
+    return values[0] if len(values) == 1 else values
+
+
 def cmd_predictors(args) -> None:
     from turbo_demo.runtime.predictors import train_predictors
 
     result = train_predictors(args.model_dir, rank=args.rank, target_recall=args.target_recall,
-                              train_tokens=args.tokens)
+                              train_tokens=args.tokens, steps=args.steps)
     if args.json:
         print(json.dumps(result))
         return
@@ -90,6 +98,17 @@ def cmd_card(args) -> None:
     print(write_card(args.model_dir))
 
 
+def cmd_bench(args) -> None:
+    import torch
+
+    from turbo_demo.bench import format_table, run_bench, settings_for
+
+    if args.bench_threads:
+        torch.set_num_threads(args.bench_threads)
+    result = run_bench(settings_for(args.quick, args.dtype), backend=args.backend)
+    print(json.dumps(result) if args.json else format_table(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbo_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -113,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predictors", help="train per-layer activation predictors into a dReLU checkpoint")
     p.add_argument("model_dir")
-    p.add_argument("--rank", type=int, default=64, help="predictor rank (default 64)")
+    p.add_argument("--rank", type=ranks, default=64,
+                   help="predictor rank: one for all layers, or one per layer as 256,64,64,96 (default 64)")
     p.add_argument("--target-recall", type=float, default=0.97, help="per-layer recall to calibrate to")
     p.add_argument("--tokens", type=int, default=65536, help="training-split tokens to learn from")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predictors)
 
@@ -137,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="measure FFN and decoding speed per mode (tokens/s, bandwidth)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and layers: under a minute, noisier")
+    # its own dest: a subcommand default would overwrite the global --threads
+    p.add_argument("--threads", type=int, dest="bench_threads", help="torch CPU threads for the benchmark")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
+                   help="gather-GEMV kernels: auto = cpp where it builds, else torch")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weight dtype (default bf16)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -11,6 +11,7 @@ from turbo_demo.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded
 from turbo_demo.compare import MAX_NEW_TOKENS, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.errors import UserError
 from turbo_demo.profile import activation_profile
+from turbo_demo.runtime import cpp, kernels
 
 UPDATES_PER_SECOND = 4
 EXAMPLES = [
@@ -52,7 +53,18 @@ up/down for the zero neurons, which is lossless.
 """
 
 
-def build_demo(store: ModelStore | None = None) -> gr.Blocks:
+def prepare_kernels(choice: str, progress) -> None:
+    """Switch to the C++ kernels ("auto": when they build here); the first build takes a while."""
+    if choice == "torch" or kernels.backend() == "cpp":
+        return
+    if not cpp.built():
+        progress(0, desc="Building the C++ sparse kernels (first run only, about a minute)…")
+    if choice == "cpp" or cpp.available():
+        kernels.use_backend("cpp")
+
+
+def build_demo(store: ModelStore | None = None, kernel_backend: str = "auto") -> gr.Blocks:
+    """The app. kernel_backend: "auto" (C++ when it builds, else PyTorch), "cpp" or "torch"."""
     store = store or ModelStore()
     names = embedded_names()
 
@@ -79,6 +91,7 @@ def build_demo(store: ModelStore | None = None) -> gr.Blocks:
         if not prompt or not prompt.strip():
             yield (gr.skip(),) * 10 + ("Type a prompt first (or pick an example).", state) + (gr.skip(),) * 3
             return
+        prepare_kernels(kernel_backend, progress)
         for name in {left_model, right_model}:
             if not store.is_loaded(name):
                 progress(0, desc=f"Loading {name}…")
@@ -101,6 +114,7 @@ def build_demo(store: ModelStore | None = None) -> gr.Blocks:
                     max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> dict:
         """Run both models on the prompt; returns {"left", "right", "speedup"} summaries."""
         left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
+        prepare_kernels(kernel_backend, lambda *a, **k: None)
         try:
             for _ in run_compare(store, left, right, prompt, Settings(max_new_tokens, temperature, 1.0, seed)):
                 pass

@@ -1,8 +1,10 @@
-"""The fused C++ gather-GEMV kernels (csrc/gather_gemv.cpp), built on first use.
+"""The C++ decode kernels (csrc/gather_gemv.cpp, csrc/decode_ops.cpp), built on first use.
 
-    load()       the compiled module (rows_dot, rows_axpy), built once per process and cached on
+    load()       the compiled module (rows_dot, rows_axpy, matvec, vecmat, rms_norm,
+                 decode_attention), built once per process and cached on
                  disk under cache_dir()/torch_extensions; raises UserError if it cannot be built
     available()  whether load() works; never raises
+    built()      whether a build of the current source is already on disk (load() is then quick)
 
 Importing this module never compiles anything.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 from turbo_demo.errors import UserError
 
 NAME = "turbo_demo_gather_gemv"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "gather_gemv.cpp"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("gather_gemv.cpp", "decode_ops.cpp")]
 
 _module = None
 _error: UserError | None = None
@@ -27,6 +29,17 @@ def _first_error_line(exc: BaseException) -> str:
         if "error:" in line or "fatal error" in line:
             return line
     return lines[0] if lines else type(exc).__name__
+
+
+def build_dir() -> Path:
+    from turbo_demo.data import cache_dir
+
+    return cache_dir() / "torch_extensions"
+
+
+def built() -> bool:
+    library = build_dir() / f"{NAME}.so"
+    return library.is_file() and all(library.stat().st_mtime >= s.stat().st_mtime for s in SOURCES)
 
 
 def load(verbose: bool = False):
@@ -43,14 +56,13 @@ def load(verbose: bool = False):
                             "PATH); install g++ or use the torch backend")
         from torch.utils import cpp_extension
 
-        from turbo_demo.data import cache_dir
-
-        build = cache_dir() / "torch_extensions"
+        build = build_dir()
         build.mkdir(parents=True, exist_ok=True)
         try:
             _module = cpp_extension.load(
-                name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=verbose)
+                name=NAME, sources=[str(s) for s in SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                build_directory=str(build), verbose=verbose)
         except Exception as exc:  # compiler / ninja / linker failures
             raise UserError(f"cannot build the C++ kernels with {compiler!r}: "
                             f"{_first_error_line(exc)}; use the torch backend") from exc

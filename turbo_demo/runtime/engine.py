@@ -10,6 +10,10 @@ preallocated KV cache, and decodes with a small ladder of functions:
 
 Per layer:  a = x + W_o attn(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x));  x' = a + FFN(n2(a), a)
 where n1, n2 are RMSNorms and the FFN gets the residual a for its predictor.
+
+Prefill runs batched PyTorch operations (GEMMs, SDPA). A decode step works on vectors through
+`kernels` (GEMV, fused RMSNorm, fused RoPE + cache write + attention): at batch 1 the step is
+bound by the bytes of weights it reads, and, in small models, by the fixed cost per operation.
 """
 
 import time
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from turbo_demo.errors import UserError
+from turbo_demo.runtime import kernels
 from turbo_demo.runtime.ffn import FFN, make_ffn
 from turbo_demo.runtime.stats import StepStats
 
@@ -31,16 +36,6 @@ def supports(config) -> bool:
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     return (config.model_type in SUPPORTED and rope == "default"
             and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False))
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -127,7 +122,9 @@ class Runtime(Decoder):
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         freqs = torch.arange(self.max_len, dtype=torch.float)[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
-        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        half = self.head_dim // 2
+        self.cos = emb.cos().to(self.dtype)
+        self.sin_signed = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1).to(self.dtype)
         self.k_cache = self.v_cache = None
         self.pos = 0
         self.set_mode(mode, **mode_options)
@@ -153,50 +150,58 @@ class Runtime(Decoder):
         self.pos = 0
 
     def attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
-        """x (T, H) at positions pos..pos+T-1 -> attention output (T, H); fills the cache."""
+        """Prefill from position 0: x (T, H) -> attention output (T, H); fills the cache."""
         attn = layer.self_attn
-        T, start = x.size(0), self.pos
-        h = rms_norm(x, layer.input_layernorm.weight, self.eps)
+        T = x.size(0)
+        h = kernels.rms_norm(x, layer.input_layernorm.weight, self.eps)
         q = F.linear(h, attn.q_proj.weight).view(T, self.n_heads, self.head_dim).transpose(0, 1)
         k = F.linear(h, attn.k_proj.weight).view(T, self.n_kv, self.head_dim).transpose(0, 1)
         v = F.linear(h, attn.v_proj.weight).view(T, self.n_kv, self.head_dim).transpose(0, 1)
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hd)
-        q = q * cos + rotate_half(q) * sin  # (nh, T, hd)
-        k = k * cos + rotate_half(k) * sin  # (nkv, T, hd)
-        self.k_cache[i, :, start:start + T] = k
-        self.v_cache[i, :, start:start + T] = v
-        end = start + T
-        first = max(0, end - self.window) if self.window and T == 1 else 0
-        keys, values = self.k_cache[i, :, first:end], self.v_cache[i, :, first:end]
-        mask = None
-        if T > 1:  # prefill from position 0: causal, and banded when a sliding window applies
-            qpos = torch.arange(start, end)[:, None]
-            kpos = torch.arange(0, end)[None, :]
-            mask = kpos <= qpos
-            if self.window:
-                mask &= kpos > qpos - self.window
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        q = kernels.rope(q, self.cos[:T], self.sin_signed[:T])  # (nh, T, hd)
+        self.k_cache[i, :, :T] = kernels.rope(k, self.cos[:T], self.sin_signed[:T])  # (nkv, T, hd)
+        self.v_cache[i, :, :T] = v
+        pos = torch.arange(T)
+        mask = pos[None, :] <= pos[:, None]  # causal, and banded when a sliding window applies
+        if self.window:
+            mask &= pos[None, :] > pos[:, None] - self.window
+        out = F.scaled_dot_product_attention(q, self.k_cache[i, :, :T], self.v_cache[i, :, :T],
+                                             attn_mask=mask, enable_gqa=True)
         return F.linear(out.transpose(0, 1).reshape(T, -1), attn.o_proj.weight)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (T,) at the current position -> logits of the last token (V,)."""
-        x = self.embed[ids]  # (T, H)
-        single = ids.numel() == 1
-        for i, layer in enumerate(self.layers):
-            x = x + self.attention(i, layer, x)
-            n = rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            ffn = self.ffns[i]
-            x = x + (ffn.step(n[0], x[0])[None] if single else ffn.batch(n))
-        self.pos += ids.numel()
-        return F.linear(rms_norm(x[-1], self.norm, self.eps), self.lm_head)
+    def attention_step(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        """One token at position pos: x (H,) -> attention output (H,); fills the cache."""
+        attn = layer.self_attn
+        h = kernels.rms_norm(x, layer.input_layernorm.weight, self.eps)
+        q, k, v = (kernels.matvec(p.weight, h) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        first = max(0, self.pos + 1 - self.window) if self.window else 0
+        out = kernels.decode_attention(q, k, v, self.k_cache[i], self.v_cache[i], self.cos[self.pos],
+                                       self.sin_signed[self.pos], self.pos, first)
+        return kernels.matvec(attn.o_proj.weight, out)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last position's hidden state x (H,) -> logits (V,)."""
+        return kernels.matvec(self.lm_head, kernels.rms_norm(x, self.norm, self.eps))
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt ids (T,) from position 0, FFNs dense -> logits of the last token (V,)."""
         self.reset()
         if ids.numel() > self.max_len:
             raise UserError(f"prompt of {ids.numel()} tokens exceeds the context of {self.max_len}")
-        return self.forward(ids)
+        x = self.embed[ids]  # (T, H)
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, x)
+            x = x + self.ffns[i].batch(kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        self.pos = ids.numel()
+        return self.logits(x[-1])
 
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
-        return self.forward(torch.tensor([token]))
+        """One token at the current position, FFNs in the current mode -> logits (V,)."""
+        x = self.embed[token]  # (H,)
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention_step(i, layer, x)
+            n = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+            x = x + self.ffns[i].step(n, x)
+        self.pos += 1
+        return self.logits(x)

@@ -23,7 +23,9 @@ from turbo_demo.runtime import kernels
 from turbo_demo.runtime.stats import LayerRecord
 
 MODES = ("dense", "exact", "predictor", "threshold")
-# Above this share of computed neurons the gathered path reads no less than the dense one.
+# With the torch kernels, above this share of computed neurons the gathered path (which copies
+# the selected rows before the product) is no faster than the dense one. The C++ kernels read
+# the selected rows in place at the dense kernels' speed, so with them gathering always pays.
 DENSE_FALLBACK_SHARE = 0.45
 
 
@@ -35,6 +37,15 @@ def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
     wt = w.t().contiguous()
     linear.weight.data = wt.t()
     return wt
+
+
+def row_major(linear: torch.nn.Linear) -> torch.Tensor:
+    """linear.weight (out, in) as a contiguous tensor, in place (undoing a transposed layout)."""
+    w = linear.weight.data
+    if not w.is_contiguous():
+        w = w.contiguous()
+        linear.weight.data = w
+    return w
 
 
 def activation_kind(config) -> tuple[str, bool]:
@@ -71,7 +82,9 @@ class FFN:
         return self.act(u) if self.drelu else u
 
     def dense_h(self, x: torch.Tensor) -> torch.Tensor:
-        """h (..., I) for x (..., H)."""
+        """h (..., I) for x (..., H); one token (x of shape (H,)) goes through the GEMV kernels."""
+        if x.dim() == 1:
+            return self.act(kernels.matvec(self.wg, x)) * self.up(kernels.matvec(self.wu, x))
         return self.act(x @ self.wg.t()) * self.up(x @ self.wu.t())
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,19 +96,29 @@ class FFN:
         h = self.dense_h(x)
         active = int(torch.count_nonzero(h))
         self.record = LayerRecord(computed=self.n, active=active, bytes=3 * self.n * self.row_bytes)
-        return h @ self.wd_t
+        return kernels.vecmat(h, self.wd_t)
 
     def finish(self, x, idx, a_sel, bytes_read: int) -> torch.Tensor:
-        """Up and down for the neurons `idx` (k,) whose activated gate values are a_sel (k,).
+        """Up and down for the neurons `idx` (k,) whose activated gate values are a_sel (k,);
+        with a_sel None, the gate too, on those rows only.
 
-        Down reads only the rows whose h is non-zero; fills self.record; returns y (H,).
+        Down reads only the rows whose h is non-zero (rows_axpy skips the others); fills
+        self.record; returns y (H,).
         """
-        h = a_sel * self.up(kernels.rows_dot(self.wu, x, idx))
-        nz = h != 0
-        idx_nz, h_nz = idx[nz], h[nz]
-        self.record = LayerRecord(computed=len(idx), active=len(idx_nz),
-                                  bytes=bytes_read + (len(idx) + len(idx_nz)) * self.row_bytes)
-        return kernels.rows_axpy(self.wd_t, h_nz, idx_nz)
+        # up_down fuses the step (one call instead of up to seven) for a ReLU or no activation
+        # on the up branch, and computes a ReLU gate itself
+        fused = self.relu_gate or not self.drelu
+        if a_sel is None and not (fused and self.relu_gate):
+            a_sel = self.act(kernels.rows_dot(self.wg, x, idx))
+        if fused:
+            y, active = kernels.up_down(self.wu, self.wd_t, x, idx, a_sel, self.drelu,
+                                        self.wg if a_sel is None else None)
+        else:
+            h = a_sel * self.up(kernels.rows_dot(self.wu, x, idx))
+            y, active = kernels.rows_axpy(self.wd_t, h, idx), int(torch.count_nonzero(h))
+        self.record = LayerRecord(computed=len(idx), active=active,
+                                  bytes=bytes_read + (len(idx) + active) * self.row_bytes)
+        return y
 
     def audit_recall(self) -> float | None:
         """Share of the neurons active in the dense FFN (h != 0) that the last step computed.
@@ -123,8 +146,8 @@ class ExactFFN(FFN):
             )
 
     def step(self, x, r):
-        g = self.wg @ x
-        idx = torch.nonzero(g > 0).squeeze(1)
+        g = kernels.matvec(self.wg, x)
+        idx = kernels.indices_over(g, 0.0, False)
         return self.finish(x, idx, g.index_select(0, idx), self.n * self.row_bytes)
 
 
@@ -140,26 +163,25 @@ class PredictorFFN(FFN):
                 "predictor mode needs trained predictors in the checkpoint; run "
                 "`python -m turbo_demo predictors MODEL_DIR` first, or use the exact mode"
             )
-        self.fc1 = predictor.fc1.weight.data
-        self.fc2_t = neuron_major(predictor.fc2)
+        # both row-major: the score is two GEMVs streaming each matrix front to back
+        self.fc1, self.fc2 = row_major(predictor.fc1), row_major(predictor.fc2)
         self.threshold = config.threshold_of(layer) if threshold is None else threshold
         self.budget = None if budget is None else max(1, round(budget * self.n))
-        self.predictor_bytes = (self.fc1.numel() + self.fc2_t.numel()) * self.fc1.element_size()
+        self.predictor_bytes = (self.fc1.numel() + self.fc2.numel()) * self.fc1.element_size()
 
     def select(self, r: torch.Tensor) -> torch.Tensor:
         """Indices (k,) of the neurons predicted active for residual r (H,)."""
-        score = torch.relu(self.fc1 @ r) @ self.fc2_t
+        score = kernels.matvec(self.fc2, torch.relu(kernels.matvec(self.fc1, r)))
         if self.budget is not None:
-            return score.topk(self.budget, sorted=False).indices.sort().values
-        return torch.nonzero(score >= self.threshold).squeeze(1)
+            return kernels.top_indices(score, self.budget)
+        return kernels.indices_over(score, self.threshold, True)
 
     def step(self, x, r):
         idx = self.select(r)
-        if len(idx) > DENSE_FALLBACK_SHARE * self.n:
+        if kernels.backend() == "torch" and len(idx) > DENSE_FALLBACK_SHARE * self.n:
             y = self.masked_dense(x, idx)
         else:
-            a_sel = self.act(kernels.rows_dot(self.wg, x, idx))
-            y = self.finish(x, idx, a_sel, self.predictor_bytes + len(idx) * self.row_bytes)
+            y = self.finish(x, idx, None, self.predictor_bytes + len(idx) * self.row_bytes)
         if self.audit:
             self.last = (x, idx)
         return y
@@ -170,7 +192,7 @@ class PredictorFFN(FFN):
         h = self.dense_h(x) * mask
         self.record = LayerRecord(computed=len(idx), active=int(torch.count_nonzero(h)),
                                   bytes=self.predictor_bytes + 3 * self.n * self.row_bytes)
-        return h @ self.wd_t
+        return kernels.vecmat(h, self.wd_t)
 
 
 class ThresholdFFN(FFN):
@@ -191,8 +213,8 @@ class ThresholdFFN(FFN):
         return super().batch(x)
 
     def step(self, x, r):
-        a = self.act(self.wg @ x)
-        idx = torch.nonzero(a.abs() > self.threshold).squeeze(1)
+        a = self.act(kernels.matvec(self.wg, x))
+        idx = kernels.indices_over(a.abs(), self.threshold, False)
         y = self.finish(x, idx, a.index_select(0, idx), self.n * self.row_bytes)
         if self.audit:
             self.last = (x, idx)

@@ -1,13 +1,38 @@
-"""Gather-GEMV kernels: the two operations a sparse FFN needs, on a subset `idx` of neurons.
+"""The kernels of a decode step, with two backends: PyTorch (always works) and C++ (faster).
+
+Gather-GEMV, the two operations a sparse FFN needs, on a subset `idx` of neurons:
 
     rows_dot(W, x, idx)   y_j = W[idx_j] . x           W (N, H) neuron-major, x (H,), y (k,)
     rows_axpy(Wt, h, idx) y   = sum_j h_j * Wt[idx_j]  Wt (N, H) neuron-major, h (k,), y (H,)
 
-Both read only the k selected rows, each a contiguous run of H values: that is what makes a
-sparse FFN cheaper when decoding is bound by memory bandwidth. The PyTorch versions here always
-work; `turbo_demo.runtime.cpp` provides fused versions (no gather buffer) when a C++ compiler
-is present, selected with `use_backend("cpp")`. Callers look the functions up at call time
-(`kernels.rows_dot(...)`), so switching backends takes effect at once. Importing never compiles.
+Both read only the k selected rows, each a contiguous run of H values (rows_axpy skips those
+with h_j = 0, which add nothing): that is what makes a sparse FFN cheaper when decoding is bound
+by memory bandwidth. Their dense forms, over all rows,
+serve the dense FFN and the attention projections of one token:
+
+    matvec(W, x)          y = W x                      W (N, H), x (H,), y (N,)
+    vecmat(h, Wt)         y = h Wt                     h (N,), Wt (N, H), y (H,)
+
+and a sparse FFN step on the neurons idx, once their activated gate values a (k,) are known
+(or, with a = None, a = relu(rows_dot(Wg, x, idx))):
+
+    up_down(Wu, Wd_t, x, idx, a, relu_up, Wg=None) -> (y, active)
+                          h = a * act(rows_dot(Wu, x, idx)), act = relu or identity,
+                          y = rows_axpy(Wd_t, h, idx), active = the number of non-zero h_j
+
+and the rest of one token's layer, where at batch 1 fixed costs outweigh arithmetic:
+
+    rms_norm(x, w, eps)   w * x / sqrt(mean(x^2) + eps), normalised in fp32    x (..., H)
+    decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first) -> (nh * hd,)
+                          RoPE on q, k (nh * hd,), (nkv * hd,); k, v into the caches
+                          (nkv, max_len, hd) at pos; attention over positions first..pos
+    top_indices(v, k)     the indices of the k largest values of v (N,), ascending
+    indices_over(v, t, inclusive)   the indices i with v_i > t (>= t if inclusive), ascending
+
+The C++ versions (`turbo_demo.runtime.cpp`: no gather buffer, fp32 sums, streaming loops, one
+call per fused operation) are selected with `use_backend("cpp")`. Callers look the functions up
+at call time (`kernels.rows_dot(...)`), so switching backends takes effect at once. Importing
+never compiles.
 """
 
 import torch
@@ -16,6 +41,8 @@ import torch.nn.functional as F
 from turbo_demo.errors import UserError
 
 BACKENDS = ("torch", "cpp")
+NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "rms_norm", "decode_attention",
+         "top_indices", "indices_over")
 
 
 def torch_rows_dot(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -23,30 +50,83 @@ def torch_rows_dot(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch
 
 
 def torch_rows_axpy(wt: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    # embedding_bag sums the selected rows weighted by h without materialising them; it
-    # rejects an empty bag, which is a zero sum.
+    # embedding_bag sums the selected rows weighted by h without materialising them, but reads
+    # every row it is given: drop the zero weights first. It rejects an empty bag (a zero sum).
+    nonzero = h != 0
+    idx, h = idx[nonzero], h[nonzero]
     if idx.numel() == 0:
         return wt.new_zeros(wt.size(1))
     return F.embedding_bag(idx.unsqueeze(0), wt, per_sample_weights=h.unsqueeze(0), mode="sum")[0]
 
 
-rows_dot = torch_rows_dot
-rows_axpy = torch_rows_axpy
+torch_matvec = torch.mv
+
+
+def torch_vecmat(h: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    return h @ wt
+
+
+def torch_up_down(wu, wd_t, x, idx, a, relu_up: bool, wg=None) -> tuple[torch.Tensor, int]:
+    if a is None:
+        a = torch.relu(torch_rows_dot(wg, x, idx))
+    u = torch_rows_dot(wu, x, idx)
+    h = a * (torch.relu(u) if relu_up else u)
+    return torch_rows_axpy(wd_t, h, idx), int(torch.count_nonzero(h))
+
+
+def torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # the normalised x is rounded to x's dtype before the weight multiplies it, as in HF
+    return w * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) for x = (x1, x2):
+    rotate_half(x) * sin = roll(x, d/2) * sin_signed with sin_signed = (-sin1, sin2)."""
+    return x * cos + x.roll(x.size(-1) // 2, -1) * sin_signed
+
+
+def torch_decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos: int, first: int):
+    n_kv, _, hd = k_cache.shape
+    k_cache[:, pos] = rope(k.view(n_kv, hd), cos, sin_signed)
+    v_cache[:, pos] = v.view(n_kv, hd)
+    keys, values = k_cache[:, first:pos + 1].float(), v_cache[:, first:pos + 1].float()  # (nkv, L, hd)
+    # grouped-query attention without copying the cache per head: the query heads of a group
+    # share one matmul with the group's keys; fp32, as SDPA computes on the CPU
+    qg = rope(q.view(-1, hd), cos, sin_signed).view(n_kv, -1, hd).float() * hd ** -0.5
+    probs = torch.softmax(qg @ keys.transpose(1, 2), dim=-1)  # (nkv, group, L)
+    return (probs @ values).to(q.dtype).view(-1)
+
+
+def torch_top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    return v.topk(k, sorted=False).indices.sort().values
+
+
+def torch_indices_over(v: torch.Tensor, t: float, inclusive: bool) -> torch.Tensor:
+    return torch.nonzero(v >= t if inclusive else v > t).squeeze(1)
+
+
+_TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_rms_norm,
+          torch_decode_attention, torch_top_indices, torch_indices_over)
+(rows_dot, rows_axpy, matvec, vecmat, up_down, rms_norm, decode_attention, top_indices,
+ indices_over) = _TORCH
 _backend = "torch"
 
 
 def use_backend(name: str) -> None:
-    """Rebind rows_dot / rows_axpy: "torch" (always works) or "cpp" (builds on first use)."""
-    global rows_dot, rows_axpy, _backend
+    """Rebind the kernels: "torch" (always works) or "cpp" (builds on first use)."""
+    global rows_dot, rows_axpy, matvec, vecmat, up_down, rms_norm, decode_attention, top_indices
+    global indices_over, _backend
     if name == "torch":
-        rows_dot, rows_axpy = torch_rows_dot, torch_rows_axpy
+        functions = _TORCH
     elif name == "cpp":
         from turbo_demo.runtime import cpp
 
         module = cpp.load()
-        rows_dot, rows_axpy = module.rows_dot, module.rows_axpy
+        functions = tuple(getattr(module, n) for n in NAMES)
     else:
         raise UserError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    (rows_dot, rows_axpy, matvec, vecmat, up_down, rms_norm, decode_attention, top_indices,
+     indices_over) = functions
     _backend = name
 
 

@@ -1,32 +1,52 @@
-// Fused gather-GEMV kernels for a sparse FFN: the two operations on a subset idx of neurons.
+// Gather-GEMV kernels for a sparse FFN: the two operations on a subset idx of neurons, and
+// their dense forms over every row (the dense FFN and attention projections of decoding).
 //
 //   rows_dot(W, x, idx)    y_j = sum_c W[idx_j, c] * x[c]       W (N, H), x (H,), idx (k,) -> y (k,)
 //   rows_axpy(Wt, h, idx)  y_c = sum_j h_j * Wt[idx_j, c]       Wt (N, H), h (k,), idx (k,) -> y (H,)
+//   matvec(W, x)           rows_dot with idx = 0..N-1           -> y (N,)
+//   vecmat(h, Wt)          rows_axpy with idx = 0..N-1          h (N,) -> y (H,)
+//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg) -> (y, active)   a sparse FFN step on the
+//                          neurons idx once their activated gate values a (k,) are known, or
+//                          with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x),
+//                          act = relu or identity (each value rounded to the dtype as separate
+//                          operations would), y = rows_axpy(Wd_t, h, idx), active = #{j : h_j
+//                          != 0}; one call instead of five to seven
 //
-// Both read only the k selected rows of a neuron-major weight, each a contiguous run of H
-// values, straight from the weight (no gathered copy). W / Wt are float32 or bfloat16; the
-// vectors (x, h) and the result have the weight's dtype. Sums are always accumulated in fp32:
-// a bf16 value b converts exactly as float(bits(b) << 16), and bf16 results are rounded to
-// nearest-even once at the end. The only allocation is the output tensor.
+// All read only the selected rows of a neuron-major weight, each a contiguous run of H values,
+// straight from the weight (no gathered copy); rows_axpy also skips the rows whose h_j is zero
+// (they add nothing, and most of a dReLU FFN's h is zero), while vecmat, the dense form, reads
+// every row. W / Wt are float32 or bfloat16; the vectors (x, h) and the result have the
+// weight's dtype. Sums are always accumulated in fp32: a bf16 value b converts exactly as
+// float(bits(b) << 16), and bf16 results are rounded to nearest-even once at the end.
 //
+// Batch-1 decoding is bound by memory bandwidth, so the loops are shaped for streaming:
+//   - four rows at a time: four independent read streams, one load of x (dot) or one
+//     load/store of the accumulators (axpy) per four rows, while the next four rows are
+//     prefetched (a gathered row is a jump no hardware prefetcher predicts);
+//   - threads split the rows, never the columns, so each thread reads whole rows (long
+//     contiguous runs that the hardware prefetcher follows); rows_axpy gives each thread
+//     private fp32 accumulators and adds them up at the end (threads x H floats);
+//   - small problems run on one thread: waking the pool costs more than it saves.
 // Threads: at::get_num_threads(), so torch.set_num_threads applies.
-//   rows_dot   parallel over j (static schedule): every y_j is written by exactly one thread.
-//   rows_axpy  parallel over blocks of columns of y: each thread owns a contiguous slice of y,
-//              accumulates it in an fp32 stack buffer while walking all j, and so needs no
-//              reduction between threads.
 //
-// SIMD: AVX-512F or AVX2+FMA intrinsics when the compiler targets them (-march=native), with
-// a portable scalar loop (`omp simd`) for the remaining columns and for other CPUs.
+// SIMD: AVX-512F or AVX2+FMA when the compiler targets them (-march=native), and the
+// AVX512-BF16 dot-product instruction (vdpbf16ps: pairs of bf16 products added in fp32) for
+// bf16 dots; a portable scalar loop (`omp simd`) covers the remaining columns and other CPUs.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define TD_SIMD 1
 #endif
 
 namespace {
@@ -56,9 +76,8 @@ inline vec vload(const bf16_bits* p) {
 }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(TD_SIMD)
 constexpr int64_t kLanes = 8;
 using vec = __m256;
 inline vec vzero() { return _mm256_setzero_ps(); }
@@ -70,46 +89,166 @@ inline vec vload(const bf16_bits* p) {
 }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-#else
-constexpr int64_t kLanes = 0;  // scalar only
 #endif
 
-// dot(a[0:n], b[0:n]) in fp32; a is a weight row, b the input vector, both of type T.
-template <typename T>
-inline float dot(const T* a, const T* b, int64_t n) {
-  float acc = 0.f;
-  int64_t c = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  vec s0 = vzero(), s1 = vzero();  // two chains hide the FMA latency
-  for (; c + 2 * kLanes <= n; c += 2 * kLanes) {
-    s0 = vfma(vload(a + c), vload(b + c), s0);
-    s1 = vfma(vload(a + c + kLanes), vload(b + c + kLanes), s1);
-  }
-  for (; c + kLanes <= n; c += kLanes) s0 = vfma(vload(a + c), vload(b + c), s0);
-  acc = vsum(vadd(s0, s1));
-#endif
-#pragma omp simd reduction(+ : acc)
-  for (int64_t t = c; t < n; ++t) acc += to_f32(a[t]) * to_f32(b[t]);
-  return acc;
+// Fewer elements than this (rows x H) run on one thread.
+constexpr int64_t kParallelMin = 1 << 16;
+
+int threads_for(int64_t elements) {
+  return elements >= kParallelMin ? std::max(1, at::get_num_threads()) : 1;
 }
 
-// acc[0:n] += w * row[0:n], acc in fp32.
+// Asks for the cache line at p ahead of its use: the next group's rows are fetched while the
+// current group's are summed (the hardware prefetcher cannot guess a jump to a gathered row,
+// and restarts at every row of a dense one).
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// out[t] = r[t][0:n] . x[0:n] for four rows r[0..3], in fp32; prefetches next[0..3][0:n].
 template <typename T>
-inline void axpy(float* acc, float w, const T* row, int64_t n) {
+inline void dot4(const T* const r[4], const T* const next[4], const T* x, int64_t n, float out[4]) {
   int64_t c = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  vec wv = vset(w);
-  for (; c + kLanes <= n; c += kLanes) vstore(acc + c, vfma(wv, vload(row + c), vload(acc + c)));
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16_bits>) {
+    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; c + 32 <= n; c += 32) {  // 32 bf16 = one 64-byte line per row
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + c);
+      for (int t = 0; t < 4; ++t) {
+        prefetch(next[t] + c);
+        s[t] = _mm512_dpbf16_ps(s[t], (__m512bh)_mm512_loadu_si512(r[t] + c), xv);
+      }
+    }
+    for (int t = 0; t < 4; ++t) acc[t] = _mm512_reduce_add_ps(s[t]);
+  }
+#endif
+#if defined(TD_SIMD)
+  vec s[4] = {vzero(), vzero(), vzero(), vzero()};
+  for (; c + kLanes <= n; c += kLanes) {
+    const vec xv = vload(x + c);
+    for (int t = 0; t < 4; ++t) {
+      prefetch(next[t] + c);
+      s[t] = vfma(vload(r[t] + c), xv, s[t]);
+    }
+  }
+  for (int t = 0; t < 4; ++t) acc[t] += vsum(s[t]);
+#endif
+  for (int t = 0; t < 4; ++t) {
+    float tail = 0.f;
+#pragma omp simd reduction(+ : tail)
+    for (int64_t i = c; i < n; ++i) tail += to_f32(r[t][i]) * to_f32(x[i]);
+    out[t] = acc[t] + tail;
+  }
+}
+
+// acc[0:n] += sum_t w[t] * r[t][0:n] for four rows, acc in fp32; prefetches next[0..3][0:n].
+template <typename T>
+inline void axpy4(float* acc, const float w[4], const T* const r[4], const T* const next[4], int64_t n) {
+  int64_t c = 0;
+#if defined(TD_SIMD)
+  const vec w0 = vset(w[0]), w1 = vset(w[1]), w2 = vset(w[2]), w3 = vset(w[3]);
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int t = 0; t < 4; ++t) prefetch(next[t] + c);
+    vec a = vload(acc + c);
+    a = vfma(w0, vload(r[0] + c), a);
+    a = vfma(w1, vload(r[1] + c), a);
+    a = vfma(w2, vload(r[2] + c), a);
+    a = vfma(w3, vload(r[3] + c), a);
+    vstore(acc + c, a);
+  }
 #endif
 #pragma omp simd
-  for (int64_t t = c; t < n; ++t) acc[t] += w * to_f32(row[t]);
+  for (int64_t i = c; i < n; ++i)
+    acc[i] += w[0] * to_f32(r[0][i]) + w[1] * to_f32(r[1][i]) + w[2] * to_f32(r[2][i]) +
+              w[3] * to_f32(r[3][i]);
+}
+
+// The rows j0..j1-1 of the selection (idx, or 0..N-1 when idx is null), in groups of four: r
+// gets the group at j, next the group after it (or r again at the end). A short group repeats
+// its first row with weight 0 (dot results past j1 are dropped).
+template <typename T>
+inline void group(const T* w, const int64_t* idx, int64_t j, int64_t j1, int64_t h, const T* r[4],
+                  const T* next[4]) {
+  for (int t = 0; t < 4; ++t) {
+    const int64_t jj = j + t < j1 ? j + t : j;
+    const int64_t jn = j + 4 + t < j1 ? j + 4 + t : jj;
+    r[t] = w + (idx ? idx[jj] : jj) * h;
+    next[t] = w + (idx ? idx[jn] : jn) * h;
+  }
+}
+
+template <typename T>
+void dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
+  const int64_t groups = (k + 3) / 4;
+  const int threads = threads_for(k * h);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t g = 0; g < groups; ++g) {
+    const T *r[4], *next[4];
+    float out[4];
+    group(w, idx, 4 * g, k, h, r, next);
+    dot4(r, next, x, h, out);
+    for (int t = 0; t < 4 && 4 * g + t < k; ++t) store(y + 4 * g + t, out[t]);
+  }
+}
+
+template <typename T>
+void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, int64_t h) {
+  // The rows to read and their weights in fp32: with idx, the rows of non-zero weight only.
+  std::vector<int64_t> rows;
+  std::vector<float> weight;
+  weight.reserve(k);
+  if (idx != nullptr) {
+    rows.reserve(k);
+    for (int64_t j = 0; j < k; ++j)
+      if (to_f32(hv[j]) != 0.f) {
+        rows.push_back(idx[j]);
+        weight.push_back(to_f32(hv[j]));
+      }
+    idx = rows.data();
+    k = static_cast<int64_t>(rows.size());
+  } else {
+    for (int64_t j = 0; j < k; ++j) weight.push_back(to_f32(hv[j]));
+  }
+  // Column blocks of at most kBlock fp32 accumulators (16 KiB on the stack, within L1).
+  constexpr int64_t kBlock = 4096;
+  const int threads = threads_for(k * h);
+  std::vector<float> partial(threads > 1 ? threads * h : 0, 0.f);  // one row of sums per thread
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t j0 = k * t / nt, j1 = k * (t + 1) / nt;
+    float acc[kBlock];
+    for (int64_t c0 = 0; c0 < h; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, h - c0);
+      std::fill(acc, acc + n, 0.f);
+      for (int64_t j = j0; j < j1; j += 4) {
+        const T *r[4], *next[4];
+        float wj[4];
+        group(wt, idx, j, j1, h, r, next);
+        for (int u = 0; u < 4; ++u) {
+          wj[u] = j + u < j1 ? weight[j + u] : 0.f;
+          r[u] += c0;
+          next[u] += c0;
+        }
+        axpy4(acc, wj, r, next, n);
+      }
+      if (nt == 1)
+        for (int64_t c = 0; c < n; ++c) store(y + c0 + c, acc[c]);
+      else
+        std::copy(acc, acc + n, partial.data() + t * h + c0);
+    }
+  }
+  if (threads > 1)
+    for (int64_t c = 0; c < h; ++c) {
+      float s = 0.f;
+      for (int t = 0; t < threads; ++t) s += partial[t * h + c];
+      store(y + c, s);
+    }
 }
 
 void check_weight(const torch::Tensor& w, const char* fn) {
@@ -142,73 +281,127 @@ void check_idx(const torch::Tensor& idx, int64_t n_rows, const char* fn) {
                 " is out of range for a weight with ", n_rows, " rows");
 }
 
-template <typename T>
-void rows_dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (k >= 8)
-  for (int64_t j = 0; j < k; ++j) store(y + j, dot(w + idx[j] * h, x, h));
+// Runs impl on the raw float or bf16 storage of (w, v, y); idx may be null (every row).
+template <typename Impl>
+void dispatch(Impl impl, const torch::Tensor& w, const torch::Tensor& v, const int64_t* idx,
+              torch::Tensor& y, int64_t k) {
+  const int64_t h = w.size(1);
+  if (w.scalar_type() == at::kFloat)
+    impl(w.data_ptr<float>(), v.data_ptr<float>(), idx, y.data_ptr<float>(), k, h);
+  else
+    impl(reinterpret_cast<const bf16_bits*>(w.data_ptr<at::BFloat16>()),
+         reinterpret_cast<const bf16_bits*>(v.data_ptr<at::BFloat16>()), idx,
+         reinterpret_cast<bf16_bits*>(y.data_ptr<at::BFloat16>()), k, h);
 }
 
-template <typename T>
-void rows_axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, int64_t h) {
-  // Column blocks of at most kBlock fp32 accumulators (16 KiB on the stack); with a static
-  // schedule each thread gets one contiguous run of blocks, i.e. a contiguous slice of y.
-  constexpr int64_t kBlock = 4096;
-  const int threads = at::get_num_threads();
-  int64_t block = (h + threads - 1) / threads;
-  block = std::min(kBlock, std::max<int64_t>(64, (block + 15) / 16 * 16));
-  const int64_t n_blocks = (h + block - 1) / block;
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_blocks > 1 && k >= 8)
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t c0 = b * block, n = std::min(block, h - c0);
-    float acc[kBlock];
-    std::fill(acc, acc + n, 0.f);
-    for (int64_t j = 0; j < k; ++j) axpy(acc, to_f32(hv[j]), wt + idx[j] * h + c0, n);
-    for (int64_t c = 0; c < n; ++c) store(y + c0 + c, acc[c]);
+struct Dot {
+  template <typename T>
+  void operator()(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) const {
+    dot_impl(w, x, idx, y, k, h);
   }
-}
+};
+
+struct Axpy {
+  template <typename T>
+  void operator()(const T* w, const T* hv, const int64_t* idx, T* y, int64_t k, int64_t h) const {
+    axpy_impl(w, hv, idx, y, k, h);
+  }
+};
 
 }  // namespace
 
 torch::Tensor rows_dot(const torch::Tensor& w, const torch::Tensor& x, const torch::Tensor& idx) {
   check_weight(w, "rows_dot");
-  const int64_t n = w.size(0), h = w.size(1);
-  check_vector(x, "x", h, w.scalar_type(), "rows_dot");
-  check_idx(idx, n, "rows_dot");
-  const int64_t k = idx.size(0);
-  auto y = torch::empty({k}, w.options());
-  if (w.scalar_type() == at::kFloat)
-    rows_dot_impl(w.data_ptr<float>(), x.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                  y.data_ptr<float>(), k, h);
-  else
-    rows_dot_impl(reinterpret_cast<const bf16_bits*>(w.data_ptr<at::BFloat16>()),
-                  reinterpret_cast<const bf16_bits*>(x.data_ptr<at::BFloat16>()),
-                  idx.data_ptr<int64_t>(),
-                  reinterpret_cast<bf16_bits*>(y.data_ptr<at::BFloat16>()), k, h);
+  check_vector(x, "x", w.size(1), w.scalar_type(), "rows_dot");
+  check_idx(idx, w.size(0), "rows_dot");
+  auto y = torch::empty({idx.size(0)}, w.options());
+  dispatch(Dot{}, w, x, idx.data_ptr<int64_t>(), y, idx.size(0));
   return y;
 }
 
 torch::Tensor rows_axpy(const torch::Tensor& wt, const torch::Tensor& hv, const torch::Tensor& idx) {
   check_weight(wt, "rows_axpy");
-  const int64_t n = wt.size(0), h = wt.size(1);
-  check_idx(idx, n, "rows_axpy");
-  const int64_t k = idx.size(0);
-  check_vector(hv, "h", k, wt.scalar_type(), "rows_axpy");
-  auto y = torch::empty({h}, wt.options());
-  if (wt.scalar_type() == at::kFloat)
-    rows_axpy_impl(wt.data_ptr<float>(), hv.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                   y.data_ptr<float>(), k, h);
-  else
-    rows_axpy_impl(reinterpret_cast<const bf16_bits*>(wt.data_ptr<at::BFloat16>()),
-                   reinterpret_cast<const bf16_bits*>(hv.data_ptr<at::BFloat16>()),
-                   idx.data_ptr<int64_t>(),
-                   reinterpret_cast<bf16_bits*>(y.data_ptr<at::BFloat16>()), k, h);
+  check_idx(idx, wt.size(0), "rows_axpy");
+  check_vector(hv, "h", idx.size(0), wt.scalar_type(), "rows_axpy");
+  auto y = torch::empty({wt.size(1)}, wt.options());
+  dispatch(Axpy{}, wt, hv, idx.data_ptr<int64_t>(), y, idx.size(0));
   return y;
 }
 
+torch::Tensor matvec(const torch::Tensor& w, const torch::Tensor& x) {
+  check_weight(w, "matvec");
+  check_vector(x, "x", w.size(1), w.scalar_type(), "matvec");
+  auto y = torch::empty({w.size(0)}, w.options());
+  dispatch(Dot{}, w, x, nullptr, y, w.size(0));
+  return y;
+}
+
+torch::Tensor vecmat(const torch::Tensor& hv, const torch::Tensor& wt) {
+  check_weight(wt, "vecmat");
+  check_vector(hv, "h", wt.size(0), wt.scalar_type(), "vecmat");
+  auto y = torch::empty({wt.size(1)}, wt.options());
+  dispatch(Axpy{}, wt, hv, nullptr, y, wt.size(0));
+  return y;
+}
+
+std::tuple<torch::Tensor, int64_t> up_down(const torch::Tensor& wu, const torch::Tensor& wd_t,
+                                           const torch::Tensor& x, const torch::Tensor& idx,
+                                           const std::optional<torch::Tensor>& a_given, bool relu_up,
+                                           const std::optional<torch::Tensor>& wg) {
+  for (const torch::Tensor* w : {&wu, &wd_t, wg ? &*wg : &wu}) {
+    check_weight(*w, "up_down");
+    TORCH_CHECK(w->sizes() == wu.sizes() && w->scalar_type() == wu.scalar_type(),
+                "up_down: the weights must have one shape and dtype");
+  }
+  TORCH_CHECK(a_given || wg, "up_down: give a, or Wg to compute a = relu(Wg[idx] x)");
+  check_vector(x, "x", wu.size(1), wu.scalar_type(), "up_down");
+  check_idx(idx, wu.size(0), "up_down");
+  const int64_t k = idx.size(0);
+  if (a_given) check_vector(*a_given, "a", k, wu.scalar_type(), "up_down");
+  auto a = a_given ? *a_given : torch::empty({k}, wu.options());
+  auto h = torch::empty({k}, wu.options());
+  auto y = torch::empty({wu.size(1)}, wu.options());
+  int64_t active = 0;
+  auto run = [&](auto* wu_p, auto* wd_p, auto* x_p, auto* a_p, auto* h_p, auto* y_p) {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    if (!a_given) {  // a = relu(Wg[idx] x), rounded as rows_dot rounds it
+      using T = std::remove_pointer_t<decltype(a_p)>;
+      dot_impl(static_cast<const T*>(wg->data_ptr()), x_p, ip, a_p, k, wu.size(1));
+      for (int64_t j = 0; j < k; ++j) store(a_p + j, std::max(to_f32(a_p[j]), 0.f));
+    }
+    dot_impl(wu_p, x_p, ip, h_p, k, wu.size(1));  // h = u, rounded as rows_dot rounds it
+    for (int64_t j = 0; j < k; ++j) {
+      const float u = to_f32(h_p[j]);
+      store(h_p + j, to_f32(a_p[j]) * (relu_up ? std::max(u, 0.f) : u));
+      active += to_f32(h_p[j]) != 0.f;
+    }
+    axpy_impl(wd_p, h_p, ip, y_p, k, wu.size(1));
+  };
+  if (wu.scalar_type() == at::kFloat)
+    run(wu.data_ptr<float>(), wd_t.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(),
+        h.data_ptr<float>(), y.data_ptr<float>());
+  else
+    run(reinterpret_cast<const bf16_bits*>(wu.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const bf16_bits*>(wd_t.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const bf16_bits*>(x.data_ptr<at::BFloat16>()),
+        reinterpret_cast<bf16_bits*>(a.data_ptr<at::BFloat16>()),
+        reinterpret_cast<bf16_bits*>(h.data_ptr<at::BFloat16>()),
+        reinterpret_cast<bf16_bits*>(y.data_ptr<at::BFloat16>()));
+  return {y, active};
+}
+
+void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: rms_norm, decode_attention
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused gather-GEMV kernels (rows_dot, rows_axpy) for sparse FFNs on CPU";
+  m.doc() = "CPU decode kernels: gather-GEMV for sparse FFNs, their dense forms, fused decode ops";
   m.def("rows_dot", &rows_dot, "y_j = W[idx_j] . x: W (N, H), x (H,), idx (k,) int64 -> y (k,)",
         py::arg("w"), py::arg("x"), py::arg("idx"));
   m.def("rows_axpy", &rows_axpy, "y = sum_j h_j Wt[idx_j]: Wt (N, H), h (k,), idx (k,) int64 -> y (H,)",
         py::arg("wt"), py::arg("h"), py::arg("idx"));
+  m.def("matvec", &matvec, "y = W x: W (N, H), x (H,) -> y (N,)", py::arg("w"), py::arg("x"));
+  m.def("vecmat", &vecmat, "y = h Wt: h (N,), Wt (N, H) -> y (H,)", py::arg("h"), py::arg("wt"));
+  m.def("up_down", &up_down, "(y, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
+        py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("idx"), py::arg("a"), py::arg("relu_up"),
+        py::arg("wg") = py::none());
+  register_decode_ops(m);
 }

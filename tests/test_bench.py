@@ -1,0 +1,104 @@
+"""The benchmark's machinery on tiny shapes: the JSON schema and sane numbers, no timing asserts."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from turbo_demo.bench import FFN_MODES, Settings, format_table, run_bench, settings_for
+from turbo_demo.errors import UserError
+from turbo_demo.runtime import cpp, kernels
+from turbo_demo.runtime.engine import Runtime
+
+TINY_STACK = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=300)
+
+
+def tiny_settings(embedded) -> Settings:
+    return Settings(read_bytes=1 << 20, ffn_shapes=((32, 128), (16, 64)), sparsities=(0.5, 0.9),
+                    ffn_rounds=2, working_set=1 << 16, rank=8, stack=TINY_STACK, stack_layers=1,
+                    stack_tokens=2, embedded=embedded, embedded_tokens=3, e2e_rounds=2)
+
+
+def positive(v) -> bool:
+    return isinstance(v, float) and v > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
+    before = kernels.backend()
+    result = run_bench(tiny_settings(tiny_dirs["drelu"]), backend=backend, progress=False)
+    assert kernels.backend() == before  # the benchmark puts the previous backend back
+    assert json.loads(json.dumps(result)) == result
+    assert set(result) == {"machine", "ffn", "e2e", "notes"}
+    machine = result["machine"]
+    assert set(machine) == {"cpu", "threads", "torch", "backend", "dtype", "read_gbps", "read_method"}
+    assert machine["backend"] in ("cpp", "torch") and positive(machine["read_gbps"])
+
+    assert len(result["ffn"]) == 2 * 2 * len(FFN_MODES)
+    for e in result["ffn"]:
+        assert set(e) == {"shape", "mode", "sparsity", "ms", "speedup"}
+        assert e["shape"] in ("32x128", "16x64") and e["mode"] in FFN_MODES
+        assert positive(e["ms"]) and positive(e["speedup"])
+        if e["mode"] == "dense":
+            assert e["speedup"] == 1.0
+
+    engines = [(e["model"], e["engine"]) for e in result["e2e"]]
+    # the tiny checkpoint has no predictors: its predictor engine is skipped, with a note
+    assert engines == [("7b-shape", "transformers"), ("7b-shape", "dense"), ("7b-shape", "exact"),
+                       ("7b-shape", "predictor"), ("embedded-drelu", "transformers"),
+                       ("embedded-drelu", "dense"), ("embedded-drelu", "exact")]
+    assert any("no predictors" in note for note in result["notes"])
+    for e in result["e2e"]:
+        assert set(e) == {"model", "engine", "tokens_per_s", "sparsity", "bandwidth_share",
+                          "speedup_vs_dense"}
+        assert all(positive(e[k]) for k in ("tokens_per_s", "bandwidth_share", "speedup_vs_dense"))
+        assert (e["sparsity"] is None) == (e["engine"] == "transformers")
+    by_engine = {(e["model"], e["engine"]): e for e in result["e2e"]}
+    assert by_engine["7b-shape", "dense"]["sparsity"] == 0.0
+    assert by_engine["7b-shape", "predictor"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert "FFN step" in format_table(result) and "embedded-drelu" in format_table(result)
+
+
+def test_missing_checkpoint_is_a_note(tmp_path):
+    settings = tiny_settings(tmp_path / "nowhere")
+    settings.ffn_shapes, settings.sparsities = ((16, 64),), (0.9,)
+    result = run_bench(settings, backend="torch", progress=False)
+    assert {e["model"] for e in result["e2e"]} == {"7b-shape"}
+    assert any("embedded-drelu skipped" in note for note in result["notes"])
+
+
+def test_settings_and_bad_names():
+    assert settings_for(quick=True, dtype="fp32").dtype == torch.float32
+    assert settings_for().stack_layers == 8
+    with pytest.raises(UserError, match="unknown dtype"):
+        settings_for(dtype="int4")
+    with pytest.raises(UserError, match="unknown backend"):
+        run_bench(tiny_settings(None), backend="cuda", progress=False)
+
+
+@pytest.mark.skipif(not cpp.available(), reason="C++ kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_backend_decodes_like_torch(dtype):
+    """The benchmark compares engines on the C++ kernels: the fused decode step (RMSNorm, RoPE,
+    cache write, attention, GEMVs) must give the torch path's logits, windowed attention too."""
+    ids = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14])
+    drelu = tiny_model("drelu", predictor_rank=4, sliding_window=6).to(dtype)
+    swiglu = tiny_model("dense").to(dtype)
+    cases = {"dense": (drelu, {}), "exact": (drelu, {}), "predictor": (drelu, {"budget": 0.5}),
+             "threshold": (swiglu, {"threshold": 0.02})}  # the last: an up branch without ReLU
+    out, before = {}, kernels.backend()
+    try:
+        for backend in ("torch", "cpp"):
+            kernels.use_backend(backend)
+            for mode, (model, options) in cases.items():
+                runtime = Runtime(model, mode, **options)
+                logits = [runtime.prefill(ids[:4])] + [runtime.decode(int(t)) for t in ids[4:]]
+                out[backend, mode] = torch.stack(logits).float()
+    finally:
+        kernels.use_backend(before)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for mode in cases:
+        torch.testing.assert_close(out["cpp", mode], out["torch", mode], **tol)
+    torch.testing.assert_close(out["cpp", "exact"], out["cpp", "dense"], **tol)
