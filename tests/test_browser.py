@@ -70,7 +70,22 @@ def test_generate_streams_both_panes_and_draws_heatmaps(page):
     page.screenshot(path=str(REPO / "assets" / "screenshot.png"), full_page=False)
 
 
-def test_stop_ends_a_long_run(page):
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory):
+    """A random model big enough (~70M parameters) that 256 tokens take seconds, not a blink."""
+    from conftest import tiny_model, tiny_tokenizer
+    from turbo_demo.checkpoint import save_checkpoint
+
+    model = tiny_model("dense", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    return save_checkpoint(model, tiny_tokenizer(), tmp_path_factory.mktemp("slow") / "model")
+
+
+def test_stop_ends_a_long_run(page, slow_model_dir):
+    for side in ("left", "right"):
+        box = page.locator(f"#{side}-model input")
+        box.fill(str(slow_model_dir))
+        box.press("Enter")
     page.get_by_text("Generation settings").click()
     box = page.locator("input[aria-label='number input for Max new tokens']")
     box.fill("256")
@@ -79,4 +94,5 @@ def test_stop_ends_a_long_run(page):
     page.wait_for_function("document.body.innerText.includes('Generating')", timeout=120_000)
     page.click("#stop", force=True)  # no waiting for the live plots to settle: stop mid-run
     page.wait_for_function("document.body.innerText.includes('Stopped.')", timeout=60_000)
-    assert "stopped" in page.inner_text("#right-status")
+    status = page.inner_text("#right-status")
+    assert "stopped" in status and str(slow_model_dir) in status

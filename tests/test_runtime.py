@@ -156,3 +156,14 @@ def test_predictors_round_trip_through_from_pretrained(tiny_dirs, tmp_path):
     assert loaded.model.layers[1].mlp.predictor.fc2.weight.shape == (128, 8)
     runtime = Runtime(loaded, "predictor")
     assert len(list(runtime.generate([5, 6, 7], 4))) == 4
+
+
+def test_transformers_engine_gives_the_model_back():
+    model = tiny_model("drelu")
+    mlps = [layer.mlp for layer in model.model.layers]
+    runtime = TransformersRuntime(model, "exact")
+    steps = list(runtime.generate([5, 6, 7], 3))
+    assert len(steps) == 3 and steps[0].computed_share[0] < 1.0
+    runtime.close()
+    assert [layer.mlp for layer in model.model.layers] == mlps
+    Runtime(model, "exact")  # the shared model is usable again

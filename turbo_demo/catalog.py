@@ -73,10 +73,6 @@ class LoadedModel:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    @property
-    def context(self) -> int:
-        return getattr(self.model.config, "max_position_embeddings", 2048)
-
 
 class ModelStore:
     """Loads each model directory once (thread-safe) and hands out the shared instance."""

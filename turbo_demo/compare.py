@@ -50,7 +50,6 @@ class SideRecord:
     peak_rss: int = 0
     notice: str = ""
     error: str = ""
-    done: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -88,6 +87,7 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> tuple[list[
 def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Settings,
                stop: Event) -> Iterator[None]:
     """Run one side, updating `record` in place; yields once per generated token."""
+    runtime = None
     try:
         loaded = store.get(record.model)
         runtime = open_runtime(loaded.model, record.mode)
@@ -95,7 +95,7 @@ def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Set
         ids = loaded.tokenizer(prompt)["input_ids"]
         if not ids:
             raise UserError("the prompt gives no tokens for this model's tokenizer")
-        record.prompt_ids, record.notice = fit_prompt(ids, loaded.context, settings.max_new_tokens)
+        record.prompt_ids, record.notice = fit_prompt(ids, runtime.max_len, settings.max_new_tokens)
         process = psutil.Process()
         for stats in runtime.generate(record.prompt_ids, settings.max_new_tokens, settings.temperature,
                                       settings.top_p, settings.seed, stop=stop,
@@ -108,7 +108,8 @@ def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Set
     except Exception as exc:  # one side's failure must never take the other side down
         record.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     finally:
-        record.done = True
+        if runtime is not None:
+            runtime.close()
 
 
 def run_compare(store: ModelStore, left: SideRecord, right: SideRecord, prompt: str,

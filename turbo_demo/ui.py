@@ -144,6 +144,7 @@ def build_demo(store: ModelStore | None = None, kernel_backend: str = "auto") ->
                     with gr.Column():
                         model = gr.Dropdown(names, value=default_model if default_model in names else None,
                                             allow_custom_value=True, label=f"{side.title()} model",
+                                            elem_id=f"{side}-model",
                                             info="an embedded model, or a local HF model directory")
                         modes, error = mode_choices(model.value) if model.value else (["dense"], "")
                         mode = gr.Dropdown(modes, value=default_mode if default_mode in modes else modes[0],

@@ -29,6 +29,7 @@ from turbo_demo.runtime.ffn import FFN, make_ffn
 from turbo_demo.runtime.stats import StepStats
 
 SUPPORTED = ("mistral", "llama", "bamboo")
+MAX_CONTEXT = 4096
 
 
 def supports(config) -> bool:
@@ -61,6 +62,9 @@ class Decoder:
     def audit(self, on: bool) -> None:
         for ffn in self.ffns:
             ffn.audit = on
+
+    def close(self) -> None:
+        """Give the model back as it was loaded (the transformers engine swaps its MLPs)."""
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop: Event | None = None,
@@ -111,7 +115,9 @@ class Runtime(Decoder):
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.window = getattr(config, "sliding_window", None)
-        self.max_len = config.max_position_embeddings
+        # The KV cache is preallocated for max_len positions: capped so that a 32k-context
+        # checkpoint does not reserve gigabytes for a demo that decodes a few hundred tokens.
+        self.max_len = min(config.max_position_embeddings, MAX_CONTEXT)
         inner = model.model
         self.embed = inner.embed_tokens.weight.data
         self.norm = inner.norm.weight.data

@@ -76,9 +76,7 @@ class TransformersRuntime(Decoder):
         self.set_mode(mode, **mode_options)
 
     def set_mode(self, mode: str, **options) -> None:
-        if self._restore:
-            self._restore()
-            self._restore = None
+        self.close()
         try:
             self._restore = apply_mode(self.model, mode, **options)
             self.ffns = [layer.mlp.ffn for layer in self.model.model.layers]
@@ -88,6 +86,11 @@ class TransformersRuntime(Decoder):
             self.ffns = []  # no gated FFN to watch: decode densely without FFN statistics
         self.mode = mode
         self.dense_ffn_bytes = sum(3 * f.n * f.row_bytes for f in self.ffns)
+
+    def close(self) -> None:
+        if self._restore:
+            self._restore()
+            self._restore = None
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.config)
