@@ -95,15 +95,19 @@ def about_numbers() -> str:
     rows = []
     for name, folder in EMBEDDED.items():
         ev = read_json(MODELS_DIR / folder / "eval.json")
+        log = read_json(MODELS_DIR / folder / "training_log.json") or {}
+        l1 = log.get("settings", {}).get("l1")
+        how = f"{log.get('preset', '?')}" + (f" + L1 {l1:g}" if l1 else "")
         if ev:
             topk = ev["topk_perplexity"]
-            rows.append(f"| {name} | {ev['perplexity']:.2f} | {ev['sparsity']['mean']:.1%} | "
+            rows.append(f"| {name} | {how} | {ev['perplexity']:.2f} | {ev['sparsity']['mean']:.1%} | "
                         f"{topk['0.5']:.2f} / {topk['0.8']:.2f} / {topk['0.9']:.2f} |")
     if not rows:
         return "_No eval.json next to the embedded models: run `python -m turbo_demo eval DIR --json`._"
-    head = ("| model | held-out perplexity | FFN sparsity | top-k perplexity at 50 / 80 / 90% |\n"
-            "|---|---|---|---|\n")
-    return head + "\n".join(rows)
+    head = ("| model | trained as | held-out perplexity | FFN sparsity | top-k perplexity at 50 / 80 / 90% |\n"
+            "|---|---|---|---|---|\n")
+    return (head + "\n".join(rows) + "\n\n_The L1 penalty (ProSparse-style) raises sparsity beyond plain "
+            "dReLU; README gives plain dReLU's numbers from the same budget._")
 
 
 def bench_numbers() -> str:
