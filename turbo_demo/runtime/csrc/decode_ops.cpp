@@ -18,6 +18,8 @@
 // normalised x, the rotated q and k, the cached k and v, the outputs).
 
 #include <torch/extension.h>
+
+#include "bf16.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -29,17 +31,9 @@
 
 namespace {
 
-using bf16_bits = uint16_t;  // raw storage of c10::BFloat16
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(bf16_bits v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(float* out, float v) { *out = v; }
-inline void store(bf16_bits* out, float v) { *out = c10::BFloat16(v).x; }  // round to nearest even
+using turbo_demo::bf16_bits;
+using turbo_demo::store;
+using turbo_demo::to_f32;
 template <typename T>
 T* ptr_of(const torch::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
