@@ -135,12 +135,6 @@ class Runtime(Decoder):
         self.pos = 0
         self.set_mode(mode, **mode_options)
 
-    @classmethod
-    def from_dir(cls, path, mode: str = "dense", dtype=torch.float32, **mode_options):
-        from turbo_demo.checkpoint import load_model
-
-        return cls(load_model(path, dtype), mode, **mode_options)
-
     def set_mode(self, mode: str, **options) -> None:
         """Swap every layer's FFN for `mode`; the weights stay shared with the HF model."""
         self.ffns: list[FFN] = [make_ffn(mode, layer.mlp, self.config, i, **options)
