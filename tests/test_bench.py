@@ -38,11 +38,13 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
 
     assert len(result["ffn"]) == 2 * 2 * len(FFN_MODES)
     for e in result["ffn"]:
-        assert set(e) == {"shape", "mode", "sparsity", "ms", "speedup"}
+        assert set(e) == {"shape", "mode", "sparsity", "ms", "speedup", "speedup_vs_transformers"}
         assert e["shape"] in ("32x128", "16x64") and e["mode"] in FFN_MODES
-        assert positive(e["ms"]) and positive(e["speedup"])
+        assert positive(e["ms"]) and positive(e["speedup"]) and positive(e["speedup_vs_transformers"])
         if e["mode"] == "dense":
             assert e["speedup"] == 1.0
+        if e["mode"] == "transformers":
+            assert e["speedup_vs_transformers"] == 1.0
 
     engines = [(e["model"], e["engine"]) for e in result["e2e"]]
     # the tiny checkpoint has no predictors: its predictor engine is skipped, with a note
@@ -52,9 +54,11 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     assert any("no predictors" in note for note in result["notes"])
     for e in result["e2e"]:
         assert set(e) == {"model", "engine", "tokens_per_s", "sparsity", "bandwidth_share",
-                          "speedup_vs_dense"}
+                          "speedup_vs_dense", "stats_share"}
         assert all(positive(e[k]) for k in ("tokens_per_s", "bandwidth_share", "speedup_vs_dense"))
         assert (e["sparsity"] is None) == (e["engine"] == "transformers")
+        assert (e["stats_share"] is None) == (e["engine"] == "transformers")
+        assert e["stats_share"] is None or 0 < e["stats_share"] < 1
     by_engine = {(e["model"], e["engine"]): e for e in result["e2e"]}
     assert by_engine["7b-shape", "dense"]["sparsity"] == 0.0
     assert by_engine["7b-shape", "predictor"]["sparsity"] == pytest.approx(0.9, abs=0.01)

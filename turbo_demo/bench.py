@@ -3,13 +3,19 @@
     machine  read_gbps: memory read bandwidth, the faster of two readers of one large buffer
              (torch.sum over it as fp32, or the C++ matvec over it as bf16 rows)
     ffn      ms of one FFN step (batch 1) per mode and sparsity, through the product's FFN
-             classes on synthetic dReLU layers; speedup = dense ms / mode ms at the same shape
+             classes on synthetic dReLU layers, and of the transformers MLP module's own
+             forward (PyTorch's GEMVs, HF's weight layout) as the reference users start from;
+             speedup = dense ms / mode ms and speedup_vs_transformers = transformers ms /
+             mode ms, at the same shape and sparsity
     e2e      tokens/s of decoding per engine: transformers' model.generate, and the lean Runtime
              in the dense, exact and predictor modes, on a Mistral-7B-shaped stack of random
              layers and on the shipped dReLU checkpoint, with
              bandwidth_share = (weight bytes read per token / read bandwidth) / seconds per token
-             (above 1 where the weights partly fit in the caches, as a small model's do) and
+             (above 1 where the weights partly fit in the caches, as a small model's do),
              sparsity = the share of FFN neurons whose rows were skipped (1 - computed share)
+             and stats_share = the time to build one step's statistics (a LayerRecord per
+             layer and the StepStats; the counts in them come from the kernels' own loops) /
+             seconds per token, for the lean engines, whose statistics are always on
 
 Fairness. Every number is a median over rounds in which the compared variants take turns, in an
 order that rotates each round, so that a slow spell of the machine hits them alike. Caches do
@@ -44,9 +50,10 @@ from turbo_demo.modeling_bamboo import BambooConfig, BambooForCausalLM, BambooML
 from turbo_demo.runtime import cpp, kernels
 from turbo_demo.runtime.engine import Runtime
 from turbo_demo.runtime.ffn import make_ffn
+from turbo_demo.runtime.stats import LayerRecord, StepStats
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-FFN_MODES = ("dense", "exact", "predictor")
+FFN_MODES = ("transformers", "dense", "exact", "predictor")
 ENGINES = ("transformers", "dense", "exact", "predictor")
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
               "num_key_value_heads": 8, "vocab_size": 32000}
@@ -172,6 +179,16 @@ def shape_activity(mlp: BambooMLP, x: torch.Tensor, active: torch.Tensor) -> Non
         wu.mul_(1.0 - 2.0 * flip_up.to(wu.dtype)[:, None])
 
 
+class HFStep:
+    """The transformers MLP module's forward on one token, with the FFN classes' step signature."""
+
+    def __init__(self, mlp: BambooMLP):
+        self.mlp = mlp
+
+    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.view(1, 1, -1)).view(-1)
+
+
 def bench_ffn(s: Settings, flush: torch.Tensor, progress: bool) -> list[dict]:
     """One FFN step per mode and sparsity, per shape; dense and sparse steps interleaved."""
     results = []
@@ -180,6 +197,8 @@ def bench_ffn(s: Settings, flush: torch.Tensor, progress: bool) -> list[dict]:
                               num_key_value_heads=1, predictor_rank=s.rank)
         layer_bytes = 3 * hidden * inter * torch.finfo(s.dtype).bits // 8
         copies = [random_mlp(config, s.dtype) for _ in range(max(2, ceil(s.working_set / layer_bytes)))]
+        # the transformers module keeps HF's (H, I) W_down: make_ffn never sees these copies
+        hf_copies = [random_mlp(config, s.dtype) for _ in range(2)]
         gen = torch.Generator().manual_seed(0)
         times, turn = defaultdict(list), 0
         bar = tqdm(total=s.ffn_rounds * len(s.sparsities), desc=f"ffn {hidden}x{inter}",
@@ -194,7 +213,9 @@ def bench_ffn(s: Settings, flush: torch.Tensor, progress: bool) -> list[dict]:
                 turn += 3
                 shape_activity(exact_mlp, x, active)
                 shape_activity(pred_mlp, x, torch.ones_like(active))
-                ffns = {"dense": make_ffn("dense", dense_mlp, config, 0),
+                hf_mlp = hf_copies[turn % len(hf_copies)]
+                ffns = {"transformers": HFStep(hf_mlp),
+                        "dense": make_ffn("dense", dense_mlp, config, 0),
                         "exact": make_ffn("exact", exact_mlp, config, 0),
                         "predictor": make_ffn("predictor", pred_mlp, config, 0, budget=1 - sparsity)}
                 if rnd == 0 and sparsity == s.sparsities[0]:
@@ -205,13 +226,14 @@ def bench_ffn(s: Settings, flush: torch.Tensor, progress: bool) -> list[dict]:
                     times[mode, sparsity].append(timed(ffns[mode].step, x, r))
                 bar.update()
         bar.close()
-        del copies
+        del copies, hf_copies
         for sparsity in s.sparsities:
-            dense = statistics.median(times["dense", sparsity])
+            dense, hf = (statistics.median(times[mode, sparsity]) for mode in ("dense", "transformers"))
             for mode in FFN_MODES:
                 seconds = statistics.median(times[mode, sparsity])
                 results.append({"shape": f"{hidden}x{inter}", "mode": mode, "sparsity": sparsity,
-                                "ms": seconds * 1e3, "speedup": dense / seconds})
+                                "ms": seconds * 1e3, "speedup": dense / seconds,
+                                "speedup_vs_transformers": hf / seconds})
     return results
 
 
@@ -242,6 +264,18 @@ def transformers_twin(model: BambooForCausalLM) -> BambooForCausalLM:
     return twin.eval()
 
 
+def stats_seconds(runtime: Runtime, reps: int = 2000) -> float:
+    """Seconds to build one decode step's statistics from the runtime's last layer records, as
+    generate() does: a LayerRecord per layer (the FFN step's part) and the StepStats."""
+    records = [ffn.record for ffn in runtime.ffns]
+
+    def build():
+        rebuilt = [LayerRecord(computed=r.computed, active=r.active, bytes=r.bytes) for r in records]
+        StepStats.from_records(0, 0, 0.0, rebuilt, runtime.ffns[0].n, runtime.dense_ffn_bytes)
+
+    return timed(lambda: [build() for _ in range(reps)]) / reps
+
+
 def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Settings, gbps: float,
                 progress: bool) -> list[dict]:
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt."""
@@ -264,20 +298,23 @@ def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Setti
     other = nbytes(model.lm_head.weight) + sum(
         nbytes(p) for layer in model.model.layers for p in layer.self_attn.parameters())
     dense_ffn = runtimes["dense"].dense_ffn_bytes
+    stats_cost = {mode: stats_seconds(runtime) for mode, runtime in runtimes.items()}
     results = []
     for engine in ENGINES:
         if engine not in seconds:
             continue
         per_token = seconds[engine] / tokens
         if engine == "transformers":
-            ffn_bytes, sparsity = dense_ffn, None
+            ffn_bytes, sparsity, stats_share = dense_ffn, None, None
         else:
             ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[engine])
             sparsity = 1 - statistics.mean(c for st in steps[engine] for c in st.computed_share)
+            stats_share = stats_cost[engine] / per_token
         results.append({"model": label, "engine": engine, "tokens_per_s": 1 / per_token,
                         "sparsity": sparsity,
                         "bandwidth_share": (other + ffn_bytes) / (gbps * 1e9) / per_token,
-                        "speedup_vs_dense": seconds["dense"] / seconds[engine]})
+                        "speedup_vs_dense": seconds["dense"] / seconds[engine],
+                        "stats_share": stats_share})
     return results
 
 
@@ -325,19 +362,23 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['backend']} kernels, {m['dtype']}",
              f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']})", "",
-             "FFN step, batch 1: ms (speed-up vs dense)",
-             f"{'shape':<12}{'sparsity':>9}" + "".join(f"{mode:>20}" for mode in FFN_MODES)]
+             "FFN step, batch 1: ms (speed-up vs our dense; predictor also vs transformers)",
+             f"{'shape':<12}{'sparsity':>9}" + "".join(f"{mode:>20}" for mode in FFN_MODES)
+             + f"{'predictor vs tf':>17}"]
     rows = defaultdict(dict)
     for e in result["ffn"]:
         rows[e["shape"], e["sparsity"]][e["mode"]] = e
     for (shape, sparsity), modes in rows.items():
         cells = (f"{modes[mode]['ms']:.2f} ({modes[mode]['speedup']:.2f}x)" for mode in FFN_MODES)
-        lines.append(f"{shape:<12}{sparsity:>9.2f}" + "".join(f"{c:>20}" for c in cells))
+        lines.append(f"{shape:<12}{sparsity:>9.2f}" + "".join(f"{c:>20}" for c in cells)
+                     + f"{modes['predictor']['speedup_vs_transformers']:>16.2f}x")
     lines += ["", "Decoding, batch 1",
-              f"{'model':<16}{'engine':<14}{'tokens/s':>10}{'sparsity':>10}{'bandwidth':>11}{'vs dense':>10}"]
+              f"{'model':<16}{'engine':<14}{'tokens/s':>10}{'sparsity':>10}{'bandwidth':>11}{'vs dense':>10}"
+              f"{'stats':>8}"]
     for e in result["e2e"]:
         sparsity = "-" if e["sparsity"] is None else f"{e['sparsity']:.2f}"
+        stats = "-" if e["stats_share"] is None else f"{e['stats_share']:.1%}"
         lines.append(f"{e['model']:<16}{e['engine']:<14}{e['tokens_per_s']:>10.2f}{sparsity:>10}"
-                     f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x")
+                     f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}")
     lines += [""] + [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -1,7 +1,6 @@
-"""The C++ decode kernels (csrc/gather_gemv.cpp, csrc/decode_ops.cpp), built on first use.
+"""The C++ decode kernels (csrc/*.cpp, csrc/*.h), built on first use.
 
-    load()       the compiled module (rows_dot, rows_axpy, matvec, vecmat, rms_norm,
-                 decode_attention), built once per process and cached on
+    load()       the compiled module (the functions of kernels.NAMES), built once per process and cached on
                  disk under cache_dir()/torch_extensions; raises UserError if it cannot be built
     available()  whether load() works; never raises
     built()      whether a build of the current source is already on disk (load() is then quick)
@@ -16,7 +15,9 @@ from pathlib import Path
 from turbo_demo.errors import UserError
 
 NAME = "turbo_demo_gather_gemv"
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("gather_gemv.cpp", "decode_ops.cpp")]
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp")]
+HEADERS = [CSRC / name for name in ("bf16.h", "gemv.h")]
 
 _module = None
 _error: UserError | None = None
@@ -39,7 +40,7 @@ def build_dir() -> Path:
 
 def built() -> bool:
     library = build_dir() / f"{NAME}.so"
-    return library.is_file() and all(library.stat().st_mtime >= s.stat().st_mtime for s in SOURCES)
+    return library.is_file() and all(library.stat().st_mtime >= s.stat().st_mtime for s in SOURCES + HEADERS)
 
 
 def load(verbose: bool = False):

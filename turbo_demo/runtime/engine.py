@@ -169,14 +169,13 @@ class Runtime(Decoder):
         return F.linear(out.transpose(0, 1).reshape(T, -1), attn.o_proj.weight)
 
     def attention_step(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
-        """One token at position pos: x (H,) -> attention output (H,); fills the cache."""
+        """One token at position pos: x (H,) -> x + attention output (H,); fills the cache."""
         attn = layer.self_attn
-        h = kernels.rms_norm(x, layer.input_layernorm.weight, self.eps)
-        q, k, v = (kernels.matvec(p.weight, h) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         first = max(0, self.pos + 1 - self.window) if self.window else 0
-        out = kernels.decode_attention(q, k, v, self.k_cache[i], self.v_cache[i], self.cos[self.pos],
-                                       self.sin_signed[self.pos], self.pos, first)
-        return kernels.matvec(attn.o_proj.weight, out)
+        return kernels.attention_step(x, layer.input_layernorm.weight, self.eps, attn.q_proj.weight,
+                                      attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                                      self.k_cache[i], self.v_cache[i], self.cos, self.sin_signed,
+                                      self.pos, first)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last position's hidden state x (H,) -> logits (V,)."""
@@ -200,7 +199,7 @@ class Runtime(Decoder):
         """One token at the current position, FFNs in the current mode -> logits (V,)."""
         x = self.embed[token]  # (H,)
         for i, layer in enumerate(self.layers):
-            x = x + self.attention_step(i, layer, x)
+            x = self.attention_step(i, layer, x)
             n = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
             x = x + self.ffns[i].step(n, x)
         self.pos += 1

@@ -11,12 +11,12 @@ All modes compute, for one token's normed hidden state x (H,) and residual r (H,
                (CATS / TEAL-style; t_i calibrated per layer for a target sparsity)
 
 with up(x) = act(W_up x) for dReLU and W_up x otherwise. W_down is kept neuron-major
-(W_down_t, (I, H)): the HF module's weight becomes a transposed view of the same storage, so
-there is still one copy of every weight.
+(W_down_t, (I, H)), and the predictor's fc2 input-major (fc2_t, (rank, I)): the HF module's
+weight becomes a transposed view of the same storage, so there is still one copy of every
+weight.
 """
 
 import torch
-import torch.nn.functional as F
 
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import kernels
@@ -30,7 +30,10 @@ DENSE_FALLBACK_SHARE = 0.45
 
 
 def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
-    """down_proj.weight (H, I) laid out as (I, H) rows, in place: returns the (I, H) tensor."""
+    """linear.weight (out, in) laid out as (in, out) rows, in place: returns the (in, out) tensor.
+
+    For down_proj (H, I) the rows are neurons; for the predictor's fc2 (I, rank) they are the
+    rank inputs, each a contiguous run over the neurons."""
     w = linear.weight.data
     if w.t().is_contiguous():
         return w.t()
@@ -54,9 +57,6 @@ def activation_kind(config) -> tuple[str, bool]:
     return act, getattr(config, "model_type", "") == "bamboo"
 
 
-ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
-
-
 class FFN:
     """A layer's FFN weights and the dense formula; subclasses compute fewer neurons."""
 
@@ -64,9 +64,9 @@ class FFN:
 
     def __init__(self, mlp, config, layer: int = 0, **_):
         act, self.drelu = activation_kind(config)
-        if act not in ACTS:
+        if act not in kernels.ACTS:
             raise UserError(f"unsupported FFN activation {act!r}")
-        self.act = ACTS[act]
+        self.act_name, self.act = act, kernels.ACTS[act]
         self.relu_gate = act == "relu"
         self.wg = mlp.gate_proj.weight.data
         self.wu = mlp.up_proj.weight.data
@@ -93,10 +93,9 @@ class FFN:
 
     def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """One token: x (H,) normed input, r (H,) residual -> y (H,); fills self.record."""
-        h = self.dense_h(x)
-        active = int(torch.count_nonzero(h))
+        y, active = kernels.ffn_dense(self.wg, self.wu, self.wd_t, x, self.act_name, self.drelu)
         self.record = LayerRecord(computed=self.n, active=active, bytes=3 * self.n * self.row_bytes)
-        return kernels.vecmat(h, self.wd_t)
+        return y
 
     def finish(self, x, idx, a_sel, bytes_read: int) -> torch.Tensor:
         """Up and down for the neurons `idx` (k,) whose activated gate values are a_sel (k,);
@@ -146,9 +145,10 @@ class ExactFFN(FFN):
             )
 
     def step(self, x, r):
-        g = kernels.matvec(self.wg, x)
-        idx = kernels.indices_over(g, 0.0, False)
-        return self.finish(x, idx, g.index_select(0, idx), self.n * self.row_bytes)
+        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu)
+        self.record = LayerRecord(computed=computed, active=active,
+                                  bytes=(self.n + computed + active) * self.row_bytes)
+        return y
 
 
 class PredictorFFN(FFN):
@@ -163,18 +163,18 @@ class PredictorFFN(FFN):
                 "predictor mode needs trained predictors in the checkpoint; run "
                 "`python -m turbo_demo predictors MODEL_DIR` first, or use the exact mode"
             )
-        # both row-major: the score is two GEMVs streaming each matrix front to back
-        self.fc1, self.fc2 = row_major(predictor.fc1), row_major(predictor.fc2)
+        # fc1 row-major: one dot per rank row; fc2 input-major: one axpy per non-zero z_j
+        self.fc1, self.fc2_t = row_major(predictor.fc1), neuron_major(predictor.fc2)
         self.threshold = config.threshold_of(layer) if threshold is None else threshold
-        self.budget = None if budget is None else max(1, round(budget * self.n))
-        self.predictor_bytes = (self.fc1.numel() + self.fc2.numel()) * self.fc1.element_size()
+        self.budget = 0 if budget is None else max(1, round(budget * self.n))
+        self.predictor_bytes = 0
 
     def select(self, r: torch.Tensor) -> torch.Tensor:
-        """Indices (k,) of the neurons predicted active for residual r (H,)."""
-        score = kernels.matvec(self.fc2, torch.relu(kernels.matvec(self.fc1, r)))
-        if self.budget is not None:
-            return kernels.top_indices(score, self.budget)
-        return kernels.indices_over(score, self.threshold, True)
+        """Indices (k,) of the neurons predicted active for residual r (H,); sets the bytes of
+        predictor weights the choice read (fc1, and the rows of fc2_t with z_j != 0)."""
+        idx, rows = kernels.predict(self.fc1, self.fc2_t, r, self.threshold, self.budget)
+        self.predictor_bytes = (self.fc1.numel() + rows * self.n) * self.fc1.element_size()
+        return idx
 
     def step(self, x, r):
         idx = self.select(r)

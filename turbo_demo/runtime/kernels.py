@@ -20,8 +20,25 @@ and a sparse FFN step on the neurons idx, once their activated gate values a (k,
                           h = a * act(rows_dot(Wu, x, idx)), act = relu or identity,
                           y = rows_axpy(Wd_t, h, idx), active = the number of non-zero h_j
 
-and the rest of one token's layer, where at batch 1 fixed costs outweigh arithmetic:
+whole FFN steps of one token, one call each (the C++ versions skip the tensor operations
+in between, whose fixed costs outweigh a small layer's arithmetic):
 
+    ffn_dense(Wg, Wu, Wd_t, x, act, act_up) -> (y, active)
+                          h = act(Wg x) * (act(Wu x) if act_up else Wu x), y = h Wd_t,
+                          active = the number of non-zero h_i; act in ACTS
+    ffn_exact(Wg, Wu, Wd_t, x, relu_up) -> (y, computed, active)
+                          S = {i : (Wg x)_i > 0}, computed = |S|, then up_down on S
+    predict(fc1, fc2_t, r, threshold, budget) -> (idx, rows)
+                          z = relu(fc1 r) (R,), score = z fc2_t (I,) (fc2_t (R, I) input-major:
+                          the rows with z_j = 0 add nothing and are not read; rows = how many
+                          are), idx = top_indices(score, budget) if budget > 0, else the
+                          ascending i with score_i >= threshold
+
+and the rest of one token's layer:
+
+    attention_step(x, ln_w, eps, Wq, Wk, Wv, Wo, k_cache, v_cache, cos, sin_signed, pos, first)
+                          x + Wo decode_attention(Wq n, Wk n, Wv n, ...), n = rms_norm(x, ln_w);
+                          cos, sin_signed: the rotary tables (max_len, hd), read at row pos
     rms_norm(x, w, eps)   w * x / sqrt(mean(x^2) + eps), normalised in fp32    x (..., H)
     decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first) -> (nh * hd,)
                           RoPE on q, k (nh * hd,), (nkv * hd,); k, v into the caches
@@ -41,8 +58,9 @@ import torch.nn.functional as F
 from turbo_demo.errors import UserError
 
 BACKENDS = ("torch", "cpp")
-NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "rms_norm", "decode_attention",
-         "top_indices", "indices_over")
+NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "ffn_dense", "ffn_exact", "predict",
+         "rms_norm", "decode_attention", "attention_step", "top_indices", "indices_over")
+ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
 def torch_rows_dot(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -74,6 +92,27 @@ def torch_up_down(wu, wd_t, x, idx, a, relu_up: bool, wg=None) -> tuple[torch.Te
     return torch_rows_axpy(wd_t, h, idx), int(torch.count_nonzero(h))
 
 
+def torch_ffn_dense(wg, wu, wd_t, x, act: str, act_up: bool) -> tuple[torch.Tensor, int]:
+    f = ACTS[act]
+    u = torch.mv(wu, x)
+    h = f(torch.mv(wg, x)) * (f(u) if act_up else u)
+    return h @ wd_t, int(torch.count_nonzero(h))
+
+
+def torch_ffn_exact(wg, wu, wd_t, x, relu_up: bool) -> tuple[torch.Tensor, int, int]:
+    g = torch.mv(wg, x)
+    idx = torch_indices_over(g, 0.0, False)
+    y, active = torch_up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up)
+    return y, idx.numel(), active
+
+
+def torch_predict(fc1, fc2_t, r, threshold: float, budget: int) -> tuple[torch.Tensor, int]:
+    z = torch.relu(torch.mv(fc1, r))
+    score = z @ fc2_t
+    idx = torch_top_indices(score, budget) if budget > 0 else torch_indices_over(score, threshold, True)
+    return idx, int(torch.count_nonzero(z))
+
+
 def torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # the normalised x is rounded to x's dtype before the weight multiplies it, as in HF
     return w * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
@@ -97,6 +136,14 @@ def torch_decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos: int,
     return (probs @ values).to(q.dtype).view(-1)
 
 
+def torch_attention_step(x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos: int,
+                         first: int) -> torch.Tensor:
+    h = torch_rms_norm(x, ln_w, eps)
+    out = torch_decode_attention(torch.mv(wq, h), torch.mv(wk, h), torch.mv(wv, h), k_cache, v_cache,
+                                 cos[pos], sin_signed[pos], pos, first)
+    return x + torch.mv(wo, out)
+
+
 def torch_top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
     return v.topk(k, sorted=False).indices.sort().values
 
@@ -105,17 +152,18 @@ def torch_indices_over(v: torch.Tensor, t: float, inclusive: bool) -> torch.Tens
     return torch.nonzero(v >= t if inclusive else v > t).squeeze(1)
 
 
-_TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_rms_norm,
-          torch_decode_attention, torch_top_indices, torch_indices_over)
-(rows_dot, rows_axpy, matvec, vecmat, up_down, rms_norm, decode_attention, top_indices,
- indices_over) = _TORCH
+_TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_ffn_dense,
+          torch_ffn_exact, torch_predict, torch_rms_norm, torch_decode_attention, torch_attention_step,
+          torch_top_indices, torch_indices_over)
+(rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm, decode_attention,
+ attention_step, top_indices, indices_over) = _TORCH
 _backend = "torch"
 
 
 def use_backend(name: str) -> None:
     """Rebind the kernels: "torch" (always works) or "cpp" (builds on first use)."""
-    global rows_dot, rows_axpy, matvec, vecmat, up_down, rms_norm, decode_attention, top_indices
-    global indices_over, _backend
+    global rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm
+    global decode_attention, attention_step, top_indices, indices_over, _backend
     if name == "torch":
         functions = _TORCH
     elif name == "cpp":
@@ -125,8 +173,8 @@ def use_backend(name: str) -> None:
         functions = tuple(getattr(module, n) for n in NAMES)
     else:
         raise UserError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    (rows_dot, rows_axpy, matvec, vecmat, up_down, rms_norm, decode_attention, top_indices,
-     indices_over) = functions
+    (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm,
+     decode_attention, attention_step, top_indices, indices_over) = functions
     _backend = name
 
 

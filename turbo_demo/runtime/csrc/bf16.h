@@ -22,4 +22,12 @@ inline float to_f32(bf16_bits v) {
 inline void store(float* out, float v) { *out = v; }
 inline void store(bf16_bits* out, float v) { *out = c10::BFloat16(v).x; }  // round to nearest even
 
+// v as it reads back after a store into T: where a separate tensor operation would round.
+template <typename T>
+inline float rounded(float v) {
+  T t;
+  store(&t, v);
+  return to_f32(t);
+}
+
 }  // namespace turbo_demo

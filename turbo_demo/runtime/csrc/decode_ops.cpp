@@ -9,6 +9,15 @@
 //       sin_signed_c), writes k and v into the caches at pos, and attends with the cached
 //       positions first..pos: out_h = sum_t softmax_t(q_h . k_t / sqrt(hd)) v_t, where query
 //       head h reads kv head h / (nh / nkv) (grouped-query attention).
+//   attention_step(x, ln_w, eps, Wq, Wk, Wv, Wo, k_cache, v_cache, cos, sin_signed, pos, first)
+//       -> x + Wo decode_attention(Wq n, Wk n, Wv n, ...), n = rms_norm(x, ln_w, eps): a layer's
+//       whole attention block for one token x (H,), in one call; cos, sin_signed are the whole
+//       rotary tables (max_len, hd), read at row pos
+//   predict(fc1, fc2_t, r, threshold, budget) -> (idx, rows): an activation predictor's choice
+//       of neurons for the residual r (H,): z = relu(fc1 r) (R,), score = z fc2_t (I,) with
+//       fc2_t (R, I) input-major, summed over the `rows` rows of fc2_t whose z_j != 0 (the
+//       others add nothing and are not read); idx = top_indices(score, budget) if budget > 0,
+//       else the ascending i with score_i >= threshold
 //   top_indices(v, k)           the indices of the k largest values of v (N,), ascending
 //   indices_over(v, t, incl.)   the indices i with v_i > t (v_i >= t if inclusive), ascending
 //                               (the neuron selections of the sparse FFN modes)
@@ -17,34 +26,15 @@
 // attention compute in fp32, and a value is rounded to the dtype where HF stores it (the
 // normalised x, the rotated q and k, the cached k and v, the outputs).
 
-#include <torch/extension.h>
+#include "gemv.h"
 
-#include "bf16.h"
-#include <ATen/Parallel.h>
-
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <functional>
-#include <vector>
+#include <utility>
 
 namespace {
 
-using turbo_demo::bf16_bits;
-using turbo_demo::store;
-using turbo_demo::to_f32;
-template <typename T>
-T* ptr_of(const torch::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-template <typename T>
-inline float rounded(float v) {  // v as it reads back after a store into T
-  T t;
-  store(&t, v);
-  return to_f32(t);
-}
+using turbo_demo::rounded;
 
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t h, float eps) {
@@ -235,6 +225,83 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, double eps,
+                             const torch::Tensor& wq, const torch::Tensor& wk, const torch::Tensor& wv,
+                             const torch::Tensor& wo, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                             const torch::Tensor& cos, const torch::Tensor& sin_signed, int64_t pos,
+                             int64_t first) {
+  const char* fn = "attention_step";
+  const auto dtype = x.scalar_type();
+  const int64_t h = x.numel();
+  for (const torch::Tensor* w : {&wq, &wk, &wv, &wo}) check_weight(*w, fn);
+  check_vector(x, "x", wq.size(1), wq.scalar_type(), fn);
+  check_vector(ln_w, "ln_w", h, dtype, fn);
+  for (const torch::Tensor* t : {&std::as_const(k_cache), &std::as_const(v_cache), &cos, &sin_signed})
+    check(*t, "a cache or rotary table", dtype, fn);
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), fn,
+              ": the caches must both be (nkv, max_len, hd)");
+  Shape s{0, k_cache.size(0), k_cache.size(2), k_cache.size(1), pos, first};
+  s.nh = wq.size(0) / s.hd;
+  TORCH_CHECK(s.hd % 2 == 0 && cos.dim() == 2 && cos.size(1) == s.hd && sin_signed.sizes() == cos.sizes() &&
+              cos.size(0) >= s.max_len, fn, ": the rotary tables must be (max_len, hd)");
+  TORCH_CHECK(wq.size(0) == s.nh * s.hd && s.nh % s.nkv == 0 && wk.size(0) == s.nkv * s.hd &&
+              wv.size(0) == s.nkv * s.hd && wk.size(1) == h && wv.size(1) == h && wo.size(0) == h &&
+              wo.size(1) == s.nh * s.hd, fn, ": projection shapes do not match the caches");
+  TORCH_CHECK(0 <= first && first <= pos && pos < s.max_len, fn, ": need 0 <= first <= pos < max_len");
+  auto y = torch::empty({h}, x.options());
+  auto run = [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    std::vector<T> n(h), q(s.nh * s.hd), k(s.nkv * s.hd), v(s.nkv * s.hd), out(s.nh * s.hd), o(h);
+    rms_norm_impl(ptr_of<T>(x), ptr_of<T>(ln_w), n.data(), 1, h, static_cast<float>(eps));
+    dot_impl(ptr_of<T>(wq), n.data(), nullptr, q.data(), wq.size(0), h);
+    dot_impl(ptr_of<T>(wk), n.data(), nullptr, k.data(), wk.size(0), h);
+    dot_impl(ptr_of<T>(wv), n.data(), nullptr, v.data(), wv.size(0), h);
+    attention_impl(q.data(), k.data(), v.data(), ptr_of<T>(k_cache), ptr_of<T>(v_cache),
+                   ptr_of<T>(cos) + pos * s.hd, ptr_of<T>(sin_signed) + pos * s.hd, out.data(), s);
+    dot_impl(ptr_of<T>(wo), out.data(), nullptr, o.data(), h, wo.size(1));
+    const T* xp = ptr_of<T>(x);
+    T* yp = ptr_of<T>(y);
+    for (int64_t c = 0; c < h; ++c) store(yp + c, to_f32(xp[c]) + to_f32(o[c]));
+  };
+  if (dtype == at::kFloat)
+    run(static_cast<float*>(nullptr));
+  else
+    run(static_cast<bf16_bits*>(nullptr));
+  return y;
+}
+
+std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch::Tensor& fc2_t,
+                                           const torch::Tensor& r, double threshold, int64_t budget) {
+  const char* fn = "predict";
+  check_weight(fc1, fn);
+  check_weight(fc2_t, fn);
+  TORCH_CHECK(fc2_t.size(0) == fc1.size(0) && fc2_t.scalar_type() == fc1.scalar_type(), fn,
+              ": fc2_t must be (rank, I) with fc1's rank and dtype");
+  check_vector(r, "r", fc1.size(1), fc1.scalar_type(), fn);
+  const int64_t rank = fc1.size(0), n = fc2_t.size(1);
+  TORCH_CHECK(budget <= n, fn, ": budget ", budget, " exceeds the ", n, " neurons");
+  auto score = torch::empty({n}, r.options());
+  int64_t rows = 0;
+  auto run = [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    std::vector<T> z(rank);
+    std::vector<int64_t> all(rank);
+    dot_impl(ptr_of<T>(fc1), ptr_of<T>(r), nullptr, z.data(), rank, fc1.size(1));
+    for (int64_t j = 0; j < rank; ++j) {
+      all[j] = j;
+      store(&z[j], std::max(to_f32(z[j]), 0.f));
+      rows += to_f32(z[j]) != 0.f;
+    }
+    axpy_impl(ptr_of<T>(fc2_t), z.data(), all.data(), ptr_of<T>(score), rank, n);  // skips z_j = 0
+  };
+  if (fc1.scalar_type() == at::kFloat)
+    run(static_cast<float*>(nullptr));
+  else
+    run(static_cast<bf16_bits*>(nullptr));
+  auto idx = budget > 0 ? top_indices(score, budget) : indices_over(score, threshold, true);
+  return {idx, rows};
+}
+
 void register_decode_ops(pybind11::module& m) {
   m.def("rms_norm", &rms_norm, "y = w * x / sqrt(mean(x^2) + eps) over the last dim", py::arg("x"),
         py::arg("w"), py::arg("eps"));
@@ -246,4 +313,10 @@ void register_decode_ops(pybind11::module& m) {
         "one token's RoPE, KV-cache write and grouped-query attention -> (nh * hd,)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"),
         py::arg("sin_signed"), py::arg("pos"), py::arg("first"));
+  m.def("attention_step", &attention_step, "x + the attention block of one token -> (H,)", py::arg("x"),
+        py::arg("ln_w"), py::arg("eps"), py::arg("wq"), py::arg("wk"), py::arg("wv"), py::arg("wo"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"), py::arg("pos"),
+        py::arg("first"));
+  m.def("predict", &predict, "(idx, rows): the neurons an activation predictor picks for r",
+        py::arg("fc1"), py::arg("fc2_t"), py::arg("r"), py::arg("threshold"), py::arg("budget"));
 }
