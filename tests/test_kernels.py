@@ -147,6 +147,11 @@ def test_cpp_ffn_steps_match_torch(module, dtype, act, act_up):
         assert (computed, active_exact) == ref[1:] and active_exact == active
         assert computed == int((kernels.torch_matvec(wg, x) > 0).sum())
         torch.testing.assert_close(y_exact, y, **TOL[dtype])
+        idx = torch.arange(0, 97, 2)  # a predicted set: up rows only where the gate is on
+        got, ref = module.up_down(wu, wd_t, x, idx, None, act_up, wg), kernels.torch_up_down(
+            wu, wd_t, x, idx, None, act_up, wg)
+        torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+        assert got[1:] == ref[1:] and got[1] == int((kernels.torch_rows_dot(wg, x, idx) > 0).sum())
 
 
 @needs_cpp

@@ -68,9 +68,9 @@ def test_predictor_with_every_neuron_active_equals_dense(monkeypatch):
     torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
 
 
-def test_statistics_of_a_hand_built_layer():
+def test_statistics_of_a_hand_built_layer(monkeypatch):
     config = BambooConfig(hidden_size=4, intermediate_size=6, num_hidden_layers=1,
-                          num_attention_heads=1, num_key_value_heads=1, vocab_size=8)
+                          num_attention_heads=1, num_key_value_heads=1, vocab_size=8, predictor_rank=2)
     mlp = BambooMLP(config, 0)
     with torch.no_grad():
         mlp.gate_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [-1, 0, 0, 0], [0, 1, 0, 0],
@@ -78,6 +78,9 @@ def test_statistics_of_a_hand_built_layer():
         mlp.up_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [1, 0, 0, 0], [0, -1, 0, 0],
                                                [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]]))
         mlp.down_proj.weight.copy_(torch.arange(24.0).view(4, 6))
+        # z = relu(fc1 r) = (r_0, 0); score = fc2 z = r_0 * (1, 1, -1, 1, 1, -1)
+        mlp.predictor.fc1.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 0, 0, 0]]))
+        mlp.predictor.fc2.weight.copy_(torch.tensor([[1., 0], [1, 0], [-1, 0], [1, 0], [1, 0], [-1, 0]]))
     x = torch.tensor([1.0, 2.0, 3.0, 0.0])
     # gate = [1, -1, 2, 3, 0, -2] -> relu > 0 for neurons 0, 2, 3; up = [1, 1, -2, 3, 0, 2]
     # h = [1, 0, 0, 9, 0, 0]: neuron 2 is computed (gate on) but its up branch is off.
@@ -90,6 +93,13 @@ def test_statistics_of_a_hand_built_layer():
     dense = make_ffn("dense", mlp, config, 0)
     dense.step(x, x)
     assert (dense.record.computed, dense.record.active, dense.record.bytes) == (6, 2, 18 * row)
+    # the predictor picks 0, 1, 3, 4: four gate rows; up only where the gate is on (0, 3); down
+    # where h != 0 (0, 3); of the predictor, fc1 and the one row of fc2_t whose z is non-zero
+    monkeypatch.setattr(ffn_module, "DENSE_FALLBACK_SHARE", 1.0)  # the gathered path, in torch too
+    predictor = make_ffn("predictor", mlp, config, 0, threshold=0.0)
+    torch.testing.assert_close(predictor.step(x, x), mlp(x))
+    assert (predictor.record.computed, predictor.record.active) == (4, 2)
+    assert predictor.record.bytes == (8 + 1 * 6) * 4 + 4 * row + 2 * row + 2 * row
 
 
 def test_predictor_audit_measures_recall():

@@ -101,8 +101,8 @@ class FFN:
         """Up and down for the neurons `idx` (k,) whose activated gate values are a_sel (k,);
         with a_sel None, the gate too, on those rows only.
 
-        Down reads only the rows whose h is non-zero (rows_axpy skips the others); fills
-        self.record; returns y (H,).
+        Up reads only the rows whose gate value is non-zero, down only those whose h is
+        non-zero (the others add nothing); fills self.record; returns y (H,).
         """
         # up_down fuses the step (one call instead of up to seven) for a ReLU or no activation
         # on the up branch, and computes a ReLU gate itself
@@ -110,13 +110,13 @@ class FFN:
         if a_sel is None and not (fused and self.relu_gate):
             a_sel = self.act(kernels.rows_dot(self.wg, x, idx))
         if fused:
-            y, active = kernels.up_down(self.wu, self.wd_t, x, idx, a_sel, self.drelu,
-                                        self.wg if a_sel is None else None)
+            y, up_rows, active = kernels.up_down(self.wu, self.wd_t, x, idx, a_sel, self.drelu,
+                                                 self.wg if a_sel is None else None)
         else:
             h = a_sel * self.up(kernels.rows_dot(self.wu, x, idx))
-            y, active = kernels.rows_axpy(self.wd_t, h, idx), int(torch.count_nonzero(h))
+            y, up_rows, active = kernels.rows_axpy(self.wd_t, h, idx), len(idx), int(torch.count_nonzero(h))
         self.record = LayerRecord(computed=len(idx), active=active,
-                                  bytes=bytes_read + (len(idx) + active) * self.row_bytes)
+                                  bytes=bytes_read + (up_rows + active) * self.row_bytes)
         return y
 
     def audit_recall(self) -> float | None:

@@ -16,9 +16,11 @@ serve the dense FFN and the attention projections of one token:
 and a sparse FFN step on the neurons idx, once their activated gate values a (k,) are known
 (or, with a = None, a = relu(rows_dot(Wg, x, idx))):
 
-    up_down(Wu, Wd_t, x, idx, a, relu_up, Wg=None) -> (y, active)
+    up_down(Wu, Wd_t, x, idx, a, relu_up, Wg=None) -> (y, up_rows, active)
                           h = a * act(rows_dot(Wu, x, idx)), act = relu or identity,
-                          y = rows_axpy(Wd_t, h, idx), active = the number of non-zero h_j
+                          y = rows_axpy(Wd_t, h, idx), active = the number of non-zero h_j;
+                          the up rows of neurons with a_j = 0 (h_j = 0 anyway) are not read:
+                          up_rows = the number of non-zero a_j
 
 whole FFN steps of one token, one call each (the C++ versions skip the tensor operations
 in between, whose fixed costs outweigh a small layer's arithmetic):
@@ -84,12 +86,14 @@ def torch_vecmat(h: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     return h @ wt
 
 
-def torch_up_down(wu, wd_t, x, idx, a, relu_up: bool, wg=None) -> tuple[torch.Tensor, int]:
+def torch_up_down(wu, wd_t, x, idx, a, relu_up: bool, wg=None) -> tuple[torch.Tensor, int, int]:
     if a is None:
         a = torch.relu(torch_rows_dot(wg, x, idx))
+    live = a != 0
+    idx, a = idx[live], a[live]
     u = torch_rows_dot(wu, x, idx)
     h = a * (torch.relu(u) if relu_up else u)
-    return torch_rows_axpy(wd_t, h, idx), int(torch.count_nonzero(h))
+    return torch_rows_axpy(wd_t, h, idx), idx.numel(), int(torch.count_nonzero(h))
 
 
 def torch_ffn_dense(wg, wu, wd_t, x, act: str, act_up: bool) -> tuple[torch.Tensor, int]:
@@ -102,7 +106,7 @@ def torch_ffn_dense(wg, wu, wd_t, x, act: str, act_up: bool) -> tuple[torch.Tens
 def torch_ffn_exact(wg, wu, wd_t, x, relu_up: bool) -> tuple[torch.Tensor, int, int]:
     g = torch.mv(wg, x)
     idx = torch_indices_over(g, 0.0, False)
-    y, active = torch_up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up)
+    y, _, active = torch_up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up)
     return y, idx.numel(), active
 
 

@@ -7,10 +7,11 @@
 //   ffn_exact(Wg, Wu, Wd_t, x, relu_up) -> (y, computed, active)
 //       g = Wg x, S = {i : g_i > 0} (computed = |S|), then up_down on S with a = g[S]: equal to
 //       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t
-//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg) -> (y, active)
+//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg) -> (y, up_rows, active)
 //       a sparse FFN step on the neurons idx once their activated gate values a (k,) are known,
 //       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
-//       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}
+//       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}; the up row of a
+//       neuron with a_j = 0 is not read (its h_j is 0 anyway): up_rows = #{j : a_j != 0}
 //
 // Weights are neuron-major (N, H): Wg, Wu as stored by HF, Wd_t the transposed down projection.
 // Every intermediate value is rounded to the dtype where the separate operations would store
@@ -20,6 +21,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <string>
 
 namespace {
@@ -54,23 +56,32 @@ void check_ffn(const torch::Tensor& wg, const torch::Tensor& wu, const torch::Te
 }
 
 // h_j = a_j * act(Wu[idx_j] x) and y = sum_j h_j Wd_t[idx_j]; with wg, first a = relu(Wg[idx] x).
-// a and h are (k,) buffers; returns the number of non-zero h_j.
+// A neuron with a_j = 0 has h_j = 0 whatever its up value: its row of Wu is not read. a is a (k,)
+// buffer; returns (rows of Wu read, number of non-zero h_j).
 template <typename T>
-int64_t up_down_impl(const T* wu, const T* wd_t, const T* x, const int64_t* idx, int64_t k, int64_t h,
-                     const T* wg, T* a, T* hv, T* y, bool relu_up) {
+std::pair<int64_t, int64_t> up_down_impl(const T* wu, const T* wd_t, const T* x, const int64_t* idx,
+                                         int64_t k, int64_t h, const T* wg, T* a, T* y, bool relu_up) {
   if (wg != nullptr) {  // a = relu(Wg[idx] x), rounded as rows_dot rounds it
     dot_impl(wg, x, idx, a, k, h);
     for (int64_t j = 0; j < k; ++j) store(a + j, std::max(to_f32(a[j]), 0.f));
   }
-  dot_impl(wu, x, idx, hv, k, h);  // h = u, rounded as rows_dot rounds it
-  int64_t active = 0;
+  std::vector<int64_t> live(k);  // the neurons with a_j != 0, compacted without branches
+  std::vector<T> a_live(k), hv(k);
+  int64_t n = 0;
   for (int64_t j = 0; j < k; ++j) {
+    live[n] = idx[j];
+    a_live[n] = a[j];
+    n += to_f32(a[j]) != 0.f;
+  }
+  dot_impl(wu, x, live.data(), hv.data(), n, h);  // h = u, rounded as rows_dot rounds it
+  int64_t active = 0;
+  for (int64_t j = 0; j < n; ++j) {
     const float u = to_f32(hv[j]);
-    store(hv + j, to_f32(a[j]) * (relu_up ? std::max(u, 0.f) : u));
+    store(&hv[j], to_f32(a_live[j]) * (relu_up ? std::max(u, 0.f) : u));
     active += to_f32(hv[j]) != 0.f;
   }
-  axpy_impl(wd_t, hv, idx, y, k, h);
-  return active;
+  axpy_impl(wd_t, hv.data(), live.data(), y, n, h);
+  return {n, active};
 }
 
 // Calls fn with a null T* of the tensor's dtype (float or bf16_bits) to select the instantiation.
@@ -117,7 +128,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, c
   int64_t computed = 0, active = 0;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    std::vector<T> g(n), a(n), hv(n);
+    std::vector<T> g(n), a(n);
     std::vector<int64_t> idx(n);
     dot_impl(ptr_of<T>(wg), ptr_of<T>(x), nullptr, g.data(), n, h);
     for (int64_t i = 0; i < n; ++i) {  // S = {i : g_i > 0}, without branches
@@ -126,31 +137,30 @@ std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, c
       computed += to_f32(g[i]) > 0.f;
     }
     active = up_down_impl(ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), idx.data(), computed, h,
-                          static_cast<const T*>(nullptr), a.data(), hv.data(), ptr_of<T>(y), relu_up);
+                          static_cast<const T*>(nullptr), a.data(), ptr_of<T>(y), relu_up).second;
   });
   return {y, computed, active};
 }
 
-std::tuple<torch::Tensor, int64_t> up_down(const torch::Tensor& wu, const torch::Tensor& wd_t,
-                                           const torch::Tensor& x, const torch::Tensor& idx,
-                                           const std::optional<torch::Tensor>& a_given, bool relu_up,
-                                           const std::optional<torch::Tensor>& wg) {
+std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, const torch::Tensor& wd_t,
+                                                    const torch::Tensor& x, const torch::Tensor& idx,
+                                                    const std::optional<torch::Tensor>& a_given,
+                                                    bool relu_up, const std::optional<torch::Tensor>& wg) {
   TORCH_CHECK(a_given || wg, "up_down: give a, or Wg to compute a = relu(Wg[idx] x)");
   check_ffn(wg ? *wg : wu, wu, wd_t, x, "up_down");
   check_idx(idx, wu.size(0), "up_down");
   const int64_t k = idx.size(0);
   if (a_given) check_vector(*a_given, "a", k, wu.scalar_type(), "up_down");
   auto a = a_given ? *a_given : torch::empty({k}, wu.options());
-  auto hv = torch::empty({k}, wu.options());
   auto y = torch::empty({wu.size(1)}, wu.options());
-  int64_t active = 0;
+  std::pair<int64_t, int64_t> rows_active;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    active = up_down_impl(ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k,
-                          wu.size(1), a_given ? static_cast<const T*>(nullptr) : ptr_of<T>(*wg),
-                          ptr_of<T>(a), ptr_of<T>(hv), ptr_of<T>(y), relu_up);
+    rows_active = up_down_impl(ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k,
+                               wu.size(1), a_given ? static_cast<const T*>(nullptr) : ptr_of<T>(*wg),
+                               ptr_of<T>(a), ptr_of<T>(y), relu_up);
   });
-  return {y, active};
+  return {y, rows_active.first, rows_active.second};
 }
 
 void register_ffn_ops(pybind11::module& m) {
@@ -158,7 +168,7 @@ void register_ffn_ops(pybind11::module& m) {
         py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"));
   m.def("ffn_exact", &ffn_exact, "(y, computed, active): the dReLU/ReGLU FFN on the gate-active neurons",
         py::arg("wg"), py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"));
-  m.def("up_down", &up_down, "(y, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
+  m.def("up_down", &up_down, "(y, up_rows, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
         py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("idx"), py::arg("a"), py::arg("relu_up"),
         py::arg("wg") = py::none());
 }
