@@ -123,6 +123,12 @@ class Runtime(Decoder):
         self.norm = inner.norm.weight.data
         self.lm_head = model.lm_head.weight.data
         self.layers = [layer for layer in inner.layers]
+        # A decode step's tensors per layer, looked up once: at batch 1 on a small model the
+        # module attribute lookups of every step would cost as much as the arithmetic.
+        self.attn_weights = [(layer.input_layernorm.weight.data, layer.self_attn.q_proj.weight.data,
+                              layer.self_attn.k_proj.weight.data, layer.self_attn.v_proj.weight.data,
+                              layer.self_attn.o_proj.weight.data) for layer in self.layers]
+        self.ffn_norms = [layer.post_attention_layernorm.weight.data for layer in self.layers]
         self.dtype = self.embed.dtype
         theta = config.rope_parameters["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
@@ -147,6 +153,7 @@ class Runtime(Decoder):
         if self.k_cache is None:
             self.k_cache = torch.zeros(shape, dtype=self.dtype)
             self.v_cache = torch.zeros(shape, dtype=self.dtype)
+            self.layer_caches = list(zip(self.k_cache, self.v_cache))  # (nkv, max_len, hd) views
         self.pos = 0
 
     def attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
@@ -167,15 +174,6 @@ class Runtime(Decoder):
         out = F.scaled_dot_product_attention(q, self.k_cache[i, :, :T], self.v_cache[i, :, :T],
                                              attn_mask=mask, enable_gqa=True)
         return F.linear(out.transpose(0, 1).reshape(T, -1), attn.o_proj.weight)
-
-    def attention_step(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
-        """One token at position pos: x (H,) -> x + attention output (H,); fills the cache."""
-        attn = layer.self_attn
-        first = max(0, self.pos + 1 - self.window) if self.window else 0
-        return kernels.attention_step(x, layer.input_layernorm.weight, self.eps, attn.q_proj.weight,
-                                      attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-                                      self.k_cache[i], self.v_cache[i], self.cos, self.sin_signed,
-                                      self.pos, first)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last position's hidden state x (H,) -> logits (V,)."""
@@ -198,9 +196,13 @@ class Runtime(Decoder):
     def decode(self, token: int) -> torch.Tensor:
         """One token at the current position, FFNs in the current mode -> logits (V,)."""
         x = self.embed[token]  # (H,)
-        for i, layer in enumerate(self.layers):
-            x = self.attention_step(i, layer, x)
-            n = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            x = x + self.ffns[i].step(n, x)
+        pos = self.pos
+        first = max(0, pos + 1 - self.window) if self.window else 0  # the sliding window's start
+        for attn, (k_cache, v_cache), ffn_norm, ffn in zip(self.attn_weights, self.layer_caches,
+                                                           self.ffn_norms, self.ffns):
+            # x + W_o attention(n1(x)), with k and v of this position written into the caches
+            x = kernels.attention_step(x, attn[0], self.eps, *attn[1:], k_cache, v_cache, self.cos,
+                                       self.sin_signed, pos, first)
+            x = x + ffn.step(kernels.rms_norm(x, ffn_norm, self.eps), x)
         self.pos += 1
         return self.logits(x)
