@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_model
 from turbo_demo.errors import UserError
 from turbo_demo.hooks import on_ffn_activation
-from turbo_demo.modeling_bamboo import BambooConfig, BambooMLP
+from turbo_demo.modeling_bamboo import BambooConfig, BambooMLP, BambooPredictor
 from turbo_demo.runtime import ffn as ffn_module
 from turbo_demo.runtime.engine import Runtime
 from turbo_demo.runtime.ffn import make_ffn
 from turbo_demo.runtime.hf import TransformersRuntime, sparse_mode
-from turbo_demo.runtime.predictors import train_predictors
+from turbo_demo.runtime.predictors import calibrate, train_predictors
 
 IDS = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14, 200, 150, 11, 76, 43, 21,
                     5, 6, 70, 80, 90, 100, 110, 120, 130, 140])
@@ -177,3 +177,14 @@ def test_transformers_engine_gives_the_model_back():
     runtime.close()
     assert [layer.mlp for layer in model.model.layers] == mlps
     Runtime(model, "exact")  # the shared model is usable again
+
+
+def test_calibration_reaches_the_target_recall_over_every_token():
+    """The threshold comes from all the truly active scores, not a prefix of them."""
+    torch.manual_seed(0)
+    pred = BambooPredictor(8, 4, 50)
+    r = torch.randn(3000, 8)
+    y = torch.rand(3000, 50) < 0.3  # 45,000 active labels
+    for target in (0.9, 0.95, 0.99):
+        stats = calibrate(pred, r, y, target)
+        assert target <= stats["recall"] < target + 0.01

@@ -82,8 +82,10 @@ def train_layer(r, y, rank: int, steps: int, seed: int, batch_size: int = 1024) 
 def calibrate(pred: BambooPredictor, r, y, target_recall: float) -> dict:
     """The highest threshold whose recall on (r, y) is >= target_recall, and its statistics."""
     scores = pred(r)
-    truly = scores[y]  # scores of the truly active neurons
-    threshold = min(0.0, float(torch.quantile(truly[:2_000_000], 1 - target_recall))) if len(truly) else 0.0
+    truly = scores[y]  # scores of the truly active neurons, over every held-out token
+    # the (k+1)-th smallest of them, k = floor((1 - target) n): at least target * n are >= it
+    k = int((1 - target_recall) * len(truly))
+    threshold = min(0.0, float(torch.kthvalue(truly, k + 1).values)) if len(truly) else 0.0
     predicted = scores >= threshold
     recall = (predicted & y).sum().item() / max(1, y.sum().item())
     return {"threshold": round(threshold, 4), "recall": round(recall, 4),
