@@ -6,9 +6,10 @@
 //   - four rows at a time: four independent read streams, one load of x (dot) or one
 //     load/store of the accumulators (axpy) per four rows, while the next four rows are
 //     prefetched (a gathered row is a jump no hardware prefetcher predicts);
-//   - threads split the rows, never the columns, so each thread reads whole rows (long
-//     contiguous runs that the hardware prefetcher follows); rows_axpy gives each thread
-//     private fp32 accumulators and adds them up at the end (threads x H floats);
+//   - threads split the rows, so each thread reads whole rows (long contiguous runs that
+//     the hardware prefetcher follows); rows_axpy gives each thread private fp32 partial
+//     sums added up at the end, except for few rows of many columns, where it splits the
+//     columns instead (adding up H partial sums would cost more than the rows themselves);
 //   - small problems run on one thread: waking the pool costs more than it saves.
 // Threads: at::get_num_threads(), so torch.set_num_threads applies.
 //
@@ -206,18 +207,25 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
   } else {
     for (int64_t j = 0; j < k; ++j) weight.push_back(to_f32(hv[j]));
   }
-  // Column blocks of at most kBlock fp32 accumulators (16 KiB on the stack, within L1).
-  constexpr int64_t kBlock = 4096;
+  // Threads split the rows, each summing its rows into private fp32 partial sums added up at
+  // the end (threads x H floats); or, for few rows of many columns (4k < H), where adding up
+  // would cost more than the sums, the columns (at cache-line multiples), each thread writing
+  // its own part of y. Column blocks of at most kBlock fp32 accumulators (16 KiB on the stack,
+  // within L1).
+  constexpr int64_t kBlock = 4096, kAlign = 32;
   const int64_t ahead = lookahead<T>(h);
   const int threads = threads_for(k * h);
-  std::vector<float> partial(threads > 1 ? threads * h : 0, 0.f);  // one row of sums per thread
+  const bool split_rows = threads > 1 && 4 * k >= h;
+  std::vector<float> partial(split_rows ? threads * h : 0, 0.f);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t j0 = k * t / nt, j1 = k * (t + 1) / nt;
+    const int rt = split_rows ? t : 0, rn = split_rows ? nt : 1, ct = split_rows ? 0 : t, cn = split_rows ? 1 : nt;
+    const int64_t j0 = k * rt / rn, j1 = k * (rt + 1) / rn;
+    const int64_t c_lo = h * ct / cn / kAlign * kAlign, c_hi = ct + 1 == cn ? h : h * (ct + 1) / cn / kAlign * kAlign;
     float acc[kBlock];
-    for (int64_t c0 = 0; c0 < h; c0 += kBlock) {
-      const int64_t n = std::min(kBlock, h - c0);
+    for (int64_t c0 = c_lo; c0 < c_hi; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, c_hi - c0);
       std::fill(acc, acc + n, 0.f);
       for (int64_t j = j0; j < j1; j += 4) {
         const T *r[4], *next[4];
@@ -230,13 +238,13 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
         }
         axpy4(acc, wj, r, next, n);
       }
-      if (nt == 1)
-        for (int64_t c = 0; c < n; ++c) store(y + c0 + c, acc[c]);
-      else
+      if (split_rows)
         std::copy(acc, acc + n, partial.data() + t * h + c0);
+      else
+        for (int64_t c = 0; c < n; ++c) store(y + c0 + c, acc[c]);
     }
   }
-  if (threads > 1)
+  if (split_rows)
     for (int64_t c = 0; c < h; ++c) {
       float s = 0.f;
       for (int t = 0; t < threads; ++t) s += partial[t * h + c];
