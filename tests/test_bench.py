@@ -46,14 +46,16 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
         if e["mode"] == "transformers":
             assert e["speedup_vs_transformers"] == 1.0
 
-    engines = [(e["model"], e["engine"]) for e in result["e2e"]]
-    # the tiny checkpoint has no predictors: its predictor engine is skipped, with a note
-    assert engines == [("7b-shape", "transformers"), ("7b-shape", "dense"), ("7b-shape", "exact"),
-                       ("7b-shape", "predictor"), ("embedded-drelu", "transformers"),
-                       ("embedded-drelu", "dense"), ("embedded-drelu", "exact")]
+    engines = [(e["model"], e["dtype"], e["engine"]) for e in result["e2e"]]
+    # the tiny checkpoint has no predictors: its predictor engine is skipped, with a note; it
+    # runs in the benchmark's dtype and in the app's
+    assert engines == [("7b-shape", "bfloat16", "transformers"), ("7b-shape", "bfloat16", "dense"),
+                       ("7b-shape", "bfloat16", "exact"), ("7b-shape", "bfloat16", "predictor")] + [
+        ("embedded-drelu", dtype, engine) for dtype in ("bfloat16", "float32")
+        for engine in ("transformers", "dense", "exact")]
     assert any("no predictors" in note for note in result["notes"])
     for e in result["e2e"]:
-        assert set(e) == {"model", "engine", "tokens_per_s", "sparsity", "bandwidth_share",
+        assert set(e) == {"model", "dtype", "engine", "tokens_per_s", "sparsity", "bandwidth_share",
                           "speedup_vs_dense", "stats_share"}
         assert all(positive(e[k]) for k in ("tokens_per_s", "bandwidth_share", "speedup_vs_dense"))
         assert (e["sparsity"] is None) == (e["engine"] == "transformers")

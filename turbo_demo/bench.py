@@ -9,7 +9,8 @@
              mode ms, at the same shape and sparsity
     e2e      tokens/s of decoding per engine: transformers' model.generate, and the lean Runtime
              in the dense, exact and predictor modes, on a Mistral-7B-shaped stack of random
-             layers and on the shipped dReLU checkpoint, with
+             layers and on the shipped dReLU checkpoint (in the benchmark's dtype, and in fp32,
+             the dtype the app runs it in), with
              bandwidth_share = (weight bytes read per token / read bandwidth) / seconds per token
              (above 1 where the weights partly fit in the caches, as a small model's do),
              sparsity = the share of FFN neurons whose rows were skipped (1 - computed share)
@@ -58,6 +59,7 @@ ENGINES = ("transformers", "dense", "exact", "predictor")
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
               "num_key_value_heads": 8, "vocab_size": 32000}
 EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "models" / "turbosparse-drelu"
+APP_DTYPE = torch.float32  # the app loads the embedded models in fp32 (catalog.ModelStore)
 PROMPT = [1]  # one token, so that every engine decodes every new token with a one-token forward
 
 
@@ -310,7 +312,8 @@ def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Setti
             ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[engine])
             sparsity = 1 - statistics.mean(c for st in steps[engine] for c in st.computed_share)
             stats_share = stats_cost[engine] / per_token
-        results.append({"model": label, "engine": engine, "tokens_per_s": 1 / per_token,
+        results.append({"model": label, "dtype": str(model.dtype).removeprefix("torch."),
+                        "engine": engine, "tokens_per_s": 1 / per_token,
                         "sparsity": sparsity,
                         "bandwidth_share": (other + ffn_bytes) / (gbps * 1e9) / per_token,
                         "speedup_vs_dense": seconds["dense"] / seconds[engine],
@@ -328,12 +331,16 @@ def bench_e2e(s: Settings, gbps: float, notes: list[str], progress: bool) -> lis
         return results
     from turbo_demo.checkpoint import load_model
 
-    model = load_model(s.embedded, s.dtype)
-    predictor = {} if model.config.predictor_rank else None
+    for dtype in dict.fromkeys((s.dtype, APP_DTYPE)):
+        model = load_model(s.embedded, dtype)
+        predictor = {} if model.config.predictor_rank else None
+        results += bench_model("embedded-drelu", model, predictor, s.embedded_tokens, s, gbps, progress)
     if predictor is None:
         notes.append("embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "
                      "predictors`), predictor engine skipped")
-    return results + bench_model("embedded-drelu", model, predictor, s.embedded_tokens, s, gbps, progress)
+    notes.append(f"embedded-drelu: in {str(s.dtype).removeprefix('torch.')} and in "
+                 f"{str(APP_DTYPE).removeprefix('torch.')}, the dtype the app runs it in")
+    return results
 
 
 def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict:
@@ -373,12 +380,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{shape:<12}{sparsity:>9.2f}" + "".join(f"{c:>20}" for c in cells)
                      + f"{modes['predictor']['speedup_vs_transformers']:>16.2f}x")
     lines += ["", "Decoding, batch 1",
-              f"{'model':<16}{'engine':<14}{'tokens/s':>10}{'sparsity':>10}{'bandwidth':>11}{'vs dense':>10}"
-              f"{'stats':>8}"]
+              f"{'model':<16}{'dtype':<10}{'engine':<14}{'tokens/s':>10}{'sparsity':>10}{'bandwidth':>11}"
+              f"{'vs dense':>10}{'stats':>8}"]
     for e in result["e2e"]:
         sparsity = "-" if e["sparsity"] is None else f"{e['sparsity']:.2f}"
         stats = "-" if e["stats_share"] is None else f"{e['stats_share']:.1%}"
-        lines.append(f"{e['model']:<16}{e['engine']:<14}{e['tokens_per_s']:>10.2f}{sparsity:>10}"
+        lines.append(f"{e['model']:<16}{e['dtype']:<10}{e['engine']:<14}{e['tokens_per_s']:>10.2f}{sparsity:>10}"
                      f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}")
     lines += [""] + [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
