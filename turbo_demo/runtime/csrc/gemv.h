@@ -152,24 +152,15 @@ inline void axpy4(float* acc, const float w[4], const T* const r[4], const T* co
               w[3] * to_f32(r[3][i]);
 }
 
-// How many rows ahead to prefetch: about 16 KiB of reads in flight, so that short rows (a small
-// model's few hundred bytes each) do not wait on memory latency row after row; at least the
-// next group of four.
-template <typename T>
-inline int64_t lookahead(int64_t h) {
-  const int64_t rows = 16384 / (h * static_cast<int64_t>(sizeof(T)));
-  return std::clamp<int64_t>(rows / 4 * 4, 4, 64);
-}
-
 // The rows j0..j1-1 of the selection (idx, or 0..N-1 when idx is null), in groups of four: r
-// gets the group at j, next the group `ahead` rows later (or r again past the end). A short
-// group repeats its first row with weight 0 (dot results past j1 are dropped).
+// gets the group at j, next the group after it (or r again at the end). A short group repeats
+// its first row with weight 0 (dot results past j1 are dropped).
 template <typename T>
-inline void group(const T* w, const int64_t* idx, int64_t j, int64_t j1, int64_t h, int64_t ahead,
-                  const T* r[4], const T* next[4]) {
+inline void group(const T* w, const int64_t* idx, int64_t j, int64_t j1, int64_t h, const T* r[4],
+                  const T* next[4]) {
   for (int t = 0; t < 4; ++t) {
     const int64_t jj = j + t < j1 ? j + t : j;
-    const int64_t jn = j + ahead + t < j1 ? j + ahead + t : jj;
+    const int64_t jn = j + 4 + t < j1 ? j + 4 + t : jj;
     r[t] = w + (idx ? idx[jj] : jj) * h;
     next[t] = w + (idx ? idx[jn] : jn) * h;
   }
@@ -177,13 +168,13 @@ inline void group(const T* w, const int64_t* idx, int64_t j, int64_t j1, int64_t
 
 template <typename T>
 void dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
-  const int64_t groups = (k + 3) / 4, ahead = lookahead<T>(h);
+  const int64_t groups = (k + 3) / 4;
   const int threads = threads_for(k * h);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t g = 0; g < groups; ++g) {
     const T *r[4], *next[4];
     float out[4];
-    group(w, idx, 4 * g, k, h, ahead, r, next);
+    group(w, idx, 4 * g, k, h, r, next);
     dot4(r, next, x, h, out);
     for (int t = 0; t < 4 && 4 * g + t < k; ++t) store(y + 4 * g + t, out[t]);
   }
@@ -213,7 +204,6 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
   // its own part of y. Column blocks of at most kBlock fp32 accumulators (16 KiB on the stack,
   // within L1).
   constexpr int64_t kBlock = 4096, kAlign = 32;
-  const int64_t ahead = lookahead<T>(h);
   const int threads = threads_for(k * h);
   const bool split_rows = threads > 1 && 4 * k >= h;
   std::vector<float> partial(split_rows ? threads * h : 0, 0.f);
@@ -230,7 +220,7 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
       for (int64_t j = j0; j < j1; j += 4) {
         const T *r[4], *next[4];
         float wj[4];
-        group(wt, idx, j, j1, h, ahead, r, next);
+        group(wt, idx, j, j1, h, r, next);
         for (int u = 0; u < 4; ++u) {
           wj[u] = j + u < j1 ? weight[j + u] : 0.f;
           r[u] += c0;
