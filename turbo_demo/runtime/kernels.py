@@ -42,11 +42,14 @@ and the rest of one token's layer:
                           x + Wo decode_attention(Wq n, Wk n, Wv n, ...), n = rms_norm(x, ln_w);
                           cos, sin_signed: the rotary tables (max_len, hd), read at row pos
     rms_norm(x, w, eps)   w * x / sqrt(mean(x^2) + eps), normalised in fp32    x (..., H)
+    indices_over(v, t, inclusive)   the indices i with v_i > t (>= t if inclusive), ascending
+
+built, in the PyTorch versions (and likewise inside the C++ ones), from
+
     decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first) -> (nh * hd,)
                           RoPE on q, k (nh * hd,), (nkv * hd,); k, v into the caches
                           (nkv, max_len, hd) at pos; attention over positions first..pos
     top_indices(v, k)     the indices of the k largest values of v (N,), ascending
-    indices_over(v, t, inclusive)   the indices i with v_i > t (>= t if inclusive), ascending
 
 The C++ versions (`turbo_demo.runtime.cpp`: no gather buffer, fp32 sums, streaming loops, one
 call per fused operation) are selected with `use_backend("cpp")`. Callers look the functions up
@@ -61,7 +64,7 @@ from turbo_demo.errors import UserError
 
 BACKENDS = ("torch", "cpp")
 NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "ffn_dense", "ffn_exact", "predict",
-         "rms_norm", "decode_attention", "attention_step", "top_indices", "indices_over")
+         "rms_norm", "attention_step", "indices_over")
 ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
@@ -157,17 +160,16 @@ def torch_indices_over(v: torch.Tensor, t: float, inclusive: bool) -> torch.Tens
 
 
 _TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_ffn_dense,
-          torch_ffn_exact, torch_predict, torch_rms_norm, torch_decode_attention, torch_attention_step,
-          torch_top_indices, torch_indices_over)
-(rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm, decode_attention,
- attention_step, top_indices, indices_over) = _TORCH
+          torch_ffn_exact, torch_predict, torch_rms_norm, torch_attention_step, torch_indices_over)
+(rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm, attention_step,
+ indices_over) = _TORCH
 _backend = "torch"
 
 
 def use_backend(name: str) -> None:
     """Rebind the kernels: "torch" (always works) or "cpp" (builds on first use)."""
     global rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm
-    global decode_attention, attention_step, top_indices, indices_over, _backend
+    global attention_step, indices_over, _backend
     if name == "torch":
         functions = _TORCH
     elif name == "cpp":
@@ -178,7 +180,7 @@ def use_backend(name: str) -> None:
     else:
         raise UserError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm,
-     decode_attention, attention_step, top_indices, indices_over) = functions
+     attention_step, indices_over) = functions
     _backend = name
 
 

@@ -2,7 +2,8 @@
 // tensor operations (at batch 1 their fixed costs add up to more than their arithmetic).
 //
 //   rms_norm(x, w, eps)    y = w * round(x / sqrt(mean(x^2) + eps))    x (T, H) or (H,), w (H,)
-//   decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first) -> out (nh * hd,)
+//   decode attention (inside attention_step) of q, k, v, k_cache, v_cache, cos, sin_signed,
+//       pos, first -> out (nh * hd,)
 //       q (nh * hd,), k, v (nkv * hd,): the projections of the token at position pos; caches
 //       (nkv, max_len, hd); cos, sin_signed (hd,): the rotary tables' row for pos. Rotates q
 //       and k (RoPE, rotate_half convention: rope(x)_c = x_c cos_c + x_{(c + hd/2) mod hd}
@@ -10,7 +11,7 @@
 //       positions first..pos: out_h = sum_t softmax_t(q_h . k_t / sqrt(hd)) v_t, where query
 //       head h reads kv head h / (nh / nkv) (grouped-query attention).
 //   attention_step(x, ln_w, eps, Wq, Wk, Wv, Wo, k_cache, v_cache, cos, sin_signed, pos, first)
-//       -> x + Wo decode_attention(Wq n, Wk n, Wv n, ...), n = rms_norm(x, ln_w, eps): a layer's
+//       -> x + Wo attention(Wq n, Wk n, Wv n, ...), n = rms_norm(x, ln_w, eps): a layer's
 //       whole attention block for one token x (H,), in one call; cos, sin_signed are the whole
 //       rotary tables (max_len, hd), read at row pos
 //   predict(fc1, fc2_t, r, threshold, budget) -> (idx, rows): an activation predictor's choice
@@ -19,6 +20,7 @@
 //       others add nothing and are not read); idx = top_indices(score, budget) if budget > 0,
 //       else the ascending i with score_i >= threshold
 //   top_indices(v, k)           the indices of the k largest values of v (N,), ascending
+//                               (inside predict)
 //   indices_over(v, t, incl.)   the indices i with v_i > t (v_i >= t if inclusive), ascending
 //                               (the neuron selections of the sparse FFN modes)
 //
@@ -196,35 +198,6 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return y;
 }
 
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& cos,
-                               const torch::Tensor& sin_signed, int64_t pos, int64_t first) {
-  const char* fn = "decode_attention";
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, fn, ": float32 or bfloat16 only");
-  const torch::Tensor* all[] = {&q, &k, &v, &k_cache, &v_cache, &cos, &sin_signed};
-  const char* names[] = {"q", "k", "v", "k_cache", "v_cache", "cos", "sin_signed"};
-  for (int i = 0; i < 7; ++i) check(*all[i], names[i], dtype, fn);
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), fn,
-              ": the caches must both be (nkv, max_len, hd)");
-  Shape s{0, k_cache.size(0), k_cache.size(2), k_cache.size(1), pos, first};
-  s.nh = q.numel() / s.hd;
-  TORCH_CHECK(s.hd % 2 == 0 && cos.numel() == s.hd && sin_signed.numel() == s.hd, fn,
-              ": cos and sin_signed must have the (even) head size ", s.hd);
-  TORCH_CHECK(q.numel() == s.nh * s.hd && s.nh % s.nkv == 0, fn, ": q must hold a multiple of nkv heads");
-  TORCH_CHECK(k.numel() == s.nkv * s.hd && v.numel() == s.nkv * s.hd, fn, ": k and v must be (nkv * hd,)");
-  TORCH_CHECK(0 <= first && first <= pos && pos < s.max_len, fn, ": need 0 <= first <= pos < max_len");
-  auto out = torch::empty({s.nh * s.hd}, q.options());
-  if (dtype == at::kFloat)
-    attention_impl(ptr_of<float>(q), ptr_of<float>(k), ptr_of<float>(v), ptr_of<float>(k_cache), ptr_of<float>(v_cache),
-                   ptr_of<float>(cos), ptr_of<float>(sin_signed), ptr_of<float>(out), s);
-  else
-    attention_impl(ptr_of<bf16_bits>(q), ptr_of<bf16_bits>(k), ptr_of<bf16_bits>(v), ptr_of<bf16_bits>(k_cache),
-                   ptr_of<bf16_bits>(v_cache), ptr_of<bf16_bits>(cos), ptr_of<bf16_bits>(sin_signed),
-                   ptr_of<bf16_bits>(out), s);
-  return out;
-}
-
 torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, double eps,
                              const torch::Tensor& wq, const torch::Tensor& wk, const torch::Tensor& wv,
                              const torch::Tensor& wo, torch::Tensor& k_cache, torch::Tensor& v_cache,
@@ -305,14 +278,8 @@ std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch
 void register_decode_ops(pybind11::module& m) {
   m.def("rms_norm", &rms_norm, "y = w * x / sqrt(mean(x^2) + eps) over the last dim", py::arg("x"),
         py::arg("w"), py::arg("eps"));
-  m.def("top_indices", &top_indices, "indices of the k largest values of v (N,), ascending",
-        py::arg("v"), py::arg("k"));
   m.def("indices_over", &indices_over, "ascending indices i with v_i > t (>= t if inclusive)",
         py::arg("v"), py::arg("t"), py::arg("inclusive"));
-  m.def("decode_attention", &decode_attention,
-        "one token's RoPE, KV-cache write and grouped-query attention -> (nh * hd,)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"),
-        py::arg("sin_signed"), py::arg("pos"), py::arg("first"));
   m.def("attention_step", &attention_step, "x + the attention block of one token -> (H,)", py::arg("x"),
         py::arg("ln_w"), py::arg("eps"), py::arg("wq"), py::arg("wk"), py::arg("wv"), py::arg("wo"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"), py::arg("pos"),
