@@ -188,3 +188,19 @@ def test_cpp_attention_step_matches_torch(module, dtype):
         caches[name] = (y, kc, vc)
     for got, ref in zip(caches["cpp"], caches["torch"]):
         torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@needs_cpp
+def test_cpp_exact_step_on_two_threads(module):
+    """Large enough to split the neurons over threads, in blocks, with a ragged last block."""
+    wg, wu, wd_t, x = ffn_case(1001, 256, torch.float32, seed=5)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, computed, active = module.ffn_exact(wg, wu, wd_t, x, True)
+            ref = kernels.torch_ffn_exact(wg, wu, wd_t, x, True)
+            torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
+            assert (computed, active) == ref[1:]
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,9 @@
 //       active = #{i : h_i != 0}; act: "relu", "silu" (x sigmoid(x)) or "gelu" (erf form)
 //   ffn_exact(Wg, Wu, Wd_t, x, relu_up) -> (y, computed, active)
 //       g = Wg x, S = {i : g_i > 0} (computed = |S|), then up_down on S with a = g[S]: equal to
-//       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t
+//       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t;
+//       in one pass, the scattered up and down rows of each block of neurons read right after
+//       its gate rows
 //   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg) -> (y, up_rows, active)
 //       a sparse FFN step on the neurons idx once their activated gate values a (k,) are known,
 //       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
@@ -84,6 +86,71 @@ std::pair<int64_t, int64_t> up_down_impl(const T* wu, const T* wd_t, const T* x,
   return {n, active};
 }
 
+// The exact step in one pass: threads split the neurons; each reads its gate rows in blocks of
+// kBlock and, right after each block, the up rows of the block's gate-active neurons and the
+// down rows of those with h != 0 (summed into the thread's fp32 partial y), so that the
+// scattered reads run while the gate stream is still going. Returns (computed, active).
+template <typename T>
+std::pair<int64_t, int64_t> exact_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t n,
+                                       int64_t h, bool relu_up, T* y) {
+  constexpr int64_t kBlock = 64;
+  const int threads = threads_for(n * h);
+  std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
+  int64_t computed = 0, active = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : computed, active)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r0 = n * t / nt / 4 * 4, r1 = t + 1 == nt ? n : n * (t + 1) / nt / 4 * 4;
+    float* acc = partial.data() + static_cast<size_t>(t) * h;
+    int64_t live[kBlock];
+    float a_live[kBlock], h_live[kBlock];
+    const T *r[4], *next[4];
+    float out[4];
+    for (int64_t b = r0; b < r1; b += kBlock) {
+      const int64_t be = std::min(b + kBlock, r1);
+      int64_t m = 0;  // the block's neurons with g > 0, compacted without branches
+      for (int64_t j = b; j < be; j += 4) {
+        group(wg, static_cast<const int64_t*>(nullptr), j, std::min(be + kBlock, r1), h, r, next);
+        dot4(r, next, x, h, out);
+        for (int u = 0; u < 4 && j + u < be; ++u) {
+          const float g = rounded<T>(out[u]);
+          live[m] = j + u;
+          a_live[m] = g;
+          m += g > 0.f;
+        }
+      }
+      computed += m;
+      for (int64_t j = 0; j < m; j += 4) {
+        group(wu, live, j, m, h, r, next);
+        dot4(r, next, x, h, out);
+        for (int u = 0; u < 4 && j + u < m; ++u) {
+          const float v = rounded<T>(out[u]);
+          h_live[j + u] = rounded<T>(a_live[j + u] * (relu_up ? std::max(v, 0.f) : v));
+        }
+      }
+      int64_t k = 0;  // the neurons with h != 0
+      for (int64_t j = 0; j < m; ++j) {
+        live[k] = live[j];
+        h_live[k] = h_live[j];
+        k += h_live[j] != 0.f;
+      }
+      active += k;
+      for (int64_t j = 0; j < k; j += 4) {
+        float w[4];
+        group(wd_t, live, j, k, h, r, next);
+        for (int u = 0; u < 4; ++u) w[u] = j + u < k ? h_live[j + u] : 0.f;
+        axpy4(acc, w, r, next, h);
+      }
+    }
+  }
+  for (int64_t c = 0; c < h; ++c) {
+    float s = 0.f;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * h + c];
+    store(y + c, s);
+  }
+  return {computed, active};
+}
+
 // Calls fn with a null T* of the tensor's dtype (float or bf16_bits) to select the instantiation.
 template <typename Fn>
 void by_dtype(const torch::Tensor& t, Fn fn) {
@@ -125,21 +192,13 @@ std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, c
   check_ffn(wg, wu, wd_t, x, "ffn_exact");
   const int64_t n = wu.size(0), h = wu.size(1);
   auto y = torch::empty({h}, x.options());
-  int64_t computed = 0, active = 0;
+  std::pair<int64_t, int64_t> counts;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    std::vector<T> g(n), a(n);
-    std::vector<int64_t> idx(n);
-    dot_impl(ptr_of<T>(wg), ptr_of<T>(x), nullptr, g.data(), n, h);
-    for (int64_t i = 0; i < n; ++i) {  // S = {i : g_i > 0}, without branches
-      idx[computed] = i;
-      a[computed] = g[i];
-      computed += to_f32(g[i]) > 0.f;
-    }
-    active = up_down_impl(ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), idx.data(), computed, h,
-                          static_cast<const T*>(nullptr), a.data(), ptr_of<T>(y), relu_up).second;
+    counts = exact_impl(ptr_of<T>(wg), ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), n, h, relu_up,
+                        ptr_of<T>(y));
   });
-  return {y, computed, active};
+  return {y, counts.first, counts.second};
 }
 
 std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, const torch::Tensor& wd_t,
