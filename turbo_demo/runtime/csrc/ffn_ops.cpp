@@ -6,14 +6,15 @@
 //       active = #{i : h_i != 0}; act: "relu", "silu" (x sigmoid(x)) or "gelu" (erf form)
 //   ffn_exact(Wg, Wu, Wd_t, x, relu_up) -> (y, computed, active)
 //       g = Wg x, S = {i : g_i > 0} (computed = |S|), then up_down on S with a = g[S]: equal to
-//       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t;
-//       in one pass, the scattered up and down rows of each block of neurons read right after
-//       its gate rows
+//       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t
 //   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg) -> (y, up_rows, active)
 //       a sparse FFN step on the neurons idx once their activated gate values a (k,) are known,
 //       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
 //       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}; the up row of a
 //       neuron with a_j = 0 is not read (its h_j is 0 anyway): up_rows = #{j : a_j != 0}
+//
+// Both sparse steps are one pass (sparse_impl): the scattered up and down rows of each block
+// of candidate neurons are read right after the block's gate rows.
 //
 // Weights are neuron-major (N, H): Wg, Wu as stored by HF, Wd_t the transposed down projection.
 // Every intermediate value is rounded to the dtype where the separate operations would store
@@ -57,50 +58,26 @@ void check_ffn(const torch::Tensor& wg, const torch::Tensor& wu, const torch::Te
   check_vector(x, "x", wu.size(1), wu.scalar_type(), fn);
 }
 
-// h_j = a_j * act(Wu[idx_j] x) and y = sum_j h_j Wd_t[idx_j]; with wg, first a = relu(Wg[idx] x).
-// A neuron with a_j = 0 has h_j = 0 whatever its up value: its row of Wu is not read. a is a (k,)
-// buffer; returns (rows of Wu read, number of non-zero h_j).
+// A sparse FFN step in one pass over the candidate neurons (idx (k,), or every neuron when
+// idx is null): a_j = relu(Wg[n_j] x), or a_given[j] when given; h_j = a_j * act(Wu[n_j] x)
+// for the a_j != 0 (the others' up rows are not read); y = sum of h_j Wd_t[n_j] over h_j != 0.
+// Threads split the candidates; each reads them in blocks of kBlock: the block's gate rows,
+// then right away the up rows of its live neurons and the down rows of its active ones (summed
+// into the thread's fp32 partial y), so that the scattered reads run while the gate rows still
+// stream. Returns (up rows read, active). Values are rounded to T where separate tensor
+// operations would store them.
 template <typename T>
-std::pair<int64_t, int64_t> up_down_impl(const T* wu, const T* wd_t, const T* x, const int64_t* idx,
-                                         int64_t k, int64_t h, const T* wg, T* a, T* y, bool relu_up) {
-  if (wg != nullptr) {  // a = relu(Wg[idx] x), rounded as rows_dot rounds it
-    dot_impl(wg, x, idx, a, k, h);
-    for (int64_t j = 0; j < k; ++j) store(a + j, std::max(to_f32(a[j]), 0.f));
-  }
-  std::vector<int64_t> live(k);  // the neurons with a_j != 0, compacted without branches
-  std::vector<T> a_live(k), hv(k);
-  int64_t n = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    live[n] = idx[j];
-    a_live[n] = a[j];
-    n += to_f32(a[j]) != 0.f;
-  }
-  dot_impl(wu, x, live.data(), hv.data(), n, h);  // h = u, rounded as rows_dot rounds it
-  int64_t active = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const float u = to_f32(hv[j]);
-    store(&hv[j], to_f32(a_live[j]) * (relu_up ? std::max(u, 0.f) : u));
-    active += to_f32(hv[j]) != 0.f;
-  }
-  axpy_impl(wd_t, hv.data(), live.data(), y, n, h);
-  return {n, active};
-}
-
-// The exact step in one pass: threads split the neurons; each reads its gate rows in blocks of
-// kBlock and, right after each block, the up rows of the block's gate-active neurons and the
-// down rows of those with h != 0 (summed into the thread's fp32 partial y), so that the
-// scattered reads run while the gate stream is still going. Returns (computed, active).
-template <typename T>
-std::pair<int64_t, int64_t> exact_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t n,
-                                       int64_t h, bool relu_up, T* y) {
+std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* wu, const T* wd_t,
+                                        const T* x, const int64_t* idx, int64_t k, int64_t h,
+                                        bool relu_up, T* y) {
   constexpr int64_t kBlock = 64;
-  const int threads = threads_for(n * h);
+  const int threads = threads_for(k * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
-  int64_t computed = 0, active = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : computed, active)
+  int64_t up_rows = 0, active = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : up_rows, active)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t r0 = n * t / nt / 4 * 4, r1 = t + 1 == nt ? n : n * (t + 1) / nt / 4 * 4;
+    const int64_t r0 = k * t / nt / 4 * 4, r1 = t + 1 == nt ? k : k * (t + 1) / nt / 4 * 4;
     float* acc = partial.data() + static_cast<size_t>(t) * h;
     int64_t live[kBlock];
     float a_live[kBlock], h_live[kBlock];
@@ -108,18 +85,20 @@ std::pair<int64_t, int64_t> exact_impl(const T* wg, const T* wu, const T* wd_t, 
     float out[4];
     for (int64_t b = r0; b < r1; b += kBlock) {
       const int64_t be = std::min(b + kBlock, r1);
-      int64_t m = 0;  // the block's neurons with g > 0, compacted without branches
+      int64_t m = 0;  // the block's neurons with a != 0, compacted without branches
       for (int64_t j = b; j < be; j += 4) {
-        group(wg, static_cast<const int64_t*>(nullptr), j, std::min(be + kBlock, r1), h, r, next);
-        dot4(r, next, x, h, out);
+        if (a_given == nullptr) {
+          group(wg, idx, j, std::min(be + kBlock, r1), h, r, next);
+          dot4(r, next, x, h, out);
+        }
         for (int u = 0; u < 4 && j + u < be; ++u) {
-          const float g = rounded<T>(out[u]);
-          live[m] = j + u;
-          a_live[m] = g;
-          m += g > 0.f;
+          const float a = a_given ? to_f32(a_given[j + u]) : std::max(rounded<T>(out[u]), 0.f);
+          live[m] = idx ? idx[j + u] : j + u;
+          a_live[m] = a;
+          m += a != 0.f;
         }
       }
-      computed += m;
+      up_rows += m;
       for (int64_t j = 0; j < m; j += 4) {
         group(wu, live, j, m, h, r, next);
         dot4(r, next, x, h, out);
@@ -128,17 +107,17 @@ std::pair<int64_t, int64_t> exact_impl(const T* wg, const T* wu, const T* wd_t, 
           h_live[j + u] = rounded<T>(a_live[j + u] * (relu_up ? std::max(v, 0.f) : v));
         }
       }
-      int64_t k = 0;  // the neurons with h != 0
+      int64_t n = 0;  // the neurons with h != 0
       for (int64_t j = 0; j < m; ++j) {
-        live[k] = live[j];
-        h_live[k] = h_live[j];
-        k += h_live[j] != 0.f;
+        live[n] = live[j];
+        h_live[n] = h_live[j];
+        n += h_live[j] != 0.f;
       }
-      active += k;
-      for (int64_t j = 0; j < k; j += 4) {
+      active += n;
+      for (int64_t j = 0; j < n; j += 4) {
         float w[4];
-        group(wd_t, live, j, k, h, r, next);
-        for (int u = 0; u < 4; ++u) w[u] = j + u < k ? h_live[j + u] : 0.f;
+        group(wd_t, live, j, n, h, r, next);
+        for (int u = 0; u < 4; ++u) w[u] = j + u < n ? h_live[j + u] : 0.f;
         axpy4(acc, w, r, next, h);
       }
     }
@@ -148,7 +127,7 @@ std::pair<int64_t, int64_t> exact_impl(const T* wg, const T* wu, const T* wd_t, 
     for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * h + c];
     store(y + c, s);
   }
-  return {computed, active};
+  return {up_rows, active};
 }
 
 // Calls fn with a null T* of the tensor's dtype (float or bf16_bits) to select the instantiation.
@@ -195,8 +174,8 @@ std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, c
   std::pair<int64_t, int64_t> counts;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    counts = exact_impl(ptr_of<T>(wg), ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), n, h, relu_up,
-                        ptr_of<T>(y));
+    counts = sparse_impl(ptr_of<T>(wg), static_cast<const T*>(nullptr), ptr_of<T>(wu), ptr_of<T>(wd_t),
+                         ptr_of<T>(x), static_cast<const int64_t*>(nullptr), n, h, relu_up, ptr_of<T>(y));
   });
   return {y, counts.first, counts.second};
 }
@@ -210,16 +189,16 @@ std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, con
   check_idx(idx, wu.size(0), "up_down");
   const int64_t k = idx.size(0);
   if (a_given) check_vector(*a_given, "a", k, wu.scalar_type(), "up_down");
-  auto a = a_given ? *a_given : torch::empty({k}, wu.options());
   auto y = torch::empty({wu.size(1)}, wu.options());
-  std::pair<int64_t, int64_t> rows_active;
+  std::pair<int64_t, int64_t> counts;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    rows_active = up_down_impl(ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k,
-                               wu.size(1), a_given ? static_cast<const T*>(nullptr) : ptr_of<T>(*wg),
-                               ptr_of<T>(a), ptr_of<T>(y), relu_up);
+    counts = sparse_impl(wg ? ptr_of<T>(*wg) : static_cast<const T*>(nullptr),
+                         a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr), ptr_of<T>(wu),
+                         ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k, wu.size(1), relu_up,
+                         ptr_of<T>(y));
   });
-  return {y, rows_active.first, rows_active.second};
+  return {y, counts.first, counts.second};
 }
 
 void register_ffn_ops(pybind11::module& m) {
