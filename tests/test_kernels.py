@@ -194,7 +194,7 @@ def test_cpp_attention_step_matches_torch(module, dtype):
 def test_cpp_sparse_steps_on_two_threads(module):
     """Large enough to split the neurons over threads, in blocks, with a ragged last block; the
     exact step and up_down share this loop."""
-    wg, wu, wd_t, x = ffn_case(1001, 256, torch.float32, seed=5)
+    wg, wu, wd_t, x = ffn_case(3001, 256, torch.float32, seed=5)  # blocks of 1024: 3, or 2 + 2
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -203,7 +203,7 @@ def test_cpp_sparse_steps_on_two_threads(module):
             ref = kernels.torch_ffn_exact(wg, wu, wd_t, x, True)
             torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
             assert (computed, active) == ref[1:]
-            idx = torch.arange(0, 1001, 2)  # a predicted set, with its gate values given or not
+            idx = torch.arange(0, 3001, 2)  # a predicted set, with its gate values given or not
             a = torch.randn(len(idx), generator=torch.Generator().manual_seed(6)).relu()
             for args in ((None, True, wg), (a, False, None)):
                 got, ref = module.up_down(wu, wd_t, x, idx, *args), kernels.torch_up_down(wu, wd_t, x, idx, *args)
