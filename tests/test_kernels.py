@@ -191,14 +191,18 @@ def test_cpp_attention_step_matches_torch(module, dtype):
 
 
 @needs_cpp
-def test_cpp_sparse_steps_on_two_threads(module):
-    """Large enough to split the neurons over threads, in blocks, with a ragged last block; the
-    exact step and up_down share this loop."""
+def test_cpp_ffn_steps_on_two_threads(module):
+    """Large enough to split the neurons over threads, in blocks, with a ragged last block: the
+    dense step, and the exact step and up_down, which share one loop."""
     wg, wu, wd_t, x = ffn_case(3001, 256, torch.float32, seed=5)  # blocks of 1024: 3, or 2 + 2
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
+            y, active = module.ffn_dense(wg, wu, wd_t, x, "silu", False)
+            ref = kernels.torch_ffn_dense(wg, wu, wd_t, x, "silu", False)
+            torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
+            assert active == ref[1]
             y, computed, active = module.ffn_exact(wg, wu, wd_t, x, True)
             ref = kernels.torch_ffn_exact(wg, wu, wd_t, x, True)
             torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
