@@ -222,7 +222,7 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
               wo.size(1) == s.nh * s.hd, fn, ": projection shapes do not match the caches");
   TORCH_CHECK(0 <= first && first <= pos && pos < s.max_len, fn, ": need 0 <= first <= pos < max_len");
   auto y = torch::empty({h}, x.options());
-  auto run = [&](auto* p) {
+  by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     std::vector<T> n(h), q(s.nh * s.hd), k(s.nkv * s.hd), v(s.nkv * s.hd), out(s.nh * s.hd), o(h);
     rms_norm_impl(ptr_of<T>(x), ptr_of<T>(ln_w), n.data(), 1, h, static_cast<float>(eps));
@@ -235,11 +235,7 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
     const T* xp = ptr_of<T>(x);
     T* yp = ptr_of<T>(y);
     for (int64_t c = 0; c < h; ++c) store(yp + c, to_f32(xp[c]) + to_f32(o[c]));
-  };
-  if (dtype == at::kFloat)
-    run(static_cast<float*>(nullptr));
-  else
-    run(static_cast<bf16_bits*>(nullptr));
+  });
   return y;
 }
 
@@ -255,7 +251,7 @@ std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch
   TORCH_CHECK(budget <= n, fn, ": budget ", budget, " exceeds the ", n, " neurons");
   auto score = torch::empty({n}, r.options());
   int64_t rows = 0;
-  auto run = [&](auto* p) {
+  by_dtype(r, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     std::vector<T> z(rank);
     std::vector<int64_t> all(rank);
@@ -266,11 +262,7 @@ std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch
       rows += to_f32(z[j]) != 0.f;
     }
     axpy_impl(ptr_of<T>(fc2_t), z.data(), all.data(), ptr_of<T>(score), rank, n);  // skips z_j = 0
-  };
-  if (fc1.scalar_type() == at::kFloat)
-    run(static_cast<float*>(nullptr));
-  else
-    run(static_cast<bf16_bits*>(nullptr));
+  });
   auto idx = budget > 0 ? top_indices(score, budget) : indices_over(score, threshold, true);
   return {idx, rows};
 }

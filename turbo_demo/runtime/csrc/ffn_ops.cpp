@@ -78,7 +78,7 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : up_rows, active)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t r0 = k * t / nt / 4 * 4, r1 = t + 1 == nt ? k : k * (t + 1) / nt / 4 * 4;
+    const auto [r0, r1] = share(k, t, nt, 4);
     float* acc = partial.data() + static_cast<size_t>(t) * h;
     int64_t live[kBlock];
     float a_live[kBlock], h_live[kBlock];
@@ -123,11 +123,7 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
       }
     }
   }
-  for (int64_t c = 0; c < h; ++c) {
-    float s = 0.f;
-    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * h + c];
-    store(y + c, s);
-  }
+  store_sum(partial, threads, h, y);
   return {up_rows, active};
 }
 
@@ -143,7 +139,7 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : active)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t r0 = n * t / nt / 4 * 4, r1 = t + 1 == nt ? n : n * (t + 1) / nt / 4 * 4;
+    const auto [r0, r1] = share(n, t, nt, 4);
     float* acc = partial.data() + static_cast<size_t>(t) * h;
     const T *r[4], *next[4];
     float g[4], u[4], w[4];
@@ -162,21 +158,8 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
       axpy4(acc, w, r, next, h);
     }
   }
-  for (int64_t c = 0; c < h; ++c) {
-    float s = 0.f;
-    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * h + c];
-    store(y + c, s);
-  }
+  store_sum(partial, threads, h, y);
   return active;
-}
-
-// Calls fn with a null T* of the tensor's dtype (float or bf16_bits) to select the instantiation.
-template <typename Fn>
-void by_dtype(const torch::Tensor& t, Fn fn) {
-  if (t.scalar_type() == at::kFloat)
-    fn(static_cast<float*>(nullptr));
-  else
-    fn(static_cast<bf16_bits*>(nullptr));
 }
 
 }  // namespace

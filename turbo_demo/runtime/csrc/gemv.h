@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -166,6 +167,31 @@ inline void group(const T* w, const int64_t* idx, int64_t j, int64_t j1, int64_t
   }
 }
 
+// Thread t's share [lo, hi) of 0..n split nt ways, cut at multiples of `align` (the last share
+// ends at n).
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt, int64_t align) {
+  return {n * t / nt / align * align, t + 1 == nt ? n : n * (t + 1) / nt / align * align};
+}
+
+// y (h,) = the sum of the threads' fp32 partial sums (threads x h), rounded to T once.
+template <typename T>
+void store_sum(const std::vector<float>& partial, int threads, int64_t h, T* y) {
+  for (int64_t c = 0; c < h; ++c) {
+    float s = 0.f;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * h + c];
+    store(y + c, s);
+  }
+}
+
+// Calls fn with a null T* of the tensor's dtype (float or bf16_bits) to select the instantiation.
+template <typename Fn>
+void by_dtype(const torch::Tensor& t, Fn fn) {
+  if (t.scalar_type() == at::kFloat)
+    fn(static_cast<float*>(nullptr));
+  else
+    fn(static_cast<bf16_bits*>(nullptr));
+}
+
 template <typename T>
 void dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
   const int64_t groups = (k + 3) / 4;
@@ -211,8 +237,8 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int rt = split_rows ? t : 0, rn = split_rows ? nt : 1, ct = split_rows ? 0 : t, cn = split_rows ? 1 : nt;
-    const int64_t j0 = k * rt / rn, j1 = k * (rt + 1) / rn;
-    const int64_t c_lo = h * ct / cn / kAlign * kAlign, c_hi = ct + 1 == cn ? h : h * (ct + 1) / cn / kAlign * kAlign;
+    const auto [j0, j1] = share(k, rt, rn, 1);
+    const auto [c_lo, c_hi] = share(h, ct, cn, kAlign);
     float acc[kBlock];
     for (int64_t c0 = c_lo; c0 < c_hi; c0 += kBlock) {
       const int64_t n = std::min(kBlock, c_hi - c0);
@@ -234,12 +260,7 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
         for (int64_t c = 0; c < n; ++c) store(y + c0 + c, acc[c]);
     }
   }
-  if (split_rows)
-    for (int64_t c = 0; c < h; ++c) {
-      float s = 0.f;
-      for (int t = 0; t < threads; ++t) s += partial[t * h + c];
-      store(y + c, s);
-    }
+  if (split_rows) store_sum(partial, threads, h, y);
 }
 
 inline void check_weight(const torch::Tensor& w, const char* fn) {
