@@ -31,8 +31,11 @@ from turbo_demo.hooks import on_ffn_activation
 from turbo_demo.modeling_bamboo import BambooForCausalLM, BambooPredictor
 
 
+SEQ_LEN = 256  # tokens per sequence of the collected activations
+
+
 @torch.no_grad()
-def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = 256):
+def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = SEQ_LEN):
     """Per layer: residuals (n, H) and labels h != 0 (n, I) bool, from the first n tokens."""
     rs, labels = {}, {}
     with ExitStack() as stack:
@@ -99,6 +102,10 @@ def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: i
 
     rank: one rank for every layer, or a list with one per layer (PowerInfer sizes them per layer).
     """
+    if not 0 < target_recall <= 1:
+        raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
+    if min(train_tokens, val_tokens) < SEQ_LEN:
+        raise UserError(f"--tokens must be at least one sequence of {SEQ_LEN} tokens, got {train_tokens}")
     stored_dtype = load_config(model_dir).dtype  # keep the checkpoint's own (16-bit) dtype
     model = load_model(model_dir)
     if isinstance(rank, list) and len(rank) != model.config.num_hidden_layers:
