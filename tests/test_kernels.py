@@ -156,6 +156,24 @@ def test_cpp_ffn_steps_match_torch(module, dtype, act, act_up):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
+    """add_to fuses the residual add: the same as adding the step's own result afterwards, in
+    both backends (bitwise: y is rounded to the dtype before the add, as a tensor add sees it)."""
+    wg, wu, wd_t, x = ffn_case(97, 203, dtype, seed=7)
+    r = torch.randn(203, generator=torch.Generator().manual_seed(8)).to(dtype)
+    idx = torch.arange(1, 97, 3)
+    for fns in ((module.ffn_dense, module.ffn_exact, module.up_down),
+                (kernels.torch_ffn_dense, kernels.torch_ffn_exact, kernels.torch_up_down)):
+        dense, exact, up_down = fns
+        steps = ((dense, (wg, wu, wd_t, x, "relu", True)), (exact, (wg, wu, wd_t, x, True)),
+                 (up_down, (wu, wd_t, x, idx, None, True, wg)))
+        for fn, args in steps:
+            plain, added = fn(*args), fn(*args, add_to=r)
+            assert torch.equal(added[0], r + plain[0]) and added[1:] == plain[1:]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_predict_matches_torch(module, dtype):
     g = torch.Generator().manual_seed(3)
     fc1, fc2_t = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, 300, generator=g).to(dtype)
@@ -173,9 +191,10 @@ def test_cpp_predict_matches_torch(module, dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_attention_step_matches_torch(module, dtype):
+@pytest.mark.parametrize("h,nh,nkv,hd", [(64, 4, 2, 16), (256, 8, 4, 32)])  # q, k, v on one thread; on two
+def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
     g = torch.Generator().manual_seed(4)
-    h, nh, nkv, hd, max_len, pos = 64, 4, 2, 16, 12, 7
+    max_len, pos = 12, 7
     w = {name: torch.randn(rows, cols, generator=g).div(cols ** 0.5).to(dtype)
          for name, rows, cols in (("q", nh * hd, h), ("k", nkv * hd, h), ("v", nkv * hd, h), ("o", h, nh * hd))}
     x, ln_w = torch.randn(h, generator=g).to(dtype), torch.rand(h, generator=g).add(0.5).to(dtype)

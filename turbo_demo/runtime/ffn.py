@@ -91,18 +91,20 @@ class FFN:
         """Dense FFN for x (..., H), as in prefill."""
         return self.dense_h(x) @ self.wd_t
 
-    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """One token: x (H,) normed input, r (H,) residual -> y (H,); fills self.record."""
-        y, active = kernels.ffn_dense(self.wg, self.wu, self.wd_t, x, self.act_name, self.drelu)
+    def step(self, x: torch.Tensor, r: torch.Tensor, add_residual: bool = False) -> torch.Tensor:
+        """One token: x (H,) normed input, r (H,) residual -> y (H,), or r + y with add_residual
+        (the layer's residual add, fused into the step's kernel); fills self.record."""
+        add_to = r if add_residual else None
+        y, active = kernels.ffn_dense(self.wg, self.wu, self.wd_t, x, self.act_name, self.drelu, add_to)
         self.record = LayerRecord(computed=self.n, active=active, bytes=3 * self.n * self.row_bytes)
         return y
 
-    def finish(self, x, idx, a_sel, bytes_read: int) -> torch.Tensor:
+    def finish(self, x, idx, a_sel, bytes_read: int, add_to=None) -> torch.Tensor:
         """Up and down for the neurons `idx` (k,) whose activated gate values are a_sel (k,);
         with a_sel None, the gate too, on those rows only.
 
         Up reads only the rows whose gate value is non-zero, down only those whose h is
-        non-zero (the others add nothing); fills self.record; returns y (H,).
+        non-zero (the others add nothing); fills self.record; returns y (H,), or add_to + y.
         """
         # up_down fuses the step (one call instead of up to seven) for a ReLU or no activation
         # on the up branch, and computes a ReLU gate itself
@@ -111,10 +113,11 @@ class FFN:
             a_sel = self.act(kernels.rows_dot(self.wg, x, idx))
         if fused:
             y, up_rows, active = kernels.up_down(self.wu, self.wd_t, x, idx, a_sel, self.drelu,
-                                                 self.wg if a_sel is None else None)
+                                                 self.wg if a_sel is None else None, add_to)
         else:
             h = a_sel * self.up(kernels.rows_dot(self.wu, x, idx))
-            y, up_rows, active = kernels.rows_axpy(self.wd_t, h, idx), len(idx), int(torch.count_nonzero(h))
+            y = kernels.plus(kernels.rows_axpy(self.wd_t, h, idx), add_to)
+            up_rows, active = len(idx), int(torch.count_nonzero(h))
         self.record = LayerRecord(computed=len(idx), active=active,
                                   bytes=bytes_read + (up_rows + active) * self.row_bytes)
         return y
@@ -144,8 +147,9 @@ class ExactFFN(FFN):
                 f"{config.hidden_act}: use the threshold mode for SwiGLU models"
             )
 
-    def step(self, x, r):
-        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu)
+    def step(self, x, r, add_residual=False):
+        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu,
+                                                r if add_residual else None)
         self.record = LayerRecord(computed=computed, active=active,
                                   bytes=(self.n + computed + active) * self.row_bytes)
         return y
@@ -176,12 +180,13 @@ class PredictorFFN(FFN):
         self.predictor_bytes = (self.fc1.numel() + rows * self.n) * self.fc1.element_size()
         return idx
 
-    def step(self, x, r):
+    def step(self, x, r, add_residual=False):
         idx = self.select(r)
+        add_to = r if add_residual else None
         if kernels.backend() == "torch" and len(idx) > DENSE_FALLBACK_SHARE * self.n:
-            y = self.masked_dense(x, idx)
+            y = kernels.plus(self.masked_dense(x, idx), add_to)
         else:
-            y = self.finish(x, idx, None, self.predictor_bytes + len(idx) * self.row_bytes)
+            y = self.finish(x, idx, None, self.predictor_bytes + len(idx) * self.row_bytes, add_to)
         if self.audit:
             self.last = (x, idx)
         return y
@@ -212,10 +217,10 @@ class ThresholdFFN(FFN):
             self.threshold = float(torch.quantile(a[:1_000_000], self.target)) if self.target > 0 else 0.0
         return super().batch(x)
 
-    def step(self, x, r):
+    def step(self, x, r, add_residual=False):
         a = self.act(kernels.matvec(self.wg, x))
         idx = kernels.indices_over(a.abs(), self.threshold, False)
-        y = self.finish(x, idx, a.index_select(0, idx), self.n * self.row_bytes)
+        y = self.finish(x, idx, a.index_select(0, idx), self.n * self.row_bytes, r if add_residual else None)
         if self.audit:
             self.last = (x, idx)
         return y

@@ -36,8 +36,6 @@
 
 namespace {
 
-using turbo_demo::rounded;
-
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t h, float eps) {
   for (int64_t r = 0; r < rows; ++r, x += h, y += h) {
@@ -226,9 +224,13 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
     using T = std::remove_pointer_t<decltype(p)>;
     std::vector<T> n(h), q(s.nh * s.hd), k(s.nkv * s.hd), v(s.nkv * s.hd), out(s.nh * s.hd), o(h);
     rms_norm_impl(ptr_of<T>(x), ptr_of<T>(ln_w), n.data(), 1, h, static_cast<float>(eps));
-    dot_impl(ptr_of<T>(wq), n.data(), nullptr, q.data(), wq.size(0), h);
-    dot_impl(ptr_of<T>(wk), n.data(), nullptr, k.data(), wk.size(0), h);
-    dot_impl(ptr_of<T>(wv), n.data(), nullptr, v.data(), wv.size(0), h);
+    const int threads = threads_for((wq.size(0) + wk.size(0) + wv.size(0)) * h);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      dot_rows(ptr_of<T>(wq), n.data(), nullptr, q.data(), wq.size(0), h);
+      dot_rows(ptr_of<T>(wk), n.data(), nullptr, k.data(), wk.size(0), h);
+      dot_rows(ptr_of<T>(wv), n.data(), nullptr, v.data(), wv.size(0), h);
+    }
     attention_impl(q.data(), k.data(), v.data(), ptr_of<T>(k_cache), ptr_of<T>(v_cache),
                    ptr_of<T>(cos) + pos * s.hd, ptr_of<T>(sin_signed) + pos * s.hd, out.data(), s);
     dot_impl(ptr_of<T>(wo), out.data(), nullptr, o.data(), h, wo.size(1));

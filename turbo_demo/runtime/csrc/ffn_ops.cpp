@@ -1,17 +1,21 @@
 // Whole FFN steps of one token, one call each: at batch 1 the fixed cost of the five to ten
 // tensor operations a step takes otherwise outweighs the arithmetic of a small layer.
 //
-//   ffn_dense(Wg, Wu, Wd_t, x, act, act_up) -> (y, active)
+//   ffn_dense(Wg, Wu, Wd_t, x, act, act_up, add_to) -> (y, active)
 //       h = act(Wg x) * (act(Wu x) if act_up else Wu x), y = h Wd_t over every row of Wd_t,
 //       active = #{i : h_i != 0}; act: "relu", "silu" (x sigmoid(x)) or "gelu" (erf form)
-//   ffn_exact(Wg, Wu, Wd_t, x, relu_up) -> (y, computed, active)
+//   ffn_exact(Wg, Wu, Wd_t, x, relu_up, add_to) -> (y, computed, active)
 //       g = Wg x, S = {i : g_i > 0} (computed = |S|), then up_down on S with a = g[S]: equal to
 //       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t
-//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg) -> (y, up_rows, active)
+//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg, add_to) -> (y, up_rows, active)
 //       a sparse FFN step on the neurons idx once their activated gate values a (k,) are known,
 //       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
 //       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}; the up row of a
 //       neuron with a_j = 0 is not read (its h_j is 0 anyway): up_rows = #{j : a_j != 0}
+//
+// With add_to (H,) (optional), each returns add_to + y instead of y: the residual add of the
+// layer, fused, since at batch 1 a separate tensor add costs more than the sum itself (about
+// 8% of a small model's decode step, mostly the caches it finds cold after the FFN's stream).
 //
 // Each step is one pass in one parallel region (dense_impl, sparse_impl): at a small model's
 // size, three separate passes with their thread start-ups and partial sums cost 15-25% more.
@@ -28,8 +32,6 @@
 #include <string>
 
 namespace {
-
-using turbo_demo::rounded;
 
 enum class Act { kRelu, kSilu, kGelu };
 
@@ -58,6 +60,15 @@ void check_ffn(const torch::Tensor& wg, const torch::Tensor& wu, const torch::Te
   check_vector(x, "x", wu.size(1), wu.scalar_type(), fn);
 }
 
+void check_add_to(const std::optional<torch::Tensor>& add_to, const torch::Tensor& x, const char* fn) {
+  if (add_to) check_vector(*add_to, "add_to", x.size(0), x.scalar_type(), fn);
+}
+
+template <typename T>
+const T* add_ptr(const std::optional<torch::Tensor>& add_to) {
+  return add_to ? ptr_of<T>(*add_to) : nullptr;
+}
+
 // A sparse FFN step in one pass over the candidate neurons (idx (k,), or every neuron when
 // idx is null): a_j = relu(Wg[n_j] x), or a_given[j] when given; h_j = a_j * act(Wu[n_j] x)
 // for the a_j != 0 (the others' up rows are not read); y = sum of h_j Wd_t[n_j] over h_j != 0.
@@ -70,7 +81,7 @@ void check_ffn(const torch::Tensor& wg, const torch::Tensor& wu, const torch::Te
 template <typename T>
 std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* wu, const T* wd_t,
                                         const T* x, const int64_t* idx, int64_t k, int64_t h,
-                                        bool relu_up, T* y) {
+                                        bool relu_up, T* y, const T* add_to) {
   constexpr int64_t kBlock = 1024;
   const int threads = threads_for(k * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
@@ -123,7 +134,7 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
       }
     }
   }
-  store_sum(partial, threads, h, y);
+  store_sum(partial, threads, h, y, add_to);
   return {up_rows, active};
 }
 
@@ -132,7 +143,7 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
 // thread's fp32 partial y. Returns the number of non-zero h_i.
 template <typename T>
 int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t n, int64_t h, Act act,
-                   bool act_up, T* y) {
+                   bool act_up, T* y, const T* add_to) {
   const int threads = threads_for(n * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
   int64_t active = 0;
@@ -158,7 +169,7 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
       axpy4(acc, w, r, next, h);
     }
   }
-  store_sum(partial, threads, h, y);
+  store_sum(partial, threads, h, y, add_to);
   return active;
 }
 
@@ -166,15 +177,17 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
 
 std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, const torch::Tensor& wu,
                                                       const torch::Tensor& wd_t, const torch::Tensor& x,
-                                                      bool relu_up) {
+                                                      bool relu_up, const std::optional<torch::Tensor>& add_to) {
   check_ffn(wg, wu, wd_t, x, "ffn_exact");
+  check_add_to(add_to, x, "ffn_exact");
   const int64_t n = wu.size(0), h = wu.size(1);
   auto y = torch::empty({h}, x.options());
   std::pair<int64_t, int64_t> counts;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     counts = sparse_impl(ptr_of<T>(wg), static_cast<const T*>(nullptr), ptr_of<T>(wu), ptr_of<T>(wd_t),
-                         ptr_of<T>(x), static_cast<const int64_t*>(nullptr), n, h, relu_up, ptr_of<T>(y));
+                         ptr_of<T>(x), static_cast<const int64_t*>(nullptr), n, h, relu_up, ptr_of<T>(y),
+                         add_ptr<T>(add_to));
   });
   return {y, counts.first, counts.second};
 }
@@ -182,12 +195,14 @@ std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, c
 std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, const torch::Tensor& wd_t,
                                                     const torch::Tensor& x, const torch::Tensor& idx,
                                                     const std::optional<torch::Tensor>& a_given,
-                                                    bool relu_up, const std::optional<torch::Tensor>& wg) {
+                                                    bool relu_up, const std::optional<torch::Tensor>& wg,
+                                                    const std::optional<torch::Tensor>& add_to) {
   TORCH_CHECK(a_given || wg, "up_down: give a, or Wg to compute a = relu(Wg[idx] x)");
   check_ffn(wg ? *wg : wu, wu, wd_t, x, "up_down");
   check_idx(idx, wu.size(0), "up_down");
   const int64_t k = idx.size(0);
   if (a_given) check_vector(*a_given, "a", k, wu.scalar_type(), "up_down");
+  check_add_to(add_to, x, "up_down");
   auto y = torch::empty({wu.size(1)}, wu.options());
   std::pair<int64_t, int64_t> counts;
   by_dtype(x, [&](auto* p) {
@@ -195,15 +210,17 @@ std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, con
     counts = sparse_impl(wg ? ptr_of<T>(*wg) : static_cast<const T*>(nullptr),
                          a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr), ptr_of<T>(wu),
                          ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k, wu.size(1), relu_up,
-                         ptr_of<T>(y));
+                         ptr_of<T>(y), add_ptr<T>(add_to));
   });
   return {y, counts.first, counts.second};
 }
 
 std::tuple<torch::Tensor, int64_t> ffn_dense(const torch::Tensor& wg, const torch::Tensor& wu,
                                              const torch::Tensor& wd_t, const torch::Tensor& x,
-                                             const std::string& act_name, bool act_up) {
+                                             const std::string& act_name, bool act_up,
+                                             const std::optional<torch::Tensor>& add_to) {
   check_ffn(wg, wu, wd_t, x, "ffn_dense");
+  check_add_to(add_to, x, "ffn_dense");
   const Act act = act_of(act_name);
   const int64_t n = wu.size(0), h = wu.size(1);
   auto y = torch::empty({h}, x.options());
@@ -211,17 +228,18 @@ std::tuple<torch::Tensor, int64_t> ffn_dense(const torch::Tensor& wg, const torc
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     active = dense_impl(ptr_of<T>(wg), ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), n, h, act, act_up,
-                        ptr_of<T>(y));
+                        ptr_of<T>(y), add_ptr<T>(add_to));
   });
   return {y, active};
 }
 
 void register_ffn_ops(pybind11::module& m) {
   m.def("ffn_dense", &ffn_dense, "(y, active): the dense FFN of one token", py::arg("wg"), py::arg("wu"),
-        py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"));
+        py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"), py::arg("add_to") = py::none());
   m.def("ffn_exact", &ffn_exact, "(y, computed, active): the dReLU/ReGLU FFN on the gate-active neurons",
-        py::arg("wg"), py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"));
+        py::arg("wg"), py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"),
+        py::arg("add_to") = py::none());
   m.def("up_down", &up_down, "(y, up_rows, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
         py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("idx"), py::arg("a"), py::arg("relu_up"),
-        py::arg("wg") = py::none());
+        py::arg("wg") = py::none(), py::arg("add_to") = py::none());
 }

@@ -40,6 +40,7 @@
 namespace {
 
 using turbo_demo::bf16_bits;
+using turbo_demo::rounded;
 using turbo_demo::store;
 using turbo_demo::to_f32;
 
@@ -173,13 +174,14 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt, int64_t align
   return {n * t / nt / align * align, t + 1 == nt ? n : n * (t + 1) / nt / align * align};
 }
 
-// y (h,) = the sum of the threads' fp32 partial sums (threads x h), rounded to T once.
+// y (h,) = the sum of the threads' fp32 partial sums (threads x h), rounded to T once; with
+// add_to (h,), add_to + that rounded sum, rounded again (as a separate tensor add would).
 template <typename T>
-void store_sum(const std::vector<float>& partial, int threads, int64_t h, T* y) {
+void store_sum(const std::vector<float>& partial, int threads, int64_t h, T* y, const T* add_to = nullptr) {
   for (int64_t c = 0; c < h; ++c) {
     float s = 0.f;
     for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * h + c];
-    store(y + c, s);
+    store(y + c, add_to ? to_f32(add_to[c]) + rounded<T>(s) : s);
   }
 }
 
@@ -192,11 +194,13 @@ void by_dtype(const torch::Tensor& t, Fn fn) {
     fn(static_cast<bf16_bits*>(nullptr));
 }
 
+// dot_impl's loop, shared among the threads of the enclosing parallel region (an orphaned
+// `omp for`, without the barrier at its end): several products in one region, as
+// attention_step's q, k and v, cost one fork and join instead of one each.
 template <typename T>
-void dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
+void dot_rows(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
   const int64_t groups = (k + 3) / 4;
-  const int threads = threads_for(k * h);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < groups; ++g) {
     const T *r[4], *next[4];
     float out[4];
@@ -204,6 +208,13 @@ void dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64
     dot4(r, next, x, h, out);
     for (int t = 0; t < 4 && 4 * g + t < k; ++t) store(y + 4 * g + t, out[t]);
   }
+}
+
+template <typename T>
+void dot_impl(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) {
+  const int threads = threads_for(k * h);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  dot_rows(w, x, idx, y, k, h);
 }
 
 template <typename T>
