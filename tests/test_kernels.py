@@ -210,6 +210,18 @@ def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_argmax_matches_torch(module, dtype):
+    v = torch.randn(4096, generator=torch.Generator().manual_seed(9)).to(dtype)
+    tied = torch.tensor([1.0, 3.0, -2.0, 3.0, 0.5]).to(dtype)  # ties: the first one
+    nan = torch.tensor([1.0, float("nan"), 5.0, float("nan")]).to(dtype)  # NaN counts as largest
+    for case in (v, tied, nan, v[:1]):
+        assert module.argmax(case) == kernels.torch_argmax(case)
+    with pytest.raises(RuntimeError, match="empty"):
+        module.argmax(v[:0])
+
+
+@needs_cpp
 def test_cpp_ffn_steps_on_two_threads(module):
     """Large enough to split the neurons over threads, in blocks, with a ragged last block: the
     dense step, and the exact step and up_down, which share one loop."""

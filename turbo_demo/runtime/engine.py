@@ -42,7 +42,7 @@ def supports(config) -> bool:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     """Greedy for temperature <= 0, else nucleus sampling over softmax(logits / temperature)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return kernels.argmax(logits)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)

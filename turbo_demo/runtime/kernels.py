@@ -48,6 +48,7 @@ and the rest of one token's layer:
                           cos, sin_signed: the rotary tables (max_len, hd), read at row pos
     rms_norm(x, w, eps)   w * x / sqrt(mean(x^2) + eps), normalised in fp32    x (..., H)
     indices_over(v, t, inclusive)   the indices i with v_i > t (>= t if inclusive), ascending
+    argmax(v)             int: the index of the first largest value of v (N,), as torch.argmax
 
 built, in the PyTorch versions (and likewise inside the C++ ones), from
 
@@ -69,7 +70,7 @@ from turbo_demo.errors import UserError
 
 BACKENDS = ("torch", "cpp")
 NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "ffn_dense", "ffn_exact", "predict",
-         "rms_norm", "attention_step", "indices_over")
+         "rms_norm", "attention_step", "indices_over", "argmax")
 ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
@@ -168,17 +169,21 @@ def torch_indices_over(v: torch.Tensor, t: float, inclusive: bool) -> torch.Tens
     return torch.nonzero(v >= t if inclusive else v > t).squeeze(1)
 
 
+def torch_argmax(v: torch.Tensor) -> int:
+    return int(v.argmax())
+
+
 _TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_ffn_dense,
-          torch_ffn_exact, torch_predict, torch_rms_norm, torch_attention_step, torch_indices_over)
+          torch_ffn_exact, torch_predict, torch_rms_norm, torch_attention_step, torch_indices_over, torch_argmax)
 (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm, attention_step,
- indices_over) = _TORCH
+ indices_over, argmax) = _TORCH
 _backend = "torch"
 
 
 def use_backend(name: str) -> None:
     """Rebind the kernels: "torch" (always works) or "cpp" (builds on first use)."""
     global rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm
-    global attention_step, indices_over, _backend
+    global attention_step, indices_over, argmax, _backend
     if name == "torch":
         functions = _TORCH
     elif name == "cpp":
@@ -189,7 +194,7 @@ def use_backend(name: str) -> None:
     else:
         raise UserError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm,
-     attention_step, indices_over) = functions
+     attention_step, indices_over, argmax) = functions
     _backend = name
 
 
