@@ -203,6 +203,6 @@ class Runtime(Decoder):
             # x + W_o attention(n1(x)), with k and v of this position written into the caches
             x = kernels.attention_step(x, attn[0], self.eps, *attn[1:], k_cache, v_cache, self.cos,
                                        self.sin_signed, pos, first)
-            x = ffn.step(kernels.rms_norm(x, ffn_norm, self.eps), x, add_residual=True)
+            x = ffn.step(kernels.rms_norm(x, ffn_norm, self.eps), x, add_to=x)
         self.pos += 1
         return self.logits(x)

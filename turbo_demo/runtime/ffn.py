@@ -91,10 +91,9 @@ class FFN:
         """Dense FFN for x (..., H), as in prefill."""
         return self.dense_h(x) @ self.wd_t
 
-    def step(self, x: torch.Tensor, r: torch.Tensor, add_residual: bool = False) -> torch.Tensor:
-        """One token: x (H,) normed input, r (H,) residual -> y (H,), or r + y with add_residual
-        (the layer's residual add, fused into the step's kernel); fills self.record."""
-        add_to = r if add_residual else None
+    def step(self, x: torch.Tensor, r: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: x (H,) normed input, r (H,) residual -> y (H,), or add_to + y (the layer's
+        residual add, fused into the step's kernel); fills self.record."""
         y, active = kernels.ffn_dense(self.wg, self.wu, self.wd_t, x, self.act_name, self.drelu, add_to)
         self.record = LayerRecord(computed=self.n, active=active, bytes=3 * self.n * self.row_bytes)
         return y
@@ -147,9 +146,8 @@ class ExactFFN(FFN):
                 f"{config.hidden_act}: use the threshold mode for SwiGLU models"
             )
 
-    def step(self, x, r, add_residual=False):
-        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu,
-                                                r if add_residual else None)
+    def step(self, x, r, add_to=None):
+        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu, add_to)
         self.record = LayerRecord(computed=computed, active=active,
                                   bytes=(self.n + computed + active) * self.row_bytes)
         return y
@@ -180,9 +178,8 @@ class PredictorFFN(FFN):
         self.predictor_bytes = (self.fc1.numel() + rows * self.n) * self.fc1.element_size()
         return idx
 
-    def step(self, x, r, add_residual=False):
+    def step(self, x, r, add_to=None):
         idx = self.select(r)
-        add_to = r if add_residual else None
         if kernels.backend() == "torch" and len(idx) > DENSE_FALLBACK_SHARE * self.n:
             y = kernels.plus(self.masked_dense(x, idx), add_to)
         else:
@@ -217,10 +214,10 @@ class ThresholdFFN(FFN):
             self.threshold = float(torch.quantile(a[:1_000_000], self.target)) if self.target > 0 else 0.0
         return super().batch(x)
 
-    def step(self, x, r, add_residual=False):
+    def step(self, x, r, add_to=None):
         a = self.act(kernels.matvec(self.wg, x))
         idx = kernels.indices_over(a.abs(), self.threshold, False)
-        y = self.finish(x, idx, a.index_select(0, idx), self.n * self.row_bytes, r if add_residual else None)
+        y = self.finish(x, idx, a.index_select(0, idx), self.n * self.row_bytes, add_to)
         if self.audit:
             self.last = (x, idx)
         return y
