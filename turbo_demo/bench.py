@@ -115,6 +115,10 @@ def round_robin(calls: dict, rounds: int, bar) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -312,7 +316,7 @@ def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Setti
             ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[engine])
             sparsity = 1 - statistics.mean(c for st in steps[engine] for c in st.computed_share)
             stats_share = stats_cost[engine] / per_token
-        results.append({"model": label, "dtype": str(model.dtype).removeprefix("torch."),
+        results.append({"model": label, "dtype": dtype_name(model.dtype),
                         "engine": engine, "tokens_per_s": 1 / per_token,
                         "sparsity": sparsity,
                         "bandwidth_share": (other + ffn_bytes) / (gbps * 1e9) / per_token,
@@ -338,8 +342,8 @@ def bench_e2e(s: Settings, gbps: float, notes: list[str], progress: bool) -> lis
     if predictor is None:
         notes.append("embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "
                      "predictors`), predictor engine skipped")
-    notes.append(f"embedded-drelu: in {str(s.dtype).removeprefix('torch.')} and in "
-                 f"{str(APP_DTYPE).removeprefix('torch.')}, the dtype the app runs it in")
+    notes.append(f"embedded-drelu: in {dtype_name(s.dtype)} and in "
+                 f"{dtype_name(APP_DTYPE)}, the dtype the app runs it in")
     return results
 
 
@@ -355,7 +359,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
             gbps, method = read_bandwidth(buf, bar)
             bar.close()
             machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "backend": kernels.backend(), "dtype": str(s.dtype).removeprefix("torch."),
+                       "backend": kernels.backend(), "dtype": dtype_name(s.dtype),
                        "read_gbps": gbps, "read_method": method}
             ffn = bench_ffn(s, buf, progress)
             del buf
