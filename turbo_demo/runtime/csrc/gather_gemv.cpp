@@ -19,32 +19,25 @@
 
 namespace {
 
-// Runs impl on the raw float or bf16 storage of (w, v, y); idx may be null (every row).
-template <typename Impl>
-void dispatch(Impl impl, const torch::Tensor& w, const torch::Tensor& v, const int64_t* idx,
-              torch::Tensor& y, int64_t k) {
-  const int64_t h = w.size(1);
-  if (w.scalar_type() == at::kFloat)
-    impl(w.data_ptr<float>(), v.data_ptr<float>(), idx, y.data_ptr<float>(), k, h);
-  else
-    impl(reinterpret_cast<const bf16_bits*>(w.data_ptr<at::BFloat16>()),
-         reinterpret_cast<const bf16_bits*>(v.data_ptr<at::BFloat16>()), idx,
-         reinterpret_cast<bf16_bits*>(y.data_ptr<at::BFloat16>()), k, h);
+// y (k,) = dot_impl over the rows idx of w (null: every row), in w's dtype.
+torch::Tensor dot(const torch::Tensor& w, const torch::Tensor& x, const int64_t* idx, int64_t k) {
+  auto y = torch::empty({k}, w.options());
+  by_dtype(w, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    dot_impl(ptr_of<T>(w), ptr_of<T>(x), idx, ptr_of<T>(y), k, w.size(1));
+  });
+  return y;
 }
 
-struct Dot {
-  template <typename T>
-  void operator()(const T* w, const T* x, const int64_t* idx, T* y, int64_t k, int64_t h) const {
-    dot_impl(w, x, idx, y, k, h);
-  }
-};
-
-struct Axpy {
-  template <typename T>
-  void operator()(const T* w, const T* hv, const int64_t* idx, T* y, int64_t k, int64_t h) const {
-    axpy_impl(w, hv, idx, y, k, h);
-  }
-};
+// y (H,) = axpy_impl over the rows idx of wt (null: every row), in wt's dtype.
+torch::Tensor axpy(const torch::Tensor& wt, const torch::Tensor& hv, const int64_t* idx, int64_t k) {
+  auto y = torch::empty({wt.size(1)}, wt.options());
+  by_dtype(wt, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    axpy_impl(ptr_of<T>(wt), ptr_of<T>(hv), idx, ptr_of<T>(y), k, wt.size(1));
+  });
+  return y;
+}
 
 }  // namespace
 
@@ -52,34 +45,26 @@ torch::Tensor rows_dot(const torch::Tensor& w, const torch::Tensor& x, const tor
   check_weight(w, "rows_dot");
   check_vector(x, "x", w.size(1), w.scalar_type(), "rows_dot");
   check_idx(idx, w.size(0), "rows_dot");
-  auto y = torch::empty({idx.size(0)}, w.options());
-  dispatch(Dot{}, w, x, idx.data_ptr<int64_t>(), y, idx.size(0));
-  return y;
+  return dot(w, x, idx.data_ptr<int64_t>(), idx.size(0));
 }
 
 torch::Tensor rows_axpy(const torch::Tensor& wt, const torch::Tensor& hv, const torch::Tensor& idx) {
   check_weight(wt, "rows_axpy");
   check_idx(idx, wt.size(0), "rows_axpy");
   check_vector(hv, "h", idx.size(0), wt.scalar_type(), "rows_axpy");
-  auto y = torch::empty({wt.size(1)}, wt.options());
-  dispatch(Axpy{}, wt, hv, idx.data_ptr<int64_t>(), y, idx.size(0));
-  return y;
+  return axpy(wt, hv, idx.data_ptr<int64_t>(), idx.size(0));
 }
 
 torch::Tensor matvec(const torch::Tensor& w, const torch::Tensor& x) {
   check_weight(w, "matvec");
   check_vector(x, "x", w.size(1), w.scalar_type(), "matvec");
-  auto y = torch::empty({w.size(0)}, w.options());
-  dispatch(Dot{}, w, x, nullptr, y, w.size(0));
-  return y;
+  return dot(w, x, nullptr, w.size(0));
 }
 
 torch::Tensor vecmat(const torch::Tensor& hv, const torch::Tensor& wt) {
   check_weight(wt, "vecmat");
   check_vector(hv, "h", wt.size(0), wt.scalar_type(), "vecmat");
-  auto y = torch::empty({wt.size(1)}, wt.options());
-  dispatch(Axpy{}, wt, hv, nullptr, y, wt.size(0));
-  return y;
+  return axpy(wt, hv, nullptr, wt.size(0));
 }
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: norms, attention, selection
