@@ -88,13 +88,14 @@ def test_settings_and_bad_names():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_backend_decodes_like_torch(dtype):
     """The benchmark compares engines on the C++ kernels: the fused decode step (RMSNorm, RoPE,
-    cache write, attention, GEMVs) must give the torch path's logits, windowed attention too."""
+    cache write, attention, GEMVs) must give the torch path's logits, windowed attention too,
+    and in fp32 the same neuron firing counts."""
     ids = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14])
     drelu = tiny_model("drelu", predictor_rank=4, sliding_window=6).to(dtype)
     swiglu = tiny_model("dense").to(dtype)
     cases = {"dense": (drelu, {}), "exact": (drelu, {}), "predictor": (drelu, {"budget": 0.5}),
              "threshold": (swiglu, {"threshold": 0.02})}  # the last: an up branch without ReLU
-    out, before = {}, kernels.backend()
+    out, firing, before = {}, {}, kernels.backend()
     try:
         for backend in ("torch", "cpp"):
             kernels.use_backend(backend)
@@ -102,9 +103,13 @@ def test_cpp_backend_decodes_like_torch(dtype):
                 runtime = Runtime(model, mode, **options)
                 logits = [runtime.prefill(ids[:4])] + [runtime.decode(int(t)) for t in ids[4:]]
                 out[backend, mode] = torch.stack(logits).float()
+                firing[backend, mode] = torch.stack([ffn.firing for ffn in runtime.ffns])
     finally:
         kernels.use_backend(before)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for mode in cases:
         torch.testing.assert_close(out["cpp", mode], out["torch", mode], **tol)
+        assert firing["cpp", mode].sum() > 0
+        if dtype == torch.float32:
+            assert torch.equal(firing["cpp", mode], firing["torch", mode])
     torch.testing.assert_close(out["cpp", "exact"], out["cpp", "dense"], **tol)

@@ -174,6 +174,31 @@ def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ffn_steps_count_the_firing_neurons(module, dtype):
+    """counts[i] += 1 where h_i != 0, in both backends: over every neuron (dense, exact), and
+    over a selection that repeats neurons (up_down: each occurrence counts)."""
+    wg, wu, wd_t, x = ffn_case(97, 203, dtype, seed=7)
+    h = kernels.torch_matvec(wg, x).relu() * kernels.torch_matvec(wu, x).relu()
+    fired = (h != 0).to(torch.int32)
+    idx = torch.tensor([1, 4, 4, 90, 7, 1, 1, 60])
+    picked = torch.zeros(97, dtype=torch.int32).index_add_(0, idx, fired[idx])
+    assert 0 < int(fired.sum()) < 97 and int(picked.sum()) > 0
+    for fns in ((module.ffn_dense, module.ffn_exact, module.up_down),
+                (kernels.torch_ffn_dense, kernels.torch_ffn_exact, kernels.torch_up_down)):
+        dense, exact, up_down = fns
+        steps = ((dense, (wg, wu, wd_t, x, "relu", True), fired), (exact, (wg, wu, wd_t, x, True), fired),
+                 (up_down, (wu, wd_t, x, idx, None, True, wg), picked))
+        for fn, args, expected in steps:
+            counts = torch.full((97,), 5, dtype=torch.int32)
+            fn(*args, counts=counts)
+            fn(*args, counts=counts)
+            assert torch.equal(counts, 5 + 2 * expected)
+    with pytest.raises(RuntimeError, match="counts must be"):
+        module.ffn_exact(wg, wu, wd_t, x, True, counts=torch.zeros(97))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_predict_matches_torch(module, dtype):
     g = torch.Generator().manual_seed(3)
     fc1, fc2_t = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, 300, generator=g).to(dtype)
@@ -241,8 +266,10 @@ def test_cpp_ffn_steps_on_two_threads(module):
             idx = torch.arange(0, 3001, 2)  # a predicted set, with its gate values given or not
             a = torch.randn(len(idx), generator=torch.Generator().manual_seed(6)).relu()
             for args in ((None, True, wg), (a, False, None)):
-                got, ref = module.up_down(wu, wd_t, x, idx, *args), kernels.torch_up_down(wu, wd_t, x, idx, *args)
+                counts = [torch.zeros(3001, dtype=torch.int32) for _ in range(2)]
+                got = module.up_down(wu, wd_t, x, idx, *args, counts=counts[0])
+                ref = kernels.torch_up_down(wu, wd_t, x, idx, *args, counts=counts[1])
                 torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
-                assert got[1:] == ref[1:]
+                assert got[1:] == ref[1:] and torch.equal(counts[0], counts[1])
     finally:
         torch.set_num_threads(before)

@@ -90,9 +90,11 @@ def test_statistics_of_a_hand_built_layer(monkeypatch):
     row = 4 * 4  # bytes of one fp32 row of H = 4
     assert (exact.record.computed, exact.record.active) == (3, 2)
     assert exact.record.bytes == 6 * row + 3 * row + 2 * row  # all gate rows, 3 up, 2 down
+    assert exact.firing.tolist() == [1, 0, 0, 1, 0, 0]
     dense = make_ffn("dense", mlp, config, 0)
     dense.step(x, x)
     assert (dense.record.computed, dense.record.active, dense.record.bytes) == (6, 2, 18 * row)
+    assert dense.firing.tolist() == [1, 0, 0, 1, 0, 0]
     # the predictor picks 0, 1, 3, 4: four gate rows; up only where the gate is on (0, 3); down
     # where h != 0 (0, 3); of the predictor, fc1 and the one row of fc2_t whose z is non-zero
     monkeypatch.setattr(ffn_module, "DENSE_FALLBACK_SHARE", 1.0)  # the gathered path, in torch too
@@ -100,6 +102,33 @@ def test_statistics_of_a_hand_built_layer(monkeypatch):
     torch.testing.assert_close(predictor.step(x, x), mlp(x))
     assert (predictor.record.computed, predictor.record.active) == (4, 2)
     assert predictor.record.bytes == (8 + 1 * 6) * 4 + 4 * row + 2 * row + 2 * row
+    predictor.step(-x, -x)  # scores r_0 * (...) < 0 for 0, 1, 3, 4: it picks 2 and 5, which are off
+    assert predictor.firing.tolist() == [1, 0, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("engine", [Runtime, TransformersRuntime])
+@pytest.mark.parametrize("mode,options", [("dense", {}), ("exact", {}), ("predictor", {"budget": 0.5})])
+def test_firing_counts_add_up_to_each_steps_active_neurons(engine, mode, options):
+    runtime = engine(tiny_model("drelu", predictor_rank=4, seed=2), mode, **options)
+    list(runtime.generate([5, 6, 7], max_new_tokens=4))  # counts start afresh with each generation
+    steps = list(runtime.generate([5, 6, 7, 8], max_new_tokens=6))
+    counts = runtime.firing_counts()
+    assert len(counts) == 2 and all(len(layer) == 128 for layer in counts)
+    for layer, per_neuron in enumerate(counts):
+        assert max(per_neuron) <= len(steps)
+        assert sum(per_neuron) == round(sum(s.active_share[layer] * 128 for s in steps))
+
+
+def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys):
+    from turbo_demo import cli
+
+    assert cli.main(["generate", str(tiny_dirs["drelu"]), "--mode", "exact", "--prompt", "def add",
+                     "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == len(out["steps"]) == 5 and out["engine"] == "lean"
+    assert [len(layer) for layer in out["firing_counts"]] == [128, 128]
+    active = sum(round(s["active_share"][0] * 128) for s in out["steps"])
+    assert sum(out["firing_counts"][0]) == active > 0
 
 
 def test_predictor_audit_measures_recall():

@@ -89,7 +89,8 @@ def cmd_generate(args) -> None:
         return
     print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
                       "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
-                      "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps]}))
+                      "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps],
+                      "firing_counts": runtime.firing_counts()}))
 
 
 def cmd_card(args) -> None:

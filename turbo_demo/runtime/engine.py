@@ -66,6 +66,11 @@ class Decoder:
     def close(self) -> None:
         """Give the model back as it was loaded (the transformers engine swaps its MLPs)."""
 
+    def firing_counts(self) -> list[list[int]]:
+        """Per layer and neuron: in how many decode steps of the last generation the neuron fired
+        (h != 0 among the neurons its mode computed)."""
+        return [ffn.firing.tolist() for ffn in self.ffns]
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop: Event | None = None,
                  eos_token_id: int | None = None, audit: bool = False) -> Iterator[StepStats]:
@@ -80,6 +85,8 @@ class Decoder:
         gen = torch.Generator().manual_seed(seed)
         max_new_tokens = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
         self.audit(audit)
+        for ffn in self.ffns:
+            ffn.firing.zero_()
         if len(prompt_ids) > 1:
             self.prefill(torch.tensor(prompt_ids[:-1]))
         else:

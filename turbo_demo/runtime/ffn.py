@@ -10,7 +10,9 @@ All modes compute, for one token's normed hidden state x (H,) and residual r (H,
     threshold  gate for every neuron, then up and down only where |act(W_gate x)_i| > t_i
                (CATS / TEAL-style; t_i calibrated per layer for a target sparsity)
 
-with up(x) = act(W_up x) for dReLU and W_up x otherwise. W_down is kept neuron-major
+with up(x) = act(W_up x) for dReLU and W_up x otherwise. Every step adds 1 to firing[i] (I,)
+for each neuron i with h_i != 0 among those it computed: the neuron firing counts, kept by
+the kernels' own loops (the runtime zeroes them when a generation starts). W_down is kept neuron-major
 (W_down_t, (I, H)), and the predictor's fc2 input-major (fc2_t, (rank, I)): the HF module's
 weight becomes a transposed view of the same storage, so there is still one copy of every
 weight.
@@ -74,6 +76,7 @@ class FFN:
         self.n, self.h = self.wg.shape
         self.row_bytes = self.h * self.wg.element_size()
         self.record = LayerRecord()
+        self.firing = torch.zeros(self.n, dtype=torch.int32)
         # When set, step() keeps (x, computed idx) so that audit_recall can run after timing.
         self.audit = False
         self.last = None
@@ -94,7 +97,8 @@ class FFN:
     def step(self, x: torch.Tensor, r: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """One token: x (H,) normed input, r (H,) residual -> y (H,), or add_to + y (the layer's
         residual add, fused into the step's kernel); fills self.record."""
-        y, active = kernels.ffn_dense(self.wg, self.wu, self.wd_t, x, self.act_name, self.drelu, add_to)
+        y, active = kernels.ffn_dense(self.wg, self.wu, self.wd_t, x, self.act_name, self.drelu, add_to,
+                                      self.firing)
         self.record = LayerRecord(computed=self.n, active=active, bytes=3 * self.n * self.row_bytes)
         return y
 
@@ -112,9 +116,10 @@ class FFN:
             a_sel = self.act(kernels.rows_dot(self.wg, x, idx))
         if fused:
             y, up_rows, active = kernels.up_down(self.wu, self.wd_t, x, idx, a_sel, self.drelu,
-                                                 self.wg if a_sel is None else None, add_to)
+                                                 self.wg if a_sel is None else None, add_to, self.firing)
         else:
             h = a_sel * self.up(kernels.rows_dot(self.wu, x, idx))
+            kernels.count_firing(self.firing, idx, h)
             y = kernels.plus(kernels.rows_axpy(self.wd_t, h, idx), add_to)
             up_rows, active = len(idx), int(torch.count_nonzero(h))
         self.record = LayerRecord(computed=len(idx), active=active,
@@ -147,7 +152,7 @@ class ExactFFN(FFN):
             )
 
     def step(self, x, r, add_to=None):
-        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu, add_to)
+        y, computed, active = kernels.ffn_exact(self.wg, self.wu, self.wd_t, x, self.drelu, add_to, self.firing)
         self.record = LayerRecord(computed=computed, active=active,
                                   bytes=(self.n + computed + active) * self.row_bytes)
         return y
@@ -192,6 +197,7 @@ class PredictorFFN(FFN):
         """The same result as the gathered path, computed densely (faster for large sets)."""
         mask = torch.zeros(self.n, dtype=x.dtype).index_fill_(0, idx, 1)
         h = self.dense_h(x) * mask
+        self.firing += h != 0
         self.record = LayerRecord(computed=len(idx), active=int(torch.count_nonzero(h)),
                                   bytes=self.predictor_bytes + 3 * self.n * self.row_bytes)
         return kernels.vecmat(h, self.wd_t)

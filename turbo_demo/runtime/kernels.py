@@ -16,7 +16,7 @@ serve the dense FFN and the attention projections of one token:
 and a sparse FFN step on the neurons idx, once their activated gate values a (k,) are known
 (or, with a = None, a = relu(rows_dot(Wg, x, idx))):
 
-    up_down(Wu, Wd_t, x, idx, a, relu_up, Wg=None, add_to=None) -> (y, up_rows, active)
+    up_down(Wu, Wd_t, x, idx, a, relu_up, Wg=None, add_to=None, counts=None) -> (y, up_rows, active)
                           h = a * act(rows_dot(Wu, x, idx)), act = relu or identity,
                           y = rows_axpy(Wd_t, h, idx), active = the number of non-zero h_j;
                           the up rows of neurons with a_j = 0 (h_j = 0 anyway) are not read:
@@ -25,15 +25,17 @@ and a sparse FFN step on the neurons idx, once their activated gate values a (k,
 whole FFN steps of one token, one call each (the C++ versions skip the tensor operations
 in between, whose fixed costs outweigh a small layer's arithmetic):
 
-    ffn_dense(Wg, Wu, Wd_t, x, act, act_up, add_to=None) -> (y, active)
+    ffn_dense(Wg, Wu, Wd_t, x, act, act_up, add_to=None, counts=None) -> (y, active)
                           h = act(Wg x) * (act(Wu x) if act_up else Wu x), y = h Wd_t,
                           active = the number of non-zero h_i; act in ACTS
-    ffn_exact(Wg, Wu, Wd_t, x, relu_up, add_to=None) -> (y, computed, active)
+    ffn_exact(Wg, Wu, Wd_t, x, relu_up, add_to=None, counts=None) -> (y, computed, active)
                           S = {i : (Wg x)_i > 0}, computed = |S|, then up_down on S
 
                           up_down, ffn_dense and ffn_exact return add_to + y when given
                           add_to (H,): the layer's residual add, fused (at batch 1 a separate
-                          tensor op costs more than the add: ~8% of a small model's step)
+                          tensor op costs more than the add: ~8% of a small model's step);
+                          given counts (N,) int32, they add 1 to counts[i] for every neuron
+                          with h_i != 0 (the runtime's neuron firing counts)
 
     predict(fc1, fc2_t, r, threshold, budget) -> (idx, rows)
                           z = relu(fc1 r) (R,), score = z fc2_t (I,) (fc2_t (R, I) input-major:
@@ -99,27 +101,38 @@ def plus(y: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
     return y if add_to is None else add_to + y
 
 
-def torch_up_down(wu, wd_t, x, idx, a, relu_up: bool, wg=None, add_to=None) -> tuple[torch.Tensor, int, int]:
+def count_firing(counts: torch.Tensor | None, idx: torch.Tensor, h: torch.Tensor) -> None:
+    """counts[idx_j] += 1 for every h_j != 0 (repeated indices count once each)."""
+    if counts is not None:
+        counts.index_add_(0, idx, (h != 0).to(counts.dtype))
+
+
+def torch_up_down(wu, wd_t, x, idx, a, relu_up: bool, wg=None, add_to=None,
+                  counts=None) -> tuple[torch.Tensor, int, int]:
     if a is None:
         a = torch.relu(torch_rows_dot(wg, x, idx))
     live = a != 0
     idx, a = idx[live], a[live]
     u = torch_rows_dot(wu, x, idx)
     h = a * (torch.relu(u) if relu_up else u)
+    count_firing(counts, idx, h)
     return plus(torch_rows_axpy(wd_t, h, idx), add_to), idx.numel(), int(torch.count_nonzero(h))
 
 
-def torch_ffn_dense(wg, wu, wd_t, x, act: str, act_up: bool, add_to=None) -> tuple[torch.Tensor, int]:
+def torch_ffn_dense(wg, wu, wd_t, x, act: str, act_up: bool, add_to=None, counts=None) -> tuple[torch.Tensor, int]:
     f = ACTS[act]
     u = torch.mv(wu, x)
     h = f(torch.mv(wg, x)) * (f(u) if act_up else u)
+    if counts is not None:
+        counts += h != 0
     return plus(h @ wd_t, add_to), int(torch.count_nonzero(h))
 
 
-def torch_ffn_exact(wg, wu, wd_t, x, relu_up: bool, add_to=None) -> tuple[torch.Tensor, int, int]:
+def torch_ffn_exact(wg, wu, wd_t, x, relu_up: bool, add_to=None, counts=None) -> tuple[torch.Tensor, int, int]:
     g = torch.mv(wg, x)
     idx = torch_indices_over(g, 0.0, False)
-    y, _, active = torch_up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up, add_to=add_to)
+    y, _, active = torch_up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up, add_to=add_to,
+                                 counts=counts)
     return y, idx.numel(), active
 
 

@@ -6,6 +6,8 @@ Per layer and step, an FFN mode records:
     bytes      FFN weight bytes read (gate, up, down and the predictor)
 and, where the step was audited against the dense FFN (predictor and threshold modes):
     recall     share of the truly active neurons (h != 0 in the dense FFN) that were computed
+Per neuron, over a generation, each FFN counts the steps in which it fired (FFN.firing, read
+through Decoder.firing_counts): the hot and cold neurons of PowerInfer.
 """
 
 from dataclasses import asdict, dataclass, field

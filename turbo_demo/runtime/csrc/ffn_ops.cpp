@@ -1,13 +1,13 @@
 // Whole FFN steps of one token, one call each: at batch 1 the fixed cost of the five to ten
 // tensor operations a step takes otherwise outweighs the arithmetic of a small layer.
 //
-//   ffn_dense(Wg, Wu, Wd_t, x, act, act_up, add_to) -> (y, active)
+//   ffn_dense(Wg, Wu, Wd_t, x, act, act_up, add_to, counts) -> (y, active)
 //       h = act(Wg x) * (act(Wu x) if act_up else Wu x), y = h Wd_t over every row of Wd_t,
 //       active = #{i : h_i != 0}; act: "relu", "silu" (x sigmoid(x)) or "gelu" (erf form)
-//   ffn_exact(Wg, Wu, Wd_t, x, relu_up, add_to) -> (y, computed, active)
+//   ffn_exact(Wg, Wu, Wd_t, x, relu_up, add_to, counts) -> (y, computed, active)
 //       g = Wg x, S = {i : g_i > 0} (computed = |S|), then up_down on S with a = g[S]: equal to
 //       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t
-//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg, add_to) -> (y, up_rows, active)
+//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg, add_to, counts) -> (y, up_rows, active)
 //       a sparse FFN step on the neurons idx once their activated gate values a (k,) are known,
 //       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
 //       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}; the up row of a
@@ -16,6 +16,8 @@
 // With add_to (H,) (optional), each returns add_to + y instead of y: the residual add of the
 // layer, fused, since at batch 1 a separate tensor add costs more than the sum itself (about
 // 8% of a small model's decode step, mostly the caches it finds cold after the FFN's stream).
+// With counts (N,) int32 (optional), each adds 1 to counts[i] for every neuron i with h_i != 0:
+// the neuron firing counts of the runtime's statistics, kept by the loops that find h anyway.
 //
 // Each step is one pass in one parallel region (dense_impl, sparse_impl): at a small model's
 // size, three separate passes with their thread start-ups and partial sums cost 15-25% more.
@@ -69,6 +71,15 @@ const T* add_ptr(const std::optional<torch::Tensor>& add_to) {
   return add_to ? ptr_of<T>(*add_to) : nullptr;
 }
 
+// counts (N,) int32, one per neuron of the weights; its storage, or null without counts.
+int32_t* counts_ptr(const std::optional<torch::Tensor>& counts, int64_t n, const char* fn) {
+  if (!counts) return nullptr;
+  TORCH_CHECK(counts->device().is_cpu() && counts->is_contiguous() && counts->dim() == 1 &&
+                  counts->size(0) == n && counts->scalar_type() == at::kInt,
+              fn, ": counts must be a contiguous CPU int32 tensor of shape (", n, ",)");
+  return counts->data_ptr<int32_t>();
+}
+
 // A sparse FFN step in one pass over the candidate neurons (idx (k,), or every neuron when
 // idx is null): a_j = relu(Wg[n_j] x), or a_given[j] when given; h_j = a_j * act(Wu[n_j] x)
 // for the a_j != 0 (the others' up rows are not read); y = sum of h_j Wd_t[n_j] over h_j != 0.
@@ -76,12 +87,13 @@ const T* add_ptr(const std::optional<torch::Tensor>& add_to) {
 // share in blocks of kBlock (so that its buffers fit on the stack): the block's gate rows, then
 // the up rows of its live neurons, then the down rows of its active ones, summed into the
 // thread's fp32 partial y (larger blocks measured faster, 64 < 256 <= 1024, at both the 7B and
-// the embedded shape). Returns (up rows read, active). Values are rounded to T where separate
-// tensor operations would store them.
+// the embedded shape). Returns (up rows read, active), and counts the active neurons in counts
+// (when given; atomically, since idx may repeat a neuron in another thread's share). Values are
+// rounded to T where separate tensor operations would store them.
 template <typename T>
 std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* wu, const T* wd_t,
                                         const T* x, const int64_t* idx, int64_t k, int64_t h,
-                                        bool relu_up, T* y, const T* add_to) {
+                                        bool relu_up, T* y, const T* add_to, int32_t* counts) {
   constexpr int64_t kBlock = 1024;
   const int threads = threads_for(k * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
@@ -126,6 +138,11 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
         n += h_live[j] != 0.f;
       }
       active += n;
+      if (counts)
+        for (int64_t j = 0; j < n; ++j) {
+#pragma omp atomic
+          ++counts[live[j]];
+        }
       for (int64_t j = 0; j < n; j += 4) {
         float w[4];
         group(wd_t, live, j, n, h, r, next);
@@ -140,10 +157,11 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
 
 // The dense step in one pass, like sparse_impl but over every neuron: per group of four, the
 // gate and up rows, then the down rows (all of them: dense reads every row), summed into the
-// thread's fp32 partial y. Returns the number of non-zero h_i.
+// thread's fp32 partial y. Returns the number of non-zero h_i, and counts them in counts when
+// given (each thread its own rows).
 template <typename T>
 int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t n, int64_t h, Act act,
-                   bool act_up, T* y, const T* add_to) {
+                   bool act_up, T* y, const T* add_to, int32_t* counts) {
   const int threads = threads_for(n * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
   int64_t active = 0;
@@ -164,6 +182,7 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
         const float up = act_up ? rounded<T>(apply(act, uv)) : uv;
         w[q] = j + q < r1 ? rounded<T>(rounded<T>(apply(act, rounded<T>(g[q]))) * up) : 0.f;
         active += w[q] != 0.f;
+        if (counts && w[q] != 0.f) ++counts[j + q];
       }
       group(wd_t, static_cast<const int64_t*>(nullptr), j, r1, h, r, next);
       axpy4(acc, w, r, next, h);
@@ -177,69 +196,76 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
 
 std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, const torch::Tensor& wu,
                                                       const torch::Tensor& wd_t, const torch::Tensor& x,
-                                                      bool relu_up, const std::optional<torch::Tensor>& add_to) {
+                                                      bool relu_up, const std::optional<torch::Tensor>& add_to,
+                                                      const std::optional<torch::Tensor>& counts) {
   check_ffn(wg, wu, wd_t, x, "ffn_exact");
   check_add_to(add_to, x, "ffn_exact");
   const int64_t n = wu.size(0), h = wu.size(1);
+  int32_t* count = counts_ptr(counts, n, "ffn_exact");
   auto y = torch::empty({h}, x.options());
-  std::pair<int64_t, int64_t> counts;
+  std::pair<int64_t, int64_t> rows_active;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    counts = sparse_impl(ptr_of<T>(wg), static_cast<const T*>(nullptr), ptr_of<T>(wu), ptr_of<T>(wd_t),
+    rows_active = sparse_impl(ptr_of<T>(wg), static_cast<const T*>(nullptr), ptr_of<T>(wu), ptr_of<T>(wd_t),
                          ptr_of<T>(x), static_cast<const int64_t*>(nullptr), n, h, relu_up, ptr_of<T>(y),
-                         add_ptr<T>(add_to));
+                         add_ptr<T>(add_to), count);
   });
-  return {y, counts.first, counts.second};
+  return {y, rows_active.first, rows_active.second};
 }
 
 std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, const torch::Tensor& wd_t,
                                                     const torch::Tensor& x, const torch::Tensor& idx,
                                                     const std::optional<torch::Tensor>& a_given,
                                                     bool relu_up, const std::optional<torch::Tensor>& wg,
-                                                    const std::optional<torch::Tensor>& add_to) {
+                                                    const std::optional<torch::Tensor>& add_to,
+                                                    const std::optional<torch::Tensor>& counts) {
   TORCH_CHECK(a_given || wg, "up_down: give a, or Wg to compute a = relu(Wg[idx] x)");
   check_ffn(wg ? *wg : wu, wu, wd_t, x, "up_down");
   check_idx(idx, wu.size(0), "up_down");
   const int64_t k = idx.size(0);
   if (a_given) check_vector(*a_given, "a", k, wu.scalar_type(), "up_down");
   check_add_to(add_to, x, "up_down");
+  int32_t* count = counts_ptr(counts, wu.size(0), "up_down");
   auto y = torch::empty({wu.size(1)}, wu.options());
-  std::pair<int64_t, int64_t> counts;
+  std::pair<int64_t, int64_t> rows_active;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    counts = sparse_impl(wg ? ptr_of<T>(*wg) : static_cast<const T*>(nullptr),
+    rows_active = sparse_impl(wg ? ptr_of<T>(*wg) : static_cast<const T*>(nullptr),
                          a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr), ptr_of<T>(wu),
                          ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k, wu.size(1), relu_up,
-                         ptr_of<T>(y), add_ptr<T>(add_to));
+                         ptr_of<T>(y), add_ptr<T>(add_to), count);
   });
-  return {y, counts.first, counts.second};
+  return {y, rows_active.first, rows_active.second};
 }
 
 std::tuple<torch::Tensor, int64_t> ffn_dense(const torch::Tensor& wg, const torch::Tensor& wu,
                                              const torch::Tensor& wd_t, const torch::Tensor& x,
                                              const std::string& act_name, bool act_up,
-                                             const std::optional<torch::Tensor>& add_to) {
+                                             const std::optional<torch::Tensor>& add_to,
+                                             const std::optional<torch::Tensor>& counts) {
   check_ffn(wg, wu, wd_t, x, "ffn_dense");
   check_add_to(add_to, x, "ffn_dense");
   const Act act = act_of(act_name);
   const int64_t n = wu.size(0), h = wu.size(1);
+  int32_t* count = counts_ptr(counts, n, "ffn_dense");
   auto y = torch::empty({h}, x.options());
   int64_t active = 0;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     active = dense_impl(ptr_of<T>(wg), ptr_of<T>(wu), ptr_of<T>(wd_t), ptr_of<T>(x), n, h, act, act_up,
-                        ptr_of<T>(y), add_ptr<T>(add_to));
+                        ptr_of<T>(y), add_ptr<T>(add_to), count);
   });
   return {y, active};
 }
 
 void register_ffn_ops(pybind11::module& m) {
   m.def("ffn_dense", &ffn_dense, "(y, active): the dense FFN of one token", py::arg("wg"), py::arg("wu"),
-        py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"), py::arg("add_to") = py::none());
+        py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"), py::arg("add_to") = py::none(),
+        py::arg("counts") = py::none());
   m.def("ffn_exact", &ffn_exact, "(y, computed, active): the dReLU/ReGLU FFN on the gate-active neurons",
         py::arg("wg"), py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"),
-        py::arg("add_to") = py::none());
+        py::arg("add_to") = py::none(), py::arg("counts") = py::none());
   m.def("up_down", &up_down, "(y, up_rows, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
         py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("idx"), py::arg("a"), py::arg("relu_up"),
-        py::arg("wg") = py::none(), py::arg("add_to") = py::none());
+        py::arg("wg") = py::none(), py::arg("add_to") = py::none(), py::arg("counts") = py::none());
 }
