@@ -216,6 +216,24 @@ def test_cpp_predict_matches_torch(module, dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_ffn_predicted_matches_torch(module, dtype):
+    """The fused predictor step: predict's choice, then up_down on it with the gate computed."""
+    g = torch.Generator().manual_seed(10)
+    wg, wu, wd_t, x = ffn_case(300, 40, dtype, seed=11)
+    fc1, fc2_t = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, 300, generator=g).to(dtype)
+    r = torch.randn(40, generator=g).to(dtype)
+    for threshold, budget in ((0.0, 0), (0.0, 45)):
+        counts = [torch.zeros(300, dtype=torch.int32) for _ in range(2)]
+        got = module.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[0])
+        ref = kernels.torch_ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[1])
+        torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+        assert len(got[1]) == (budget or len(ref[1])) and 0 < got[4] < got[3] <= len(got[1])
+        if dtype == torch.float32:  # bf16 scores may round differently near the cut
+            assert torch.equal(got[1], ref[1]) and got[2:] == ref[2:] and torch.equal(counts[0], counts[1])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,nh,nkv,hd", [(64, 4, 2, 16), (256, 8, 4, 32)])  # q, k, v on one thread; on two
 def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
     g = torch.Generator().manual_seed(4)

@@ -122,9 +122,14 @@ class FFN:
             kernels.count_firing(self.firing, idx, h)
             y = kernels.plus(kernels.rows_axpy(self.wd_t, h, idx), add_to)
             up_rows, active = len(idx), int(torch.count_nonzero(h))
-        self.record = LayerRecord(computed=len(idx), active=active,
-                                  bytes=bytes_read + (up_rows + active) * self.row_bytes)
+        self.note(len(idx), up_rows, active, bytes_read)
         return y
+
+    def note(self, computed: int, up_rows: int, active: int, bytes_read: int) -> None:
+        """Record a sparse step: of the `computed` neurons, up_rows read their up row and the
+        active ones their down row, on top of the bytes_read before (gate rows, predictor)."""
+        self.record = LayerRecord(computed=computed, active=active,
+                                  bytes=bytes_read + (up_rows + active) * self.row_bytes)
 
     def audit_recall(self) -> float | None:
         """Share of the neurons active in the dense FFN (h != 0) that the last step computed.
@@ -174,32 +179,37 @@ class PredictorFFN(FFN):
         self.fc1, self.fc2_t = row_major(predictor.fc1), neuron_major(predictor.fc2)
         self.threshold = config.threshold_of(layer) if threshold is None else threshold
         self.budget = 0 if budget is None else max(1, round(budget * self.n))
-        self.predictor_bytes = 0
 
-    def select(self, r: torch.Tensor) -> torch.Tensor:
-        """Indices (k,) of the neurons predicted active for residual r (H,); sets the bytes of
-        predictor weights the choice read (fc1, and the rows of fc2_t with z_j != 0)."""
-        idx, rows = kernels.predict(self.fc1, self.fc2_t, r, self.threshold, self.budget)
-        self.predictor_bytes = (self.fc1.numel() + rows * self.n) * self.fc1.element_size()
-        return idx
+    def predictor_bytes(self, rows: int) -> int:
+        """Bytes of predictor weights a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
+        return (self.fc1.numel() + rows * self.n) * self.fc1.element_size()
 
     def step(self, x, r, add_to=None):
-        idx = self.select(r)
-        if kernels.backend() == "torch" and len(idx) > DENSE_FALLBACK_SHARE * self.n:
-            y = kernels.plus(self.masked_dense(x, idx), add_to)
+        """The neurons predicted active for the residual r (H,), then the sparse step on them."""
+        if kernels.backend() == "cpp" and self.relu_gate:
+            # one call for the choice and the step (at a small model's size the interpreter
+            # between two calls costs ~6% of a decode step)
+            y, idx, rows, up_rows, active = kernels.ffn_predicted(
+                self.fc1, self.fc2_t, r, self.threshold, self.budget, self.wg, self.wu, self.wd_t, x,
+                self.drelu, add_to, self.firing)
+            self.note(len(idx), up_rows, active, self.predictor_bytes(rows) + len(idx) * self.row_bytes)
         else:
-            y = self.finish(x, idx, None, self.predictor_bytes + len(idx) * self.row_bytes, add_to)
+            idx, rows = kernels.predict(self.fc1, self.fc2_t, r, self.threshold, self.budget)
+            if kernels.backend() == "torch" and len(idx) > DENSE_FALLBACK_SHARE * self.n:
+                y = kernels.plus(self.masked_dense(x, idx, rows), add_to)
+            else:
+                y = self.finish(x, idx, None, self.predictor_bytes(rows) + len(idx) * self.row_bytes, add_to)
         if self.audit:
             self.last = (x, idx)
         return y
 
-    def masked_dense(self, x, idx):
+    def masked_dense(self, x, idx, rows: int):
         """The same result as the gathered path, computed densely (faster for large sets)."""
         mask = torch.zeros(self.n, dtype=x.dtype).index_fill_(0, idx, 1)
         h = self.dense_h(x) * mask
         self.firing += h != 0
         self.record = LayerRecord(computed=len(idx), active=int(torch.count_nonzero(h)),
-                                  bytes=self.predictor_bytes + 3 * self.n * self.row_bytes)
+                                  bytes=self.predictor_bytes(rows) + 3 * self.n * self.row_bytes)
         return kernels.vecmat(h, self.wd_t)
 
 

@@ -42,6 +42,10 @@ in between, whose fixed costs outweigh a small layer's arithmetic):
                           the rows with z_j = 0 add nothing and are not read; rows = how many
                           are), idx = top_indices(score, budget) if budget > 0, else the
                           ascending i with score_i >= threshold
+    ffn_predicted(fc1, fc2_t, r, threshold, budget, Wg, Wu, Wd_t, x, relu_up, add_to=None,
+                  counts=None) -> (y, idx, rows, up_rows, active)
+                          a predictor-mode step in one call: predict, then up_down on idx
+                          with a = None (the gate on the chosen rows)
 
 and the rest of one token's layer:
 
@@ -72,7 +76,7 @@ from turbo_demo.errors import UserError
 
 BACKENDS = ("torch", "cpp")
 NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "ffn_dense", "ffn_exact", "predict",
-         "rms_norm", "attention_step", "indices_over", "argmax")
+         "ffn_predicted", "rms_norm", "attention_step", "indices_over", "argmax")
 ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
@@ -143,6 +147,13 @@ def torch_predict(fc1, fc2_t, r, threshold: float, budget: int) -> tuple[torch.T
     return idx, int(torch.count_nonzero(z))
 
 
+def torch_ffn_predicted(fc1, fc2_t, r, threshold: float, budget: int, wg, wu, wd_t, x, relu_up: bool,
+                        add_to=None, counts=None) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    idx, rows = torch_predict(fc1, fc2_t, r, threshold, budget)
+    y, up_rows, active = torch_up_down(wu, wd_t, x, idx, None, relu_up, wg, add_to, counts)
+    return y, idx, rows, up_rows, active
+
+
 def torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # the normalised x is rounded to x's dtype before the weight multiplies it, as in HF
     return w * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
@@ -187,16 +198,17 @@ def torch_argmax(v: torch.Tensor) -> int:
 
 
 _TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_ffn_dense,
-          torch_ffn_exact, torch_predict, torch_rms_norm, torch_attention_step, torch_indices_over, torch_argmax)
-(rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm, attention_step,
- indices_over, argmax) = _TORCH
+          torch_ffn_exact, torch_predict, torch_ffn_predicted, torch_rms_norm, torch_attention_step,
+          torch_indices_over, torch_argmax)
+(rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted, rms_norm,
+ attention_step, indices_over, argmax) = _TORCH
 _backend = "torch"
 
 
 def use_backend(name: str) -> None:
     """Rebind the kernels: "torch" (always works) or "cpp" (builds on first use)."""
-    global rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm
-    global attention_step, indices_over, argmax, _backend
+    global rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted
+    global rms_norm, attention_step, indices_over, argmax, _backend
     if name == "torch":
         functions = _TORCH
     elif name == "cpp":
@@ -206,7 +218,7 @@ def use_backend(name: str) -> None:
         functions = tuple(getattr(module, n) for n in NAMES)
     else:
         raise UserError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, rms_norm,
+    (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted, rms_norm,
      attention_step, indices_over, argmax) = functions
     _backend = name
 

@@ -12,6 +12,11 @@
 //       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
 //       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}; the up row of a
 //       neuron with a_j = 0 is not read (its h_j is 0 anyway): up_rows = #{j : a_j != 0}
+//   ffn_predicted(fc1, fc2_t, r, threshold, budget, Wg, Wu, Wd_t, x, relu_up, add_to, counts)
+//       -> (y, idx, rows, up_rows, active)
+//       a predictor-mode step: (idx, rows) = predict(fc1, fc2_t, r, threshold, budget) (in
+//       decode_ops.cpp), then up_down on idx with a = relu(Wg[idx] x); one call, since at a
+//       small model's size the interpreter between two calls costs more than the choice
 //
 // With add_to (H,) (optional), each returns add_to + y instead of y: the residual add of the
 // layer, fused, since at batch 1 a separate tensor add costs more than the sum itself (about
@@ -258,6 +263,19 @@ std::tuple<torch::Tensor, int64_t> ffn_dense(const torch::Tensor& wg, const torc
   return {y, active};
 }
 
+std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch::Tensor& fc2_t,
+                                           const torch::Tensor& r, double threshold, int64_t budget);
+
+std::tuple<torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t> ffn_predicted(
+    const torch::Tensor& fc1, const torch::Tensor& fc2_t, const torch::Tensor& r, double threshold,
+    int64_t budget, const torch::Tensor& wg, const torch::Tensor& wu, const torch::Tensor& wd_t,
+    const torch::Tensor& x, bool relu_up, const std::optional<torch::Tensor>& add_to,
+    const std::optional<torch::Tensor>& counts) {
+  auto [idx, rows] = predict(fc1, fc2_t, r, threshold, budget);
+  auto [y, up_rows, active] = up_down(wu, wd_t, x, idx, std::nullopt, relu_up, wg, add_to, counts);
+  return {y, idx, rows, up_rows, active};
+}
+
 void register_ffn_ops(pybind11::module& m) {
   m.def("ffn_dense", &ffn_dense, "(y, active): the dense FFN of one token", py::arg("wg"), py::arg("wu"),
         py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"), py::arg("add_to") = py::none(),
@@ -268,4 +286,9 @@ void register_ffn_ops(pybind11::module& m) {
   m.def("up_down", &up_down, "(y, up_rows, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
         py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("idx"), py::arg("a"), py::arg("relu_up"),
         py::arg("wg") = py::none(), py::arg("add_to") = py::none(), py::arg("counts") = py::none());
+  m.def("ffn_predicted", &ffn_predicted,
+        "(y, idx, rows, up_rows, active): predict's choice of neurons, then up_down on it",
+        py::arg("fc1"), py::arg("fc2_t"), py::arg("r"), py::arg("threshold"), py::arg("budget"), py::arg("wg"),
+        py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"), py::arg("add_to") = py::none(),
+        py::arg("counts") = py::none());
 }
