@@ -12,10 +12,11 @@ All modes compute, for one token's normed hidden state x (H,) and residual r (H,
 
 with up(x) = act(W_up x) for dReLU and W_up x otherwise. Every step adds 1 to firing[i] (I,)
 for each neuron i with h_i != 0 among those it computed: the neuron firing counts, kept by
-the kernels' own loops (the runtime zeroes them when a generation starts). W_down is kept neuron-major
-(W_down_t, (I, H)), and the predictor's fc2 input-major (fc2_t, (rank, I)): the HF module's
-weight becomes a transposed view of the same storage, so there is still one copy of every
-weight.
+the kernels' own loops (the runtime zeroes them when a generation starts).
+
+W_down is kept neuron-major (W_down_t, (I, H)), and the predictor's fc2 input-major (fc2_t,
+(rank, I)): the HF module's weight becomes a transposed view of the same storage, so there is
+still one copy of every weight.
 """
 
 import torch

@@ -211,9 +211,9 @@ std::tuple<torch::Tensor, int64_t, int64_t> ffn_exact(const torch::Tensor& wg, c
   std::pair<int64_t, int64_t> rows_active;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    rows_active = sparse_impl(ptr_of<T>(wg), static_cast<const T*>(nullptr), ptr_of<T>(wu), ptr_of<T>(wd_t),
-                         ptr_of<T>(x), static_cast<const int64_t*>(nullptr), n, h, relu_up, ptr_of<T>(y),
-                         add_ptr<T>(add_to), count);
+    rows_active = sparse_impl(ptr_of<T>(wg), static_cast<const T*>(nullptr), ptr_of<T>(wu),
+                              ptr_of<T>(wd_t), ptr_of<T>(x), static_cast<const int64_t*>(nullptr), n, h,
+                              relu_up, ptr_of<T>(y), add_ptr<T>(add_to), count);
   });
   return {y, rows_active.first, rows_active.second};
 }
@@ -236,9 +236,9 @@ std::tuple<torch::Tensor, int64_t, int64_t> up_down(const torch::Tensor& wu, con
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     rows_active = sparse_impl(wg ? ptr_of<T>(*wg) : static_cast<const T*>(nullptr),
-                         a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr), ptr_of<T>(wu),
-                         ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k, wu.size(1), relu_up,
-                         ptr_of<T>(y), add_ptr<T>(add_to), count);
+                              a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr), ptr_of<T>(wu),
+                              ptr_of<T>(wd_t), ptr_of<T>(x), idx.data_ptr<int64_t>(), k, wu.size(1), relu_up,
+                              ptr_of<T>(y), add_ptr<T>(add_to), count);
   });
   return {y, rows_active.first, rows_active.second};
 }
