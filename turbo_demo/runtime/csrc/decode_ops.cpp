@@ -247,7 +247,7 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
     using T = std::remove_pointer_t<decltype(p)>;
     std::vector<T> n(h), q(s.nh * s.hd), k(s.nkv * s.hd), v(s.nkv * s.hd), out(s.nh * s.hd), o(h);
     rms_norm_impl(ptr_of<T>(x), ptr_of<T>(ln_w), n.data(), 1, h, static_cast<float>(eps));
-    const int threads = threads_for((wq.size(0) + wk.size(0) + wv.size(0)) * h);
+    const int threads = threads_for<T>((wq.size(0) + wk.size(0) + wv.size(0)) * h);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
       dot_rows(ptr_of<T>(wq), n.data(), nullptr, q.data(), wq.size(0), h);

@@ -100,7 +100,7 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
                                         const T* x, const int64_t* idx, int64_t k, int64_t h,
                                         bool relu_up, T* y, const T* add_to, int32_t* counts) {
   constexpr int64_t kBlock = 1024;
-  const int threads = threads_for(k * h);
+  const int threads = threads_for<T>(k * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
   int64_t up_rows = 0, active = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : up_rows, active)
@@ -167,7 +167,7 @@ std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* 
 template <typename T>
 int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t n, int64_t h, Act act,
                    bool act_up, T* y, const T* add_to, int32_t* counts) {
-  const int threads = threads_for(n * h);
+  const int threads = threads_for<T>(n * h);
   std::vector<float> partial(static_cast<size_t>(threads) * h, 0.f);
   int64_t active = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : active)
