@@ -104,8 +104,10 @@ def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: i
     """
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
-    if min(train_tokens, val_tokens) < SEQ_LEN:
+    if train_tokens < SEQ_LEN:
         raise UserError(f"--tokens must be at least one sequence of {SEQ_LEN} tokens, got {train_tokens}")
+    if val_tokens < SEQ_LEN:
+        raise UserError(f"val_tokens must be at least one sequence of {SEQ_LEN} tokens, got {val_tokens}")
     stored_dtype = load_config(model_dir).dtype  # keep the checkpoint's own (16-bit) dtype
     model = load_model(model_dir)
     if isinstance(rank, list) and len(rank) != model.config.num_hidden_layers:
