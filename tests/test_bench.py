@@ -80,7 +80,7 @@ def test_settings_and_bad_names():
     assert settings_for().stack_layers == 8
     with pytest.raises(UserError, match="unknown dtype"):
         settings_for(dtype="int4")
-    with pytest.raises(UserError, match="unknown backend"):
+    with pytest.raises(UserError, match="unknown kernel backend"):
         run_bench(tiny_settings(None), backend="cuda", progress=False)
 
 

@@ -122,7 +122,17 @@ def test_torch_rows_axpy_empty():
 def test_use_backend_unknown_name():
     with pytest.raises(UserError, match="unknown kernel backend"):
         kernels.use_backend("cuda")
+    with pytest.raises(UserError, match="choose auto, torch, cpp"):
+        kernels.select_backend("fast")
     assert kernels.backend() == "torch" and kernels.rows_dot is kernels.torch_rows_dot
+
+
+@needs_cpp
+def test_select_backend_auto_takes_cpp_where_it_builds():
+    builds = []
+    assert kernels.select_backend("auto", lambda: builds.append(1)) == "cpp" == kernels.backend()
+    assert builds == []  # already built for this test session: nothing to announce
+    assert kernels.select_backend("torch") == "torch" and kernels.rows_dot is kernels.torch_rows_dot
 
 
 def ffn_case(n, h, dtype, seed=0):

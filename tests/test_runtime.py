@@ -121,14 +121,19 @@ def test_firing_counts_add_up_to_each_steps_active_neurons(engine, mode, options
 
 def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys):
     from turbo_demo import cli
+    from turbo_demo.runtime import cpp
 
-    assert cli.main(["generate", str(tiny_dirs["drelu"]), "--mode", "exact", "--prompt", "def add",
-                     "--max-new-tokens", "5", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert len(out["token_ids"]) == len(out["steps"]) == 5 and out["engine"] == "lean"
-    assert [len(layer) for layer in out["firing_counts"]] == [128, 128]
-    active = sum(round(s["active_share"][0] * 128) for s in out["steps"])
-    assert sum(out["firing_counts"][0]) == active > 0
+    outs = {}
+    for backend in ("torch", "cpp") if cpp.available() else ("torch",):
+        assert cli.main(["generate", str(tiny_dirs["drelu"]), "--mode", "exact", "--prompt", "def add",
+                         "--max-new-tokens", "5", "--backend", backend, "--json"]) == 0
+        out = outs[backend] = json.loads(capsys.readouterr().out)
+        assert len(out["token_ids"]) == len(out["steps"]) == 5 and out["engine"] == "lean"
+        assert out["backend"] == backend
+        assert [len(layer) for layer in out["firing_counts"]] == [128, 128]
+        active = sum(round(s["active_share"][0] * 128) for s in out["steps"])
+        assert sum(out["firing_counts"][0]) == active > 0
+    assert len({json.dumps([o["token_ids"], o["firing_counts"]]) for o in outs.values()}) == 1
 
 
 def test_predictor_audit_measures_recall():

@@ -123,18 +123,8 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def resolve_backend(name: str, notes: list[str]) -> str:
-    """"cpp", "torch", or for "auto" cpp where it builds; says on stderr when a build is due."""
-    if name not in ("auto", *kernels.BACKENDS):
-        raise UserError(f"unknown backend {name!r}; choose auto, {', '.join(kernels.BACKENDS)}")
-    if name == "torch":
-        return name
-    if not cpp.built():
-        print("building the C++ kernels (first time only, about a minute)...", file=sys.stderr)
-    if name == "cpp" or cpp.available():
-        return "cpp"
-    notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
-    return "torch"
+def announce_build() -> None:
+    print(cpp.BUILD_NOTICE, file=sys.stderr)
 
 
 def cpu_name() -> str:
@@ -351,7 +341,8 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
     """The whole benchmark as one JSON-ready dict: machine, ffn, e2e and notes."""
     notes: list[str] = []
     previous = kernels.backend()
-    kernels.use_backend(resolve_backend(backend, notes))
+    if kernels.select_backend(backend, announce_build) == "torch" and backend == "auto":
+        notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
     try:
         with torch.inference_mode():
             buf = torch.ones(s.read_bytes // 8192 * 2048)  # a whole number of 4096-wide bf16 rows

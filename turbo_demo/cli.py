@@ -65,8 +65,9 @@ def cmd_predictors(args) -> None:
 
 def cmd_generate(args) -> None:
     from turbo_demo.checkpoint import load_model, load_tokenizer
-    from turbo_demo.runtime import open_runtime
+    from turbo_demo.runtime import cpp, kernels, open_runtime
 
+    kernels.select_backend(args.backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr))
     model = load_model(args.model_dir)
     tokenizer = load_tokenizer(args.model_dir)
     runtime = open_runtime(model, args.mode, **mode_options(args))
@@ -85,9 +86,10 @@ def cmd_generate(args) -> None:
     seconds = sum(s.time_s for s in steps)
     if not args.json:
         print(f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
-              f"engine {runtime.engine}]", file=sys.stderr)
+              f"engine {runtime.engine}, {kernels.backend()} kernels]", file=sys.stderr)
         return
     print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
+                      "backend": kernels.backend(),
                       "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
                       "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps],
                       "firing_counts": runtime.firing_counts()}))
@@ -157,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="predictor score or |activation| threshold")
     p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity, calibrated on the prompt")
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
+                   help="decode kernels: auto = cpp where it builds (as the app), else torch")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
 

@@ -19,6 +19,8 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp")]
 HEADERS = [CSRC / name for name in ("bf16.h", "gemv.h")]
 
+BUILD_NOTICE = "building the C++ kernels (first time only, about a minute)..."
+
 _module = None
 _error: UserError | None = None
 

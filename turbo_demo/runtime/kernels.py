@@ -64,8 +64,8 @@ built, in the PyTorch versions (and likewise inside the C++ ones), from
     top_indices(v, k)     the indices of the k largest values of v (N,), ascending
 
 The C++ versions (`turbo_demo.runtime.cpp`: no gather buffer, fp32 sums, streaming loops, one
-call per fused operation) are selected with `use_backend("cpp")`. Callers look the functions up
-at call time (`kernels.rows_dot(...)`), so switching backends takes effect at once. Importing
+call per fused operation) are selected with `use_backend("cpp")`, or `select_backend("auto")`
+where they may not build. Callers look the functions up at call time (`kernels.rows_dot(...)`), so switching backends takes effect at once. Importing
 never compiles.
 """
 
@@ -221,6 +221,23 @@ def use_backend(name: str) -> None:
     (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted, rms_norm,
      attention_step, indices_over, argmax) = functions
     _backend = name
+
+
+def select_backend(choice: str, before_build=None) -> str:
+    """Switch to `choice`: "torch", "cpp", or "auto" (cpp where it builds here, else torch);
+    returns the backend now in use. before_build(), when given, is called before the first
+    build of the C++ kernels (about a minute), so that the caller can say why it waits."""
+    if choice not in ("auto", *BACKENDS):
+        raise UserError(f"unknown kernel backend {choice!r}; choose auto, {', '.join(BACKENDS)}")
+    if choice != "torch":
+        from turbo_demo.runtime import cpp
+
+        if not cpp.built() and before_build is not None:
+            before_build()
+        if choice == "auto":
+            choice = "cpp" if cpp.available() else "torch"
+    use_backend(choice)
+    return choice
 
 
 def backend() -> str:
