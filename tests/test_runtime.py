@@ -38,6 +38,34 @@ def test_runtime_equals_transformers_forward(kind):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("mode,options", [("dense", {}), ("exact", {}), ("predictor", {"budget": 0.3})])
+def test_runtime_on_cuda_equals_the_cpu(mode, options):
+    model = tiny_model("drelu", predictor_rank=4, seed=4)
+    on_cpu = runtime_logits(Runtime(model, mode, **options))
+    for engine in (Runtime, TransformersRuntime):
+        runtime = engine(tiny_model("drelu", predictor_rank=4, seed=4).to("cuda"), mode, **options)
+        torch.testing.assert_close(runtime_logits(runtime).cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+        steps = list(runtime.generate([5, 6, 7], max_new_tokens=4, temperature=0.8, audit=True))
+        assert len(steps) == 4 and sum(map(sum, runtime.firing_counts())) > 0
+
+
+def test_cpp_kernels_refuse_a_model_off_the_cpu(monkeypatch):
+    from turbo_demo.runtime import kernels
+
+    monkeypatch.setattr(kernels, "backend", lambda: "cpp")
+    with pytest.raises(UserError, match="use the torch backend"):
+        Runtime(tiny_model("drelu").to("meta"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_generate_on_cuda_without_a_gpu_says_so(tiny_dirs, capsys):
+    from turbo_demo import cli
+
+    assert cli.main(["generate", str(tiny_dirs["drelu"]), "--prompt", "def", "--device", "cuda"]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
+
+
 def test_exact_equals_dense_over_prefill_and_20_decode_steps():
     runtime = Runtime(tiny_model("drelu", seed=1))
     dense = runtime_logits(runtime)

@@ -63,12 +63,30 @@ def cmd_predictors(args) -> None:
               f"{e['true_sparsity']:13.4f}  {e['threshold']:9.3f}")
 
 
+def decode_device(name: str):
+    """The torch.device for --device: "cpu", or "cuda" / "cuda:N" where torch sees a GPU."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("no CUDA device here (torch.cuda.is_available() is False): use --device cpu")
+    return device
+
+
 def cmd_generate(args) -> None:
     from turbo_demo.checkpoint import load_model, load_tokenizer
     from turbo_demo.runtime import cpp, kernels, open_runtime
 
-    kernels.select_backend(args.backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr))
-    model = load_model(args.model_dir)
+    device = decode_device(args.device)
+    # the C++ kernels are CPU code: "auto" on a GPU means the torch kernels there
+    backend = "torch" if device.type != "cpu" and args.backend == "auto" else args.backend
+    kernels.select_backend(backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr))
+    model = load_model(args.model_dir).to(device)
     tokenizer = load_tokenizer(args.model_dir)
     runtime = open_runtime(model, args.mode, **mode_options(args))
     prompt_ids = tokenizer(args.prompt)["input_ids"]
@@ -89,7 +107,7 @@ def cmd_generate(args) -> None:
               f"engine {runtime.engine}, {kernels.backend()} kernels]", file=sys.stderr)
         return
     print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
-                      "backend": kernels.backend(),
+                      "backend": kernels.backend(), "device": str(device),
                       "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
                       "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps],
                       "firing_counts": runtime.firing_counts()}))
@@ -161,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
                    help="decode kernels: auto = cpp where it builds (as the app), else torch")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
 

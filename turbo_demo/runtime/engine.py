@@ -43,7 +43,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     """Greedy for temperature <= 0, else nucleus sampling over softmax(logits / temperature)."""
     if temperature <= 0:
         return kernels.argmax(logits)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # on the CPU, where the seeded generator lives (a CUDA model's logits come over once per token)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the first token
@@ -129,6 +130,10 @@ class Runtime(Decoder):
         self.embed = inner.embed_tokens.weight.data
         self.norm = inner.norm.weight.data
         self.lm_head = model.lm_head.weight.data
+        self.device = self.embed.device
+        if self.device.type != "cpu" and kernels.backend() == "cpp":
+            raise UserError(f"the C++ kernels run on the CPU and this model is on {self.device}: "
+                            "use the torch backend (--backend torch), or move the model to the CPU")
         self.layers = [layer for layer in inner.layers]
         # A decode step's tensors per layer, looked up once: at batch 1 on a small model the
         # module attribute lookups of every step would cost as much as the arithmetic.
@@ -142,8 +147,8 @@ class Runtime(Decoder):
         freqs = torch.arange(self.max_len, dtype=torch.float)[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
         half = self.head_dim // 2
-        self.cos = emb.cos().to(self.dtype)
-        self.sin_signed = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1).to(self.dtype)
+        sin_signed = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)
+        self.cos, self.sin_signed = (t.to(self.device, self.dtype) for t in (emb.cos(), sin_signed))
         self.k_cache = self.v_cache = None
         self.pos = 0
         self.set_mode(mode, **mode_options)
@@ -158,8 +163,8 @@ class Runtime(Decoder):
     def reset(self) -> None:
         shape = (len(self.layers), self.n_kv, self.max_len, self.head_dim)
         if self.k_cache is None:
-            self.k_cache = torch.zeros(shape, dtype=self.dtype)
-            self.v_cache = torch.zeros(shape, dtype=self.dtype)
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.layer_caches = list(zip(self.k_cache, self.v_cache))  # (nkv, max_len, hd) views
         self.pos = 0
 
@@ -174,7 +179,7 @@ class Runtime(Decoder):
         q = kernels.rope(q, self.cos[:T], self.sin_signed[:T])  # (nh, T, hd)
         self.k_cache[i, :, :T] = kernels.rope(k, self.cos[:T], self.sin_signed[:T])  # (nkv, T, hd)
         self.v_cache[i, :, :T] = v
-        pos = torch.arange(T)
+        pos = torch.arange(T, device=self.device)
         mask = pos[None, :] <= pos[:, None]  # causal, and banded when a sliding window applies
         if self.window:
             mask &= pos[None, :] > pos[:, None] - self.window
@@ -192,7 +197,7 @@ class Runtime(Decoder):
         self.reset()
         if ids.numel() > self.max_len:
             raise UserError(f"prompt of {ids.numel()} tokens exceeds the context of {self.max_len}")
-        x = self.embed[ids]  # (T, H)
+        x = self.embed[ids.to(self.device)]  # (T, H)
         for i, layer in enumerate(self.layers):
             x = x + self.attention(i, layer, x)
             x = x + self.ffns[i].batch(kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))

@@ -77,7 +77,7 @@ class FFN:
         self.n, self.h = self.wg.shape
         self.row_bytes = self.h * self.wg.element_size()
         self.record = LayerRecord()
-        self.firing = torch.zeros(self.n, dtype=torch.int32)
+        self.firing = torch.zeros(self.n, dtype=torch.int32, device=self.wg.device)
         # When set, step() keeps (x, computed idx) so that audit_recall can run after timing.
         self.audit = False
         self.last = None
@@ -206,7 +206,7 @@ class PredictorFFN(FFN):
 
     def masked_dense(self, x, idx, rows: int):
         """The same result as the gathered path, computed densely (faster for large sets)."""
-        mask = torch.zeros(self.n, dtype=x.dtype).index_fill_(0, idx, 1)
+        mask = torch.zeros(self.n, dtype=x.dtype, device=x.device).index_fill_(0, idx, 1)
         h = self.dense_h(x) * mask
         self.firing += h != 0
         self.record = LayerRecord(computed=len(idx), active=int(torch.count_nonzero(h)),

@@ -97,7 +97,8 @@ class TransformersRuntime(Decoder):
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids[None], use_cache=True, **{self.cache_arg: self.cache})
+        out = self.model(input_ids=ids[None].to(self.model.device), use_cache=True,
+                         **{self.cache_arg: self.cache})
         return out.logits[0, -1]
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:

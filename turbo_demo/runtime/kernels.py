@@ -65,8 +65,8 @@ built, in the PyTorch versions (and likewise inside the C++ ones), from
 
 The C++ versions (`turbo_demo.runtime.cpp`: no gather buffer, fp32 sums, streaming loops, one
 call per fused operation) are selected with `use_backend("cpp")`, or `select_backend("auto")`
-where they may not build. Callers look the functions up at call time (`kernels.rows_dot(...)`), so switching backends takes effect at once. Importing
-never compiles.
+where they may not build. Callers look the functions up at call time (`kernels.rows_dot(...)`),
+so switching backends takes effect at once. Importing never compiles.
 """
 
 import torch
