@@ -63,7 +63,7 @@ PRESETS = {
     "dense": TrainSettings("dense"),
     "drelu": TrainSettings("drelu", l1=3e-4),
     "relufy": TrainSettings(
-        "relufy", steps=400, lr=6e-4, min_lr=1e-4, warmup=20, l1=3e-4,
+        "relufy", steps=400, lr=6e-4, min_lr=1e-4, warmup=20, l1=1e-3,
         init="assets/models/dense-swiglu",
     ),
 }
