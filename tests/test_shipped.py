@@ -46,7 +46,7 @@ def test_shipped_predictors_meet_the_target_their_json_reports(name):
     """The stored predictors and thresholds, measured afresh on the held-out tokens their
     calibration used, give predictors.json's numbers: recall 0.95 at >= 80% predicted sparsity."""
     from turbo_demo import data
-    from turbo_demo.runtime.predictors import collect
+    from turbo_demo.runtime.predictors import choice_stats, collect
 
     path = SHIPPED / name
     report = json.loads((path / "predictors.json").read_text())
@@ -55,9 +55,9 @@ def test_shipped_predictors_meet_the_target_their_json_reports(name):
     residuals, labels = collect(model, tokens, report["val_tokens"])
     for layer, r, y, expected in zip(model.model.layers, residuals, labels, report["layers"]):
         with torch.no_grad():
-            predicted = layer.mlp.predictor(r) >= model.config.threshold_of(expected["layer"])
-        recall = (predicted & y).sum().item() / y.sum().item()
-        sparsity = 1 - predicted.float().mean().item()
-        # the checkpoint stores the predictors in fp16; the report measured them before saving
-        assert recall == pytest.approx(expected["recall"], abs=2e-3) and recall >= 0.948
-        assert sparsity == pytest.approx(expected["predicted_sparsity"], abs=2e-3) and sparsity >= 0.8
+            got = choice_stats(layer.mlp.predictor(r), y, model.config.threshold_of(expected["layer"]))
+        # the checkpoint stores the predictors in fp16 and the threshold rounded; the report
+        # measured them before saving
+        assert got["recall"] == pytest.approx(expected["recall"], abs=2e-3) and got["recall"] >= 0.948
+        assert got["predicted_sparsity"] == pytest.approx(expected["predicted_sparsity"], abs=2e-3)
+        assert got["predicted_sparsity"] >= 0.8

@@ -89,10 +89,15 @@ def calibrate(pred: BambooPredictor, r, y, target_recall: float) -> dict:
     # the (k+1)-th smallest of them, k = floor((1 - target) n): at least target * n are >= it
     k = int((1 - target_recall) * len(truly))
     threshold = min(0.0, float(torch.kthvalue(truly, k + 1).values)) if len(truly) else 0.0
+    return {"threshold": round(threshold, 4), **choice_stats(scores, y, threshold)}
+
+
+def choice_stats(scores: torch.Tensor, y: torch.Tensor, threshold: float) -> dict:
+    """For predictor scores (n, I) and labels y (n, I): recall (share of the truly active
+    predicted active, score >= threshold), predicted and true sparsity, rounded to 4 places."""
     predicted = scores >= threshold
     recall = (predicted & y).sum().item() / max(1, y.sum().item())
-    return {"threshold": round(threshold, 4), "recall": round(recall, 4),
-            "predicted_sparsity": round(1 - predicted.float().mean().item(), 4),
+    return {"recall": round(recall, 4), "predicted_sparsity": round(1 - predicted.float().mean().item(), 4),
             "true_sparsity": round(1 - y.float().mean().item(), 4)}
 
 
