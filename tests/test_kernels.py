@@ -274,6 +274,56 @@ def test_cpp_argmax_matches_torch(module, dtype):
         module.argmax(v[:0])
 
 
+def samplers():
+    """(name, sample_top_p) of each backend here: the PyTorch one, and the C++ one if it builds."""
+    found = [("torch", kernels.torch_sample_top_p)]
+    if cpp.available():
+        found.append(("cpp", cpp.load().sample_top_p))
+    return found
+
+
+@pytest.mark.parametrize("name,sample", samplers())
+def test_sample_top_p_draws_from_the_nucleus(name, sample):
+    """Draws at evenly spaced u give each token its share of the nucleus: the top tokens up to
+    top_p of the mass (the one that crosses top_p included), renormalised."""
+    def shares(logits, top_p, temperature=1.0, draws=1000):
+        v = torch.tensor(logits)
+        got = torch.zeros(len(logits))
+        for k in range(draws):
+            got[sample(v, temperature, top_p, (k + 0.5) / draws)] += 1
+        return got / draws
+
+    logits = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15]).log().tolist()
+    # ranked 0.5, 0.2, 0.15 | 0.1, 0.05: the mass above 0.1 is 0.85 >= 0.8, so it is left out
+    torch.testing.assert_close(shares(logits, 0.8), torch.tensor([0, 0.5, 0, 0.2, 0.15]) / 0.85, atol=2e-3, rtol=0)
+    torch.testing.assert_close(shares(logits, 1.0), torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15]), atol=2e-3, rtol=0)
+    assert shares(logits, 0.3).tolist() == [0, 1, 0, 0, 0]  # the top token alone
+    # temperature 0.5 squares the probabilities before they are renormalised
+    squared = torch.tensor([0.01, 0.25, 0.0025, 0.04, 0.0225]) / 0.325
+    torch.testing.assert_close(shares(logits, 1.0, 0.5), squared, atol=2e-3, rtol=0)
+    # ties rank the lower index first: of four equal tokens, top_p 0.5 keeps the first two
+    assert shares([2.0, 2.0, 2.0, 2.0], 0.5).tolist() == [0.5, 0.5, 0, 0]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_sample_top_p_matches_torch(module, dtype):
+    g = torch.Generator().manual_seed(11)
+    for n in (1, 7, 4096):
+        for scale in (0.0, 1.0, 10.0):
+            v = (torch.randn(n, generator=g) * scale).to(dtype)
+            for logits in (v, v.round()):  # round: many ties
+                for temperature, top_p in ((0.3, 0.5), (0.7, 0.95), (1.5, 0.05), (1.0, 1.0)):
+                    for u in (0.0, 0.37, 0.999999):
+                        assert module.sample_top_p(logits, temperature, top_p, u) == \
+                            kernels.torch_sample_top_p(logits, temperature, top_p, u)
+    for args, message in (((v, 0.0, 0.9, 0.5), "temperature"), ((v, 1.0, 0.0, 0.5), "top_p"),
+                          ((v, 1.0, 0.9, 1.0), "u must be"), ((v[:0], 1.0, 0.9, 0.5), "empty"),
+                          ((torch.full((3,), float("-inf")).to(dtype), 1.0, 0.9, 0.5), "finite")):
+        with pytest.raises(RuntimeError, match=message):
+            module.sample_top_p(*args)
+
+
 @needs_cpp
 def test_cpp_ffn_steps_on_two_threads(module):
     """Large enough to split the neurons over threads, in blocks, with a ragged last block: the

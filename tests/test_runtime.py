@@ -164,6 +164,26 @@ def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys):
     assert len({json.dumps([o["token_ids"], o["firing_counts"]]) for o in outs.values()}) == 1
 
 
+def test_sampled_generation_follows_the_seed_on_both_backends():
+    from turbo_demo.runtime import cpp, kernels
+
+    before = kernels.backend()
+    tokens = {}
+    try:
+        for backend in ("torch", "cpp") if cpp.available() else ("torch",):
+            kernels.use_backend(backend)
+            runtime = Runtime(tiny_model("drelu", seed=5), "exact")
+            for seed in (3, 3, 4):
+                steps = runtime.generate([5, 6, 7], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=seed)
+                tokens.setdefault((backend, seed), []).append([s.token for s in steps])
+    finally:
+        kernels.use_backend(before)
+    runs = {key: [json.dumps(t) for t in value] for key, value in tokens.items()}
+    assert all(len(set(value)) == 1 for value in runs.values())  # one seed, one sequence
+    assert len({runs[key][0] for key in runs if key[1] == 3}) == 1  # on either backend
+    assert runs[("torch", 3)] != runs[("torch", 4)]
+
+
 def test_predictor_audit_measures_recall():
     model = tiny_model("drelu", predictor_rank=4)
     runtime = Runtime(model, "predictor", budget=0.25)

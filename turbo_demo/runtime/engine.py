@@ -40,16 +40,13 @@ def supports(config) -> bool:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy for temperature <= 0, else nucleus sampling over softmax(logits / temperature)."""
+    """Greedy for temperature <= 0, else nucleus sampling over softmax(logits / temperature)
+    (kernels.sample_top_p) at one uniform number from the seeded generator."""
     if temperature <= 0:
         return kernels.argmax(logits)
-    # on the CPU, where the seeded generator lives (a CUDA model's logits come over once per token)
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the first token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    u = float(torch.rand((), generator=gen, dtype=torch.float64))
+    # a scan on the CPU (a CUDA model's logits come over once per token)
+    return kernels.sample_top_p(logits.float().cpu(), temperature, top_p, u)
 
 
 class Decoder:

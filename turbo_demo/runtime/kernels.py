@@ -55,6 +55,13 @@ and the rest of one token's layer:
     rms_norm(x, w, eps)   w * x / sqrt(mean(x^2) + eps), normalised in fp32    x (..., H)
     indices_over(v, t, inclusive)   the indices i with v_i > t (>= t if inclusive), ascending
     argmax(v)             int: the index of the first largest value of v (N,), as torch.argmax
+    sample_top_p(v, temperature, top_p, u)
+                          int: the token nucleus sampling draws from logits v (N,) at one
+                          uniform u in [0, 1): p = exp((v - max v) * (1 / temperature)); with
+                          the tokens ranked by p descending (ties: lower index first), token i
+                          is kept iff the mass ranked above it is < top_p * sum(p); the result
+                          is the first kept i, in index order, whose cumulative kept mass
+                          exceeds u * (the kept mass); sums in fp64
 
 built, in the PyTorch versions (and likewise inside the C++ ones), from
 
@@ -76,7 +83,7 @@ from turbo_demo.errors import UserError
 
 BACKENDS = ("torch", "cpp")
 NAMES = ("rows_dot", "rows_axpy", "matvec", "vecmat", "up_down", "ffn_dense", "ffn_exact", "predict",
-         "ffn_predicted", "rms_norm", "attention_step", "indices_over", "argmax")
+         "ffn_predicted", "rms_norm", "attention_step", "indices_over", "argmax", "sample_top_p")
 ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
@@ -197,18 +204,32 @@ def torch_argmax(v: torch.Tensor) -> int:
     return int(v.argmax())
 
 
+def torch_sample_top_p(v: torch.Tensor, temperature: float, top_p: float, u: float) -> int:
+    v = v.float()
+    p = torch.exp((v - v.max()) * (1.0 / temperature))  # fp32, as the C++ loop computes it
+    p64 = p.double()
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_p < 1.0:
+        ranked, order = p64.sort(descending=True, stable=True)  # stable: ties by lower index
+        above = ranked.cumsum(0) - ranked  # the mass ranked above each token
+        keep = torch.zeros_like(keep).index_fill_(0, order[above < top_p * p64.cumsum(0)[-1]], True)
+    cdf = (p64 * keep).cumsum(0)
+    j = int(torch.searchsorted(cdf, u * cdf[-1], right=True))  # the first cdf_j > u * kept mass
+    return j if j < v.numel() else int(keep.nonzero()[-1])
+
+
 _TORCH = (torch_rows_dot, torch_rows_axpy, torch_matvec, torch_vecmat, torch_up_down, torch_ffn_dense,
           torch_ffn_exact, torch_predict, torch_ffn_predicted, torch_rms_norm, torch_attention_step,
-          torch_indices_over, torch_argmax)
+          torch_indices_over, torch_argmax, torch_sample_top_p)
 (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted, rms_norm,
- attention_step, indices_over, argmax) = _TORCH
+ attention_step, indices_over, argmax, sample_top_p) = _TORCH
 _backend = "torch"
 
 
 def use_backend(name: str) -> None:
     """Rebind the kernels: "torch" (always works) or "cpp" (builds on first use)."""
     global rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted
-    global rms_norm, attention_step, indices_over, argmax, _backend
+    global rms_norm, attention_step, indices_over, argmax, sample_top_p, _backend
     if name == "torch":
         functions = _TORCH
     elif name == "cpp":
@@ -219,7 +240,7 @@ def use_backend(name: str) -> None:
     else:
         raise UserError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     (rows_dot, rows_axpy, matvec, vecmat, up_down, ffn_dense, ffn_exact, predict, ffn_predicted, rms_norm,
-     attention_step, indices_over, argmax) = functions
+     attention_step, indices_over, argmax, sample_top_p) = functions
     _backend = name
 
 

@@ -27,6 +27,16 @@
 //                               as the largest, as in torch.argmax (greedy sampling: in the
 //                               embedded model's decode loop, torch's reduction over 4,096 bf16
 //                               logits took 65 us per token, this scan 17 us)
+//   sample_top_p(v, temperature, top_p, u)
+//                               nucleus sampling from logits v (N,) at one uniform u in [0, 1):
+//                               p_i = exp((v_i - max v) * (1 / temperature)); with the tokens
+//                               ranked by p descending (ties: lower index first), token i is
+//                               kept iff the mass ranked above it is < top_p * sum(p) (all
+//                               kept for top_p >= 1); the result is the first kept i, in index
+//                               order, whose cumulative kept mass exceeds u * (the kept mass).
+//                               Sums in fp64. (Over the embedded models' 4,096 logits, softmax,
+//                               sort and multinomial in PyTorch took ~440 us per token, as long
+//                               as a sparse decode step of theirs; these scans take ~35 us.)
 //
 // Tensors are float32 or bfloat16, all of one dtype. As in the transformers models: norms and
 // attention compute in fp32, and a value is rounded to the dtype where HF stores it (the
@@ -154,6 +164,65 @@ torch::Tensor top_impl(const T* v, int64_t n, int64_t k) {
     need -= tie;
     return static_cast<int>(keys[i] > kth) | tie;
   });
+}
+
+// Marks the nucleus in kept (n,): with the tokens ranked by p descending (ties: lower index
+// first), token i is kept iff the mass ranked above it is < target. The boundary value comes
+// from a radix selection as in top_impl, weighted by mass instead of counted: per pass, the
+// mass of each value of the next bits among the keys that share the bits fixed so far, walked
+// down from the top while the mass above stays below target.
+void mark_nucleus(const std::vector<float>& p, double target, std::vector<uint8_t>& kept) {
+  const int64_t n = static_cast<int64_t>(p.size());
+  std::vector<uint32_t> keys(n);
+  for (int64_t i = 0; i < n; ++i) keys[i] = key_of(p[i]);
+  uint32_t prefix = 0, mask = 0;
+  double above = 0.0;  // the mass of the keys above those sharing the bits fixed so far
+  for (const int shift : {21, 10, 0}) {
+    const int bits = shift == 0 ? 10 : 11;
+    const uint32_t digit_mask = (1u << bits) - 1;
+    std::vector<double> mass(1u << bits, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      if ((keys[i] & mask) == prefix) mass[(keys[i] >> shift) & digit_mask] += p[i];
+    uint32_t digit = digit_mask;
+    while (digit > 0 && above + mass[digit] < target) above += mass[digit--];
+    prefix |= digit << shift;
+    mask |= digit_mask << shift;
+  }
+  // every key above the boundary value, then its ties in index order while the mass above them
+  // stays below target
+  for (int64_t i = 0; i < n; ++i) {
+    const bool tie = keys[i] == prefix && above < target;
+    kept[i] = keys[i] > prefix || tie;
+    if (tie) above += p[i];
+  }
+}
+
+template <typename T>
+int64_t sample_impl(const T* v, int64_t n, float inv_t, double top_p, double u) {
+  float top = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, to_f32(v[i]));
+  TORCH_CHECK(std::isfinite(top), "sample_top_p: the logits have no finite maximum");
+  std::vector<float> p(n);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = std::exp((to_f32(v[i]) - top) * inv_t);
+    total += p[i];
+  }
+  std::vector<uint8_t> kept(n, 1);
+  if (top_p < 1.0) mark_nucleus(p, top_p * total, kept);
+  double kept_mass = 0.0;
+  for (int64_t i = 0; i < n; ++i)
+    if (kept[i]) kept_mass += p[i];
+  const double r = u * kept_mass;
+  double c = 0.0;
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (kept[i]) {
+      c += p[i];
+      last = i;
+      if (c > r) return i;
+    }
+  return last;  // u * kept_mass rounded up to kept_mass
 }
 
 void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, const char* fn) {
@@ -292,11 +361,24 @@ std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch
   return {idx, rows};
 }
 
+int64_t sample_top_p(const torch::Tensor& v, double temperature, double top_p, double u) {
+  check_scores(v, "sample_top_p");
+  TORCH_CHECK(v.numel() > 0, "sample_top_p: v is empty");
+  TORCH_CHECK(temperature > 0, "sample_top_p: temperature must be > 0 (0 is greedy: argmax)");
+  TORCH_CHECK(top_p > 0, "sample_top_p: top_p must be > 0, got ", top_p);
+  TORCH_CHECK(0 <= u && u < 1, "sample_top_p: u must be in [0, 1), got ", u);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  if (v.scalar_type() == at::kFloat) return sample_impl(ptr_of<float>(v), v.numel(), inv_t, top_p, u);
+  return sample_impl(ptr_of<bf16_bits>(v), v.numel(), inv_t, top_p, u);
+}
+
 void register_decode_ops(pybind11::module& m) {
   m.def("rms_norm", &rms_norm, "y = w * x / sqrt(mean(x^2) + eps) over the last dim", py::arg("x"),
         py::arg("w"), py::arg("eps"));
   m.def("argmax", &argmax, "the index of the first largest value of v (N,); NaN counts as largest",
         py::arg("v"));
+  m.def("sample_top_p", &sample_top_p, "the token that nucleus sampling draws from logits v (N,) at u",
+        py::arg("v"), py::arg("temperature"), py::arg("top_p"), py::arg("u"));
   m.def("indices_over", &indices_over, "ascending indices i with v_i > t (>= t if inclusive)",
         py::arg("v"), py::arg("t"), py::arg("inclusive"));
   m.def("attention_step", &attention_step, "x + the attention block of one token -> (H,)", py::arg("x"),
