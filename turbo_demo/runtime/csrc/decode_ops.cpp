@@ -136,29 +136,39 @@ inline uint32_t key_of(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-template <typename T>
-torch::Tensor top_impl(const T* v, int64_t n, int64_t k) {
-  // Radix selection of the k-th largest key, 11 + 11 + 10 bits from the top: count the keys
-  // that share the bits fixed so far, per value of the next bits, and walk down the counts
-  // (three linear passes, where sorting or nth_element would compare and branch).
-  std::vector<uint32_t> keys(n);
-  for (int64_t i = 0; i < n; ++i) keys[i] = key_of(to_f32(v[i]));
+// Radix selection of a boundary key, 11 + 11 + 10 bits from the top: with the items ranked by
+// key descending, the key of the first item at which the weight ranked above it plus its own
+// reaches `target` (the k-th largest key, for unit weights and target k). Per pass, the weight
+// of the keys that share the bits fixed so far, per value of the next bits, walked down from the
+// top (three linear passes, where sorting or nth_element would compare and branch). Returns the
+// key and the weight of the keys above it.
+template <typename W, typename Weight>
+std::pair<uint32_t, W> radix_boundary(const std::vector<uint32_t>& keys, Weight weight, W target) {
+  const int64_t n = static_cast<int64_t>(keys.size());
   uint32_t prefix = 0, mask = 0;
-  int64_t need = k;  // how many keys the remaining range must still supply
+  W above = 0;  // the weight of the keys above those that share the bits fixed so far
   for (const int shift : {21, 10, 0}) {
     const int bits = shift == 0 ? 10 : 11;
     const uint32_t digit_mask = (1u << bits) - 1;
-    std::vector<int64_t> count(1u << bits, 0);
+    std::vector<W> sum(1u << bits, 0);
     for (int64_t i = 0; i < n; ++i)
-      if ((keys[i] & mask) == prefix) ++count[(keys[i] >> shift) & digit_mask];
+      if ((keys[i] & mask) == prefix) sum[(keys[i] >> shift) & digit_mask] += weight(i);
     uint32_t digit = digit_mask;
-    while (count[digit] < need) need -= count[digit--];
+    while (digit > 0 && above + sum[digit] < target) above += sum[digit--];
     prefix |= digit << shift;
     mask |= digit_mask << shift;
   }
+  return {prefix, above};
+}
+
+template <typename T>
+torch::Tensor top_impl(const T* v, int64_t n, int64_t k) {
+  std::vector<uint32_t> keys(n);
+  for (int64_t i = 0; i < n; ++i) keys[i] = key_of(to_f32(v[i]));
+  const auto [kth, above] = radix_boundary(keys, [](int64_t) { return int64_t{1}; }, k);
   // one ascending scan: the keys above the k-th, and `need` of those equal to it (ties go to
   // the lower indices)
-  const uint32_t kth = prefix;
+  int64_t need = k - above;
   return indices_where(n, [&](int64_t i) {
     const int tie = (keys[i] == kth) & (need > 0);  // bitwise: no branch to mispredict
     need -= tie;
@@ -167,32 +177,17 @@ torch::Tensor top_impl(const T* v, int64_t n, int64_t k) {
 }
 
 // Marks the nucleus in kept (n,): with the tokens ranked by p descending (ties: lower index
-// first), token i is kept iff the mass ranked above it is < target. The boundary value comes
-// from a radix selection as in top_impl, weighted by mass instead of counted: per pass, the
-// mass of each value of the next bits among the keys that share the bits fixed so far, walked
-// down from the top while the mass above stays below target.
+// first), token i is kept iff the mass ranked above it is < target: the keys above the boundary
+// value (radix_boundary weighted by mass), then its ties in index order while the mass above
+// them stays below target.
 void mark_nucleus(const std::vector<float>& p, double target, std::vector<uint8_t>& kept) {
   const int64_t n = static_cast<int64_t>(p.size());
   std::vector<uint32_t> keys(n);
   for (int64_t i = 0; i < n; ++i) keys[i] = key_of(p[i]);
-  uint32_t prefix = 0, mask = 0;
-  double above = 0.0;  // the mass of the keys above those sharing the bits fixed so far
-  for (const int shift : {21, 10, 0}) {
-    const int bits = shift == 0 ? 10 : 11;
-    const uint32_t digit_mask = (1u << bits) - 1;
-    std::vector<double> mass(1u << bits, 0.0);
-    for (int64_t i = 0; i < n; ++i)
-      if ((keys[i] & mask) == prefix) mass[(keys[i] >> shift) & digit_mask] += p[i];
-    uint32_t digit = digit_mask;
-    while (digit > 0 && above + mass[digit] < target) above += mass[digit--];
-    prefix |= digit << shift;
-    mask |= digit_mask << shift;
-  }
-  // every key above the boundary value, then its ties in index order while the mass above them
-  // stays below target
+  auto [boundary, above] = radix_boundary(keys, [&](int64_t i) { return static_cast<double>(p[i]); }, target);
   for (int64_t i = 0; i < n; ++i) {
-    const bool tie = keys[i] == prefix && above < target;
-    kept[i] = keys[i] > prefix || tie;
+    const bool tie = keys[i] == boundary && above < target;
+    kept[i] = keys[i] > boundary || tie;
     if (tie) above += p[i];
   }
 }
