@@ -32,6 +32,7 @@ def test_both_sides_stream_in_turn_and_summarise(tiny_dirs):
     for side in ("left", "right"):
         assert {"text", "tokens", "tokens_per_s", "mean_sparsity", "peak_rss_mb"} <= set(summary[side])
         assert summary[side]["tokens"] == 6 and summary[side]["tokens_per_s"] > 0
+        assert summary[side]["dtype"] == "float32"
     assert summary["left"]["mean_sparsity"] == 0.0 and summary["right"]["mean_sparsity"] > 0.3
     # the models are loaded once and shared
     assert store.get(str(tiny_dirs["dense"])) is store.get(str(tiny_dirs["dense"]))

@@ -31,6 +31,19 @@ def test_save_then_from_pretrained_gives_same_logits(tmp_path):
     torch.testing.assert_close(predictor.fc2.weight, model.model.layers[1].mlp.predictor.fc2.weight)
 
 
+def test_big_models_load_in_bf16_small_ones_in_fp32(tmp_path, monkeypatch):
+    from turbo_demo import checkpoint
+
+    model = tiny_model("drelu")
+    model.to(torch.float16).save_pretrained(tmp_path)  # stored in half precision
+    (tmp_path / "pytorch_model.bin").write_bytes(b"0" * 10**6)  # not read: safetensors come first
+    fp32_bytes = 2 * (tmp_path / "model.safetensors").stat().st_size  # twice the fp16 file
+    assert checkpoint.load_model(tmp_path).dtype == torch.float32
+    monkeypatch.setattr(checkpoint, "FP32_MAX_BYTES", fp32_bytes - 1)
+    assert checkpoint.load_model(tmp_path).dtype == torch.bfloat16
+    assert checkpoint.load_model(tmp_path, torch.float32).dtype == torch.float32  # asked for
+
+
 def test_published_auto_map_loads_without_remote_code(tmp_path):
     model = tiny_model("drelu")
     model.save_pretrained(tmp_path)

@@ -157,27 +157,27 @@ def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys):
                          "--max-new-tokens", "5", "--backend", backend, "--json"]) == 0
         out = outs[backend] = json.loads(capsys.readouterr().out)
         assert len(out["token_ids"]) == len(out["steps"]) == 5 and out["engine"] == "lean"
-        assert out["backend"] == backend
+        assert out["backend"] == backend and out["dtype"] == "float32"  # auto: a small model
         assert [len(layer) for layer in out["firing_counts"]] == [128, 128]
         active = sum(round(s["active_share"][0] * 128) for s in out["steps"])
         assert sum(out["firing_counts"][0]) == active > 0
     assert len({json.dumps([o["token_ids"], o["firing_counts"]]) for o in outs.values()}) == 1
+    assert cli.main(["generate", str(tiny_dirs["drelu"]), "--prompt", "def add", "--max-new-tokens", "3",
+                     "--dtype", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dtype"] == "bfloat16" and len(out["token_ids"]) == 3
 
 
 def test_sampled_generation_follows_the_seed_on_both_backends():
     from turbo_demo.runtime import cpp, kernels
 
-    before = kernels.backend()
     tokens = {}
-    try:
-        for backend in ("torch", "cpp") if cpp.available() else ("torch",):
-            kernels.use_backend(backend)
-            runtime = Runtime(tiny_model("drelu", seed=5), "exact")
-            for seed in (3, 3, 4):
-                steps = runtime.generate([5, 6, 7], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=seed)
-                tokens.setdefault((backend, seed), []).append([s.token for s in steps])
-    finally:
-        kernels.use_backend(before)
+    for backend in ("torch", "cpp") if cpp.available() else ("torch",):
+        kernels.use_backend(backend)  # the autouse fixture restores the backend
+        runtime = Runtime(tiny_model("drelu", seed=5), "exact")
+        for seed in (3, 3, 4):
+            steps = runtime.generate([5, 6, 7], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=seed)
+            tokens.setdefault((backend, seed), []).append([s.token for s in steps])
     runs = {key: [json.dumps(t) for t in value] for key, value in tokens.items()}
     assert all(len(set(value)) == 1 for value in runs.values())  # one seed, one sequence
     assert len({runs[key][0] for key in runs if key[1] == 3}) == 1  # on either backend

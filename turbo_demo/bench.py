@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from turbo_demo.checkpoint import DTYPES, dtype_name
 from turbo_demo.errors import UserError
 from turbo_demo.modeling_bamboo import BambooConfig, BambooForCausalLM, BambooMLP
 from turbo_demo.runtime import cpp, kernels
@@ -53,13 +54,11 @@ from turbo_demo.runtime.engine import Runtime
 from turbo_demo.runtime.ffn import make_ffn
 from turbo_demo.runtime.stats import LayerRecord, StepStats
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FFN_MODES = ("transformers", "dense", "exact", "predictor")
 ENGINES = ("transformers", "dense", "exact", "predictor")
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
               "num_key_value_heads": 8, "vocab_size": 32000}
 EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "models" / "turbosparse-drelu"
-APP_DTYPE = torch.float32  # the app loads the embedded models in fp32 (catalog.ModelStore)
 PROMPT = [1]  # one token, so that every engine decodes every new token with a one-token forward
 
 
@@ -113,10 +112,6 @@ def round_robin(calls: dict, rounds: int, bar) -> dict[str, float]:
             times[name].append(timed(calls[name]))
         bar.update()
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -323,9 +318,10 @@ def bench_e2e(s: Settings, gbps: float, notes: list[str], progress: bool) -> lis
     if s.embedded is None or not (Path(s.embedded) / "config.json").is_file():
         notes.append(f"embedded-drelu skipped: no checkpoint at {s.embedded}")
         return results
-    from turbo_demo.checkpoint import load_model
+    from turbo_demo.checkpoint import auto_dtype, load_config, load_model
 
-    for dtype in dict.fromkeys((s.dtype, APP_DTYPE)):
+    app_dtype = auto_dtype(Path(s.embedded), load_config(s.embedded))  # as the app loads it
+    for dtype in dict.fromkeys((s.dtype, app_dtype)):
         model = load_model(s.embedded, dtype)
         predictor = {} if model.config.predictor_rank else None
         results += bench_model("embedded-drelu", model, predictor, s.embedded_tokens, s, gbps, progress)
@@ -333,7 +329,7 @@ def bench_e2e(s: Settings, gbps: float, notes: list[str], progress: bool) -> lis
         notes.append("embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "
                      "predictors`), predictor engine skipped")
     notes.append(f"embedded-drelu: in {dtype_name(s.dtype)} and in "
-                 f"{dtype_name(APP_DTYPE)}, the dtype the app runs it in")
+                 f"{dtype_name(app_dtype)}, the dtype the app runs it in")
     return results
 
 

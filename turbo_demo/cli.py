@@ -79,14 +79,14 @@ def decode_device(name: str):
 
 
 def cmd_generate(args) -> None:
-    from turbo_demo.checkpoint import load_model, load_tokenizer
+    from turbo_demo.checkpoint import DTYPES, dtype_name, load_model, load_tokenizer
     from turbo_demo.runtime import cpp, kernels, open_runtime
 
     device = decode_device(args.device)
     # the C++ kernels are CPU code: "auto" on a GPU means the torch kernels there
     backend = "torch" if device.type != "cpu" and args.backend == "auto" else args.backend
     kernels.select_backend(backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr))
-    model = load_model(args.model_dir).to(device)
+    model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
     tokenizer = load_tokenizer(args.model_dir)
     runtime = open_runtime(model, args.mode, **mode_options(args))
     prompt_ids = tokenizer(args.prompt)["input_ids"]
@@ -104,10 +104,11 @@ def cmd_generate(args) -> None:
     seconds = sum(s.time_s for s in steps)
     if not args.json:
         print(f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
-              f"engine {runtime.engine}, {kernels.backend()} kernels]", file=sys.stderr)
+              f"engine {runtime.engine}, {kernels.backend()} kernels, {dtype_name(model.dtype)}]",
+              file=sys.stderr)
         return
     print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
-                      "backend": kernels.backend(), "device": str(device),
+                      "backend": kernels.backend(), "device": str(device), "dtype": dtype_name(model.dtype),
                       "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
                       "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps],
                       "firing_counts": runtime.firing_counts()}))
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
                    help="decode kernels: auto = cpp where it builds (as the app), else torch")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="weight dtype: auto = fp32 up to 4 GiB of fp32 weights (~1B parameters), else bf16")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
 

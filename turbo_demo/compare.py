@@ -13,6 +13,7 @@ from threading import Event
 import psutil
 
 from turbo_demo.catalog import ModelStore
+from turbo_demo.checkpoint import dtype_name
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import open_runtime
 from turbo_demo.runtime.stats import StepStats
@@ -42,6 +43,7 @@ class SideRecord:
     model: str
     mode: str
     engine: str = ""
+    dtype: str = ""
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -62,8 +64,8 @@ class SideRecord:
         return sum(values) / len(values) if values else None
 
     def summary(self) -> dict:
-        return {"model": self.model, "mode": self.mode, "engine": self.engine, "text": self.text,
-                "tokens": len(self.token_ids), "tokens_per_s": round(self.tokens_per_s, 2),
+        return {"model": self.model, "mode": self.mode, "engine": self.engine, "dtype": self.dtype,
+                "text": self.text, "tokens": len(self.token_ids), "tokens_per_s": round(self.tokens_per_s, 2),
                 "mean_sparsity": None if self.mean_sparsity is None else round(self.mean_sparsity, 4),
                 "peak_rss_mb": round(self.peak_rss / 2**20, 1), "error": self.error or None,
                 "notice": self.notice or None}
@@ -92,6 +94,7 @@ def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Set
         loaded = store.get(record.model)
         runtime = open_runtime(loaded.model, record.mode)
         record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
+        record.dtype = dtype_name(loaded.model.dtype)
         ids = loaded.tokenizer(prompt)["input_ids"]
         if not ids:
             raise UserError("the prompt gives no tokens for this model's tokenizer")

@@ -22,7 +22,7 @@ def side_markdown(rec: SideRecord) -> str:
     """One pane's status line: what runs, how fast, how sparse, and any notice or error."""
     if rec.error:
         return f"**{side_label(rec)}**: ⚠️ {rec.error}"
-    parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine)" if rec.engine else "")]
+    parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine, {rec.dtype})" if rec.engine else "")]
     if rec.steps:
         parts.append(f"{rec.tokens_per_s:,.1f} tokens/s")
         if rec.mean_sparsity is not None:

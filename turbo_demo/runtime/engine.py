@@ -44,9 +44,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     (kernels.sample_top_p) at one uniform number from the seeded generator."""
     if temperature <= 0:
         return kernels.argmax(logits)
+    # u from the CPU generator; the draw runs where the logits are (the C++ kernels' logits are
+    # on the CPU, and the PyTorch kernel sorts a CUDA model's logits on its GPU)
     u = float(torch.rand((), generator=gen, dtype=torch.float64))
-    # a scan on the CPU (a CUDA model's logits come over once per token)
-    return kernels.sample_top_p(logits.float().cpu(), temperature, top_p, u)
+    return kernels.sample_top_p(logits.float(), temperature, top_p, u)
 
 
 class Decoder:
