@@ -91,7 +91,10 @@ def test_stop_ends_a_long_run(page, slow_model_dir):
     box.fill("256")
     box.press("Enter")
     page.click("#generate")
-    page.wait_for_function("document.body.innerText.includes('Generating')", timeout=120_000)
+    # polled every 100 ms rather than per animation frame, which a busy headless Chromium may
+    # defer: a late look can find the run done, with nothing left to stop (one run of this test
+    # on a loaded machine timed out waiting for 'Stopped.')
+    page.wait_for_function("document.body.innerText.includes('Generating')", polling=100, timeout=120_000)
     page.click("#stop", force=True)  # no waiting for the live plots to settle: stop mid-run
     page.wait_for_function("document.body.innerText.includes('Stopped.')", timeout=60_000)
     status = page.inner_text("#right-status")
