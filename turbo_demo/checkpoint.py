@@ -68,7 +68,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None):
     """An eval-mode causal LM from a checkpoint directory, on the CPU, in `dtype` (None: auto_dtype)."""
     path = check_model_dir(path)
     config = load_config(path)
-    dtype = dtype or auto_dtype(path, config)
+    if dtype is None:
+        dtype = auto_dtype(path, config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=False
