@@ -118,10 +118,6 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def announce_build() -> None:
-    print(cpp.BUILD_NOTICE, file=sys.stderr)
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -337,7 +333,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
     """The whole benchmark as one JSON-ready dict: machine, ffn, e2e and notes."""
     notes: list[str] = []
     previous = kernels.backend()
-    if kernels.select_backend(backend, announce_build) == "torch" and backend == "auto":
+    if kernels.select_backend(backend, cpp.announce_build) == "torch" and backend == "auto":
         notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
     try:
         with torch.inference_mode():

@@ -9,6 +9,9 @@ import sys
 
 from turbo_demo.errors import UserError
 
+# kernels.select_backend's choices, spelled out: importing kernels here would import torch for --help
+BACKEND_CHOICES = ("auto", "cpp", "torch")
+
 
 def cmd_train(args) -> None:
     from turbo_demo.train import settings_for, train
@@ -85,7 +88,7 @@ def cmd_generate(args) -> None:
     device = decode_device(args.device)
     # the C++ kernels are CPU code: "auto" on a GPU means the torch kernels there
     backend = "torch" if device.type != "cpu" and args.backend == "auto" else args.backend
-    kernels.select_backend(backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr))
+    kernels.select_backend(backend, cpp.announce_build)
     model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
     tokenizer = load_tokenizer(args.model_dir)
     runtime = open_runtime(model, args.mode, **mode_options(args))
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="predictor score or |activation| threshold")
     p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity, calibrated on the prompt")
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
-    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="decode kernels: auto = cpp where it builds (as the app), else torch")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer rounds and layers: under a minute, noisier")
     # its own dest: a subcommand default would overwrite the global --threads
     p.add_argument("--threads", type=int, dest="bench_threads", help="torch CPU threads for the benchmark")
-    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="gather-GEMV kernels: auto = cpp where it builds, else torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weight dtype (default bf16)")
     p.set_defaults(func=cmd_bench)

@@ -11,7 +11,7 @@ from turbo_demo.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded
 from turbo_demo.compare import MAX_NEW_TOKENS, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.errors import UserError
 from turbo_demo.profile import activation_profile
-from turbo_demo.runtime import kernels
+from turbo_demo.runtime import cpp, kernels
 
 UPDATES_PER_SECOND = 4
 EXAMPLES = [
@@ -55,8 +55,7 @@ up/down for the zero neurons, which is lossless.
 
 def prepare_kernels(choice: str, progress) -> None:
     """Switch to the C++ kernels ("auto": when they build here); the first build takes a while."""
-    kernels.select_backend(choice, lambda: progress(
-        0, desc="Building the C++ sparse kernels (first run only, about a minute)…"))
+    kernels.select_backend(choice, lambda: progress(0, desc=cpp.BUILD_NOTICE))
 
 
 def build_demo(store: ModelStore | None = None, kernel_backend: str = "auto") -> gr.Blocks:

@@ -4,12 +4,14 @@
                  disk under cache_dir()/torch_extensions; raises UserError if it cannot be built
     available()  whether load() works; never raises
     built()      whether a build of the current source is already on disk (load() is then quick)
+    announce_build()  prints BUILD_NOTICE on stderr: what a command line shows before the build
 
 Importing this module never compiles anything.
 """
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from turbo_demo.errors import UserError
@@ -19,7 +21,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp")]
 HEADERS = [CSRC / name for name in ("bf16.h", "gemv.h")]
 
-BUILD_NOTICE = "building the C++ kernels (first time only, about a minute)..."
+BUILD_NOTICE = "Building the C++ sparse kernels (first time only, about a minute)..."
 
 _module = None
 _error: UserError | None = None
@@ -73,6 +75,11 @@ def load(verbose: bool = False):
         _error = exc
         raise
     return _module
+
+
+def announce_build() -> None:
+    """Say on stderr why the next call waits (select_backend's before_build for the CLI)."""
+    print(BUILD_NOTICE, file=sys.stderr)
 
 
 def available() -> bool:
