@@ -36,8 +36,10 @@ def test_big_models_load_in_bf16_small_ones_in_fp32(tmp_path, monkeypatch):
 
     model = tiny_model("drelu")
     model.to(torch.float16).save_pretrained(tmp_path)  # stored in half precision
-    (tmp_path / "pytorch_model.bin").write_bytes(b"0" * 10**6)  # not read: safetensors come first
+    (tmp_path / "pytorch_model.bin").write_bytes(b"0" * 10**6)  # not counted: safetensors come first
     fp32_bytes = 2 * (tmp_path / "model.safetensors").stat().st_size  # twice the fp16 file
+    assert checkpoint.load_model(tmp_path).dtype == torch.float32
+    monkeypatch.setattr(checkpoint, "FP32_MAX_BYTES", fp32_bytes)  # just fits, without the .bin
     assert checkpoint.load_model(tmp_path).dtype == torch.float32
     monkeypatch.setattr(checkpoint, "FP32_MAX_BYTES", fp32_bytes - 1)
     assert checkpoint.load_model(tmp_path).dtype == torch.bfloat16
