@@ -6,9 +6,9 @@ model card. Everything loads through the transformers Auto classes; bamboo (dReL
 load without remote code because importing `turbo_demo` registers the architecture.
 
 Models load in fp32 while their fp32 weights stay within FP32_MAX_BYTES (about 1B parameters),
-and in bf16 above: half the memory (Mistral-7B: 14.5 GB instead of 29) and, since a batch-1
-decoding step streams every weight once, faster decoding; a small model (the embedded ones)
-keeps fp32, the precision it was evaluated in.
+and in bf16 above: half the memory (Mistral-7B's 7.24B parameters: 14.5 GB instead of 29) and,
+since a batch-1 decoding step streams every weight once, faster decoding; a small model (the
+embedded ones) keeps fp32, the precision it was evaluated in.
 """
 
 import json
