@@ -1,25 +1,38 @@
-"""TurboSparse Studio: `python app.py [--host H] [--port P]` serves the comparison app.
+"""TurboSparse Studio: `python app.py [--host H] [--port P] [--kernels auto|cpp|torch]` serves the app.
 
 Host and port default to Gradio's usual environment variables (GRADIO_SERVER_NAME,
 GRADIO_SERVER_PORT), else 127.0.0.1:7860. Analytics stay off unless the environment turns them on.
+The decode kernels are chosen and built here, before the page serves anyone.
 """
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from turbo_demo.choices import BACKEND_CHOICES  # noqa: E402  (after the analytics default)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--kernels", choices=("auto", "cpp", "torch"), default="auto",
-                        help="sparse kernels: C++ when they build here (auto), or force one")
+    parser.add_argument("--kernels", choices=BACKEND_CHOICES, default="auto",
+                        help="decode kernels: C++ where they build here (auto), or force one")
     args = parser.parse_args()
-    from turbo_demo.ui import build_demo
+    # imported after parsing, so that --help answers at once
+    from turbo_demo.app.page import build_demo
+    from turbo_demo.runtime.kernels import cpp, load_kernels
 
-    demo = build_demo(kernel_backend=args.kernels)
+    from turbo_demo.errors import UserError
+
+    try:
+        kernels = load_kernels(args.kernels, on_build=lambda: print(cpp.BUILD_NOTICE, file=sys.stderr, flush=True))
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"Decode kernels: {kernels.name}", file=sys.stderr)
+    demo = build_demo(kernels=kernels)
     demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port)
 
 

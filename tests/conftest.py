@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny dense and dReLU checkpoints built in temporary directories, offline."""
+"""Shared fixtures: tiny dense and dReLU checkpoints built in temporary directories, offline;
+the kernels of both backends; and the switches the test command takes.
+
+TURBO_DEMO_REQUIRE_CPP=1 (CI sets it) turns "C++ kernels unavailable" from a skip into a failure.
+"""
 
 import os
 
@@ -13,8 +17,11 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from turbo_demo.checkpoint import save_checkpoint  # noqa: E402
-from turbo_demo.modeling_bamboo import BambooConfig, BambooForCausalLM  # noqa: E402
+from turbo_demo.errors import UserError  # noqa: E402
+from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM  # noqa: E402
+from turbo_demo.model.checkpoint import save_checkpoint  # noqa: E402
+from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack  # noqa: E402
+from turbo_demo.runtime.kernels import Kernels, load_kernels  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "assets" / "models"
@@ -58,11 +65,35 @@ def tiny_dirs(tmp_path_factory, tokenizer):
             for kind in ("dense", "drelu")}
 
 
-@pytest.fixture(autouse=True)
-def restore_kernel_backend():
-    """The app may switch the process-wide kernel backend; every test starts from the one it had."""
-    from turbo_demo.runtime import kernels
+def lean(model, mode="dense", kernels=None, **options) -> LeanRuntime:
+    """A lean runtime on a fresh pack of `model`."""
+    return LeanRuntime(pack(model), mode, kernels, **options)
 
-    before = kernels.backend()
-    yield
-    kernels.use_backend(before)
+
+def transformers_engine(model, mode="dense", kernels=None, **options) -> TransformersRuntime:
+    return TransformersRuntime(pack(model), mode, kernels, **options)
+
+
+REQUIRE_CPP = os.environ.get("TURBO_DEMO_REQUIRE_CPP", "") not in ("", "0")
+
+
+@pytest.fixture(scope="session")
+def cpp_kernels():
+    """The C++ kernels; a skip where they cannot be built, a failure under TURBO_DEMO_REQUIRE_CPP=1."""
+    try:
+        return load_kernels("cpp")
+    except UserError as exc:
+        if REQUIRE_CPP:
+            pytest.fail(f"TURBO_DEMO_REQUIRE_CPP is set and the C++ kernels are unavailable: {exc}")
+        pytest.skip(f"C++ kernels unavailable: {exc}")
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def any_kernels(request):
+    """Each backend in turn: the PyTorch reference, then the C++ kernels (as cpp_kernels)."""
+    return Kernels() if request.param == "torch" else request.getfixturevalue("cpp_kernels")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-screenshot", action="store_true",
+                     help="the browser test overwrites assets/screenshot.png (README's picture)")

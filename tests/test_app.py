@@ -6,25 +6,30 @@ from threading import Event
 import pytest
 from plotly import graph_objects as go
 
-from turbo_demo import panels, plots
-from turbo_demo.catalog import ModelStore, modes_for, resolve
-from turbo_demo.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
+from turbo_demo.app import plots, views
+from turbo_demo.app.catalog import ModelStore, modes_for, resolve
+from turbo_demo.app.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
 from turbo_demo.errors import UserError
-from turbo_demo.profile import activation_profile
+from turbo_demo.model.activations import activation_histograms
 
 PROMPT = "def add(a, b):\n    return"
 
 
-def run(store, left, right, prompt=PROMPT, stop=None, **settings):
+def run(store, left, right, prompt=PROMPT, stop=None, on_progress=None, **settings):
     left, right = SideRecord(*left), SideRecord(*right)
-    rounds = list(run_compare(store, left, right, prompt, Settings(**{"temperature": 0.0, **settings}), stop))
+    rounds = list(run_compare(store, left, right, prompt, Settings(**{"temperature": 0.0, **settings}), stop,
+                              on_progress=on_progress))
     return left, right, rounds
 
 
 def test_both_sides_stream_in_turn_and_summarise(tiny_dirs):
-    store = ModelStore()
+    store, heard = ModelStore(), []
     left, right, rounds = run(store, (str(tiny_dirs["dense"]), "dense"),
-                              (str(tiny_dirs["drelu"]), "exact"), max_new_tokens=6)
+                              (str(tiny_dirs["drelu"]), "exact"), on_progress=heard.append, max_new_tokens=6)
+    assert heard == [f"Loading {tiny_dirs['dense']}…", f"Loading {tiny_dirs['drelu']}…"]  # once each
+    run(store, (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"), on_progress=heard.append,
+        max_new_tokens=1)
+    assert len(heard) == 2
     assert len(left.steps) == len(right.steps) == 6 and len(rounds) >= 6
     assert left.text and right.text and left.engine == right.engine == "lean"
     summary = compare_summary(left, right)
@@ -81,7 +86,7 @@ def test_stop_ends_both_sides_within_a_step(tiny_dirs):
 
 
 def test_modes_offered_per_model(tiny_dirs):
-    from turbo_demo.checkpoint import load_config
+    from turbo_demo.model.checkpoint import load_config
 
     assert modes_for(load_config(tiny_dirs["dense"])) == ["dense", "threshold"]
     assert modes_for(load_config(tiny_dirs["drelu"])) == ["dense", "exact", "threshold"]
@@ -89,29 +94,34 @@ def test_modes_offered_per_model(tiny_dirs):
         resolve("")
 
 
-def test_panels_build_the_expected_figures(tiny_dirs):
+def test_views_build_the_expected_figures(tiny_dirs):
     store = ModelStore()
     left, right, _ = run(store, (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"),
                          max_new_tokens=5)
-    view = panels.compare_view(left, right)
-    heat = view["right_heatmap"].data[0]
+    view = views.compare_view(left, right)
+    assert (view.left_text, view.right_text) == (left.text, right.text)
+    heat = view.right_heatmap.data[0]
     assert isinstance(heat, go.Heatmap) and (heat.zmin, heat.zmax) == (0.0, 1.0)
     assert len(heat.z) == 2 and len(heat.z[0]) == 5  # layers x tokens
-    assert len(view["speed"].data) == 2 and all(len(t.y) == 5 for t in view["speed"].data)
-    assert [t.name for t in view["memory"].data] == [None, "dense FFN", "actually read"]
-    assert view["recall"].data == ()  # no predictor on either side
-    assert "Speed-up" in view["headline"] and "tok/s" in view["headline"]
-    for fig in view.values():
-        if isinstance(fig, go.Figure):
-            assert fig.layout.uirevision
-    profiles = {panels.side_label(r): activation_profile(store.get(r.model).model, r.prompt_ids + r.token_ids)
-                for r in (left, right)}
-    neurons = panels.neurons_view(profiles)
-    assert len(neurons["firing_0"].data[0].z) == 2 and len(neurons["firing_0"].data[0].z[0]) == 128
-    assert len(neurons["hist"].data) == 6
-    dense_h = profiles[panels.side_label(left)]["hist"]["combined"]
-    drelu_h = profiles[panels.side_label(right)]["hist"]["combined"]
+    assert len(view.speed.data) == 2 and all(len(t.y) == 5 for t in view.speed.data)
+    assert [t.name for t in view.memory.data] == [None, "dense FFN", "actually read"]
+    assert view.recall.data == ()  # no predictor on either side
+    assert "Speed-up" in view.headline and "tok/s" in view.headline
+    for fig in (view.left_heatmap, view.right_heatmap, view.speed, view.memory, view.recall):
+        assert fig.layout.uirevision
+    hists = {views.side_label(r): activation_histograms(store.get(r.model).model, r.prompt_ids + r.token_ids)
+             for r in (left, right)}
+    neurons = views.neurons_view(left, right, hists)
+    firing = neurons.right_firing.data[0]
+    assert len(firing.z) == 2 and len(firing.z[0]) == 128  # layers x neurons, hot to cold
+    # the runtime's own counts: a neuron's share of the decode steps in which it fired
+    assert sorted(right.firing_counts[0], reverse=True)[0] / 5 == firing.z[0][0]
+    assert sum(right.firing_counts[0]) == round(sum(s.active_share[0] * 128 for s in right.steps))
+    assert len(neurons.hist.data) == 6
+    dense_h, drelu_h = (hists[views.side_label(r)]["combined"] for r in (left, right))
     assert dense_h["zeros"] == 0 and drelu_h["zeros"] > 0.3 * drelu_h["total"]
+    broken = SideRecord("x", "dense", error="nope")
+    assert views.neurons_view(broken, SideRecord("y", "dense"), {}) == views.NeuronsView(None, None, None)
 
 
 def test_plot_builders_on_plain_data():
@@ -134,9 +144,9 @@ def free_port() -> int:
 def test_compare_endpoint_through_gradio_client(tiny_dirs):
     from gradio_client import Client
 
-    from turbo_demo.ui import build_demo
+    from turbo_demo.app.page import build_demo
 
-    demo = build_demo()
+    demo = build_demo()  # the PyTorch kernels: the C++ ones are chosen at app start, not here
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     try:

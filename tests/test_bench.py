@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_model
 from turbo_demo.bench import FFN_MODES, Settings, format_table, run_bench, settings_for
 from turbo_demo.errors import UserError
-from turbo_demo.runtime import cpp, kernels
-from turbo_demo.runtime.engine import Runtime
+from turbo_demo.runtime import LeanRuntime, pack
+from turbo_demo.runtime.kernels import Kernels
 
 TINY_STACK = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=300)
@@ -27,9 +27,7 @@ def positive(v) -> bool:
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
-    before = kernels.backend()
     result = run_bench(tiny_settings(tiny_dirs["drelu"]), backend=backend, progress=False)
-    assert kernels.backend() == before  # the benchmark puts the previous backend back
     assert json.loads(json.dumps(result)) == result
     assert set(result) == {"machine", "ffn", "e2e", "notes"}
     machine = result["machine"]
@@ -84,28 +82,23 @@ def test_settings_and_bad_names():
         run_bench(tiny_settings(None), backend="cuda", progress=False)
 
 
-@pytest.mark.skipif(not cpp.available(), reason="C++ kernels unavailable")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_backend_decodes_like_torch(dtype):
+def test_cpp_backend_decodes_like_torch(dtype, cpp_kernels):
     """The benchmark compares engines on the C++ kernels: the fused decode step (RMSNorm, RoPE,
     cache write, attention, GEMVs) must give the torch path's logits, windowed attention too,
     and in fp32 the same neuron firing counts."""
     ids = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14])
-    drelu = tiny_model("drelu", predictor_rank=4, sliding_window=6).to(dtype)
-    swiglu = tiny_model("dense").to(dtype)
+    drelu = pack(tiny_model("drelu", predictor_rank=4, sliding_window=6).to(dtype))
+    swiglu = pack(tiny_model("dense").to(dtype))
     cases = {"dense": (drelu, {}), "exact": (drelu, {}), "predictor": (drelu, {"budget": 0.5}),
              "threshold": (swiglu, {"threshold": 0.02})}  # the last: an up branch without ReLU
-    out, firing, before = {}, {}, kernels.backend()
-    try:
-        for backend in ("torch", "cpp"):
-            kernels.use_backend(backend)
-            for mode, (model, options) in cases.items():
-                runtime = Runtime(model, mode, **options)
-                logits = [runtime.prefill(ids[:4])] + [runtime.decode(int(t)) for t in ids[4:]]
-                out[backend, mode] = torch.stack(logits).float()
-                firing[backend, mode] = torch.stack([ffn.firing for ffn in runtime.ffns])
-    finally:
-        kernels.use_backend(before)
+    out, firing = {}, {}
+    for kernels in (Kernels(), cpp_kernels):
+        for mode, (packed, options) in cases.items():
+            runtime = LeanRuntime(packed, mode, kernels, **options)
+            logits = [runtime.prefill(ids[:4])] + [runtime.decode(int(t))[0] for t in ids[4:]]
+            out[kernels.name, mode] = torch.stack(logits).float()
+            firing[kernels.name, mode] = runtime.firing.clone()
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for mode in cases:
         torch.testing.assert_close(out["cpp", mode], out["torch", mode], **tol)

@@ -2,8 +2,9 @@
 
 Chromium comes from Debian's `chromium` package (installed here with apt-get when missing;
 Playwright never downloads a browser). The test opens the app on the embedded models, clicks
-Generate, waits for both panes and both heatmaps, stops a long run, and saves the screenshot
-that README shows (assets/screenshot.png).
+Generate, waits for both panes and both heatmaps, and stops a long run. It takes a screenshot
+of the page; only `pytest tests/test_browser.py --update-screenshot` writes it over the one
+README shows (assets/screenshot.png).
 """
 
 import shutil
@@ -32,9 +33,10 @@ def ensure_chromium() -> str:
 def app_url():
     if not (SHIPPED / "turbosparse-drelu" / "config.json").is_file():
         pytest.fail("the embedded models are missing from assets/models")
-    from turbo_demo.ui import build_demo
+    from turbo_demo.app.page import build_demo
+    from turbo_demo.runtime import load_kernels
 
-    demo = build_demo()
+    demo = build_demo(kernels=load_kernels("auto"))  # as app.py does
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     yield f"http://127.0.0.1:{port}/"
@@ -57,7 +59,7 @@ def output_text(page, side):
     return page.locator(f"#{side}-text textarea").input_value()
 
 
-def test_generate_streams_both_panes_and_draws_heatmaps(page):
+def test_generate_streams_both_panes_and_draws_heatmaps(page, request, tmp_path):
     page.click("#generate")
     for side in ("left", "right"):
         page.wait_for_function(f"document.querySelector('#{side}-text textarea').value.length > 0",
@@ -67,14 +69,17 @@ def test_generate_streams_both_panes_and_draws_heatmaps(page):
     page.wait_for_function("document.body.innerText.includes('Done.')", timeout=120_000)
     assert "tok/s" in page.inner_text("#headline")
     assert output_text(page, "left") and output_text(page, "right")
-    page.screenshot(path=str(REPO / "assets" / "screenshot.png"), full_page=False)
+    update = request.config.getoption("--update-screenshot")
+    shot = REPO / "assets" / "screenshot.png" if update else tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory):
     """A random model big enough (~70M parameters) that 256 tokens take seconds, not a blink."""
     from conftest import tiny_model, tiny_tokenizer
-    from turbo_demo.checkpoint import save_checkpoint
+    from turbo_demo.model.checkpoint import save_checkpoint
 
     model = tiny_model("dense", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)

@@ -1,13 +1,12 @@
-"""The fused C++ gather-GEMV kernels against the PyTorch reference, and backend switching."""
+"""The C++ kernels against the PyTorch reference, and choosing the kernels."""
 
 import pytest
 import torch
 
 from turbo_demo.errors import UserError
-from turbo_demo.runtime import cpp, kernels
+from turbo_demo.runtime.kernels import CppKernels, Kernels, cpp, load_kernels
 
-needs_cpp = pytest.mark.skipif(
-    not cpp.available(), reason="C++ kernels unavailable (no C++ compiler, or the extension build failed)")
+REF = Kernels()
 
 # (N, H): H a multiple of 16, H not a multiple of 16 (SIMD tails), H below one vector.
 SHAPES = [(64, 128), (97, 203), (33, 7)]
@@ -26,35 +25,33 @@ def case(n, h, k, dtype, seed=0):
 
 
 @pytest.fixture
-def module():
-    return cpp.load()
+def module(cpp_kernels):
+    """The C++ kernels (skips where they cannot be built; fails instead under TURBO_DEMO_REQUIRE_CPP=1)."""
+    return cpp_kernels
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,h", SHAPES)
 @pytest.mark.parametrize("k", ["0", "1", "half", "N"])
 def test_cpp_matches_torch(module, n, h, k, dtype):
     k = {"0": 0, "1": 1, "half": n // 2, "N": n}[k]
     w, x, hv, idx = case(n, h, k, dtype)
-    ref_axpy = kernels.torch_rows_axpy(w, hv, idx)
-    for got, ref, size in ((module.rows_dot(w, x, idx), kernels.torch_rows_dot(w, x, idx), k),
+    ref_axpy = REF.rows_axpy(w, hv, idx)
+    for got, ref, size in ((module.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), k),
                            (module.rows_axpy(w, hv, idx), ref_axpy, h)):
         assert got.dtype == dtype and got.shape == (size,)
         torch.testing.assert_close(got, ref, **TOL[dtype])
 
 
-@needs_cpp
 def test_cpp_bf16_accumulates_in_fp32(module):
     """bf16 results are the fp32 sums of the exact bf16 inputs, rounded once."""
     w, x, hv, idx = case(300, 1000, 150, torch.bfloat16, seed=1)
-    ref_dot = kernels.torch_rows_dot(w.float(), x.float(), idx).to(torch.bfloat16)
-    ref_axpy = kernels.torch_rows_axpy(w.float(), hv.float(), idx).to(torch.bfloat16)
+    ref_dot = REF.rows_dot(w.float(), x.float(), idx).to(torch.bfloat16)
+    ref_axpy = REF.rows_axpy(w.float(), hv.float(), idx).to(torch.bfloat16)
     torch.testing.assert_close(module.rows_dot(w, x, idx), ref_dot, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(module.rows_axpy(w, hv, idx), ref_axpy, atol=1e-2, rtol=1e-2)
 
 
-@needs_cpp
 def test_cpp_repeated_indices_and_threads(module):
     w, x, hv, _ = case(50, 333, 0, torch.float32)
     idx = torch.tensor([3, 3, 0, 49, 7, 3, 12, 49, 1, 2, 5, 6])
@@ -63,15 +60,14 @@ def test_cpp_repeated_indices_and_threads(module):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            torch.testing.assert_close(module.rows_dot(w, x, idx), kernels.torch_rows_dot(w, x, idx),
+            torch.testing.assert_close(module.rows_dot(w, x, idx), REF.rows_dot(w, x, idx),
                                        atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(module.rows_axpy(w, hv, idx), kernels.torch_rows_axpy(w, hv, idx),
+            torch.testing.assert_close(module.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx),
                                        atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
 
 
-@needs_cpp
 @pytest.mark.parametrize("fn", ["rows_dot", "rows_axpy"])
 def test_cpp_rejects_bad_input(module, fn):
     f = getattr(module, fn)
@@ -98,41 +94,35 @@ def test_cpp_rejects_bad_input(module, fn):
         f(w, v, torch.tensor([0, 40]))
 
 
-@needs_cpp
-def test_use_backend_switches_and_restores():
-    assert kernels.backend() == "torch"
-    try:
-        kernels.use_backend("cpp")
-        assert kernels.backend() == "cpp"
-        assert kernels.rows_dot is cpp.load().rows_dot
-        assert kernels.rows_axpy is cpp.load().rows_axpy
-    finally:
-        kernels.use_backend("torch")
-    assert kernels.backend() == "torch"
-    assert kernels.rows_dot is kernels.torch_rows_dot
-    assert kernels.rows_axpy is kernels.torch_rows_axpy
-
-
 def test_torch_rows_axpy_empty():
     w = torch.randn(5, 3)
-    y = kernels.torch_rows_axpy(w, torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    y = REF.rows_axpy(w, torch.zeros(0), torch.zeros(0, dtype=torch.long))
     assert torch.equal(y, torch.zeros(3))
 
 
-def test_use_backend_unknown_name():
-    with pytest.raises(UserError, match="unknown kernel backend"):
-        kernels.use_backend("cuda")
-    with pytest.raises(UserError, match="choose auto, torch, cpp"):
-        kernels.select_backend("fast")
-    assert kernels.backend() == "torch" and kernels.rows_dot is kernels.torch_rows_dot
-
-
-@needs_cpp
-def test_select_backend_auto_takes_cpp_where_it_builds():
+def test_load_kernels_chooses_once_and_says_why_it_waits(cpp_kernels):
+    assert isinstance(load_kernels("torch"), Kernels) and load_kernels("torch").name == "torch"
     builds = []
-    assert kernels.select_backend("auto", lambda: builds.append(1)) == "cpp" == kernels.backend()
-    assert builds == []  # already built for this test session: nothing to announce
-    assert kernels.select_backend("torch") == "torch" and kernels.rows_dot is kernels.torch_rows_dot
+    auto = load_kernels("auto", lambda: builds.append(1))
+    assert isinstance(auto, CppKernels) and auto.name == "cpp" and auto.devices == ("cpu",)
+    assert builds == []  # built already in this test session: nothing to announce
+    assert load_kernels("auto", device="cuda").name == "torch"  # the C++ kernels are CPU code
+    assert load_kernels("cpp").ops is cpp_kernels.ops  # built once per process
+
+
+def test_unknown_kernel_backend():
+    with pytest.raises(UserError, match="unknown kernel backend 'fast'; choose one of auto, torch, cpp"):
+        load_kernels("fast")
+
+
+def test_build_cache_is_keyed_by_cpu_and_sources(monkeypatch):
+    key = cpp.build_key()
+    assert cpp.module_name().endswith(key) and cpp.build_dir().name == cpp.module_name()
+    monkeypatch.setattr(cpp, "cpu_flags", lambda: "flags : some other cpu")
+    assert cpp.build_key() != key  # a cache carried to another CPU is never loaded
+    monkeypatch.undo()
+    monkeypatch.setattr(cpp, "FLAGS", [*cpp.FLAGS, "-DOTHER"])
+    assert cpp.build_key() != key
 
 
 def ffn_case(n, h, dtype, seed=0):
@@ -141,30 +131,28 @@ def ffn_case(n, h, dtype, seed=0):
     return wg, wu, wd_t, torch.randn(h, generator=g).to(dtype)
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act,act_up", [("relu", True), ("relu", False), ("silu", False), ("gelu", False)])
 def test_cpp_ffn_steps_match_torch(module, dtype, act, act_up):
     wg, wu, wd_t, x = ffn_case(97, 203, dtype)
     y, active = module.ffn_dense(wg, wu, wd_t, x, act, act_up)
-    ref_y, ref_active = kernels.torch_ffn_dense(wg, wu, wd_t, x, act, act_up)
+    ref_y, ref_active = REF.ffn_dense(wg, wu, wd_t, x, act, act_up)
     torch.testing.assert_close(y, ref_y, **TOL[dtype])
     assert active == ref_active
     if act == "relu":  # exact mode: the same FFN on the gate-active neurons only
         y_exact, computed, active_exact = module.ffn_exact(wg, wu, wd_t, x, act_up)
-        ref = kernels.torch_ffn_exact(wg, wu, wd_t, x, act_up)
+        ref = REF.ffn_exact(wg, wu, wd_t, x, act_up)
         torch.testing.assert_close(y_exact, ref[0], **TOL[dtype])
         assert (computed, active_exact) == ref[1:] and active_exact == active
-        assert computed == int((kernels.torch_matvec(wg, x) > 0).sum())
+        assert computed == int((REF.matvec(wg, x) > 0).sum())
         torch.testing.assert_close(y_exact, y, **TOL[dtype])
         idx = torch.arange(0, 97, 2)  # a predicted set: up rows only where the gate is on
-        got, ref = module.up_down(wu, wd_t, x, idx, None, act_up, wg), kernels.torch_up_down(
+        got, ref = module.up_down(wu, wd_t, x, idx, None, act_up, wg), REF.up_down(
             wu, wd_t, x, idx, None, act_up, wg)
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
-        assert got[1:] == ref[1:] and got[1] == int((kernels.torch_rows_dot(wg, x, idx) > 0).sum())
+        assert got[1:] == ref[1:] and got[1] == int((REF.rows_dot(wg, x, idx) > 0).sum())
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
     """add_to fuses the residual add: the same as adding the step's own result afterwards, in
@@ -173,7 +161,7 @@ def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
     r = torch.randn(203, generator=torch.Generator().manual_seed(8)).to(dtype)
     idx = torch.arange(1, 97, 3)
     for fns in ((module.ffn_dense, module.ffn_exact, module.up_down),
-                (kernels.torch_ffn_dense, kernels.torch_ffn_exact, kernels.torch_up_down)):
+                (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
         dense, exact, up_down = fns
         steps = ((dense, (wg, wu, wd_t, x, "relu", True)), (exact, (wg, wu, wd_t, x, True)),
                  (up_down, (wu, wd_t, x, idx, None, True, wg)))
@@ -182,19 +170,18 @@ def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
             assert torch.equal(added[0], r + plain[0]) and added[1:] == plain[1:]
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ffn_steps_count_the_firing_neurons(module, dtype):
     """counts[i] += 1 where h_i != 0, in both backends: over every neuron (dense, exact), and
     over a selection that repeats neurons (up_down: each occurrence counts)."""
     wg, wu, wd_t, x = ffn_case(97, 203, dtype, seed=7)
-    h = kernels.torch_matvec(wg, x).relu() * kernels.torch_matvec(wu, x).relu()
+    h = REF.matvec(wg, x).relu() * REF.matvec(wu, x).relu()
     fired = (h != 0).to(torch.int32)
     idx = torch.tensor([1, 4, 4, 90, 7, 1, 1, 60])
     picked = torch.zeros(97, dtype=torch.int32).index_add_(0, idx, fired[idx])
     assert 0 < int(fired.sum()) < 97 and int(picked.sum()) > 0
     for fns in ((module.ffn_dense, module.ffn_exact, module.up_down),
-                (kernels.torch_ffn_dense, kernels.torch_ffn_exact, kernels.torch_up_down)):
+                (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
         dense, exact, up_down = fns
         steps = ((dense, (wg, wu, wd_t, x, "relu", True), fired), (exact, (wg, wu, wd_t, x, True), fired),
                  (up_down, (wu, wd_t, x, idx, None, True, wg), picked))
@@ -207,7 +194,6 @@ def test_ffn_steps_count_the_firing_neurons(module, dtype):
         module.ffn_exact(wg, wu, wd_t, x, True, counts=torch.zeros(97))
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_predict_matches_torch(module, dtype):
     g = torch.Generator().manual_seed(3)
@@ -215,7 +201,7 @@ def test_cpp_predict_matches_torch(module, dtype):
     r = torch.randn(40, generator=g).to(dtype)
     for threshold, budget in ((0.0, 0), (-2.5, 0), (0.0, 30), (0.0, 300)):
         idx, rows = module.predict(fc1, fc2_t, r, threshold, budget)
-        ref_idx, ref_rows = kernels.torch_predict(fc1, fc2_t, r, threshold, budget)
+        ref_idx, ref_rows = REF.predict(fc1, fc2_t, r, threshold, budget)
         assert rows == ref_rows and 0 < rows < 24  # relu zeroes some of the rank's outputs
         if dtype == torch.float32:  # bf16 scores may round differently near the cut
             assert torch.equal(idx, ref_idx)
@@ -224,7 +210,6 @@ def test_cpp_predict_matches_torch(module, dtype):
         module.predict(fc1, fc2_t, r, 0.0, 301)
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_ffn_predicted_matches_torch(module, dtype):
     """The fused predictor step: predict's choice, then up_down on it with the gate computed."""
@@ -235,14 +220,13 @@ def test_cpp_ffn_predicted_matches_torch(module, dtype):
     for threshold, budget in ((0.0, 0), (0.0, 45)):
         counts = [torch.zeros(300, dtype=torch.int32) for _ in range(2)]
         got = module.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[0])
-        ref = kernels.torch_ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[1])
+        ref = REF.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[1])
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
         assert len(got[1]) == (budget or len(ref[1])) and 0 < got[4] < got[3] <= len(got[1])
         if dtype == torch.float32:  # bf16 scores may round differently near the cut
             assert torch.equal(got[1], ref[1]) and got[2:] == ref[2:] and torch.equal(counts[0], counts[1])
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,nh,nkv,hd", [(64, 4, 2, 16), (256, 8, 4, 32)])  # q, k, v on one thread; on two
 def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
@@ -253,7 +237,7 @@ def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
     x, ln_w = torch.randn(h, generator=g).to(dtype), torch.rand(h, generator=g).add(0.5).to(dtype)
     cos, sin = (torch.rand(max_len, hd, generator=g).to(dtype) for _ in range(2))
     caches = {}
-    for name, fn in (("cpp", module.attention_step), ("torch", kernels.torch_attention_step)):
+    for name, fn in (("cpp", module.attention_step), ("torch", REF.attention_step)):
         kc, vc = (torch.randn(nkv, max_len, hd, generator=torch.Generator().manual_seed(5)).to(dtype)
                   for _ in range(2))
         y = fn(x, ln_w, 1e-5, w["q"], w["k"], w["v"], w["o"], kc, vc, cos, sin, pos, 2)
@@ -262,35 +246,25 @@ def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
         torch.testing.assert_close(got, ref, **TOL[dtype])
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_argmax_matches_torch(module, dtype):
     v = torch.randn(4096, generator=torch.Generator().manual_seed(9)).to(dtype)
     tied = torch.tensor([1.0, 3.0, -2.0, 3.0, 0.5]).to(dtype)  # ties: the first one
     nan = torch.tensor([1.0, float("nan"), 5.0, float("nan")]).to(dtype)  # NaN counts as largest
     for case in (v, tied, nan, v[:1]):
-        assert module.argmax(case) == kernels.torch_argmax(case)
+        assert module.argmax(case) == REF.argmax(case)
     with pytest.raises(RuntimeError, match="empty"):
         module.argmax(v[:0])
 
 
-def samplers():
-    """(name, sample_top_p) of each backend here: the PyTorch one, and the C++ one if it builds."""
-    found = [("torch", kernels.torch_sample_top_p)]
-    if cpp.available():
-        found.append(("cpp", cpp.load().sample_top_p))
-    return found
-
-
-@pytest.mark.parametrize("name,sample", samplers())
-def test_sample_top_p_draws_from_the_nucleus(name, sample):
+def test_sample_top_p_draws_from_the_nucleus(any_kernels):
     """Draws at evenly spaced u give each token its share of the nucleus: the top tokens up to
     top_p of the mass (the one that crosses top_p included), renormalised."""
     def shares(logits, top_p, temperature=1.0, draws=1000):
         v = torch.tensor(logits)
         got = torch.zeros(len(logits))
         for k in range(draws):
-            got[sample(v, temperature, top_p, (k + 0.5) / draws)] += 1
+            got[any_kernels.sample_top_p(v, temperature, top_p, (k + 0.5) / draws)] += 1
         return got / draws
 
     logits = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15]).log().tolist()
@@ -305,7 +279,6 @@ def test_sample_top_p_draws_from_the_nucleus(name, sample):
     assert shares([2.0, 2.0, 2.0, 2.0], 0.5).tolist() == [0.5, 0.5, 0, 0]
 
 
-@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_sample_top_p_matches_torch(module, dtype):
     g = torch.Generator().manual_seed(11)
@@ -316,7 +289,7 @@ def test_cpp_sample_top_p_matches_torch(module, dtype):
                 for temperature, top_p in ((0.3, 0.5), (0.7, 0.95), (1.5, 0.05), (1.0, 1.0)):
                     for u in (0.0, 0.37, 0.999999):
                         assert module.sample_top_p(logits, temperature, top_p, u) == \
-                            kernels.torch_sample_top_p(logits, temperature, top_p, u)
+                            REF.sample_top_p(logits, temperature, top_p, u)
     for args, message in (((v, 0.0, 0.9, 0.5), "temperature"), ((v, 1.0, 0.0, 0.5), "top_p"),
                           ((v, 1.0, 0.9, 1.0), "u must be"), ((v[:0], 1.0, 0.9, 0.5), "empty"),
                           ((torch.full((3,), float("-inf")).to(dtype), 1.0, 0.9, 0.5), "finite")):
@@ -324,7 +297,6 @@ def test_cpp_sample_top_p_matches_torch(module, dtype):
             module.sample_top_p(*args)
 
 
-@needs_cpp
 def test_cpp_ffn_steps_on_two_threads(module):
     """Large enough to split the neurons over threads, in blocks, with a ragged last block: the
     dense step, and the exact step and up_down, which share one loop."""
@@ -334,11 +306,11 @@ def test_cpp_ffn_steps_on_two_threads(module):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             y, active = module.ffn_dense(wg, wu, wd_t, x, "silu", False)
-            ref = kernels.torch_ffn_dense(wg, wu, wd_t, x, "silu", False)
+            ref = REF.ffn_dense(wg, wu, wd_t, x, "silu", False)
             torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
             assert active == ref[1]
             y, computed, active = module.ffn_exact(wg, wu, wd_t, x, True)
-            ref = kernels.torch_ffn_exact(wg, wu, wd_t, x, True)
+            ref = REF.ffn_exact(wg, wu, wd_t, x, True)
             torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
             assert (computed, active) == ref[1:]
             idx = torch.arange(0, 3001, 2)  # a predicted set, with its gate values given or not
@@ -346,7 +318,7 @@ def test_cpp_ffn_steps_on_two_threads(module):
             for args in ((None, True, wg), (a, False, None)):
                 counts = [torch.zeros(3001, dtype=torch.int32) for _ in range(2)]
                 got = module.up_down(wu, wd_t, x, idx, *args, counts=counts[0])
-                ref = kernels.torch_up_down(wu, wd_t, x, idx, *args, counts=counts[1])
+                ref = REF.up_down(wu, wd_t, x, idx, *args, counts=counts[1])
                 torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
                 assert got[1:] == ref[1:] and torch.equal(counts[0], counts[1])
     finally:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_model
-from turbo_demo.modeling_bamboo import BambooForCausalLM, BambooMLP, swiglu_to_drelu
+from turbo_demo.model.bamboo import BambooForCausalLM, BambooMLP, swiglu_to_drelu
 
 
 def test_drelu_mlp_equals_its_formula():
@@ -32,7 +32,7 @@ def test_save_then_from_pretrained_gives_same_logits(tmp_path):
 
 
 def test_big_models_load_in_bf16_small_ones_in_fp32(tmp_path, monkeypatch):
-    from turbo_demo import checkpoint
+    from turbo_demo.model import checkpoint
 
     model = tiny_model("drelu")
     model.to(torch.float16).save_pretrained(tmp_path)  # stored in half precision

@@ -7,15 +7,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
+from conftest import lean, tiny_model, transformers_engine
 from turbo_demo.errors import UserError
-from turbo_demo.hooks import on_ffn_activation
-from turbo_demo.modeling_bamboo import BambooConfig, BambooMLP, BambooPredictor
-from turbo_demo.runtime import ffn as ffn_module
-from turbo_demo.runtime.engine import Runtime
-from turbo_demo.runtime.ffn import make_ffn
-from turbo_demo.runtime.hf import TransformersRuntime, sparse_mode
-from turbo_demo.runtime.predictors import calibrate, train_predictors
+from turbo_demo.model.bamboo import BambooConfig, BambooMLP, BambooPredictor
+from turbo_demo.offline.predictors import calibrate, train_predictors
+from turbo_demo.runtime import TransformersRuntime, pack
+from turbo_demo.runtime.hf import sparse_model
+from turbo_demo.runtime.kernels import Kernels, reference
+from turbo_demo.runtime.lean import LeanRuntime
+from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions, make_modes
+from turbo_demo.runtime.packing import pack_ffn
 
 IDS = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14, 200, 150, 11, 76, 43, 21,
                     5, 6, 70, 80, 90, 100, 110, 120, 130, 140])
@@ -24,38 +25,47 @@ IDS = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14, 200, 150
 def runtime_logits(runtime, ids=IDS, prefill=8):
     """Logits for every position from `prefill` on: one prefill, then one decode step each."""
     out = [runtime.prefill(ids[:prefill])]
-    out += [runtime.decode(int(t)) for t in ids[prefill:-1]]
+    out += [runtime.decode(int(t))[0] for t in ids[prefill:-1]]
     return torch.stack(out)
+
+
+def model_state(model) -> list:
+    """Every parameter's storage, layout and values: what "left as loaded" means."""
+    return [(name, p.data_ptr(), p.shape, p.stride(), p.detach().clone()) for name, p in model.named_parameters()]
+
+
+def assert_same_state(before: list, after: list) -> None:
+    assert [b[:4] for b in before] == [a[:4] for a in after]
+    assert all(torch.equal(b[4], a[4]) for b, a in zip(before, after))
 
 
 @pytest.mark.parametrize("kind", ["dense", "drelu"])
 def test_runtime_equals_transformers_forward(kind):
     model = tiny_model(kind)
     with torch.no_grad():
-        reference = model(IDS[None]).logits[0, 7:-1]
-    torch.testing.assert_close(runtime_logits(Runtime(model)), reference, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(runtime_logits(TransformersRuntime(tiny_model(kind))), reference,
-                               rtol=1e-5, atol=1e-5)
+        expected = model(IDS[None]).logits[0, 7:-1]
+    torch.testing.assert_close(runtime_logits(lean(model)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runtime_logits(transformers_engine(model)), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mode,options", [("dense", {}), ("exact", {}), ("predictor", {"budget": 0.3})])
 def test_runtime_on_cuda_equals_the_cpu(mode, options):
     model = tiny_model("drelu", predictor_rank=4, seed=4)
-    on_cpu = runtime_logits(Runtime(model, mode, **options))
-    for engine in (Runtime, TransformersRuntime):
+    on_cpu = runtime_logits(lean(model, mode, **options))
+    for engine in (lean, transformers_engine):
         runtime = engine(tiny_model("drelu", predictor_rank=4, seed=4).to("cuda"), mode, **options)
         torch.testing.assert_close(runtime_logits(runtime).cpu(), on_cpu, rtol=1e-4, atol=1e-4)
         steps = list(runtime.generate([5, 6, 7], max_new_tokens=4, temperature=0.8, audit=True))
         assert len(steps) == 4 and sum(map(sum, runtime.firing_counts())) > 0
 
 
-def test_cpp_kernels_refuse_a_model_off_the_cpu(monkeypatch):
-    from turbo_demo.runtime import kernels
+def test_cpu_only_kernels_refuse_a_model_off_the_cpu():
+    class CpuOnly(Kernels):
+        name, devices = "cpu-only", ("cpu",)
 
-    monkeypatch.setattr(kernels, "backend", lambda: "cpp")
-    with pytest.raises(UserError, match="use the torch backend"):
-        Runtime(tiny_model("drelu").to("meta"))
+    with pytest.raises(UserError, match="the cpu-only kernels run on cpu .* use the torch backend"):
+        lean(tiny_model("drelu").to("meta"), kernels=CpuOnly())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -66,34 +76,51 @@ def test_generate_on_cuda_without_a_gpu_says_so(tiny_dirs, capsys):
     assert "no CUDA device here" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("engine", [LeanRuntime, TransformersRuntime])
+def test_building_and_running_a_runtime_leaves_the_model_as_loaded(engine):
+    model = tiny_model("drelu", predictor_rank=4, seed=6)
+    before, mlps = model_state(model), [layer.mlp for layer in model.model.layers]
+    with torch.no_grad():
+        logits = model(IDS[None]).logits
+    packed = pack(model)
+    for mode, options in (("dense", {}), ("exact", {}), ("predictor", {"budget": 0.5})):
+        assert len(list(engine(packed, mode, **options).generate([5, 6, 7], 4, audit=True))) == 4
+    assert_same_state(before, model_state(model))
+    assert [layer.mlp for layer in model.model.layers] == mlps
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(IDS[None]).logits, logits)
+    assert packed.owned_bytes == 2 * (128 * 32 + 4 * 128) * 4  # W_down and fc2, per layer, in fp32
+
+
 def test_exact_equals_dense_over_prefill_and_20_decode_steps():
-    runtime = Runtime(tiny_model("drelu", seed=1))
-    dense = runtime_logits(runtime)
-    runtime.set_mode("exact")
+    packed = pack(tiny_model("drelu", seed=1))
+    dense = runtime_logits(LeanRuntime(packed))
+    runtime = LeanRuntime(packed, "exact")
     exact = runtime_logits(runtime)
     assert len(exact) == 22
     torch.testing.assert_close(exact, dense, rtol=0, atol=1e-5)
-    assert runtime.ffns[0].record.computed < runtime.ffns[0].n
+    _, records = runtime.decode(5)
+    assert records[0].computed < packed.ffns[0].n
 
 
 def test_threshold_zero_equals_dense():
     for kind in ("dense", "drelu"):
-        runtime = Runtime(tiny_model(kind))
-        dense = runtime_logits(runtime)
-        runtime.set_mode("threshold", threshold=0.0)
-        torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
+        packed = pack(tiny_model(kind))
+        dense = runtime_logits(LeanRuntime(packed))
+        torch.testing.assert_close(runtime_logits(LeanRuntime(packed, "threshold", threshold=0.0)), dense,
+                                   rtol=0, atol=1e-5)
 
 
 def test_predictor_with_every_neuron_active_equals_dense(monkeypatch):
-    model = tiny_model("drelu", predictor_rank=4)
-    runtime = Runtime(model)
-    dense = runtime_logits(runtime)
-    runtime.set_mode("predictor", threshold=float("-inf"))
-    torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)  # dense fallback
-    monkeypatch.setattr(ffn_module, "DENSE_FALLBACK_SHARE", 1.0)  # force the gathered path
-    torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
-    runtime.set_mode("predictor", budget=1.0)
-    torch.testing.assert_close(runtime_logits(runtime), dense, rtol=0, atol=1e-5)
+    packed = pack(tiny_model("drelu", predictor_rank=4))
+    dense = runtime_logits(LeanRuntime(packed))
+    every = LeanRuntime(packed, "predictor", threshold=float("-inf"))
+    torch.testing.assert_close(runtime_logits(every), dense, rtol=0, atol=1e-5)  # dense fallback
+    monkeypatch.setattr(reference, "DENSE_FALLBACK_SHARE", 1.0)  # force the gathered path
+    torch.testing.assert_close(runtime_logits(every), dense, rtol=0, atol=1e-5)
+    torch.testing.assert_close(runtime_logits(LeanRuntime(packed, "predictor", budget=1.0)), dense,
+                               rtol=0, atol=1e-5)
 
 
 def test_statistics_of_a_hand_built_layer(monkeypatch):
@@ -112,29 +139,32 @@ def test_statistics_of_a_hand_built_layer(monkeypatch):
     x = torch.tensor([1.0, 2.0, 3.0, 0.0])
     # gate = [1, -1, 2, 3, 0, -2] -> relu > 0 for neurons 0, 2, 3; up = [1, 1, -2, 3, 0, 2]
     # h = [1, 0, 0, 9, 0, 0]: neuron 2 is computed (gate on) but its up branch is off.
-    exact = make_ffn("exact", mlp, config, 0)
-    y = exact.step(x, x)
+    w, k = pack_ffn(mlp, config, 0), Kernels()
+    counts = torch.zeros(6, dtype=torch.int32)
+    y, record = ExactMode(w, k).step(x, x, counts=counts)
     torch.testing.assert_close(y, mlp(x))
     row = 4 * 4  # bytes of one fp32 row of H = 4
-    assert (exact.record.computed, exact.record.active) == (3, 2)
-    assert exact.record.bytes == 6 * row + 3 * row + 2 * row  # all gate rows, 3 up, 2 down
-    assert exact.firing.tolist() == [1, 0, 0, 1, 0, 0]
-    dense = make_ffn("dense", mlp, config, 0)
-    dense.step(x, x)
-    assert (dense.record.computed, dense.record.active, dense.record.bytes) == (6, 2, 18 * row)
-    assert dense.firing.tolist() == [1, 0, 0, 1, 0, 0]
+    assert (record.computed, record.active) == (3, 2)
+    assert record.bytes == 6 * row + 3 * row + 2 * row  # all gate rows, 3 up, 2 down
+    assert counts.tolist() == [1, 0, 0, 1, 0, 0]
+    counts.zero_()
+    _, record = DenseMode(w, k).step(x, x, counts=counts)
+    assert (record.computed, record.active, record.bytes) == (6, 2, 18 * row)
+    assert counts.tolist() == [1, 0, 0, 1, 0, 0]
     # the predictor picks 0, 1, 3, 4: four gate rows; up only where the gate is on (0, 3); down
     # where h != 0 (0, 3); of the predictor, fc1 and the one row of fc2_t whose z is non-zero
-    monkeypatch.setattr(ffn_module, "DENSE_FALLBACK_SHARE", 1.0)  # the gathered path, in torch too
-    predictor = make_ffn("predictor", mlp, config, 0, threshold=0.0)
-    torch.testing.assert_close(predictor.step(x, x), mlp(x))
-    assert (predictor.record.computed, predictor.record.active) == (4, 2)
-    assert predictor.record.bytes == (8 + 1 * 6) * 4 + 4 * row + 2 * row + 2 * row
-    predictor.step(-x, -x)  # scores r_0 * (...) < 0 for 0, 1, 3, 4: it picks 2 and 5, which are off
-    assert predictor.firing.tolist() == [1, 0, 0, 1, 0, 0]
+    monkeypatch.setattr(reference, "DENSE_FALLBACK_SHARE", 1.0)  # the gathered path, in torch too
+    counts.zero_()
+    predictor = PredictorMode(w, k, PredictorOptions(threshold=0.0))
+    y, record = predictor.step(x, x, counts=counts)
+    torch.testing.assert_close(y, mlp(x))
+    assert (record.computed, record.active) == (4, 2) and predictor.recall(record) == 1.0
+    assert record.bytes == (8 + 1 * 6) * 4 + 4 * row + 2 * row + 2 * row
+    predictor.step(-x, -x, counts=counts)  # z = relu(-r_0) = 0: every score is 0, none fires
+    assert counts.tolist() == [1, 0, 0, 1, 0, 0]
 
 
-@pytest.mark.parametrize("engine", [Runtime, TransformersRuntime])
+@pytest.mark.parametrize("engine", [lean, transformers_engine])
 @pytest.mark.parametrize("mode,options", [("dense", {}), ("exact", {}), ("predictor", {"budget": 0.5})])
 def test_firing_counts_add_up_to_each_steps_active_neurons(engine, mode, options):
     runtime = engine(tiny_model("drelu", predictor_rank=4, seed=2), mode, **options)
@@ -147,12 +177,11 @@ def test_firing_counts_add_up_to_each_steps_active_neurons(engine, mode, options
         assert sum(per_neuron) == round(sum(s.active_share[layer] * 128 for s in steps))
 
 
-def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys):
+def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys, any_kernels):
     from turbo_demo import cli
-    from turbo_demo.runtime import cpp
 
     outs = {}
-    for backend in ("torch", "cpp") if cpp.available() else ("torch",):
+    for backend in dict.fromkeys(("torch", any_kernels.name)):
         assert cli.main(["generate", str(tiny_dirs["drelu"]), "--mode", "exact", "--prompt", "def add",
                          "--max-new-tokens", "5", "--backend", backend, "--json"]) == 0
         out = outs[backend] = json.loads(capsys.readouterr().out)
@@ -168,16 +197,32 @@ def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys):
     assert out["dtype"] == "bfloat16" and len(out["token_ids"]) == 3
 
 
-def test_sampled_generation_follows_the_seed_on_both_backends():
-    from turbo_demo.runtime import cpp, kernels
+def test_mode_options_are_checked_when_the_runtime_is_made(tiny_dirs, capsys):
+    from turbo_demo import cli
 
+    model = tiny_model("drelu", predictor_rank=4)
+    for options, message in (({"budjet": 0.3}, "predictor mode has no option 'budjet'; its options: threshold, budget"),
+                             ({"budget": 1.5}, r"share of the neurons in \(0, 1\]"),
+                             ({"budget": 0.3, "threshold": 0.0}, "a threshold or a budget, not both"),
+                             ({"threshold": float("nan")}, "NaN")):
+        with pytest.raises(UserError, match=message):
+            lean(model, "predictor", **options)
+    with pytest.raises(UserError, match="dense mode has no option 'budget'; it takes none"):
+        lean(model, "dense", budget=0.3)
+    with pytest.raises(UserError, match=r"target sparsity must be in \[0, 1\)"):
+        lean(model, "threshold", sparsity=1.0)
+    assert cli.main(["generate", str(tiny_dirs["drelu"]), "--prompt", "def", "--budget", "0.3"]) == 2
+    assert "dense mode has no option 'budget'" in capsys.readouterr().err
+
+
+def test_sampled_generation_follows_the_seed_on_both_backends(any_kernels):
     tokens = {}
-    for backend in ("torch", "cpp") if cpp.available() else ("torch",):
-        kernels.use_backend(backend)  # the autouse fixture restores the backend
-        runtime = Runtime(tiny_model("drelu", seed=5), "exact")
+    packed = pack(tiny_model("drelu", seed=5))
+    for kernels in (Kernels(), any_kernels):
+        runtime = LeanRuntime(packed, "exact", kernels)
         for seed in (3, 3, 4):
             steps = runtime.generate([5, 6, 7], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=seed)
-            tokens.setdefault((backend, seed), []).append([s.token for s in steps])
+            tokens.setdefault((kernels.name, seed), []).append([s.token for s in steps])
     runs = {key: [json.dumps(t) for t in value] for key, value in tokens.items()}
     assert all(len(set(value)) == 1 for value in runs.values())  # one seed, one sequence
     assert len({runs[key][0] for key in runs if key[1] == 3}) == 1  # on either backend
@@ -185,48 +230,44 @@ def test_sampled_generation_follows_the_seed_on_both_backends():
 
 
 def test_predictor_audit_measures_recall():
-    model = tiny_model("drelu", predictor_rank=4)
-    runtime = Runtime(model, "predictor", budget=0.25)
-    steps = list(runtime.generate([5, 6, 7, 8], max_new_tokens=5, audit=True))
+    packed = pack(tiny_model("drelu", predictor_rank=4))
+    steps = list(LeanRuntime(packed, "predictor", budget=0.25).generate([5, 6, 7, 8], max_new_tokens=5, audit=True))
     for stats in steps:
         assert stats.recall is not None and all(0.0 <= r <= 1.0 for r in stats.recall)
         assert all(abs(c - 32 / 128) < 1e-9 for c in stats.computed_share)
         assert stats.ffn_bytes < stats.ffn_bytes_dense
-    runtime.set_mode("predictor", threshold=float("-inf"))
-    assert all(r == [1.0, 1.0] for r in (s.recall for s in runtime.generate([5, 6], 3, audit=True)))
-    assert list(runtime.generate([5, 6], 2))[0].recall is None
+    every = LeanRuntime(packed, "predictor", threshold=float("-inf"))
+    assert all(r == [1.0, 1.0] for r in (s.recall for s in every.generate([5, 6], 3, audit=True)))
+    assert list(every.generate([5, 6], 2))[0].recall is None
 
 
-def test_sparsified_model_still_works_with_transformers_generate():
+def test_sparse_model_decodes_with_transformers_generate_and_leaves_the_model_alone():
     model = tiny_model("drelu", seed=3)
+    before = model_state(model)
     prompt = torch.tensor([[5, 17, 3, 99]])
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)
     dense = model.generate(prompt, **kwargs)
-    with sparse_mode(model, "exact") as ffns:
-        sparse = model.generate(prompt, **kwargs)
-        assert ffns[0].record.computed < ffns[0].n
+    packed = pack(model)
+    modes = make_modes(packed.ffns, "exact", Kernels())
+    firing = torch.zeros((2, 128), dtype=torch.int32)
+    sparse_twin = sparse_model(packed, modes, firing)
+    sparse = sparse_twin.generate(prompt, **kwargs)
+    assert sparse_twin.model.layers[0].mlp.record.computed < 128 and int(firing.sum()) > 0
     assert torch.equal(sparse.sequences, dense.sequences)
     torch.testing.assert_close(torch.cat(sparse.logits), torch.cat(dense.logits), rtol=0, atol=1e-5)
-
-
-def test_hooks_and_transforms_leave_nothing_behind():
-    model = tiny_model("drelu")
-    mlps = [layer.mlp for layer in model.model.layers]
-    with on_ffn_activation(model, lambda i, h: None), sparse_mode(model, "exact"):
-        pass
-    assert [layer.mlp for layer in model.model.layers] == mlps
-    for module in model.modules():
-        assert not module._forward_pre_hooks and not module._forward_hooks
+    assert_same_state(before, model_state(model))
+    assert sparse_twin.lm_head.weight is model.lm_head.weight  # shared, not copied
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def test_bad_modes_say_what_to_do_instead():
     with pytest.raises(UserError, match="unknown mode 'turbo'"):
-        Runtime(tiny_model("drelu"), "turbo")
+        lean(tiny_model("drelu"), "turbo")
     with pytest.raises(UserError, match="threshold mode for SwiGLU"):
-        Runtime(tiny_model("dense"), "exact")
+        lean(tiny_model("dense"), "exact")
     with pytest.raises(UserError, match="python -m turbo_demo predictors"):
-        Runtime(tiny_model("drelu"), "predictor")
+        lean(tiny_model("drelu"), "predictor")
 
 
 def test_predictors_round_trip_through_from_pretrained(tiny_dirs, tmp_path):
@@ -246,19 +287,8 @@ def test_predictors_round_trip_through_from_pretrained(tiny_dirs, tmp_path):
         assert f.get_tensor("model.layers.0.mlp.predictor.fc1.weight").dtype == torch.bfloat16
     assert loaded.config.predictor_threshold == [e["threshold"] for e in result["layers"]]
     assert loaded.model.layers[1].mlp.predictor.fc2.weight.shape == (128, 8)
-    runtime = Runtime(loaded, "predictor")
+    runtime = lean(loaded, "predictor")
     assert len(list(runtime.generate([5, 6, 7], 4))) == 4
-
-
-def test_transformers_engine_gives_the_model_back():
-    model = tiny_model("drelu")
-    mlps = [layer.mlp for layer in model.model.layers]
-    runtime = TransformersRuntime(model, "exact")
-    steps = list(runtime.generate([5, 6, 7], 3))
-    assert len(steps) == 3 and steps[0].computed_share[0] < 1.0
-    runtime.close()
-    assert [layer.mlp for layer in model.model.layers] == mlps
-    Runtime(model, "exact")  # the shared model is usable again
 
 
 def test_calibration_reaches_the_target_recall_over_every_token():

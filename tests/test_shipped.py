@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SHIPPED
-from turbo_demo.modeling_bamboo import BambooForCausalLM
-from turbo_demo.runtime.engine import Runtime
+from conftest import SHIPPED, lean
+from turbo_demo.model.bamboo import BambooForCausalLM
 
 MODELS = ["dense-swiglu", "turbosparse-drelu", "turbosparse-relufied"]
 
@@ -35,7 +34,7 @@ def test_shipped_checkpoint_loads_and_generates(name):
 def test_shipped_drelu_models_are_sparse_with_predictors(name):
     model = AutoModelForCausalLM.from_pretrained(SHIPPED / name, dtype=torch.float32)
     assert model.config.predictor_rank and model.model.layers[0].mlp.predictor is not None
-    runtime = Runtime(model, "predictor")
+    runtime = lean(model, "predictor")
     steps = list(runtime.generate([1, 2, 3], max_new_tokens=8, audit=True))
     assert len(steps) == 8 and all(s.sparsity > 0.5 for s in steps)
     assert all(0.5 < r <= 1.0 for s in steps for r in s.recall)
@@ -45,13 +44,13 @@ def test_shipped_drelu_models_are_sparse_with_predictors(name):
 def test_shipped_predictors_meet_the_target_their_json_reports(name):
     """The stored predictors and thresholds, measured afresh on the held-out tokens their
     calibration used, give predictors.json's numbers: recall 0.95 at >= 80% predicted sparsity."""
-    from turbo_demo import data
-    from turbo_demo.runtime.predictors import choice_stats, collect
+    from turbo_demo.offline import corpus
+    from turbo_demo.offline.predictors import choice_stats, collect
 
     path = SHIPPED / name
     report = json.loads((path / "predictors.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokens = data.encode_split(AutoTokenizer.from_pretrained(path), "heldout")
+    tokens = corpus.encode_split(AutoTokenizer.from_pretrained(path), "heldout")
     residuals, labels = collect(model, tokens, report["val_tokens"])
     for layer, r, y, expected in zip(model.model.layers, residuals, labels, report["layers"]):
         with torch.no_grad():

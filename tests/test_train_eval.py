@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_model
 from turbo_demo import cli
-from turbo_demo.evaluate import evaluate, keep_top
-from turbo_demo.train import make_optimizer, settings_for, train_step
+from turbo_demo.offline.evaluate import evaluate, keep_top
+from turbo_demo.offline.train import make_optimizer, settings_for, train_step
 
 
 def test_training_steps_lower_loss_on_a_repeated_batch():

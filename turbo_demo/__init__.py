@@ -1,14 +1,10 @@
 """TurboSparse Studio: see activation sparsity in LLMs, and measure what it buys.
 
-Importing the package registers the bamboo (dReLU) architecture with the transformers Auto
-classes, so bamboo checkpoints load without remote code. Nothing heavy happens here.
+Importing the package is cheap: it imports neither torch nor transformers. The folders:
+
+    model/      the bamboo (dReLU) architecture, checkpoint loading, hooks
+    runtime/    the sparse inference backend: engines, FFN modes, packed weights, kernels/
+    app/        the compare engine, views, plot builders and the Gradio page
+    offline/    corpus, training, evaluation, predictor training, model cards
+    bench/      `python -m turbo_demo bench`
 """
-
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from turbo_demo.modeling_bamboo import BambooConfig, BambooForCausalLM
-
-AutoConfig.register("bamboo", BambooConfig, exist_ok=True)
-AutoModelForCausalLM.register(BambooConfig, BambooForCausalLM, exist_ok=True)
-
-__all__ = ["BambooConfig", "BambooForCausalLM"]

@@ -7,14 +7,12 @@ import argparse
 import json
 import sys
 
+from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, MODES
 from turbo_demo.errors import UserError
-
-# kernels.select_backend's choices, spelled out: importing kernels here would import torch for --help
-BACKEND_CHOICES = ("auto", "cpp", "torch")
 
 
 def cmd_train(args) -> None:
-    from turbo_demo.train import settings_for, train
+    from turbo_demo.offline.train import settings_for, train
 
     settings = settings_for(args.preset, steps=args.steps, l1=args.l1, seed=args.seed, init=args.init)
     log = train(settings, args.out)
@@ -22,7 +20,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from turbo_demo.evaluate import evaluate_dir
+    from turbo_demo.offline.evaluate import evaluate_dir
 
     result = evaluate_dir(args.model_dir, args.text_file, args.max_tokens)
     if args.json:
@@ -36,10 +34,12 @@ def cmd_eval(args) -> None:
         print(f"  top-k perplexity at {float(k):.0%} sparsity: {ppl:.2f}")
 
 
-def mode_options(args) -> dict:
-    """The FFN mode's options given on the command line (budget, threshold, sparsity)."""
-    names = ("budget", "threshold", "sparsity")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+def mode_options(args):
+    """The FFN mode's options dataclass from --budget, --threshold and --sparsity; an option
+    the mode does not take is an error."""
+    from turbo_demo.runtime.modes import mode_options
+
+    return mode_options(args.mode, budget=args.budget, threshold=args.threshold, sparsity=args.sparsity)
 
 
 def ranks(text: str) -> int | list[int]:
@@ -51,7 +51,7 @@ def ranks(text: str) -> int | list[int]:
 
 
 def cmd_predictors(args) -> None:
-    from turbo_demo.runtime.predictors import train_predictors
+    from turbo_demo.offline.predictors import train_predictors
 
     result = train_predictors(args.model_dir, rank=args.rank, target_recall=args.target_recall,
                               train_tokens=args.tokens, steps=args.steps)
@@ -82,16 +82,16 @@ def decode_device(name: str):
 
 
 def cmd_generate(args) -> None:
-    from turbo_demo.checkpoint import DTYPES, dtype_name, load_model, load_tokenizer
-    from turbo_demo.runtime import cpp, kernels, open_runtime
+    from turbo_demo.model.checkpoint import DTYPES, dtype_name, load_model, load_tokenizer
+    from turbo_demo.runtime import load_kernels, open_runtime, pack
+    from turbo_demo.runtime.kernels import cpp
 
+    options = mode_options(args)
     device = decode_device(args.device)
-    # the C++ kernels are CPU code: "auto" on a GPU means the torch kernels there
-    backend = "torch" if device.type != "cpu" and args.backend == "auto" else args.backend
-    kernels.select_backend(backend, cpp.announce_build)
+    kernels = load_kernels(args.backend, announce_build(cpp.BUILD_NOTICE), device.type)
     model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
     tokenizer = load_tokenizer(args.model_dir)
-    runtime = open_runtime(model, args.mode, **mode_options(args))
+    runtime = open_runtime(pack(model), args.mode, kernels, options)
     prompt_ids = tokenizer(args.prompt)["input_ids"]
     if not prompt_ids:
         raise UserError("empty prompt: give some text with --prompt")
@@ -107,18 +107,23 @@ def cmd_generate(args) -> None:
     seconds = sum(s.time_s for s in steps)
     if not args.json:
         print(f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
-              f"engine {runtime.engine}, {kernels.backend()} kernels, {dtype_name(model.dtype)}]",
+              f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}]",
               file=sys.stderr)
         return
     print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
-                      "backend": kernels.backend(), "device": str(device), "dtype": dtype_name(model.dtype),
+                      "backend": kernels.name, "device": str(device), "dtype": dtype_name(model.dtype),
                       "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
                       "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps],
                       "firing_counts": runtime.firing_counts()}))
 
 
+def announce_build(notice: str):
+    """An on_build for load_kernels: says on stderr why the next step waits."""
+    return lambda: print(notice, file=sys.stderr, flush=True)
+
+
 def cmd_card(args) -> None:
-    from turbo_demo.card import write_card
+    from turbo_demo.offline.card import write_card
 
     print(write_card(args.model_dir))
 
@@ -171,20 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="stream text from a model in one backend mode")
     p.add_argument("model_dir")
-    p.add_argument("--mode", default="dense", help="dense | exact | predictor | threshold")
+    p.add_argument("--mode", default="dense", choices=MODES)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, help="predictor mode: compute this share of neurons")
-    p.add_argument("--threshold", type=float, help="predictor score or |activation| threshold")
+    p.add_argument("--budget", type=float, help="predictor mode: compute this share of the neurons")
+    p.add_argument("--threshold", type=float, help="predictor mode: score threshold; threshold mode: |activation|")
     p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity, calibrated on the prompt")
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="decode kernels: auto = cpp where it builds (as the app), else torch")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weight dtype: auto = fp32 up to 4 GiB of fp32 weights (~1B parameters), else bf16")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)

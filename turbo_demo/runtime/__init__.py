@@ -1,13 +1,26 @@
-"""The sparse inference backend: a lean decode runtime, FFN modes, predictors and statistics.
+"""The sparse inference backend: packed weights, FFN modes, engines, statistics, kernels/.
+
+    packed = pack(model)                          once per loaded model (runtime/packing.py)
+    kernels = load_kernels("auto")                once per process, command or bench run
+    runtime = open_runtime(packed, mode, kernels, **options)    per run
+    for stats in runtime.generate(prompt_ids, ...): ...
 
 `open_runtime` picks the engine: the lean one for the Mistral family, else transformers' own
 forward behind the same API.
 """
 
+from turbo_demo.runtime.decoder import Decoder
+from turbo_demo.runtime.hf import TransformersRuntime
+from turbo_demo.runtime.kernels import Kernels, load_kernels
+from turbo_demo.runtime.lean import LeanRuntime
+from turbo_demo.runtime.packing import PackedModel, pack
 
-def open_runtime(model, mode: str = "dense", **options):
-    from turbo_demo.runtime.engine import Runtime, supports
-    from turbo_demo.runtime.hf import TransformersRuntime
+__all__ = ["Decoder", "Kernels", "LeanRuntime", "PackedModel", "TransformersRuntime", "load_kernels",
+           "open_runtime", "pack"]
 
-    engine = Runtime if supports(model.config) else TransformersRuntime
-    return engine(model, mode, **options)
+
+def open_runtime(packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None,
+                 **given) -> Decoder:
+    """A runtime for one run of `packed` in `mode` (options as a dataclass or as keywords)."""
+    engine = LeanRuntime if packed.lean is not None else TransformersRuntime
+    return engine(packed, mode, kernels, options, **given)

@@ -1,66 +1,60 @@
-"""FFN modes inside a transformers model, and the engine for architectures the lean one lacks.
+"""The engine for architectures the lean one lacks: transformers' own forward, FFN modes inside.
 
-`sparse_mode(model, mode)` swaps every decoder layer's MLP for a SparseMLP that runs an FFN
-mode object (sharing the weights), so `model.generate` decodes sparsely too; leaving the
-context puts the original modules back. One token at a time goes through the sparse step,
-several (prefill) through the dense formula, exactly as in the lean runtime.
+`sparse_model(packed, modes, firing)` returns a new model object that shares every tensor with
+the loaded one but has its own module tree, in which each decoder layer's MLP is a SparseMLP
+running that layer's mode: the loaded model, shared by other runs, is never modified (as
+gpt-fast's converters return a new model). One token at a time goes through the mode's sparse
+step, several (prefill) through the dense formula, as in the lean runtime.
 """
 
+import copy
 import inspect
-from contextlib import contextmanager
+import itertools
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from turbo_demo.errors import UserError
-from turbo_demo.hooks import ffn_modules
-from turbo_demo.runtime.engine import Decoder
-from turbo_demo.runtime.ffn import make_ffn
+from turbo_demo.runtime.decoder import Decoder
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.modes import Mode
+from turbo_demo.runtime.packing import PackedModel
+from turbo_demo.runtime.stats import LayerRecord
 
 
 class SparseMLP(nn.Module):
-    """An HF MLP replacement: x (B, T, H) -> (B, T, H) through an FFN mode object."""
+    """An HF MLP replacement: x (B, T, H) -> (B, T, H) through an FFN mode. HF's forward cannot
+    return the step's record, so the module keeps the last one for the engine to collect."""
 
-    def __init__(self, ffn):
+    def __init__(self, mode: Mode, counts: torch.Tensor):
         super().__init__()
-        self.ffn = ffn
-        self.residual = None  # set by a pre-hook on post_attention_layernorm: the predictor input
+        self.mode, self.counts = mode, counts
+        self.residual: torch.Tensor | None = None  # the predictor input, set by a pre-hook
+        self.record = LayerRecord()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] * x.shape[1] == 1:
-            return self.ffn.step(x.view(-1), self.residual.view(-1)).view_as(x)
-        return self.ffn.batch(x)
+            assert self.residual is not None  # the post_attention_layernorm pre-hook ran
+            y, self.record = self.mode.step(x.view(-1), self.residual.view(-1), counts=self.counts)
+            return y.view_as(x)
+        return self.mode.prefill(x)
 
 
-@contextmanager
-def sparse_mode(model, mode: str, **options):
-    """Run `model` with every FFN in `mode`; yields the per-layer FFN objects (their records)."""
-    restore = apply_mode(model, mode, **options)
-    try:
-        yield [layer.mlp.ffn for layer in model.model.layers]
-    finally:
-        restore()
+def twin(model: nn.Module) -> nn.Module:
+    """A copy of model's module tree that shares every parameter and buffer with it."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
-def apply_mode(model, mode: str, **options):
-    """Swap the MLPs for `mode` and return a function that undoes the swap."""
-    originals = ffn_modules(model)
-    layers = list(model.model.layers)
-    handles = []
-    for i, (layer, mlp) in enumerate(zip(layers, originals)):
-        sparse = SparseMLP(make_ffn(mode, mlp, model.config, i, **options))
-        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
-            lambda module, args, s=sparse: setattr(s, "residual", args[0])))
+def sparse_model(packed: PackedModel, modes: list[Mode], firing: torch.Tensor) -> nn.Module:
+    """The packed model's twin with every MLP running its mode (firing: (L, I) counts)."""
+    model = twin(packed.model)
+    for layer, mode, counts in zip(model.model.layers, modes, firing):
+        sparse = SparseMLP(mode, counts)
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda module, args, s=sparse: setattr(s, "residual", args[0]))
         layer.mlp = sparse
-
-    def restore():
-        for handle in handles:
-            handle.remove()
-        for layer, mlp in zip(layers, originals):
-            layer.mlp = mlp
-
-    return restore
+    return model
 
 
 class TransformersRuntime(Decoder):
@@ -68,42 +62,29 @@ class TransformersRuntime(Decoder):
 
     engine = "transformers"
 
-    def __init__(self, model, mode: str = "dense", **mode_options):
-        self.model, self.config = model, model.config
-        self.max_len = getattr(model.config, "max_position_embeddings", 2048)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._restore = None
-        self.set_mode(mode, **mode_options)
-
-    def set_mode(self, mode: str, **options) -> None:
-        self.close()
-        try:
-            self._restore = apply_mode(self.model, mode, **options)
-            self.ffns = [layer.mlp.ffn for layer in self.model.model.layers]
-        except UserError:
-            if mode != "dense":
-                raise
-            self.ffns = []  # no gated FFN to watch: decode densely without FFN statistics
-        self.mode = mode
-        self.dense_ffn_bytes = sum(3 * f.n * f.row_bytes for f in self.ffns)
-
-    def close(self) -> None:
-        if self._restore:
-            self._restore()
-            self._restore = None
+    def __init__(self, packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None,
+                 **given):
+        super().__init__(packed, mode, kernels or Kernels(), options, **given)
+        self.model = sparse_model(packed, self.modes, self.firing) if self.modes else packed.model
+        self.mlps = [layer.mlp for layer in self.model.model.layers] if self.modes else []
+        self.config = self.model.config
+        self.max_len = getattr(self.config, "max_position_embeddings", 2048)
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache = None
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.config)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids[None].to(self.model.device), use_cache=True,
-                         **{self.cache_arg: self.cache})
+        out = self.model(input_ids=ids[None].to(self.model.device), use_cache=True, **{self.cache_arg: self.cache})
         return out.logits[0, -1]
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.reset()
         return self.run(ids)
 
-    def decode(self, token: int) -> torch.Tensor:
-        return self.run(torch.tensor([token]))
+    def decode(self, token: int) -> tuple[torch.Tensor, list[LayerRecord]]:
+        logits = self.run(torch.tensor([token]))
+        return logits, [mlp.record for mlp in self.mlps]

@@ -6,19 +6,26 @@ Per layer and step, an FFN mode records:
     bytes      FFN weight bytes read (gate, up, down and the predictor)
 and, where the step was audited against the dense FFN (predictor and threshold modes):
     recall     share of the truly active neurons (h != 0 in the dense FFN) that were computed
-Per neuron, over a generation, each FFN counts the steps in which it fired (FFN.firing, read
-through Decoder.firing_counts): the hot and cold neurons of PowerInfer.
+Per neuron, over a generation, the runtime counts the steps in which it fired (h != 0 among the
+neurons its mode computed; Decoder.firing_counts), in the kernels' own loops: the hot and cold
+neurons of PowerInfer.
 """
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 
 @dataclass
 class LayerRecord:
+    """What one layer's FFN step did. choice = (x, idx), the step's input and the neurons it
+    computed, is kept by the modes that can miss an active neuron, for the recall audit."""
+
     computed: int = 0
     active: int = 0
     bytes: int = 0
     recall: float | None = None
+    choice: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass

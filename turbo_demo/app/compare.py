@@ -3,19 +3,20 @@
 Fairness: the two generators are stepped alternately (as FastChat's arena does), so exactly
 one model computes at any time and each step is timed alone inside its runtime. A side that
 fails (unknown model, broken directory, unsupported mode) records its error and the other side
-goes on. A shared threading.Event stops both within one step.
+goes on. A shared threading.Event stops both within one step. Models load inside the engine
+(once per store), telling `on_progress(message)`; the kernels are the ones chosen at start.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from threading import Event
 
 import psutil
 
-from turbo_demo.catalog import ModelStore
-from turbo_demo.checkpoint import dtype_name
+from turbo_demo.app.catalog import ModelStore
+from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.errors import UserError
-from turbo_demo.runtime import open_runtime
+from turbo_demo.runtime import Kernels, open_runtime
 from turbo_demo.runtime.stats import StepStats
 
 MAX_NEW_TOKENS = 256
@@ -52,6 +53,8 @@ class SideRecord:
     peak_rss: int = 0
     notice: str = ""
     error: str = ""
+    # per layer and neuron: in how many decode steps it fired (the runtime's own counts)
+    firing_counts: list[list[int]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -86,13 +89,12 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> tuple[list[
     return ids[-room:], f"prompt truncated from the left to its last {room} tokens (context {context})"
 
 
-def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Settings,
-               stop: Event) -> Iterator[None]:
+def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Settings, kernels: Kernels,
+               stop: Event, on_progress: Callable[[str], None] | None) -> Iterator[None]:
     """Run one side, updating `record` in place; yields once per generated token."""
-    runtime = None
     try:
-        loaded = store.get(record.model)
-        runtime = open_runtime(loaded.model, record.mode)
+        loaded = store.get(record.model, on_progress)
+        runtime = open_runtime(loaded.packed, record.mode, kernels)
         record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
         record.dtype = dtype_name(loaded.model.dtype)
         ids = loaded.tokenizer(prompt)["input_ids"]
@@ -108,21 +110,22 @@ def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Set
             record.text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
             record.peak_rss = max(record.peak_rss, process.memory_info().rss)
             yield
+        record.firing_counts = runtime.firing_counts()
     except Exception as exc:  # one side's failure must never take the other side down
         record.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-    finally:
-        if runtime is not None:
-            runtime.close()
 
 
-def run_compare(store: ModelStore, left: SideRecord, right: SideRecord, prompt: str,
-                settings: Settings, stop: Event | None = None) -> Iterator[tuple[SideRecord, SideRecord]]:
-    """Step both sides in turn until both finish (or stop is set); yields after every round."""
-    if not prompt or not prompt.strip():
+def run_compare(store: ModelStore, left: SideRecord, right: SideRecord, prompt: str, settings: Settings,
+                stop: Event | None = None, kernels: Kernels | None = None,
+                on_progress: Callable[[str], None] | None = None) -> Iterator[tuple[SideRecord, SideRecord]]:
+    """Step both sides in turn until both finish (or stop is set); yields after every round.
+    kernels: the decode kernels (default: the PyTorch reference)."""
+    if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("empty prompt: type something for the models to continue")
     stop = stop or Event()
     settings = settings.checked()
-    running = [side_steps(store, rec, prompt, settings, stop) for rec in (left, right)]
+    kernels = kernels or Kernels()
+    running = [side_steps(store, rec, prompt, settings, kernels, stop, on_progress) for rec in (left, right)]
     while running:
         for gen in list(running):
             if next(gen, StopIteration) is StopIteration:

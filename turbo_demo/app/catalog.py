@@ -1,19 +1,20 @@
 """The models the app offers: the embedded ones by name, or any local HF directory.
 
-A `ModelStore` loads each model once and shares it read-only between runs and visitors; every
-run builds its own runtime (KV cache, FFN mode objects) on top of the shared weights.
+A `ModelStore` loads each model once, packs the runtime's weights for it once, and shares both
+read-only between runs and visitors; every run builds its own runtime (KV cache, FFN modes,
+firing counts) on top of them.
 """
 
-import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from turbo_demo.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
+from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
 from turbo_demo.errors import UserError
+from turbo_demo.paths import MODELS_DIR
+from turbo_demo.runtime.packing import PackedModel, pack
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-MODELS_DIR = ASSETS / "models"
 EMBEDDED = {
     "Dense SwiGLU": "dense-swiglu",
     "TurboSparse dReLU": "turbosparse-drelu",
@@ -54,24 +55,22 @@ def model_modes(name_or_path: str) -> list[str]:
     return modes_for(load_config(resolve(name_or_path)))
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON file that a command of this project wrote next to a model, or None."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 @dataclass
 class LoadedModel:
     name: str
     path: Path
-    model: object
+    packed: PackedModel
     tokenizer: object
 
     @property
+    def model(self):
+        return self.packed.model
+
+    @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """The model's weights and the copies the runtime's pack made of some of them."""
+        own = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return own + self.packed.owned_bytes
 
 
 class ModelStore:
@@ -81,16 +80,13 @@ class ModelStore:
         self._models: dict[Path, LoadedModel] = {}
         self._lock = threading.Lock()
 
-    def is_loaded(self, name_or_path: str) -> bool:
-        try:
-            return resolve(name_or_path) in self._models
-        except UserError:
-            return False
-
-    def get(self, name_or_path: str) -> LoadedModel:
+    def get(self, name_or_path: str, on_load: Callable[[str], None] | None = None) -> LoadedModel:
+        """The loaded model; on_load(message), when given, hears before a load starts."""
         path = resolve(name_or_path)
         with self._lock:
             if path not in self._models:
-                model = load_model(path)
-                self._models[path] = LoadedModel(name_or_path, path, model, load_tokenizer(path))
+                if on_load is not None:
+                    on_load(f"Loading {name_or_path}…")
+                packed = pack(load_model(path))
+                self._models[path] = LoadedModel(name_or_path, path, packed, load_tokenizer(path))
             return self._models[path]

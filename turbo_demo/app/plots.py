@@ -112,7 +112,7 @@ def histogram_figure(hists: dict[str, dict]) -> go.Figure:
                                      line=dict(color=color, shape="hvh"), showlegend=kind == "combined"),
                           1, col)
     fig.update_yaxes(type="log")
-    fig = _layout(fig, "Activation distributions (this run's tokens)", "hist", height=340)
+    fig = _layout(fig, "Activation distributions: the model's own dense forward over this run's tokens", "hist", height=340)
     fig.update_layout(legend=dict(yanchor="top", y=-0.15, xanchor="center", x=0.5))
     return fig
 

@@ -7,7 +7,6 @@ crc32(relative path) % 20 == 0 (about 5%), so held-out text is never trained on,
 """
 
 import hashlib
-import os
 import sysconfig
 import zlib
 from pathlib import Path
@@ -16,15 +15,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from turbo_demo.paths import cache_dir
+
 EOS = "<|endoftext|>"
 SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
-
-
-def cache_dir() -> Path:
-    """Where tokenized corpora live (never in git): $TURBO_DEMO_CACHE or ~/.cache/turbo_demo."""
-    path = Path(os.environ.get("TURBO_DEMO_CACHE", Path.home() / ".cache" / "turbo_demo"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def corpus_files(split: str) -> list[Path]:

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from turbo_demo import data
-from turbo_demo.checkpoint import load_config, load_model, load_tokenizer
+from turbo_demo.offline import corpus
+from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
 from turbo_demo.errors import UserError
-from turbo_demo.hooks import on_ffn_activation
-from turbo_demo.modeling_bamboo import BambooForCausalLM, BambooPredictor
+from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.model.bamboo import BambooForCausalLM, BambooPredictor
 
 
 SEQ_LEN = 256  # tokens per sequence of the collected activations
@@ -44,7 +44,7 @@ def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = SEQ_LEN):
                                             lambda r, i=i: rs.setdefault(i, []).append(r.flatten(0, 1))))
         stack.enter_context(on_ffn_activation(
             model, lambda i, h: labels.setdefault(i, []).append((h != 0).flatten(0, 1))))
-        for x, _ in tqdm(list(data.sequential_batches(tokens, 8, seq_len, n_tokens)), desc="collect"):
+        for x, _ in tqdm(list(corpus.sequential_batches(tokens, 8, seq_len, n_tokens)), desc="collect"):
             model(input_ids=x, use_cache=False)
     return ([torch.cat(rs[i]).float() for i in sorted(rs)], [torch.cat(labels[i]) for i in sorted(labels)])
 
@@ -121,8 +121,8 @@ def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: i
         raise UserError(f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
                         f"{model_dir} is a {type(model).__name__}")
     tokenizer = load_tokenizer(model_dir)
-    r_train, y_train = collect(model, data.encode_split(tokenizer, "train"), train_tokens)
-    r_val, y_val = collect(model, data.encode_split(tokenizer, "heldout"), val_tokens)
+    r_train, y_train = collect(model, corpus.encode_split(tokenizer, "train"), train_tokens)
+    r_val, y_val = collect(model, corpus.encode_split(tokenizer, "heldout"), val_tokens)
     layers = []
     for i, mlp in enumerate(tqdm([layer.mlp for layer in model.model.layers], desc="train predictors")):
         layer_rank = rank[i] if isinstance(rank, list) else rank

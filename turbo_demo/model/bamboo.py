@@ -10,7 +10,7 @@ plus an optional low-rank activation predictor per layer, stored under the publi
 fc2: rank -> intermediate, no biases. The predictor only runs when the sparse runtime asks for
 it; the model's own forward never calls it.
 
-The classes are registered with the transformers Auto classes in `turbo_demo/__init__.py`, so
+The classes are registered with the transformers Auto classes in `turbo_demo/model/__init__.py`, so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a bamboo checkpoint with
 `trust_remote_code` off, even when its config carries the published `auto_map`.
 """

@@ -5,7 +5,7 @@ predictors.json (predictors --json). Nothing in a card is typed by hand."""
 import json
 from pathlib import Path
 
-from turbo_demo.catalog import read_json
+from turbo_demo.paths import read_json
 from turbo_demo.errors import UserError
 
 HOW = {

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from turbo_demo import data
-from turbo_demo.checkpoint import load_model, load_tokenizer
+from turbo_demo.offline import corpus
+from turbo_demo.model.checkpoint import load_model, load_tokenizer
 from turbo_demo.errors import UserError
-from turbo_demo.hooks import on_ffn_activation
+from turbo_demo.model.hooks import on_ffn_activation
 
 TOPK_SPARSITIES = (0.5, 0.8, 0.9)
 
@@ -29,7 +29,7 @@ def keep_top(h: torch.Tensor, sparsity: float) -> torch.Tensor:
 def eval_tokens(tokenizer, text_file: str | None) -> tuple[torch.Tensor, str]:
     """The token stream to evaluate on, and a name for it: a text file, or the held-out split."""
     if text_file is None:
-        return data.encode_split(tokenizer, "heldout"), "heldout split"
+        return corpus.encode_split(tokenizer, "heldout"), "heldout split"
     path = Path(text_file)
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
@@ -43,7 +43,7 @@ def eval_tokens(tokenizer, text_file: str | None) -> tuple[torch.Tensor, str]:
 def mean_loss(model, tokens, seq_len: int, max_tokens: int, batch_size: int = 8) -> tuple[float, int]:
     """Mean next-token cross-entropy over non-overlapping windows, and the tokens scored."""
     total, count = 0.0, 0
-    for x, y in data.sequential_batches(tokens, batch_size, seq_len, max_tokens):
+    for x, y in corpus.sequential_batches(tokens, batch_size, seq_len, max_tokens):
         logits = model(input_ids=x, use_cache=False).logits
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM
 
-from turbo_demo import data
-from turbo_demo.checkpoint import load_model, load_tokenizer, save_checkpoint
+from turbo_demo.offline import corpus
+from turbo_demo.model.checkpoint import load_model, load_tokenizer, save_checkpoint
 from turbo_demo.errors import UserError
-from turbo_demo.hooks import on_ffn_activation
-from turbo_demo.modeling_bamboo import BambooConfig, BambooForCausalLM, swiglu_to_drelu
+from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM, swiglu_to_drelu
 
 
 @dataclass
@@ -106,7 +106,7 @@ def batch_loss(model, x, y):
 def heldout_loss(model, tokens: torch.Tensor, s: TrainSettings) -> float:
     model.eval()
     losses = [batch_loss(model, x, y).item()
-              for x, y in data.sequential_batches(tokens, s.batch_size, s.seq_len, s.eval_tokens)]
+              for x, y in corpus.sequential_batches(tokens, s.batch_size, s.seq_len, s.eval_tokens)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -143,9 +143,9 @@ def make_optimizer(model, s: TrainSettings) -> torch.optim.AdamW:
 def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
     """Train one preset and write the checkpoint plus training_log.json into `out`."""
     out = Path(out)
-    tokenizer = load_tokenizer(s.init) if s.preset == "relufy" else data.train_tokenizer(shape.vocab_size)
-    train_tokens = data.encode_split(tokenizer, "train")
-    val_tokens = data.encode_split(tokenizer, "heldout")
+    tokenizer = load_tokenizer(s.init) if s.preset == "relufy" else corpus.train_tokenizer(shape.vocab_size)
+    train_tokens = corpus.encode_split(tokenizer, "train")
+    val_tokens = corpus.encode_split(tokenizer, "heldout")
     model = build_model(s, tokenizer, shape).train()
     opt = make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s.seed)
@@ -157,7 +157,7 @@ def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, s)
-            x, y = data.random_batch(train_tokens, s.batch_size, s.seq_len, gen)
+            x, y = corpus.random_batch(train_tokens, s.batch_size, s.seq_len, gen)
             ramp = min(1.0, step / max(1, s.l1_ramp * s.steps))
             ce, sparsity = train_step(model, opt, x, y, s.l1 * ramp)
             bar.set_postfix(loss=f"{ce:.3f}", sparsity=f"{sparsity:.3f}")

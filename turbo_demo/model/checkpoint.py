@@ -3,7 +3,7 @@
 A checkpoint directory holds config.json, model.safetensors, tokenizer.json (+ config),
 generation_config.json and, for the models trained here, training_log.json and a README.md
 model card. Everything loads through the transformers Auto classes; bamboo (dReLU) checkpoints
-load without remote code because importing `turbo_demo` registers the architecture.
+load without remote code because importing `turbo_demo.model` registers the architecture.
 
 Models load in fp32 while their fp32 weights stay within FP32_MAX_BYTES (about 1B parameters),
 and in bf16 above: half the memory (Mistral-7B's 7.24B parameters: 14.5 GB instead of 29) and,
@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import turbo_demo  # noqa: F401  (registers bamboo with the Auto classes)
 from turbo_demo.errors import UserError
 
 

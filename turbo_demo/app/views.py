@@ -1,15 +1,21 @@
 """What the app shows for a run, as plain functions of the run's records (tested without a browser).
 
-`compare_view` turns the two SideRecords into the headline text and the live figures;
-`neurons_view` into the Neurons tab; `about_view` reads what the project's own commands wrote
-next to the embedded models (training log, eval.json, bench.json).
+`compare_view` turns the two SideRecords into a CompareView (texts, status lines, headline and
+the live figures); `neurons_view` into a NeuronsView (the runtime's firing counts, and the
+activation distributions); `about_numbers`, `bench_numbers` and `training_curve` read what the
+project's own commands wrote next to the embedded models (eval.json, bench.json, training log).
+The page maps each view's fields to its components in one place.
 """
 
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
 import psutil
 
-from turbo_demo import plots
-from turbo_demo.catalog import ASSETS, EMBEDDED, MODELS_DIR, read_json
-from turbo_demo.compare import SideRecord, speedup
+from turbo_demo.app import plots
+from turbo_demo.app.catalog import EMBEDDED
+from turbo_demo.app.compare import SideRecord, speedup
+from turbo_demo.paths import ASSETS, MODELS_DIR, read_json
 
 MB = 2**20
 
@@ -54,8 +60,24 @@ def mean_per_layer(rows: list[list[float]]) -> list[float]:
     return [sum(col) / len(col) for col in zip(*rows)] if rows else []
 
 
-def compare_view(left: SideRecord, right: SideRecord) -> dict:
-    """Headline and figures for the Compare tab, from the two records as they are now."""
+@dataclass
+class CompareView:
+    """The Compare tab for a run as it is now."""
+
+    left_text: str
+    right_text: str
+    left_status: str
+    right_status: str
+    headline: str
+    left_heatmap: go.Figure
+    right_heatmap: go.Figure
+    speed: go.Figure
+    memory: go.Figure
+    recall: go.Figure
+
+
+def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
+    """Texts, status lines, headline and figures for the Compare tab, from the two records."""
     sides = {side_label(r): r for r in (left, right)}
     ffn_read = {}
     for label, rec in (("left", left), ("right", right)):
@@ -64,30 +86,47 @@ def compare_view(left: SideRecord, right: SideRecord) -> dict:
             ffn_read[label] = (mean_read / MB, rec.steps[-1].ffn_bytes_dense / MB)
     recall = {label: mean_per_layer([s.recall for s in rec.steps if s.recall is not None])
               for label, rec in sides.items() if any(s.recall is not None for s in rec.steps)}
-    return {
-        "headline": headline(left, right),
-        "left_status": side_markdown(left),
-        "right_status": side_markdown(right),
-        "left_heatmap": plots.activity_heatmap([s.active_share for s in left.steps],
-                                               f"Active FFN neurons: {side_label(left)}", "heat-left"),
-        "right_heatmap": plots.activity_heatmap([s.active_share for s in right.steps],
-                                                f"Active FFN neurons: {side_label(right)}", "heat-right"),
-        "speed": plots.speed_figure({label: [s.time_s for s in rec.steps] for label, rec in sides.items()}),
-        "memory": plots.memory_figure(psutil.Process().memory_info().rss / MB,
-                                      {"left": left.weight_bytes / MB, "right": right.weight_bytes / MB},
-                                      ffn_read),
-        "recall": plots.recall_figure(recall),
-    }
+    return CompareView(
+        left_text=left.text, right_text=right.text,
+        left_status=side_markdown(left), right_status=side_markdown(right),
+        headline=headline(left, right),
+        left_heatmap=plots.activity_heatmap([s.active_share for s in left.steps],
+                                            f"Active FFN neurons: {side_label(left)}", "heat-left"),
+        right_heatmap=plots.activity_heatmap([s.active_share for s in right.steps],
+                                             f"Active FFN neurons: {side_label(right)}", "heat-right"),
+        speed=plots.speed_figure({label: [s.time_s for s in rec.steps] for label, rec in sides.items()}),
+        memory=plots.memory_figure(psutil.Process().memory_info().rss / MB,
+                                   {"left": left.weight_bytes / MB, "right": right.weight_bytes / MB}, ffn_read),
+        recall=plots.recall_figure(recall),
+    )
 
 
-def neurons_view(profiles: dict[str, dict]) -> dict:
-    """Firing heatmaps (one per side) and histograms from activation profiles by side label."""
-    labels = list(profiles)
-    figures = {f"firing_{i}": plots.firing_figure(profiles[label]["firing"],
-                                                   f"Neuron firing frequency: {label}", f"firing-{i}")
-               for i, label in enumerate(labels)}
-    figures["hist"] = plots.histogram_figure({label: p["hist"] for label, p in profiles.items()})
-    return figures
+@dataclass
+class NeuronsView:
+    """The Neurons tab: each side's firing frequency (None where a side has nothing to show)
+    and the activation histograms of the sides that ran."""
+
+    left_firing: go.Figure | None
+    right_firing: go.Figure | None
+    hist: go.Figure | None
+
+
+def firing_shares(rec: SideRecord) -> list[list[float]] | None:
+    """Per layer and neuron, the share of the run's decode steps in which the neuron fired,
+    from the runtime's own counts (h != 0 among the neurons the side's mode computed)."""
+    if rec.error or not rec.steps or not rec.firing_counts or not rec.firing_counts[0]:
+        return None
+    return [[c / len(rec.steps) for c in layer] for layer in rec.firing_counts]
+
+
+def neurons_view(left: SideRecord, right: SideRecord, hists: dict[str, dict]) -> NeuronsView:
+    """Firing heatmaps from the records, and histograms (keyed by side label) drawn together."""
+    figures = []
+    for rec, key in ((left, "firing-left"), (right, "firing-right")):
+        shares = firing_shares(rec)
+        figures.append(None if shares is None else plots.firing_figure(
+            shares, f"Neuron firing frequency over the decode steps: {side_label(rec)}", key))
+    return NeuronsView(figures[0], figures[1], plots.histogram_figure(hists) if hists else None)
 
 
 def about_numbers() -> str:

@@ -1,0 +1,158 @@
+"""The Gradio page: the only module that imports gradio. Handlers wire widgets to the plain
+functions of compare.py and views.py, and map each view's fields to components in one place
+(`show_compare`, `show_neurons`); `build_demo()` does no heavy work."""
+
+import time
+from threading import Event
+
+import gradio as gr
+
+from turbo_demo.app import views
+from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names, model_modes
+from turbo_demo.app.compare import MAX_NEW_TOKENS, Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO
+from turbo_demo.errors import UserError
+from turbo_demo.model.activations import activation_histograms
+from turbo_demo.runtime import Kernels
+
+UPDATES_PER_SECOND = 4
+
+
+def mode_choices(name: str) -> tuple[list[str], str]:
+    """The modes a model offers, and an error line where it cannot be read."""
+    try:
+        return model_modes(name), ""
+    except UserError as exc:
+        return ["dense"], f"⚠️ {exc}"
+
+
+def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
+    """The activation histograms of each side that generated, by side label."""
+    return {views.side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
+            for rec in (left, right) if not rec.error and rec.token_ids}
+
+
+def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) -> gr.Blocks:
+    """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference)."""
+    store = store or ModelStore()
+    kernels = kernels or Kernels()
+    names = embedded_names()
+
+    with gr.Blocks(title="TurboSparse Studio") as demo:
+        session = gr.State({})  # {"stop": the running generation's Event}
+        gr.Markdown(INTRO)
+        with gr.Tab("Compare"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", lines=4, value=EXAMPLES[0], scale=4)
+                with gr.Column(scale=1, min_width=160):
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            gr.Examples(EXAMPLES, inputs=[prompt], label="Examples that suit the embedded models")
+            with gr.Accordion("Generation settings", open=False):
+                with gr.Row():
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+            sides = {}
+            with gr.Row():
+                for side, (default_model, default_mode) in (("left", DEFAULT_LEFT), ("right", DEFAULT_RIGHT)):
+                    with gr.Column():
+                        model = gr.Dropdown(names, value=default_model if default_model in names else None,
+                                            allow_custom_value=True, label=f"{side.title()} model",
+                                            elem_id=f"{side}-model",
+                                            info="an embedded model, or a local HF model directory")
+                        modes, error = mode_choices(model.value) if model.value else (["dense"], "")
+                        mode = gr.Dropdown(modes, value=default_mode if default_mode in modes else modes[0],
+                                           label="Backend mode")
+                        status = gr.Markdown(error, elem_id=f"{side}-status")
+                        text = gr.Textbox(label="Output", lines=8, interactive=False, elem_id=f"{side}-text")
+                        sides[side] = (model, mode, status, text, default_mode)
+            headline = gr.Markdown(elem_id="headline")
+            run_status = gr.Markdown()
+            with gr.Row():
+                heat_left = gr.Plot(label="Left: active neurons", elem_id="heat-left")
+                heat_right = gr.Plot(label="Right: active neurons", elem_id="heat-right")
+            with gr.Row():
+                speed = gr.Plot(label="Tokens/s")
+                memory = gr.Plot(label="Memory")
+            recall = gr.Plot(label="Predictor recall")
+        with gr.Tab("Neurons"):
+            gr.Markdown("The last run, neuron by neuron. **Firing frequency**: the share of its decode steps "
+                        "in which each FFN neuron fired (h ≠ 0 among the neurons the side's mode computed), "
+                        "counted by the runtime's kernels; hot to cold, PowerInfer's view. **Activation "
+                        "distributions**: the gate, up and combined activations of the run's tokens, "
+                        "through the model's own dense forward (Turbo Sparse, Figure 3).")
+            with gr.Row():
+                firing_left = gr.Plot(label="Left: firing frequency")
+                firing_right = gr.Plot(label="Right: firing frequency")
+            hist = gr.Plot(label="Activation distributions")
+        with gr.Tab("About"):
+            gr.Markdown(ABOUT)
+            gr.Markdown("#### Our embedded models (`python -m turbo_demo eval DIR --json`)\n" + views.about_numbers())
+            gr.Markdown("#### Our decoding speed (`python -m turbo_demo bench --json`)\n" + views.bench_numbers())
+            gr.Plot(value=views.training_curve(), label="Training curve")
+
+        (lm, lmode, lstatus, ltext, ldefault), (rm, rmode, rstatus, rtext, rdefault) = sides["left"], sides["right"]
+
+        def show_compare(view: views.CompareView, message: str) -> dict:
+            return {ltext: view.left_text, rtext: view.right_text, lstatus: view.left_status,
+                    rstatus: view.right_status, headline: view.headline, heat_left: view.left_heatmap,
+                    heat_right: view.right_heatmap, speed: view.speed, memory: view.memory,
+                    recall: view.recall, run_status: message}
+
+        def show_neurons(view: views.NeuronsView) -> dict:
+            shown = {firing_left: view.left_firing, firing_right: view.right_firing, hist: view.hist}
+            return {component: figure for component, figure in shown.items() if figure is not None}
+
+        def on_model_change(name, current_mode, preferred):
+            modes, error = mode_choices(name)
+            value = current_mode if current_mode in modes else (preferred if preferred in modes else modes[0])
+            return gr.Dropdown(choices=modes, value=value), error
+
+        def on_stop(state):
+            if state and state.get("stop"):
+                state["stop"].set()
+            return "Stopping after the current step…"
+
+        def on_generate(prompt, left_model, left_mode, right_model, right_mode, max_new_tokens, temperature,
+                        top_p, seed, progress=gr.Progress()):
+            state = {"stop": Event()}
+            left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
+            settings = Settings(max_new_tokens, temperature, top_p, seed)
+            rounds = run_compare(store, left, right, prompt, settings, state["stop"], kernels,
+                                 on_progress=lambda message: progress(0, desc=message))
+            last = 0.0
+            try:
+                for _ in rounds:
+                    if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
+                        last = time.monotonic()
+                        yield {**show_compare(views.compare_view(left, right), "Generating…"), session: state}
+            except UserError as exc:
+                yield {run_status: str(exc), session: state}
+                return
+            done = "Stopped." if state["stop"].is_set() else "Done."
+            neurons = views.neurons_view(left, right, run_histograms(store, left, right))
+            yield {**show_compare(views.compare_view(left, right), done), **show_neurons(neurons)}
+
+        def compare_api(prompt: str, left_model: str, left_mode: str, right_model: str, right_mode: str,
+                        max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> dict:
+            """Run both models on the prompt; returns {"left", "right", "speedup"} summaries."""
+            left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
+            try:
+                for _ in run_compare(store, left, right, prompt, Settings(max_new_tokens, temperature, 1.0, seed),
+                                     kernels=kernels):
+                    pass
+            except UserError as exc:
+                return {"error": str(exc)}
+            return compare_summary(left, right)
+
+        lm.change(lambda n, m: on_model_change(n, m, ldefault), [lm, lmode], [lmode, lstatus])
+        rm.change(lambda n, m: on_model_change(n, m, rdefault), [rm, rmode], [rmode, rstatus])
+        outputs = [ltext, rtext, lstatus, rstatus, headline, heat_left, heat_right, speed, memory, recall,
+                   run_status, session, firing_left, firing_right, hist]
+        generate.click(on_generate, [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed],
+                       outputs, concurrency_limit=1, concurrency_id="generate", api_visibility="private")
+        stop.click(on_stop, [session], [run_status], queue=False, api_visibility="private")
+        gr.api(compare_api, api_name="compare", concurrency_limit=1, concurrency_id="generate")
+    return demo

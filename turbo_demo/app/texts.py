@@ -1,0 +1,39 @@
+"""The words of the page: its examples, introduction and About tab."""
+
+EXAMPLES = [
+    "def fibonacci(n):\n    ",
+    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n",
+    "import os\n\n\ndef list_files(directory):\n    \"\"\"Return",
+    "The module provides functions for",
+]
+INTRO = """# TurboSparse Studio
+Two language models continue your prompt side by side. The right one uses **dReLU**
+(`relu(x W_gate) * relu(x W_up)`, from the Turbo Sparse paper): most of its FFN neurons are
+exactly zero for each token, so the sparse backend can skip them. Watch which neurons fire, and
+what skipping them buys. The embedded models are tiny (trained here on Python's own source
+code), so they write Python-flavoured text. The embedded dReLU models were trained with a small L1
+penalty on the FFN activation (ProSparse-style) on top of dReLU; see the About tab."""
+ABOUT = """### dReLU
+SwiGLU FFNs multiply `silu(x W_gate)` by a dense `x W_up`: almost no neuron is ever exactly
+zero. dReLU puts a ReLU on both branches, so a neuron contributes only when both are positive;
+the paper reports ~90% of neurons at exactly zero per token with no loss of quality.
+
+### Predictors
+A zero neuron costs nothing only if we know it is zero *before* reading its weights. Like
+PowerInfer and Deja Vu, each layer has a small low-rank MLP that reads the residual stream and
+predicts which neurons will fire; we measure its recall (share of truly active neurons it
+found) against the dense computation, outside the timed step.
+
+### The sparse backend
+Decoding one token is bound by memory bandwidth: every weight is read once per token. The
+backend reads only the rows of W_gate, W_up and (neuron-major) W_down of the predicted neurons,
+so FFN bytes per token fall with sparsity; in exact mode it computes the gate densely and skips
+up/down for the zero neurons, which is lossless.
+
+| | paper (TurboSparse-Mistral-7B / PowerInfer) |
+|---|---|
+| FFN sparsity | ~90% (Mixtral: 97% per MoE layer) |
+| 300M pretraining, WikiText-2 perplexity | dReLU 28.45 vs SwiGLU 28.48 |
+| top-k 90% sparsity perplexity | dReLU 29.19 vs SwiGLU 112.36 |
+| CPU-only decoding vs llama.cpp dense | 2.08x (i7-12700K, Mistral-7B FP16) |
+"""

@@ -1,0 +1,67 @@
+"""`python -m turbo_demo bench`: the speed of the sparse FFN and of batch-1 decoding, measured.
+
+    machine  read_gbps: memory read bandwidth, the faster of two readers of one large buffer
+             (torch.sum over it as fp32, or the kernels' matvec over it as bf16 rows)
+    ffn      ms of one FFN step (batch 1) per mode and sparsity, through the product's FFN
+             modes on synthetic dReLU layers, and of the transformers MLP module's own
+             forward (PyTorch's GEMVs, HF's weight layout) as the reference users start from;
+             speedup = dense ms / mode ms and speedup_vs_transformers = transformers ms /
+             mode ms, at the same shape and sparsity
+    e2e      tokens/s of decoding per engine: transformers' model.generate, and the lean Runtime
+             in the dense, exact and predictor modes, on a Mistral-7B-shaped stack of random
+             layers and on the shipped dReLU checkpoint (in the benchmark's dtype, and in fp32,
+             the dtype the app runs it in), with
+             bandwidth_share = (weight bytes read per token / read bandwidth) / seconds per token
+             (above 1 where the weights partly fit in the caches, as a small model's do),
+             sparsity = the share of FFN neurons whose rows were skipped (1 - computed share)
+             and stats_share = the time to build one step's statistics (a LayerRecord per
+             layer and the StepStats; the counts in them come from the kernels' own loops) /
+             seconds per token, for the lean engines, whose statistics are always on
+
+Fairness. Every number is a median over rounds in which the compared variants take turns, in an
+order that rotates each round, so that a slow spell of the machine hits them alike. Caches do
+not flatter: the FFN layers cycle through copies adding up to at least `working_set` bytes,
+every FFN step gets a fresh input, hence a fresh set of neurons, and each round of FFN steps
+starts after reading the `read_bytes` buffer, which evicts the weights (and writes back the
+sign flips below, which would otherwise eat into the bandwidth of the timed steps).
+
+Synthetic activity. For the input x of an FFN step, rows of W_gate and W_up are negated (which
+negates their outputs exactly) so that h = relu(W_gate x) * relu(W_up x) is non-zero on exactly
+the neurons wanted: in exact mode a random (1 - sparsity) share of them; in predictor mode all
+of them, so that every neuron the predictor picks (its `budget` = 1 - sparsity best scores) is
+truly active and down reads all of their rows, the worst case.
+"""
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from turbo_demo.bench.common import Settings, cpu_name, read_bandwidth, settings_for
+from turbo_demo.bench.e2e import ENGINES, bench_e2e
+from turbo_demo.bench.ffn import FFN_MODES, bench_ffn
+from turbo_demo.bench.report import format_table
+from turbo_demo.model.checkpoint import dtype_name
+from turbo_demo.runtime.kernels import cpp, load_kernels
+
+__all__ = ["ENGINES", "FFN_MODES", "Settings", "format_table", "run_bench", "settings_for"]
+
+
+def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict:
+    """The whole benchmark as one JSON-ready dict: machine, ffn, e2e and notes. The kernels are
+    chosen once, for the whole run."""
+    notes: list[str] = []
+    kernels = load_kernels(backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr, flush=True))
+    if kernels.name == "torch" and backend == "auto":
+        notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
+    with torch.inference_mode():
+        buf = torch.ones(s.read_bytes // 8192 * 2048)  # a whole number of 4096-wide bf16 rows
+        bar = tqdm(total=5, desc="read bandwidth", file=sys.stderr, disable=not progress, leave=False)
+        gbps, method = read_bandwidth(kernels, buf, bar)
+        bar.close()
+        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "backend": kernels.name, "dtype": dtype_name(s.dtype), "read_gbps": gbps, "read_method": method}
+        ffn = bench_ffn(s, kernels, buf, progress)
+        del buf
+        e2e = bench_e2e(s, kernels, gbps, notes, progress)
+    return {"machine": machine, "ffn": ffn, "e2e": e2e, "notes": notes}

@@ -1,0 +1,112 @@
+"""What every part of the benchmark shares: its settings, fair timing, the machine, random layers."""
+
+import platform
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from turbo_demo.errors import UserError
+from turbo_demo.model.bamboo import BambooConfig, BambooMLP
+from turbo_demo.model.checkpoint import DTYPES
+from turbo_demo.paths import MODELS_DIR
+from turbo_demo.runtime.kernels import Kernels
+
+MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 32000}
+EMBEDDED = MODELS_DIR / "turbosparse-drelu"
+
+
+@dataclass
+class Settings:
+    dtype: torch.dtype = torch.bfloat16
+    read_bytes: int = 1 << 30
+    ffn_shapes: tuple = ((4096, 14336), (1024, 4096))  # (hidden, intermediate)
+    sparsities: tuple = (0.5, 0.8, 0.9, 0.95, 0.97)
+    ffn_rounds: int = 9
+    working_set: int = 768 << 20  # bytes of FFN weights cycled through: more than the caches hold
+    rank: int = 256  # predictor rank, FFN and 7b-shape stack alike
+    stack: dict = field(default_factory=lambda: dict(MISTRAL_7B))
+    stack_layers: int = 8
+    stack_budget: float = 0.1  # the 7b-shape predictor computes this share of neurons
+    stack_tokens: int = 6
+    embedded: Path | None = EMBEDDED
+    embedded_tokens: int = 48
+    e2e_rounds: int = 5
+
+
+def settings_for(quick: bool = False, dtype: str = "bf16") -> Settings:
+    """The full benchmark (a few minutes), or a quick one (under a minute, noisier)."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    settings = Settings(dtype=DTYPES[dtype])
+    if quick:
+        settings = replace(settings, ffn_rounds=3, stack_layers=2, stack_tokens=3, embedded_tokens=16,
+                           e2e_rounds=2, working_set=512 << 20)
+    return settings
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def rotated(items, turn: int) -> list:
+    return [items[(i + turn) % len(items)] for i in range(len(items))]
+
+
+def round_robin(calls: dict, rounds: int, bar) -> dict[str, float]:
+    """Median seconds per call of each callable: one untimed warm-up call each, then `rounds`
+    rounds that call each once, in an order rotating every round."""
+    for fn in calls.values():
+        fn()
+    times = defaultdict(list)
+    for turn in range(rounds):
+        for name in rotated(list(calls), turn):
+            times[name].append(timed(calls[name]))
+        bar.update()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth(kernels: Kernels, buf: torch.Tensor, bar) -> tuple[float, str]:
+    """(GB/s, reader) of the faster of two readers of the fp32 buffer `buf`: torch.sum, and the
+    kernels' matvec over it as bf16 rows."""
+    rows, x = buf.view(torch.bfloat16).view(-1, 4096), torch.zeros(4096, dtype=torch.bfloat16)
+    readers = {"torch.sum over fp32": buf.sum, f"{kernels.name} matvec over bf16 rows": lambda: kernels.matvec(rows, x)}
+    seconds = round_robin(readers, 5, bar)
+    best = min(seconds, key=seconds.get)
+    return nbytes(buf) / seconds[best] / 1e9, best
+
+
+def randomize_(model: nn.Module, std: float = 0.02) -> None:
+    """Random weights in place: N(0, std) matrices, unit norm weights (fast, unlike HF init)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std) if p.dim() > 1 else p.fill_(1.0)
+
+
+def random_mlp(config: BambooConfig, dtype: torch.dtype) -> BambooMLP:
+    with torch.device("meta"):
+        mlp = BambooMLP(config, 0).to(dtype)
+    mlp.to_empty(device="cpu")
+    randomize_(mlp)
+    return mlp

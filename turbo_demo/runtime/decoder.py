@@ -1,0 +1,98 @@
+"""The generation loop both engines share: prefill, then one timed decode step per new token.
+
+    sample(kernels, logits, ...) -> token   greedy, or temperature + top-p at one seeded uniform
+    Decoder.generate(...)                    yields one StepStats per new token
+
+An engine gives `prefill(ids) -> logits`, `decode(token) -> (logits, records)` (one LayerRecord
+per layer), `reset()`, and its per-layer modes; the runtime owns the firing counts (L, I).
+"""
+
+import time
+from collections.abc import Iterator
+from threading import Event
+
+import torch
+
+from turbo_demo.errors import UserError
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.modes import Mode, make_modes, mode_options
+from turbo_demo.runtime.packing import PackedModel
+from turbo_demo.runtime.stats import LayerRecord, StepStats
+
+
+def sample(kernels: Kernels, logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy for temperature <= 0, else nucleus sampling over softmax(logits / temperature)
+    (Kernels.sample_top_p) at one uniform number from the seeded CPU generator."""
+    if temperature <= 0:
+        return kernels.argmax(logits)
+    u = float(torch.rand((), generator=gen, dtype=torch.float64))
+    return kernels.sample_top_p(logits.float(), temperature, top_p, u)
+
+
+class Decoder:
+    """A runtime: one model, one FFN mode in every layer, one set of kernels."""
+
+    engine = "?"
+    max_len: int
+
+    def __init__(self, packed: PackedModel, mode: str, kernels: Kernels, options=None, **given):
+        """options: the mode's options dataclass, or given as keywords (validated either way)."""
+        device = packed.model.device
+        if device.type not in kernels.devices:
+            raise UserError(f"the {kernels.name} kernels run on {', '.join(kernels.devices)} and this model is on "
+                            f"{device}: use the torch backend (--backend torch), or move the model to the CPU")
+        if options is None:
+            options = mode_options(mode, **given)
+        elif given:
+            raise UserError("give a mode's options as a dataclass or as keywords, not both")
+        self.packed, self.mode, self.kernels, self.options = packed, mode, kernels, options
+        self.modes: list[Mode] = make_modes(packed.ffns, mode, kernels, options)
+        n = packed.ffns[0].n if packed.ffns else 0
+        self.firing = torch.zeros((len(packed.ffns), n), dtype=torch.int32, device=device)
+        self.dense_ffn_bytes = sum(w.dense_bytes for w in packed.ffns)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, token: int) -> tuple[torch.Tensor, list[LayerRecord]]:
+        raise NotImplementedError
+
+    def firing_counts(self) -> list[list[int]]:
+        """Per layer and neuron: in how many decode steps of the last generation the neuron fired
+        (h != 0 among the neurons its mode computed)."""
+        return self.firing.tolist()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop: Event | None = None,
+                 eos_token_id: int | None = None, audit: bool = False) -> Iterator[StepStats]:
+        """Yield one StepStats per new token.
+
+        The prompt but its last token is prefilled (dense FFN); every new token then comes from
+        a decode step in the runtime's mode, timed alone (decode + sample). The recall audit,
+        when on, runs after the timer stops so that it never counts as decoding time.
+        """
+        if not prompt_ids:
+            raise UserError("empty prompt: give at least one token")
+        gen = torch.Generator().manual_seed(seed)
+        max_new_tokens = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
+        self.firing.zero_()
+        if len(prompt_ids) > 1:
+            self.prefill(torch.tensor(prompt_ids[:-1]))
+        else:
+            self.reset()
+        token = prompt_ids[-1]
+        n = self.firing.size(1)
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            logits, records = self.decode(token)
+            token = sample(self.kernels, logits, temperature, top_p, gen)
+            elapsed = time.perf_counter() - start
+            if audit:
+                for mode, record in zip(self.modes, records):
+                    record.recall = mode.recall(record)
+            yield StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes)
+            if (stop is not None and stop.is_set()) or token == eos_token_id:
+                return

@@ -1,0 +1,143 @@
+"""The C++ kernels (csrc/): `CppKernels`, and their build.
+
+    build()      the compiled extension module, built once and cached on disk; raises
+                 UserError when it cannot be built (no compiler, a failed build)
+    built()      whether a build for this machine and these sources is on disk (build() is then quick)
+
+The build is compiled with -march=native, so the cache is keyed by the CPU's flags and the
+sources' hash (and torch's version): a cache carried to another CPU, or left by older sources,
+is never loaded. Importing this module never compiles anything.
+"""
+
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from turbo_demo.errors import UserError
+from turbo_demo.paths import cache_dir
+from turbo_demo.runtime.kernels.reference import Kernels
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp")]
+HEADERS = [CSRC / name for name in ("bf16.h", "gemv.h")]
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+BUILD_NOTICE = "Building the C++ sparse kernels (first time only, about a minute)..."
+
+
+def cpu_flags() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("flags", "Features", "model name"))]
+    return "\n".join(dict.fromkeys(lines))  # one processor's lines; every core repeats them
+
+
+def build_key() -> str:
+    """A hash of everything that makes a build valid here: sources, flags, CPU, torch."""
+    key = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        key.update(path.name.encode() + path.read_bytes())
+    key.update(" ".join(FLAGS).encode() + cpu_flags().encode() + torch.__version__.encode())
+    return key.hexdigest()[:16]
+
+
+def module_name() -> str:
+    return f"turbo_demo_kernels_{build_key()}"
+
+
+def build_dir() -> Path:
+    return cache_dir() / "torch_extensions" / module_name()
+
+
+def built() -> bool:
+    return (build_dir() / f"{module_name()}.so").is_file()
+
+
+def first_error_line(exc: BaseException) -> str:
+    """The compiler's first `error:` line in a failed build's output, else the exception's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line or "fatal error" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+def build(verbose: bool = False):
+    """The compiled extension module (about a minute the first time on a machine, then cached)."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise UserError(f"cannot build the C++ kernels: no C++ compiler ({compiler!r} is not on PATH); "
+                        "install g++ or use the torch backend")
+    # imported here: torch.utils.cpp_extension pulls in setuptools, which only a build needs
+    from torch.utils import cpp_extension
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(name=module_name(), sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=verbose)
+    except Exception as exc:  # compiler, ninja and linker failures
+        raise UserError(f"cannot build the C++ kernels with {compiler!r}: {first_error_line(exc)}; "
+                        "use the torch backend") from exc
+
+
+class CppKernels(Kernels):
+    """The C++ kernels: the reference's contracts, computed without gathered copies, in fp32
+    sums, one call per fused step. Their tensors must be on the CPU."""
+
+    name = "cpp"
+    devices = ("cpu",)
+
+    def __init__(self, ops):
+        self.ops = ops  # the compiled module
+
+    def rows_dot(self, w, x, idx):
+        return self.ops.rows_dot(w, x, idx)
+
+    def rows_axpy(self, wt, h, idx):
+        return self.ops.rows_axpy(wt, h, idx)
+
+    def matvec(self, w, x):
+        return self.ops.matvec(w, x)
+
+    def vecmat(self, h, wt):
+        return self.ops.vecmat(h, wt)
+
+    def up_down(self, wu, wd_t, x, idx, a, relu_up, wg=None, add_to=None, counts=None):
+        return self.ops.up_down(wu, wd_t, x, idx, a, relu_up, wg, add_to, counts)
+
+    def ffn_dense(self, wg, wu, wd_t, x, act, act_up, add_to=None, counts=None):
+        return self.ops.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to, counts)
+
+    def ffn_exact(self, wg, wu, wd_t, x, relu_up, add_to=None, counts=None):
+        return self.ops.ffn_exact(wg, wu, wd_t, x, relu_up, add_to, counts)
+
+    def predict(self, fc1, fc2_t, r, threshold, budget):
+        return self.ops.predict(fc1, fc2_t, r, threshold, budget)
+
+    def ffn_predicted(self, fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to=None,
+                      counts=None):
+        return self.ops.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to,
+                                      counts)
+
+    def rms_norm(self, x, w, eps):
+        return self.ops.rms_norm(x, w, eps)
+
+    def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first):
+        return self.ops.attention_step(x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos,
+                                       first)
+
+    def indices_over(self, v, t, inclusive):
+        return self.ops.indices_over(v, t, inclusive)
+
+    def argmax(self, v):
+        return self.ops.argmax(v)
+
+    def sample_top_p(self, v, temperature, top_p, u):
+        return self.ops.sample_top_p(v, temperature, top_p, u)

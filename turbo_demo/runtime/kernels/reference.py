@@ -1,0 +1,191 @@
+"""The kernels of a decode step, in PyTorch: the reference every backend must equal.
+
+`Kernels` is both the PyTorch backend and the contract: each method's docstring is the one
+definition of what the kernel computes (the C++ backend, `cpp.CppKernels`, overrides the
+methods and must give the same results up to summation order; tests check it). Weights are
+neuron-major (N, H): W_gate and W_up as HF stores them, W_down transposed (`wd_t`), so that a
+sparse step reads each chosen neuron's rows as contiguous runs of H values. Vectors have the
+weights' dtype; fp32 or bf16.
+
+Two optional arguments recur in the FFN steps:
+    add_to (H,)      return add_to + y instead of y: the layer's residual add, fused into the
+                     step's kernel (at batch 1 a separate tensor add costs more than the sum)
+    counts (N,) i32  add 1 to counts[i] for every neuron i with h_i != 0 that the step
+                     computed: the runtime's neuron firing counts
+"""
+
+import torch
+import torch.nn.functional as F
+
+ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+# The reference's gathered rows are copies (index_select): above this share of the neurons,
+# one dense pass, masked, reads the weights faster than the gathers and gives the same result.
+DENSE_FALLBACK_SHARE = 0.45
+
+
+def plus(y: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
+    return y if add_to is None else add_to + y
+
+
+def count_firing(counts: torch.Tensor | None, idx: torch.Tensor, h: torch.Tensor) -> None:
+    """counts[idx_j] += 1 for every h_j != 0 (repeated indices count once each)."""
+    if counts is not None:
+        counts.index_add_(0, idx, (h != 0).to(counts.dtype))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) for x = (x1, x2):
+    rotate_half(x) * sin = roll(x, d/2) * sin_signed with sin_signed = (-sin1, sin2)."""
+    return x * cos + x.roll(x.size(-1) // 2, -1) * sin_signed
+
+
+def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest values of v (N,), ascending."""
+    return v.topk(k, sorted=False).indices.sort().values
+
+
+def decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos: int, first: int) -> torch.Tensor:
+    """RoPE on q (nh * hd,) and k (nkv * hd,); k, v into the caches (nkv, max_len, hd) at pos;
+    attention over the cached positions first..pos -> (nh * hd,). Query head h reads kv head
+    h / (nh / nkv) (grouped-query attention); softmax(q . k / sqrt(hd)) in fp32."""
+    n_kv, _, hd = k_cache.shape
+    k_cache[:, pos] = rope(k.view(n_kv, hd), cos, sin_signed)
+    v_cache[:, pos] = v.view(n_kv, hd)
+    keys, values = k_cache[:, first : pos + 1].float(), v_cache[:, first : pos + 1].float()  # (nkv, L, hd)
+    # the query heads of a group share one matmul with the group's keys (no per-head cache copy)
+    qg = rope(q.view(-1, hd), cos, sin_signed).view(n_kv, -1, hd).float() * hd**-0.5
+    probs = torch.softmax(qg @ keys.transpose(1, 2), dim=-1)  # (nkv, group, L)
+    return (probs @ values).to(q.dtype).view(-1)
+
+
+class Kernels:
+    """The PyTorch kernels. Capabilities: `name` and the device types the kernels run on."""
+
+    name = "torch"
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def rows_dot(self, w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """y_j = W[idx_j] . x: W (N, H), x (H,), idx (k,) int64 -> y (k,); reads only rows idx."""
+        return torch.mv(w.index_select(0, idx), x)
+
+    def rows_axpy(self, wt: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """y = sum_j h_j Wt[idx_j]: Wt (N, H), h (k,), idx (k,) -> y (H,); rows with h_j = 0,
+        which add nothing, are not read."""
+        # embedding_bag sums the rows weighted by h without materialising them, but reads every
+        # row it is given, and rejects an empty bag: drop the zero weights first
+        nonzero = h != 0
+        idx, h = idx[nonzero], h[nonzero]
+        if idx.numel() == 0:
+            return wt.new_zeros(wt.size(1))
+        return F.embedding_bag(idx.unsqueeze(0), wt, per_sample_weights=h.unsqueeze(0), mode="sum")[0]
+
+    def matvec(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y = W x: W (N, H), x (H,) -> y (N,)."""
+        return torch.mv(w, x)
+
+    def vecmat(self, h: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        """y = h Wt: h (N,), Wt (N, H) -> y (H,)."""
+        return h @ wt
+
+    def up_down(self, wu, wd_t, x, idx, a, relu_up: bool, wg=None, add_to=None, counts=None):
+        """A sparse FFN step on the neurons idx (k,) whose activated gate values a (k,) are known
+        (with a = None: a = relu(rows_dot(Wg, x, idx))) -> (y, up_rows, active):
+        h = a * act(rows_dot(Wu, x, idx)), act = relu if relu_up else identity,
+        y = rows_axpy(Wd_t, h, idx); the up rows of neurons with a_j = 0 (h_j = 0 anyway) are
+        not read: up_rows = #{j : a_j != 0}; active = #{j : h_j != 0}."""
+        if a is None:
+            a = torch.relu(self.rows_dot(wg, x, idx))
+        live = a != 0
+        idx, a = idx[live], a[live]
+        u = self.rows_dot(wu, x, idx)
+        h = a * (torch.relu(u) if relu_up else u)
+        count_firing(counts, idx, h)
+        return plus(self.rows_axpy(wd_t, h, idx), add_to), idx.numel(), int(torch.count_nonzero(h))
+
+    def ffn_dense(self, wg, wu, wd_t, x, act: str, act_up: bool, add_to=None, counts=None):
+        """The dense FFN of one token -> (y, active): h = act(Wg x) * (act(Wu x) if act_up else
+        Wu x), y = h Wd_t, active = #{i : h_i != 0}; act one of ACTS (gelu in its erf form)."""
+        f = ACTS[act]
+        u = torch.mv(wu, x)
+        h = f(torch.mv(wg, x)) * (f(u) if act_up else u)
+        if counts is not None:
+            counts += h != 0
+        return plus(h @ wd_t, add_to), int(torch.count_nonzero(h))
+
+    def ffn_exact(self, wg, wu, wd_t, x, relu_up: bool, add_to=None, counts=None):
+        """A ReLU-gated FFN on its gate-active neurons -> (y, computed, active): g = Wg x,
+        S = {i : g_i > 0}, computed = |S|, then up_down on S with a = g[S]; equal to ffn_dense
+        with act = relu, reading only the rows of S in Wu and of the active neurons in Wd_t."""
+        g = torch.mv(wg, x)
+        idx = self.indices_over(g, 0.0, False)
+        y, _, active = self.up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up, add_to=add_to, counts=counts)
+        return y, idx.numel(), active
+
+    def predict(self, fc1, fc2_t, r, threshold: float, budget: int) -> tuple[torch.Tensor, int]:
+        """An activation predictor's choice of neurons for the residual r (H,) -> (idx, rows):
+        z = relu(fc1 r) (R,), score = z fc2_t (I,), fc2_t (R, I) input-major, summed over the
+        `rows` rows with z_j != 0 (the others add nothing and are not read);
+        idx = top_indices(score, budget) if budget > 0, else the ascending i with
+        score_i >= threshold."""
+        z = torch.relu(torch.mv(fc1, r))
+        score = z @ fc2_t
+        idx = top_indices(score, budget) if budget > 0 else self.indices_over(score, threshold, True)
+        return idx, int(torch.count_nonzero(z))
+
+    def ffn_predicted(self, fc1, fc2_t, r, threshold: float, budget: int, wg, wu, wd_t, x, relu_up: bool,
+                      add_to=None, counts=None):
+        """A predictor-mode step of a ReLU-gated FFN -> (y, idx, rows, up_rows, active):
+        (idx, rows) = predict(...), then up_down on idx with a = None (the gate on the chosen
+        rows only)."""
+        idx, rows = self.predict(fc1, fc2_t, r, threshold, budget)
+        if len(idx) <= DENSE_FALLBACK_SHARE * wg.size(0):
+            y, up_rows, active = self.up_down(wu, wd_t, x, idx, None, relu_up, wg, add_to, counts)
+            return y, idx, rows, up_rows, active
+        mask = torch.zeros(wg.size(0), dtype=torch.bool, device=x.device).index_fill_(0, idx, True)
+        a = torch.relu(torch.mv(wg, x)) * mask
+        u = torch.mv(wu, x)
+        h = a * (torch.relu(u) if relu_up else u)
+        if counts is not None:
+            counts += h != 0
+        return plus(h @ wd_t, add_to), idx, rows, int(torch.count_nonzero(a)), int(torch.count_nonzero(h))
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """w * x / sqrt(mean(x^2) + eps) over the last dim of x (..., H), normalised in fp32 and
+        rounded to x's dtype before w multiplies it, as in HF."""
+        return w * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+    def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos: int,
+                       first: int) -> torch.Tensor:
+        """A layer's attention block for one token x (H,): x + Wo decode_attention(Wq n, Wk n,
+        Wv n, ...), n = rms_norm(x, ln_w, eps); cos, sin_signed are the whole rotary tables
+        (max_len, hd), read at row pos."""
+        h = self.rms_norm(x, ln_w, eps)
+        out = decode_attention(torch.mv(wq, h), torch.mv(wk, h), torch.mv(wv, h), k_cache, v_cache,
+                               cos[pos], sin_signed[pos], pos, first)
+        return x + torch.mv(wo, out)
+
+    def indices_over(self, v: torch.Tensor, t: float, inclusive: bool) -> torch.Tensor:
+        """The indices i with v_i > t (v_i >= t if inclusive), ascending."""
+        return torch.nonzero(v >= t if inclusive else v > t).squeeze(1)
+
+    def argmax(self, v: torch.Tensor) -> int:
+        """The index of the first largest value of v (N,), a NaN counting as largest (torch.argmax)."""
+        return int(v.argmax())
+
+    def sample_top_p(self, v: torch.Tensor, temperature: float, top_p: float, u: float) -> int:
+        """The token nucleus sampling draws from logits v (N,) at one uniform u in [0, 1):
+        p = exp((v - max v) * (1 / temperature)); with the tokens ranked by p descending (ties:
+        lower index first), token i is kept iff the mass ranked above it is < top_p * sum(p);
+        the result is the first kept i, in index order, whose cumulative kept mass exceeds
+        u * (the kept mass). Sums in fp64."""
+        v = v.float()
+        p = torch.exp((v - v.max()) * (1.0 / temperature))  # fp32, as the C++ loop computes it
+        p64 = p.double()
+        keep = torch.ones_like(p, dtype=torch.bool)
+        if top_p < 1.0:
+            ranked, order = p64.sort(descending=True, stable=True)  # stable: ties by lower index
+            above = ranked.cumsum(0) - ranked  # the mass ranked above each token
+            keep = torch.zeros_like(keep).index_fill_(0, order[above < top_p * p64.cumsum(0)[-1]], True)
+        cdf = (p64 * keep).cumsum(0)
+        j = int(torch.searchsorted(cdf, u * cdf[-1], right=True))  # the first cdf_j > u * kept mass
+        return j if j < v.numel() else int(keep.nonzero()[-1])

@@ -1,0 +1,119 @@
+"""Lean batch-1 decoding for the Mistral family (Mistral, Llama, bamboo), on packed weights.
+
+The runtime reads the pack's tensors (runtime/packing.py), keeps a preallocated KV cache, and
+decodes with a small ladder of functions:
+
+    prefill(ids) -> logits               all prompt tokens at once, causal attention, dense FFN
+    decode(token) -> (logits, records)   one token: attention on the cache, then the FFN mode
+    generate(...)                        (Decoder) yields one StepStats per new token
+
+Per layer:  a = x + W_o attn(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x));  x' = a + FFN(n2(a), a)
+where n1, n2 are RMSNorms and the FFN gets the residual a for its predictor.
+
+Prefill runs batched PyTorch operations (GEMMs, SDPA). A decode step works on vectors through
+the kernels (GEMV, fused RMSNorm, fused RoPE + cache write + attention): at batch 1 the step is
+bound by the bytes of weights it reads, and, in small models, by the fixed cost per operation.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from turbo_demo.errors import UserError
+from turbo_demo.runtime.decoder import Decoder
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.kernels.reference import rope
+from turbo_demo.runtime.packing import PackedModel
+from turbo_demo.runtime.stats import LayerRecord
+
+# The KV cache is preallocated for this many positions at most: a 32k-context checkpoint must
+# not reserve gigabytes for a demo that decodes a few hundred tokens.
+MAX_CONTEXT = 4096
+
+
+class LeanRuntime(Decoder):
+    """Decodes a packed Mistral-family model with one FFN mode in every layer."""
+
+    engine = "lean"
+
+    def __init__(self, packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None,
+                 **given):
+        if packed.lean is None:
+            raise UserError(f"the lean runtime does not know {packed.model.config.model_type!r} models")
+        super().__init__(packed, mode, kernels or Kernels(), options, **given)
+        config = packed.model.config
+        self.w = packed.lean
+        self.eps = config.rms_norm_eps
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.window = getattr(config, "sliding_window", None)
+        self.max_len = min(config.max_position_embeddings, MAX_CONTEXT)
+        self.device, self.dtype = self.w.embed.device, self.w.embed.dtype
+        theta = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        freqs = torch.arange(self.max_len, dtype=torch.float)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
+        half = self.head_dim // 2
+        sin_signed = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)
+        self.cos, self.sin_signed = (t.to(self.device, self.dtype) for t in (emb.cos(), sin_signed))
+        shape = (len(self.w.attention), self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # per layer: (attention weights, (k cache, v cache), FFN norm, mode, firing counts)
+        self.layers = list(zip(self.w.attention, zip(self.k_cache, self.v_cache), self.w.ffn_norms, self.modes,
+                               self.firing))
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Prefill from position 0: x (T, H) -> attention output (T, H); fills the cache."""
+        w, T = self.w.attention[i], x.size(0)
+        h = self.kernels.rms_norm(x, w.norm, self.eps)
+        q = F.linear(h, w.wq).view(T, self.n_heads, self.head_dim).transpose(0, 1)
+        k = F.linear(h, w.wk).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        v = F.linear(h, w.wv).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        q = rope(q, self.cos[:T], self.sin_signed[:T])  # (nh, T, hd)
+        self.k_cache[i, :, :T] = rope(k, self.cos[:T], self.sin_signed[:T])  # (nkv, T, hd)
+        self.v_cache[i, :, :T] = v
+        pos = torch.arange(T, device=self.device)
+        mask = pos[None, :] <= pos[:, None]  # causal, and banded when a sliding window applies
+        if self.window:
+            mask &= pos[None, :] > pos[:, None] - self.window
+        out = F.scaled_dot_product_attention(q, self.k_cache[i, :, :T], self.v_cache[i, :, :T], attn_mask=mask,
+                                             enable_gqa=True)
+        return F.linear(out.transpose(0, 1).reshape(T, -1), w.wo)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last position's hidden state x (H,) -> logits (V,)."""
+        return self.kernels.matvec(self.w.lm_head, self.kernels.rms_norm(x, self.w.norm, self.eps))
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt ids (T,) from position 0, FFNs dense -> logits of the last token (V,)."""
+        self.reset()
+        if ids.numel() > self.max_len:
+            raise UserError(f"prompt of {ids.numel()} tokens exceeds the context of {self.max_len}")
+        x = self.w.embed[ids.to(self.device)]  # (T, H)
+        for i, (mode, norm) in enumerate(zip(self.modes, self.w.ffn_norms)):
+            x = x + self.attention(i, x)
+            x = x + mode.prefill(self.kernels.rms_norm(x, norm, self.eps))
+        self.pos = ids.numel()
+        return self.logits(x[-1])
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> tuple[torch.Tensor, list[LayerRecord]]:
+        """One token at the current position, FFNs in the runtime's mode -> (logits (V,), one
+        LayerRecord per layer)."""
+        k, x, pos = self.kernels, self.w.embed[token], self.pos  # x (H,)
+        first = max(0, pos + 1 - self.window) if self.window else 0  # the sliding window's start
+        records = []
+        for a, (k_cache, v_cache), ffn_norm, mode, counts in self.layers:
+            # x + W_o attention(n1(x)), with k and v of this position written into the caches
+            x = k.attention_step(x, a.norm, self.eps, a.wq, a.wk, a.wv, a.wo, k_cache, v_cache, self.cos,
+                                 self.sin_signed, pos, first)
+            x, record = mode.step(k.rms_norm(x, ffn_norm, self.eps), x, x, counts)
+            records.append(record)
+        self.pos += 1
+        return self.logits(x), records

@@ -1,0 +1,246 @@
+"""FFN modes: how one layer computes its FFN for one token, each mode a peer with one job.
+
+For a token's normed hidden state x (H,) and residual r (H,), with h = act(W_gate x) * up(x),
+up(x) = act(W_up x) for dReLU and W_up x otherwise:
+
+    dense      y = sum_i h_i W_down[:, i] over every neuron i
+    exact      dReLU / ReGLU: the gate for every neuron, then up and down only where
+               relu(W_gate x)_i > 0; equal to dense, since the other neurons have h_i = 0
+    predictor  S = {i : score_i >= threshold} (or the `budget` share of highest scores), with
+               score = fc2(relu(fc1(r))); gate, up and down only on S (PowerInfer, Deja Vu)
+    threshold  the gate for every neuron, then up and down only where |act(W_gate x)_i| > t
+               (CATS / TEAL-style; t given, or calibrated on the prompt for a target sparsity)
+
+`step(x, r, add_to, counts) -> (y, LayerRecord)`: y (H,), or add_to + y (the layer's residual
+add, fused into the kernel); counts (I,) int32 gets 1 added for every neuron with h_i != 0
+among those the step computed. Prefill (`prefill(x)`, x (T, H)) is dense in every mode.
+A mode's options are a dataclass, validated when it is made (`mode_options`).
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from turbo_demo.choices import MODES
+from turbo_demo.errors import UserError
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.kernels.reference import ACTS, count_firing, plus
+from turbo_demo.runtime.packing import FFNWeights
+from turbo_demo.runtime.stats import LayerRecord
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Dense and exact mode take no options."""
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """threshold: the score (a logit) at or above which a neuron is computed; None: each layer's
+    threshold from the checkpoint. budget: compute this share of the neurons instead (the
+    highest scores), in (0, 1]. At most one of the two."""
+
+    threshold: float | None = None
+    budget: float | None = None
+
+    def __post_init__(self):
+        if self.threshold is not None and self.budget is not None:
+            raise UserError("predictor mode takes a threshold or a budget, not both")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise UserError(f"the predictor budget is a share of the neurons in (0, 1], got {self.budget}")
+        if self.threshold is not None and math.isnan(self.threshold):
+            raise UserError("the predictor threshold is NaN")
+
+
+@dataclass(frozen=True)
+class ThresholdOptions:
+    """threshold: |act(W_gate x)_i| above which neuron i is computed, >= 0. sparsity: instead,
+    the target share of skipped neurons in [0, 1), the threshold calibrated on the prompt."""
+
+    threshold: float | None = None
+    sparsity: float | None = None
+
+    def __post_init__(self):
+        if self.threshold is not None and self.sparsity is not None:
+            raise UserError("threshold mode takes a threshold or a target sparsity, not both")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise UserError(f"the activation threshold must be >= 0, got {self.threshold}")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise UserError(f"the target sparsity must be in [0, 1), got {self.sparsity}")
+
+
+class Mode:
+    """The parts every mode shares: the packed weights, the kernels, the dense formula."""
+
+    name: str
+    options_class: type = NoOptions
+    # Whether the mode may skip a truly active neuron: then its records carry `choice`, for
+    # the untimed recall audit.
+    can_miss = False
+
+    def __init__(self, w: FFNWeights, kernels: Kernels, options=None):
+        self.w, self.kernels = w, kernels
+        self.options = self.options_class() if options is None else options
+        self.act = ACTS[w.act]
+
+    def up(self, u: torch.Tensor) -> torch.Tensor:
+        return self.act(u) if self.w.drelu else u
+
+    def dense_h(self, x: torch.Tensor) -> torch.Tensor:
+        """h (..., I) for x (..., H); one token (x of shape (H,)) goes through the GEMV kernels."""
+        w = self.w
+        if x.dim() == 1:
+            return self.act(self.kernels.matvec(w.wg, x)) * self.up(self.kernels.matvec(w.wu, x))
+        return self.act(x @ w.wg.t()) * self.up(x @ w.wu.t())
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense FFN of x (T, H) -> (T, H)."""
+        return self.dense_h(x) @ self.w.wd_t
+
+    def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
+        raise NotImplementedError
+
+    def gathered(self, x, idx, a, bytes_before: int, add_to, counts) -> tuple[torch.Tensor, LayerRecord]:
+        """Up and down for the neurons idx (k,) whose activated gate values are a (k,); with
+        a = None, the gate too, on those rows only. Up reads only the rows whose gate value is
+        non-zero, down only those whose h is non-zero (the others add nothing)."""
+        w, k = self.w, self.kernels
+        relu_gate = w.act == "relu"
+        if relu_gate or not w.drelu:  # an up branch with a ReLU or no activation: one kernel
+            y, up_rows, active = k.up_down(w.wu, w.wd_t, x, idx, a, w.drelu, w.wg if a is None else None,
+                                           add_to, counts)
+        else:
+            if a is None:
+                a = self.act(k.rows_dot(w.wg, x, idx))
+            h = a * self.up(k.rows_dot(w.wu, x, idx))
+            count_firing(counts, idx, h)
+            y = plus(k.rows_axpy(w.wd_t, h, idx), add_to)
+            up_rows, active = len(idx), int(torch.count_nonzero(h))
+        return y, self.sparse_record(x, idx, up_rows, active, bytes_before)
+
+    def sparse_record(self, x, idx, up_rows: int, active: int, bytes_before: int) -> LayerRecord:
+        """Of the len(idx) computed neurons, up_rows read their up row and the active ones their
+        down row, on top of bytes_before (gate rows, predictor)."""
+        return LayerRecord(computed=len(idx), active=active,
+                           bytes=bytes_before + (up_rows + active) * self.w.row_bytes,
+                           choice=(x, idx) if self.can_miss else None)
+
+    def recall(self, record: LayerRecord) -> float | None:
+        """Share of the neurons active in the dense FFN (h != 0) that the recorded step computed;
+        None for modes that never skip an active neuron."""
+        if record.choice is None:
+            return None
+        x, computed = record.choice
+        truly = self.dense_h(x) != 0
+        return truly.index_select(0, computed).sum().item() / max(1, int(truly.sum()))
+
+
+class DenseMode(Mode):
+    name = "dense"
+
+    def step(self, x, r, add_to=None, counts=None):
+        w = self.w
+        y, active = self.kernels.ffn_dense(w.wg, w.wu, w.wd_t, x, w.act, w.drelu, add_to, counts)
+        return y, LayerRecord(computed=w.n, active=active, bytes=w.dense_bytes)
+
+
+class ExactMode(Mode):
+    name = "exact"
+
+    def __init__(self, w: FFNWeights, kernels: Kernels, options=None):
+        if w.act != "relu":
+            raise UserError(f"exact mode needs a ReLU-gated FFN (dReLU or ReGLU); this model's gate uses "
+                            f"{w.act}: use the threshold mode for SwiGLU models")
+        super().__init__(w, kernels, options)
+
+    def step(self, x, r, add_to=None, counts=None):
+        w = self.w
+        y, computed, active = self.kernels.ffn_exact(w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts)
+        return y, LayerRecord(computed=computed, active=active, bytes=(w.n + computed + active) * w.row_bytes)
+
+
+class PredictorMode(Mode):
+    name = "predictor"
+    options_class = PredictorOptions
+    can_miss = True
+
+    def __init__(self, w: FFNWeights, kernels: Kernels, options: PredictorOptions | None = None):
+        if w.fc1 is None or w.fc2_t is None:
+            raise UserError("predictor mode needs trained predictors in the checkpoint; run "
+                            "`python -m turbo_demo predictors MODEL_DIR` first, or use the exact mode")
+        super().__init__(w, kernels, options)
+        o = self.options
+        self.threshold = (w.threshold or 0.0) if o.threshold is None else o.threshold
+        self.budget = 0 if o.budget is None else max(1, round(o.budget * w.n))
+
+    def predictor_bytes(self, rows: int) -> int:
+        """Predictor bytes a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
+        fc1 = self.w.fc1
+        return (fc1.numel() + rows * self.w.n) * fc1.element_size()
+
+    def step(self, x, r, add_to=None, counts=None):
+        """The neurons predicted active for the residual r (H,), then the sparse step on them."""
+        w, k = self.w, self.kernels
+        if w.act == "relu":
+            y, idx, rows, up_rows, active = k.ffn_predicted(w.fc1, w.fc2_t, r, self.threshold, self.budget, w.wg,
+                                                            w.wu, w.wd_t, x, w.drelu, add_to, counts)
+            bytes_before = self.predictor_bytes(rows) + len(idx) * w.row_bytes  # the chosen gate rows
+            return y, self.sparse_record(x, idx, up_rows, active, bytes_before)
+        idx, rows = k.predict(w.fc1, w.fc2_t, r, self.threshold, self.budget)
+        return self.gathered(x, idx, None, self.predictor_bytes(rows) + len(idx) * w.row_bytes, add_to, counts)
+
+
+class ThresholdMode(Mode):
+    name = "threshold"
+    options_class = ThresholdOptions
+    can_miss = True
+
+    def __init__(self, w: FFNWeights, kernels: Kernels, options: ThresholdOptions | None = None):
+        super().__init__(w, kernels, options)
+        self.threshold = self.options.threshold or 0.0
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense prefill; with a target sparsity, first calibrate the threshold on x (T, H): the
+        target quantile of |act(W_gate x)| over the prompt's tokens and neurons."""
+        target = self.options.sparsity
+        if target is not None:
+            a = self.act(x @ self.w.wg.t()).abs().flatten().float()
+            self.threshold = float(torch.quantile(a[:1_000_000], target)) if target > 0 else 0.0
+        return super().prefill(x)
+
+    def step(self, x, r, add_to=None, counts=None):
+        w, k = self.w, self.kernels
+        a = self.act(k.matvec(w.wg, x))
+        idx = k.indices_over(a.abs(), self.threshold, False)
+        return self.gathered(x, idx, a.index_select(0, idx), w.n * w.row_bytes, add_to, counts)
+
+
+MODE_CLASSES: dict[str, type[Mode]] = {m.name: m for m in (DenseMode, ExactMode, PredictorMode, ThresholdMode)}
+assert tuple(MODE_CLASSES) == MODES
+
+
+def mode_class(mode: str) -> type[Mode]:
+    if mode not in MODE_CLASSES:
+        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return MODE_CLASSES[mode]
+
+
+def mode_options(mode: str, **given):
+    """The options dataclass of `mode` from keyword values (None means: not given); an unknown
+    mode or option is a UserError naming what the mode takes."""
+    cls = mode_class(mode).options_class
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(k for k, v in given.items() if v is not None and k not in known)
+    if unknown:
+        takes = f"its options: {', '.join(known)}" if known else "it takes none"
+        raise UserError(f"{mode} mode has no option {', '.join(map(repr, unknown))}; {takes}")
+    return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+def make_modes(ffns: list[FFNWeights], mode: str, kernels: Kernels, options=None) -> list[Mode]:
+    """One mode object per layer; options: the mode's dataclass (None: its defaults)."""
+    cls = mode_class(mode)
+    if options is not None and not isinstance(options, cls.options_class):
+        raise UserError(f"{mode} mode takes {cls.options_class.__name__}, not {type(options).__name__}")
+    return [cls(w, kernels, options) for w in ffns]
