@@ -11,21 +11,24 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from turbo_demo.choices import BACKEND_CHOICES  # noqa: E402  (after the analytics default)
+from turbo_demo.choices import BACKEND_CHOICES
+from turbo_demo.errors import UserError
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--kernels", choices=BACKEND_CHOICES, default="auto",
-                        help="decode kernels: C++ where they build here (auto), or force one")
+    parser.add_argument(
+        "--kernels",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="decode kernels: C++ where they build here (auto), or force one",
+    )
     args = parser.parse_args()
     # imported after parsing, so that --help answers at once
     from turbo_demo.app.page import build_demo
     from turbo_demo.runtime.kernels import cpp, load_kernels
-
-    from turbo_demo.errors import UserError
 
     try:
         kernels = load_kernels(args.kernels, on_build=lambda: print(cpp.BUILD_NOTICE, file=sys.stderr, flush=True))

@@ -10,34 +10,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from turbo_demo.errors import UserError  # noqa: E402
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM  # noqa: E402
-from turbo_demo.model.checkpoint import save_checkpoint  # noqa: E402
-from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack  # noqa: E402
-from turbo_demo.runtime.kernels import Kernels, load_kernels  # noqa: E402
+from turbo_demo.errors import UserError
+from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
+from turbo_demo.model.checkpoint import save_checkpoint
+from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
+from turbo_demo.runtime.kernels import Kernels, load_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "assets" / "models"
-TINY = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-            sliding_window=None, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    \"\"\"A point in the plane.\"\"\"\n"
-        "    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n") * 4
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+    sliding_window=None,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+TEXT = (
+    'def add(a, b):\n    return a + b\n\nclass Point:\n    """A point in the plane."""\n'
+    "    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"
+) * 4
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TEXT], trainer=trainer)
     eos = "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
@@ -61,8 +77,10 @@ def tokenizer():
 def tiny_dirs(tmp_path_factory, tokenizer):
     """{"dense": dir, "drelu": dir}: tiny fp32 checkpoints with tokenizer and generation config."""
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: save_checkpoint(tiny_model(kind), tokenizer, root / kind, dtype=torch.float32)
-            for kind in ("dense", "drelu")}
+    return {
+        kind: save_checkpoint(tiny_model(kind), tokenizer, root / kind, dtype=torch.float32)
+        for kind in ("dense", "drelu")
+    }
 
 
 def lean(model, mode="dense", kernels=None, **options) -> LeanRuntime:
@@ -95,5 +113,8 @@ def any_kernels(request):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--update-screenshot", action="store_true",
-                     help="the browser test overwrites assets/screenshot.png (README's picture)")
+    parser.addoption(
+        "--update-screenshot",
+        action="store_true",
+        help="the browser test overwrites assets/screenshot.png (README's picture)",
+    )

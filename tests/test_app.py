@@ -17,18 +17,31 @@ PROMPT = "def add(a, b):\n    return"
 
 def run(store, left, right, prompt=PROMPT, stop=None, on_progress=None, **settings):
     left, right = SideRecord(*left), SideRecord(*right)
-    rounds = list(run_compare(store, left, right, prompt, Settings(**{"temperature": 0.0, **settings}), stop,
-                              on_progress=on_progress))
+    rounds = list(
+        run_compare(
+            store, left, right, prompt, Settings(**{"temperature": 0.0, **settings}), stop, on_progress=on_progress
+        )
+    )
     return left, right, rounds
 
 
 def test_both_sides_stream_in_turn_and_summarise(tiny_dirs):
     store, heard = ModelStore(), []
-    left, right, rounds = run(store, (str(tiny_dirs["dense"]), "dense"),
-                              (str(tiny_dirs["drelu"]), "exact"), on_progress=heard.append, max_new_tokens=6)
+    left, right, rounds = run(
+        store,
+        (str(tiny_dirs["dense"]), "dense"),
+        (str(tiny_dirs["drelu"]), "exact"),
+        on_progress=heard.append,
+        max_new_tokens=6,
+    )
     assert heard == [f"Loading {tiny_dirs['dense']}…", f"Loading {tiny_dirs['drelu']}…"]  # once each
-    run(store, (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"), on_progress=heard.append,
-        max_new_tokens=1)
+    run(
+        store,
+        (str(tiny_dirs["dense"]), "dense"),
+        (str(tiny_dirs["drelu"]), "exact"),
+        on_progress=heard.append,
+        max_new_tokens=1,
+    )
     assert len(heard) == 2
     assert len(left.steps) == len(right.steps) == 6 and len(rounds) >= 6
     assert left.text and right.text and left.engine == right.engine == "lean"
@@ -49,13 +62,17 @@ def test_a_broken_side_reports_its_error_while_the_other_runs(tiny_dirs, tmp_pat
     (broken / "config.json").write_text("{}")
     (broken / "model.safetensors").write_bytes(b"x")
     store = ModelStore()
-    for bad, needle in ((str(tmp_path / "nope"), "not found"), (str(broken), str(broken)),
-                        ("No Such Model", "not found")):
+    for bad, needle in (
+        (str(tmp_path / "nope"), "not found"),
+        (str(broken), str(broken)),
+        ("No Such Model", "not found"),
+    ):
         left, right, _ = run(store, (bad, "dense"), (str(tiny_dirs["drelu"]), "exact"), max_new_tokens=3)
         assert needle in left.error and not left.steps
         assert len(right.steps) == 3 and not right.error
-    left, right, _ = run(store, (str(tiny_dirs["dense"]), "exact"), (str(tiny_dirs["drelu"]), "predictor"),
-                         max_new_tokens=2)
+    left, right, _ = run(
+        store, (str(tiny_dirs["dense"]), "exact"), (str(tiny_dirs["drelu"]), "predictor"), max_new_tokens=2
+    )
     assert "threshold mode" in left.error and "predictors" in right.error
 
 
@@ -71,8 +88,13 @@ def test_bad_prompts_and_settings():
 
 
 def test_long_prompt_is_truncated_with_a_notice(tiny_dirs):
-    left, right, _ = run(ModelStore(), (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "dense"),
-                         prompt="def add(a, b): return a + b\n" * 60, max_new_tokens=4)
+    left, _, _ = run(
+        ModelStore(),
+        (str(tiny_dirs["dense"]), "dense"),
+        (str(tiny_dirs["drelu"]), "dense"),
+        prompt="def add(a, b): return a + b\n" * 60,
+        max_new_tokens=4,
+    )
     assert "truncated" in left.notice and len(left.prompt_ids) + 4 <= 128 and len(left.steps) == 4
 
 
@@ -96,8 +118,9 @@ def test_modes_offered_per_model(tiny_dirs):
 
 def test_views_build_the_expected_figures(tiny_dirs):
     store = ModelStore()
-    left, right, _ = run(store, (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"),
-                         max_new_tokens=5)
+    left, right, _ = run(
+        store, (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"), max_new_tokens=5
+    )
     view = views.compare_view(left, right)
     assert (view.left_text, view.right_text) == (left.text, right.text)
     heat = view.right_heatmap.data[0]
@@ -109,8 +132,10 @@ def test_views_build_the_expected_figures(tiny_dirs):
     assert "Speed-up" in view.headline and "tok/s" in view.headline
     for fig in (view.left_heatmap, view.right_heatmap, view.speed, view.memory, view.recall):
         assert fig.layout.uirevision
-    hists = {views.side_label(r): activation_histograms(store.get(r.model).model, r.prompt_ids + r.token_ids)
-             for r in (left, right)}
+    hists = {
+        views.side_label(r): activation_histograms(store.get(r.model).model, r.prompt_ids + r.token_ids)
+        for r in (left, right)
+    }
     neurons = views.neurons_view(left, right, hists)
     firing = neurons.right_firing.data[0]
     assert len(firing.z) == 2 and len(firing.z[0]) == 128  # layers x neurons, hot to cold
@@ -130,8 +155,9 @@ def test_plot_builders_on_plain_data():
     assert plots.rolling([1, 2, 3, 4], window=2) == [1, 1.5, 2.5, 3.5]
     firing = plots.firing_figure([[0.1, 0.9, 0.5]], "t", "k")
     assert list(firing.data[0].z[0]) == [0.9, 0.5, 0.1]
-    curve = plots.training_figure([{"tokens": 1, "sparsity": 0.5, "val_loss": 3.0},
-                                   {"tokens": 2, "sparsity": 0.6}], "t")
+    curve = plots.training_figure(
+        [{"tokens": 1, "sparsity": 0.5, "val_loss": 3.0}, {"tokens": 2, "sparsity": 0.6}], "t"
+    )
     assert len(curve.data) == 2 and list(curve.data[1].y) == [3.0]
 
 
@@ -151,12 +177,14 @@ def test_compare_endpoint_through_gradio_client(tiny_dirs):
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        result = client.predict(PROMPT, str(tiny_dirs["dense"]), "dense", str(tiny_dirs["drelu"]), "exact",
-                                5, 0.0, 0, api_name="/compare")
+        result = client.predict(
+            PROMPT, str(tiny_dirs["dense"]), "dense", str(tiny_dirs["drelu"]), "exact", 5, 0.0, 0, api_name="/compare"
+        )
         assert result["left"]["tokens"] == result["right"]["tokens"] == 5
         assert result["speedup"] > 0 and result["right"]["mean_sparsity"] > 0
-        bad = client.predict(PROMPT, "/no/such/dir", "dense", str(tiny_dirs["drelu"]), "dense",
-                             3, 0.0, 0, api_name="/compare")
+        bad = client.predict(
+            PROMPT, "/no/such/dir", "dense", str(tiny_dirs["drelu"]), "dense", 3, 0.0, 0, api_name="/compare"
+        )
         assert "not found" in bad["left"]["error"] and bad["right"]["tokens"] == 3
     finally:
         demo.close()

@@ -11,14 +11,24 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
 
-TINY_STACK = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=300)
+TINY_STACK = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
 
 
 def tiny_settings(embedded) -> Settings:
-    return Settings(read_bytes=1 << 20, ffn_shapes=((32, 128), (16, 64)), sparsities=(0.5, 0.9),
-                    ffn_rounds=2, working_set=1 << 16, rank=8, stack=TINY_STACK, stack_layers=1,
-                    stack_tokens=2, embedded=embedded, embedded_tokens=3, e2e_rounds=2)
+    return Settings(
+        read_bytes=1 << 20,
+        ffn_shapes=((32, 128), (16, 64)),
+        sparsities=(0.5, 0.9),
+        ffn_rounds=2,
+        working_set=1 << 16,
+        rank=8,
+        stack=TINY_STACK,
+        stack_layers=1,
+        stack_tokens=2,
+        embedded=embedded,
+        embedded_tokens=3,
+        e2e_rounds=2,
+    )
 
 
 def positive(v) -> bool:
@@ -47,14 +57,28 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     engines = [(e["model"], e["dtype"], e["engine"]) for e in result["e2e"]]
     # the tiny checkpoint has no predictors: its predictor engine is skipped, with a note; it
     # runs in the benchmark's dtype and in the app's
-    assert engines == [("7b-shape", "bfloat16", "transformers"), ("7b-shape", "bfloat16", "dense"),
-                       ("7b-shape", "bfloat16", "exact"), ("7b-shape", "bfloat16", "predictor")] + [
-        ("embedded-drelu", dtype, engine) for dtype in ("bfloat16", "float32")
-        for engine in ("transformers", "dense", "exact")]
+    assert engines == [
+        ("7b-shape", "bfloat16", "transformers"),
+        ("7b-shape", "bfloat16", "dense"),
+        ("7b-shape", "bfloat16", "exact"),
+        ("7b-shape", "bfloat16", "predictor"),
+    ] + [
+        ("embedded-drelu", dtype, engine)
+        for dtype in ("bfloat16", "float32")
+        for engine in ("transformers", "dense", "exact")
+    ]
     assert any("no predictors" in note for note in result["notes"])
     for e in result["e2e"]:
-        assert set(e) == {"model", "dtype", "engine", "tokens_per_s", "sparsity", "bandwidth_share",
-                          "speedup_vs_dense", "stats_share"}
+        assert set(e) == {
+            "model",
+            "dtype",
+            "engine",
+            "tokens_per_s",
+            "sparsity",
+            "bandwidth_share",
+            "speedup_vs_dense",
+            "stats_share",
+        }
         assert all(positive(e[k]) for k in ("tokens_per_s", "bandwidth_share", "speedup_vs_dense"))
         assert (e["sparsity"] is None) == (e["engine"] == "transformers")
         assert (e["stats_share"] is None) == (e["engine"] == "transformers")
@@ -90,8 +114,12 @@ def test_cpp_backend_decodes_like_torch(dtype, cpp_kernels):
     ids = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14])
     drelu = pack(tiny_model("drelu", predictor_rank=4, sliding_window=6).to(dtype))
     swiglu = pack(tiny_model("dense").to(dtype))
-    cases = {"dense": (drelu, {}), "exact": (drelu, {}), "predictor": (drelu, {"budget": 0.5}),
-             "threshold": (swiglu, {"threshold": 0.02})}  # the last: an up branch without ReLU
+    cases = {
+        "dense": (drelu, {}),
+        "exact": (drelu, {}),
+        "predictor": (drelu, {"budget": 0.5}),
+        "threshold": (swiglu, {"threshold": 0.02}),
+    }  # the last: an up branch without ReLU
     out, firing = {}, {}
     for kernels in (Kernels(), cpp_kernels):
         for mode, (packed, options) in cases.items():

@@ -16,16 +16,27 @@ from conftest import REPO, SHIPPED
 from test_app import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def ensure_chromium() -> str:
     if shutil.which(CHROMIUM) is None:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            check=True,
+            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
     return CHROMIUM
 
 
@@ -62,8 +73,7 @@ def output_text(page, side):
 def test_generate_streams_both_panes_and_draws_heatmaps(page, request, tmp_path):
     page.click("#generate")
     for side in ("left", "right"):
-        page.wait_for_function(f"document.querySelector('#{side}-text textarea').value.length > 0",
-                               timeout=120_000)
+        page.wait_for_function(f"document.querySelector('#{side}-text textarea').value.length > 0", timeout=120_000)
     for plot in ("heat-left", "heat-right"):
         page.wait_for_selector(f"#{plot} .js-plotly-plot .heatmaplayer", timeout=60_000)
     page.wait_for_function("document.body.innerText.includes('Done.')", timeout=120_000)
@@ -81,8 +91,15 @@ def slow_model_dir(tmp_path_factory):
     from conftest import tiny_model, tiny_tokenizer
     from turbo_demo.model.checkpoint import save_checkpoint
 
-    model = tiny_model("dense", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    model = tiny_model(
+        "dense",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
     return save_checkpoint(model, tiny_tokenizer(), tmp_path_factory.mktemp("slow") / "model")
 
 

@@ -37,8 +37,10 @@ def test_cpp_matches_torch(module, n, h, k, dtype):
     k = {"0": 0, "1": 1, "half": n // 2, "N": n}[k]
     w, x, hv, idx = case(n, h, k, dtype)
     ref_axpy = REF.rows_axpy(w, hv, idx)
-    for got, ref, size in ((module.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), k),
-                           (module.rows_axpy(w, hv, idx), ref_axpy, h)):
+    for got, ref, size in (
+        (module.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), k),
+        (module.rows_axpy(w, hv, idx), ref_axpy, h),
+    ):
         assert got.dtype == dtype and got.shape == (size,)
         torch.testing.assert_close(got, ref, **TOL[dtype])
 
@@ -60,10 +62,8 @@ def test_cpp_repeated_indices_and_threads(module):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            torch.testing.assert_close(module.rows_dot(w, x, idx), REF.rows_dot(w, x, idx),
-                                       atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(module.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(module.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(module.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx), atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
 
@@ -127,7 +127,7 @@ def test_build_cache_is_keyed_by_cpu_and_sources(monkeypatch):
 
 def ffn_case(n, h, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    wg, wu, wd_t = (torch.randn(n, h, generator=g).div(h ** 0.5).to(dtype) for _ in range(3))
+    wg, wu, wd_t = (torch.randn(n, h, generator=g).div(h**0.5).to(dtype) for _ in range(3))
     return wg, wu, wd_t, torch.randn(h, generator=g).to(dtype)
 
 
@@ -147,8 +147,7 @@ def test_cpp_ffn_steps_match_torch(module, dtype, act, act_up):
         assert computed == int((REF.matvec(wg, x) > 0).sum())
         torch.testing.assert_close(y_exact, y, **TOL[dtype])
         idx = torch.arange(0, 97, 2)  # a predicted set: up rows only where the gate is on
-        got, ref = module.up_down(wu, wd_t, x, idx, None, act_up, wg), REF.up_down(
-            wu, wd_t, x, idx, None, act_up, wg)
+        got, ref = module.up_down(wu, wd_t, x, idx, None, act_up, wg), REF.up_down(wu, wd_t, x, idx, None, act_up, wg)
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
         assert got[1:] == ref[1:] and got[1] == int((REF.rows_dot(wg, x, idx) > 0).sum())
 
@@ -160,11 +159,13 @@ def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
     wg, wu, wd_t, x = ffn_case(97, 203, dtype, seed=7)
     r = torch.randn(203, generator=torch.Generator().manual_seed(8)).to(dtype)
     idx = torch.arange(1, 97, 3)
-    for fns in ((module.ffn_dense, module.ffn_exact, module.up_down),
-                (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
+    for fns in ((module.ffn_dense, module.ffn_exact, module.up_down), (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
         dense, exact, up_down = fns
-        steps = ((dense, (wg, wu, wd_t, x, "relu", True)), (exact, (wg, wu, wd_t, x, True)),
-                 (up_down, (wu, wd_t, x, idx, None, True, wg)))
+        steps = (
+            (dense, (wg, wu, wd_t, x, "relu", True)),
+            (exact, (wg, wu, wd_t, x, True)),
+            (up_down, (wu, wd_t, x, idx, None, True, wg)),
+        )
         for fn, args in steps:
             plain, added = fn(*args), fn(*args, add_to=r)
             assert torch.equal(added[0], r + plain[0]) and added[1:] == plain[1:]
@@ -180,11 +181,13 @@ def test_ffn_steps_count_the_firing_neurons(module, dtype):
     idx = torch.tensor([1, 4, 4, 90, 7, 1, 1, 60])
     picked = torch.zeros(97, dtype=torch.int32).index_add_(0, idx, fired[idx])
     assert 0 < int(fired.sum()) < 97 and int(picked.sum()) > 0
-    for fns in ((module.ffn_dense, module.ffn_exact, module.up_down),
-                (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
+    for fns in ((module.ffn_dense, module.ffn_exact, module.up_down), (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
         dense, exact, up_down = fns
-        steps = ((dense, (wg, wu, wd_t, x, "relu", True), fired), (exact, (wg, wu, wd_t, x, True), fired),
-                 (up_down, (wu, wd_t, x, idx, None, True, wg), picked))
+        steps = (
+            (dense, (wg, wu, wd_t, x, "relu", True), fired),
+            (exact, (wg, wu, wd_t, x, True), fired),
+            (up_down, (wu, wd_t, x, idx, None, True, wg), picked),
+        )
         for fn, args, expected in steps:
             counts = torch.full((97,), 5, dtype=torch.int32)
             fn(*args, counts=counts)
@@ -232,14 +235,15 @@ def test_cpp_ffn_predicted_matches_torch(module, dtype):
 def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
     g = torch.Generator().manual_seed(4)
     max_len, pos = 12, 7
-    w = {name: torch.randn(rows, cols, generator=g).div(cols ** 0.5).to(dtype)
-         for name, rows, cols in (("q", nh * hd, h), ("k", nkv * hd, h), ("v", nkv * hd, h), ("o", h, nh * hd))}
+    w = {
+        name: torch.randn(rows, cols, generator=g).div(cols**0.5).to(dtype)
+        for name, rows, cols in (("q", nh * hd, h), ("k", nkv * hd, h), ("v", nkv * hd, h), ("o", h, nh * hd))
+    }
     x, ln_w = torch.randn(h, generator=g).to(dtype), torch.rand(h, generator=g).add(0.5).to(dtype)
     cos, sin = (torch.rand(max_len, hd, generator=g).to(dtype) for _ in range(2))
     caches = {}
     for name, fn in (("cpp", module.attention_step), ("torch", REF.attention_step)):
-        kc, vc = (torch.randn(nkv, max_len, hd, generator=torch.Generator().manual_seed(5)).to(dtype)
-                  for _ in range(2))
+        kc, vc = (torch.randn(nkv, max_len, hd, generator=torch.Generator().manual_seed(5)).to(dtype) for _ in range(2))
         y = fn(x, ln_w, 1e-5, w["q"], w["k"], w["v"], w["o"], kc, vc, cos, sin, pos, 2)
         caches[name] = (y, kc, vc)
     for got, ref in zip(caches["cpp"], caches["torch"]):
@@ -260,6 +264,7 @@ def test_cpp_argmax_matches_torch(module, dtype):
 def test_sample_top_p_draws_from_the_nucleus(any_kernels):
     """Draws at evenly spaced u give each token its share of the nucleus: the top tokens up to
     top_p of the mass (the one that crosses top_p included), renormalised."""
+
     def shares(logits, top_p, temperature=1.0, draws=1000):
         v = torch.tensor(logits)
         got = torch.zeros(len(logits))
@@ -288,11 +293,16 @@ def test_cpp_sample_top_p_matches_torch(module, dtype):
             for logits in (v, v.round()):  # round: many ties
                 for temperature, top_p in ((0.3, 0.5), (0.7, 0.95), (1.5, 0.05), (1.0, 1.0)):
                     for u in (0.0, 0.37, 0.999999):
-                        assert module.sample_top_p(logits, temperature, top_p, u) == \
-                            REF.sample_top_p(logits, temperature, top_p, u)
-    for args, message in (((v, 0.0, 0.9, 0.5), "temperature"), ((v, 1.0, 0.0, 0.5), "top_p"),
-                          ((v, 1.0, 0.9, 1.0), "u must be"), ((v[:0], 1.0, 0.9, 0.5), "empty"),
-                          ((torch.full((3,), float("-inf")).to(dtype), 1.0, 0.9, 0.5), "finite")):
+                        assert module.sample_top_p(logits, temperature, top_p, u) == REF.sample_top_p(
+                            logits, temperature, top_p, u
+                        )
+    for args, message in (
+        ((v, 0.0, 0.9, 0.5), "temperature"),
+        ((v, 1.0, 0.0, 0.5), "top_p"),
+        ((v, 1.0, 0.9, 1.0), "u must be"),
+        ((v[:0], 1.0, 0.9, 0.5), "empty"),
+        ((torch.full((3,), float("-inf")).to(dtype), 1.0, 0.9, 0.5), "finite"),
+    ):
         with pytest.raises(RuntimeError, match=message):
             module.sample_top_p(*args)
 

@@ -51,8 +51,10 @@ def test_published_auto_map_loads_without_remote_code(tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"] = ["BambooForCausalLM"]
-    config["auto_map"] = {"AutoConfig": "configuration_bamboo.BambooConfig",
-                          "AutoModelForCausalLM": "modeling_bamboo.BambooForCausalLM"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_bamboo.BambooConfig",
+        "AutoModelForCausalLM": "modeling_bamboo.BambooForCausalLM",
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert not (tmp_path / "modeling_bamboo.py").exists()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "bamboo"
@@ -64,11 +66,18 @@ def test_cached_decoding_equals_uncached():
     for kind in ("dense", "drelu"):
         model = tiny_model(kind)
         prompt = torch.randint(1, 300, (1, 6))
-        out = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            prompt,
+            max_new_tokens=10,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         cached = torch.cat(out.logits)
         with torch.no_grad():
-            full = model(out.sequences[:, :-1], use_cache=False).logits[0, prompt.size(1) - 1:]
+            full = model(out.sequences[:, :-1], use_cache=False).logits[0, prompt.size(1) - 1 :]
         torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
 
 

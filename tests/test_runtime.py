@@ -18,8 +18,40 @@ from turbo_demo.runtime.lean import LeanRuntime
 from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions, make_modes
 from turbo_demo.runtime.packing import pack_ffn
 
-IDS = torch.tensor([5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14, 200, 150, 11, 76, 43, 21,
-                    5, 6, 70, 80, 90, 100, 110, 120, 130, 140])
+IDS = torch.tensor(
+    [
+        5,
+        17,
+        3,
+        99,
+        250,
+        42,
+        7,
+        8,
+        120,
+        33,
+        61,
+        2,
+        9,
+        14,
+        200,
+        150,
+        11,
+        76,
+        43,
+        21,
+        5,
+        6,
+        70,
+        80,
+        90,
+        100,
+        110,
+        120,
+        130,
+        140,
+    ]
+)
 
 
 def runtime_logits(runtime, ids=IDS, prefill=8):
@@ -64,7 +96,7 @@ def test_cpu_only_kernels_refuse_a_model_off_the_cpu():
     class CpuOnly(Kernels):
         name, devices = "cpu-only", ("cpu",)
 
-    with pytest.raises(UserError, match="the cpu-only kernels run on cpu .* use the torch backend"):
+    with pytest.raises(UserError, match=r"the cpu-only kernels run on cpu .* use the torch backend"):
         lean(tiny_model("drelu").to("meta"), kernels=CpuOnly())
 
 
@@ -108,8 +140,9 @@ def test_threshold_zero_equals_dense():
     for kind in ("dense", "drelu"):
         packed = pack(tiny_model(kind))
         dense = runtime_logits(LeanRuntime(packed))
-        torch.testing.assert_close(runtime_logits(LeanRuntime(packed, "threshold", threshold=0.0)), dense,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            runtime_logits(LeanRuntime(packed, "threshold", threshold=0.0)), dense, rtol=0, atol=1e-5
+        )
 
 
 def test_predictor_with_every_neuron_active_equals_dense(monkeypatch):
@@ -119,23 +152,31 @@ def test_predictor_with_every_neuron_active_equals_dense(monkeypatch):
     torch.testing.assert_close(runtime_logits(every), dense, rtol=0, atol=1e-5)  # dense fallback
     monkeypatch.setattr(reference, "DENSE_FALLBACK_SHARE", 1.0)  # force the gathered path
     torch.testing.assert_close(runtime_logits(every), dense, rtol=0, atol=1e-5)
-    torch.testing.assert_close(runtime_logits(LeanRuntime(packed, "predictor", budget=1.0)), dense,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(runtime_logits(LeanRuntime(packed, "predictor", budget=1.0)), dense, rtol=0, atol=1e-5)
 
 
 def test_statistics_of_a_hand_built_layer(monkeypatch):
-    config = BambooConfig(hidden_size=4, intermediate_size=6, num_hidden_layers=1,
-                          num_attention_heads=1, num_key_value_heads=1, vocab_size=8, predictor_rank=2)
+    config = BambooConfig(
+        hidden_size=4,
+        intermediate_size=6,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        vocab_size=8,
+        predictor_rank=2,
+    )
     mlp = BambooMLP(config, 0)
     with torch.no_grad():
-        mlp.gate_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [-1, 0, 0, 0], [0, 1, 0, 0],
-                                                 [0, 0, 1, 0], [0, 0, 0, 1], [0, -1, 0, 0]]))
-        mlp.up_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [1, 0, 0, 0], [0, -1, 0, 0],
-                                               [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]]))
+        mlp.gate_proj.weight.copy_(
+            torch.tensor([[1.0, 0, 0, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, -1, 0, 0]])
+        )
+        mlp.up_proj.weight.copy_(
+            torch.tensor([[1.0, 0, 0, 0], [1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]])
+        )
         mlp.down_proj.weight.copy_(torch.arange(24.0).view(4, 6))
         # z = relu(fc1 r) = (r_0, 0); score = fc2 z = r_0 * (1, 1, -1, 1, 1, -1)
-        mlp.predictor.fc1.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 0, 0, 0]]))
-        mlp.predictor.fc2.weight.copy_(torch.tensor([[1., 0], [1, 0], [-1, 0], [1, 0], [1, 0], [-1, 0]]))
+        mlp.predictor.fc1.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+        mlp.predictor.fc2.weight.copy_(torch.tensor([[1.0, 0], [1, 0], [-1, 0], [1, 0], [1, 0], [-1, 0]]))
     x = torch.tensor([1.0, 2.0, 3.0, 0.0])
     # gate = [1, -1, 2, 3, 0, -2] -> relu > 0 for neurons 0, 2, 3; up = [1, 1, -2, 3, 0, 2]
     # h = [1, 0, 0, 9, 0, 0]: neuron 2 is computed (gate on) but its up branch is off.
@@ -182,8 +223,24 @@ def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys, any_
 
     outs = {}
     for backend in dict.fromkeys(("torch", any_kernels.name)):
-        assert cli.main(["generate", str(tiny_dirs["drelu"]), "--mode", "exact", "--prompt", "def add",
-                         "--max-new-tokens", "5", "--backend", backend, "--json"]) == 0
+        assert (
+            cli.main(
+                [
+                    "generate",
+                    str(tiny_dirs["drelu"]),
+                    "--mode",
+                    "exact",
+                    "--prompt",
+                    "def add",
+                    "--max-new-tokens",
+                    "5",
+                    "--backend",
+                    backend,
+                    "--json",
+                ]
+            )
+            == 0
+        )
         out = outs[backend] = json.loads(capsys.readouterr().out)
         assert len(out["token_ids"]) == len(out["steps"]) == 5 and out["engine"] == "lean"
         assert out["backend"] == backend and out["dtype"] == "float32"  # auto: a small model
@@ -191,8 +248,22 @@ def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys, any_
         active = sum(round(s["active_share"][0] * 128) for s in out["steps"])
         assert sum(out["firing_counts"][0]) == active > 0
     assert len({json.dumps([o["token_ids"], o["firing_counts"]]) for o in outs.values()}) == 1
-    assert cli.main(["generate", str(tiny_dirs["drelu"]), "--prompt", "def add", "--max-new-tokens", "3",
-                     "--dtype", "bf16", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(tiny_dirs["drelu"]),
+                "--prompt",
+                "def add",
+                "--max-new-tokens",
+                "3",
+                "--dtype",
+                "bf16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["dtype"] == "bfloat16" and len(out["token_ids"]) == 3
 
@@ -201,10 +272,12 @@ def test_mode_options_are_checked_when_the_runtime_is_made(tiny_dirs, capsys):
     from turbo_demo import cli
 
     model = tiny_model("drelu", predictor_rank=4)
-    for options, message in (({"budjet": 0.3}, "predictor mode has no option 'budjet'; its options: threshold, budget"),
-                             ({"budget": 1.5}, r"share of the neurons in \(0, 1\]"),
-                             ({"budget": 0.3, "threshold": 0.0}, "a threshold or a budget, not both"),
-                             ({"threshold": float("nan")}, "NaN")):
+    for options, message in (
+        ({"budjet": 0.3}, "predictor mode has no option 'budjet'; its options: threshold, budget"),
+        ({"budget": 1.5}, r"share of the neurons in \(0, 1\]"),
+        ({"budget": 0.3, "threshold": 0.0}, "a threshold or a budget, not both"),
+        ({"threshold": float("nan")}, "NaN"),
+    ):
         with pytest.raises(UserError, match=message):
             lean(model, "predictor", **options)
     with pytest.raises(UserError, match="dense mode has no option 'budget'; it takes none"):
@@ -238,15 +311,14 @@ def test_predictor_audit_measures_recall():
         assert stats.ffn_bytes < stats.ffn_bytes_dense
     every = LeanRuntime(packed, "predictor", threshold=float("-inf"))
     assert all(r == [1.0, 1.0] for r in (s.recall for s in every.generate([5, 6], 3, audit=True)))
-    assert list(every.generate([5, 6], 2))[0].recall is None
+    assert next(iter(every.generate([5, 6], 2))).recall is None
 
 
 def test_sparse_model_decodes_with_transformers_generate_and_leaves_the_model_alone():
     model = tiny_model("drelu", seed=3)
     before = model_state(model)
     prompt = torch.tensor([[5, 17, 3, 99]])
-    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     dense = model.generate(prompt, **kwargs)
     packed = pack(model)
     modes = make_modes(packed.ffns, "exact", Kernels())

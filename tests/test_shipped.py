@@ -16,15 +16,22 @@ MODELS = ["dense-swiglu", "turbosparse-drelu", "turbosparse-relufied"]
 @pytest.mark.parametrize("name", MODELS)
 def test_shipped_checkpoint_loads_and_generates(name):
     path = SHIPPED / name
-    for file in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-                 "training_log.json", "README.md", "eval.json"):
+    for file in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "training_log.json",
+        "README.md",
+        "eval.json",
+    ):
         assert (path / file).is_file(), f"{name} lacks {file}"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert isinstance(model, BambooForCausalLM) == (name != "dense-swiglu")
     prompt = tokenizer("def fibonacci(n):\n", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    text = tokenizer.decode(out[0, prompt["input_ids"].size(1):], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, prompt["input_ids"].size(1) :], skip_special_tokens=True)
     assert len(text.strip()) > 0
     log = json.loads((path / "training_log.json").read_text())
     assert log["steps"] and "val_loss" in log["final"]

@@ -68,8 +68,10 @@ def test_bad_input_gives_one_clear_line(capsys, tmp_path, tiny_dirs):
     code, err = run_cli(capsys, "train", "--preset", "swish", "--out", str(tmp_path / "x"))
     assert code == 2 and err == ["error: unknown preset 'swish'; choose one of dense, drelu, relufy"]
 
-    for flag, value, message in (("--target-recall", "0", "--target-recall must be in (0, 1], got 0.0"),
-                                 ("--tokens", "100", "--tokens must be at least one sequence of 256 tokens, got 100")):
+    for flag, value, message in (
+        ("--target-recall", "0", "--target-recall must be in (0, 1], got 0.0"),
+        ("--tokens", "100", "--tokens must be at least one sequence of 256 tokens, got 100"),
+    ):
         code, err = run_cli(capsys, "predictors", str(tiny_dirs["drelu"]), flag, value)
         assert code == 2 and err == [f"error: {message}"]
 

@@ -1,6 +1,8 @@
 """`python -m turbo_demo <command>`: the headless entry point.
 
 Every command has --help; problems with the input end in one line on stderr and exit code 2.
+Each command imports what it runs (torch, transformers, its module) inside its function, so
+that parsing the command line and --help import neither.
 """
 
 import argparse
@@ -53,17 +55,21 @@ def ranks(text: str) -> int | list[int]:
 def cmd_predictors(args) -> None:
     from turbo_demo.offline.predictors import train_predictors
 
-    result = train_predictors(args.model_dir, rank=args.rank, target_recall=args.target_recall,
-                              train_tokens=args.tokens, steps=args.steps)
+    result = train_predictors(
+        args.model_dir, rank=args.rank, target_recall=args.target_recall, train_tokens=args.tokens, steps=args.steps
+    )
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{result['model']}: rank {result['rank']}, predictors = "
-          f"{result['predictor_share_of_ffn']:.1%} of FFN weights")
+    print(
+        f"{result['model']}: rank {result['rank']}, predictors = {result['predictor_share_of_ffn']:.1%} of FFN weights"
+    )
     print("layer  recall  predicted sparsity  true sparsity  threshold")
     for e in result["layers"]:
-        print(f"{e['layer']:5d}  {e['recall']:.4f}  {e['predicted_sparsity']:18.4f}  "
-              f"{e['true_sparsity']:13.4f}  {e['threshold']:9.3f}")
+        print(
+            f"{e['layer']:5d}  {e['recall']:.4f}  {e['predicted_sparsity']:18.4f}  "
+            f"{e['true_sparsity']:13.4f}  {e['threshold']:9.3f}"
+        )
 
 
 def decode_device(name: str):
@@ -96,25 +102,48 @@ def cmd_generate(args) -> None:
     if not prompt_ids:
         raise UserError("empty prompt: give some text with --prompt")
     steps, ids, shown = [], [], ""
-    for stats in runtime.generate(prompt_ids, args.max_new_tokens, args.temperature, args.top_p,
-                                  args.seed, eos_token_id=tokenizer.eos_token_id, audit=args.audit):
+    for stats in runtime.generate(
+        prompt_ids,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        eos_token_id=tokenizer.eos_token_id,
+        audit=args.audit,
+    ):
         steps.append(stats)
         ids.append(stats.token)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not args.json:
-            print(text[len(shown):], end="", flush=True)
+            print(text[len(shown) :], end="", flush=True)
         shown = text
     seconds = sum(s.time_s for s in steps)
     if not args.json:
-        print(f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
-              f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}]",
-              file=sys.stderr)
+        print(
+            f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
+            f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}]",
+            file=sys.stderr,
+        )
         return
-    print(json.dumps({"model": args.model_dir, "mode": args.mode, "engine": runtime.engine,
-                      "backend": kernels.name, "device": str(device), "dtype": dtype_name(model.dtype),
-                      "prompt": args.prompt, "prompt_ids": prompt_ids, "token_ids": ids, "text": shown,
-                      "tokens_per_s": len(ids) / seconds, "steps": [s.to_dict() for s in steps],
-                      "firing_counts": runtime.firing_counts()}))
+    print(
+        json.dumps(
+            {
+                "model": args.model_dir,
+                "mode": args.mode,
+                "engine": runtime.engine,
+                "backend": kernels.name,
+                "device": str(device),
+                "dtype": dtype_name(model.dtype),
+                "prompt": args.prompt,
+                "prompt_ids": prompt_ids,
+                "token_ids": ids,
+                "text": shown,
+                "tokens_per_s": len(ids) / seconds,
+                "steps": [s.to_dict() for s in steps],
+                "firing_counts": runtime.firing_counts(),
+            }
+        )
+    )
 
 
 def announce_build(notice: str):
@@ -162,8 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predictors", help="train per-layer activation predictors into a dReLU checkpoint")
     p.add_argument("model_dir")
-    p.add_argument("--rank", type=ranks, default=64,
-                   help="predictor rank: one for all layers, or one per layer as 256,64,64,96 (default 64)")
+    p.add_argument(
+        "--rank",
+        type=ranks,
+        default=64,
+        help="predictor rank: one for all layers, or one per layer as 256,64,64,96 (default 64)",
+    )
     p.add_argument("--target-recall", type=float, default=0.97, help="per-layer recall to calibrate to")
     p.add_argument("--tokens", type=int, default=65536, help="training-split tokens to learn from")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per layer")
@@ -186,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="predictor mode: score threshold; threshold mode: |activation|")
     p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity, calibrated on the prompt")
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                   help="decode kernels: auto = cpp where it builds (as the app), else torch")
+    p.add_argument(
+        "--backend", default="auto", choices=BACKEND_CHOICES, help="decode kernels: auto = cpp where it builds"
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="weight dtype: auto = fp32 up to 4 GiB of fp32 weights (~1B parameters), else bf16")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = fp32 up to ~1B parameters, else bf16")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
 
@@ -199,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer rounds and layers: under a minute, noisier")
     # its own dest: a subcommand default would overwrite the global --threads
     p.add_argument("--threads", type=int, dest="bench_threads", help="torch CPU threads for the benchmark")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                   help="gather-GEMV kernels: auto = cpp where it builds, else torch")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKEND_CHOICES,
+        help="gather-GEMV kernels: auto = cpp where it builds, else torch",
+    )
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weight dtype (default bf16)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
 from turbo_demo.errors import UserError
+from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
 

@@ -14,8 +14,8 @@ from threading import Event
 import psutil
 
 from turbo_demo.app.catalog import ModelStore
-from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.errors import UserError
+from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.runtime import Kernels, open_runtime
 from turbo_demo.runtime.stats import StepStats
 
@@ -32,9 +32,13 @@ class Settings:
 
     def checked(self) -> "Settings":
         """The same settings clamped to what the app allows (the widgets clamp too)."""
-        return Settings(max(1, min(MAX_NEW_TOKENS, int(self.max_new_tokens))),
-                        max(0.0, min(2.0, float(self.temperature))),
-                        max(0.05, min(1.0, float(self.top_p))), int(self.seed), self.audit)
+        return Settings(
+            max(1, min(MAX_NEW_TOKENS, int(self.max_new_tokens))),
+            max(0.0, min(2.0, float(self.temperature))),
+            max(0.05, min(1.0, float(self.top_p))),
+            int(self.seed),
+            self.audit,
+        )
 
 
 @dataclass
@@ -67,11 +71,19 @@ class SideRecord:
         return sum(values) / len(values) if values else None
 
     def summary(self) -> dict:
-        return {"model": self.model, "mode": self.mode, "engine": self.engine, "dtype": self.dtype,
-                "text": self.text, "tokens": len(self.token_ids), "tokens_per_s": round(self.tokens_per_s, 2),
-                "mean_sparsity": None if self.mean_sparsity is None else round(self.mean_sparsity, 4),
-                "peak_rss_mb": round(self.peak_rss / 2**20, 1), "error": self.error or None,
-                "notice": self.notice or None}
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "engine": self.engine,
+            "dtype": self.dtype,
+            "text": self.text,
+            "tokens": len(self.token_ids),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "mean_sparsity": None if self.mean_sparsity is None else round(self.mean_sparsity, 4),
+            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "error": self.error or None,
+            "notice": self.notice or None,
+        }
 
 
 def speedup(left: SideRecord, right: SideRecord) -> float | None:
@@ -89,8 +101,15 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> tuple[list[
     return ids[-room:], f"prompt truncated from the left to its last {room} tokens (context {context})"
 
 
-def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Settings, kernels: Kernels,
-               stop: Event, on_progress: Callable[[str], None] | None) -> Iterator[None]:
+def side_steps(
+    store: ModelStore,
+    record: SideRecord,
+    prompt: str,
+    settings: Settings,
+    kernels: Kernels,
+    stop: Event,
+    on_progress: Callable[[str], None] | None,
+) -> Iterator[None]:
     """Run one side, updating `record` in place; yields once per generated token."""
     try:
         loaded = store.get(record.model, on_progress)
@@ -102,9 +121,16 @@ def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Set
             raise UserError("the prompt gives no tokens for this model's tokenizer")
         record.prompt_ids, record.notice = fit_prompt(ids, runtime.max_len, settings.max_new_tokens)
         process = psutil.Process()
-        for stats in runtime.generate(record.prompt_ids, settings.max_new_tokens, settings.temperature,
-                                      settings.top_p, settings.seed, stop=stop,
-                                      eos_token_id=loaded.tokenizer.eos_token_id, audit=settings.audit):
+        for stats in runtime.generate(
+            record.prompt_ids,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_p,
+            settings.seed,
+            stop=stop,
+            eos_token_id=loaded.tokenizer.eos_token_id,
+            audit=settings.audit,
+        ):
             record.steps.append(stats)
             record.token_ids.append(stats.token)
             record.text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
@@ -115,9 +141,16 @@ def side_steps(store: ModelStore, record: SideRecord, prompt: str, settings: Set
         record.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
 
 
-def run_compare(store: ModelStore, left: SideRecord, right: SideRecord, prompt: str, settings: Settings,
-                stop: Event | None = None, kernels: Kernels | None = None,
-                on_progress: Callable[[str], None] | None = None) -> Iterator[tuple[SideRecord, SideRecord]]:
+def run_compare(
+    store: ModelStore,
+    left: SideRecord,
+    right: SideRecord,
+    prompt: str,
+    settings: Settings,
+    stop: Event | None = None,
+    kernels: Kernels | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Iterator[tuple[SideRecord, SideRecord]]:
     """Step both sides in turn until both finish (or stop is set); yields after every round.
     kernels: the decode kernels (default: the PyTorch reference)."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -139,5 +172,4 @@ def run_compare(store: ModelStore, left: SideRecord, right: SideRecord, prompt: 
 def compare_summary(left: SideRecord, right: SideRecord) -> dict:
     """The JSON summary of the `compare` API endpoint."""
     ratio = speedup(left, right)
-    return {"left": left.summary(), "right": right.summary(),
-            "speedup": None if ratio is None else round(ratio, 3)}
+    return {"left": left.summary(), "right": right.summary(), "speedup": None if ratio is None else round(ratio, 3)}

@@ -28,8 +28,11 @@ def mode_choices(name: str) -> tuple[list[str], str]:
 
 def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
     """The activation histograms of each side that generated, by side label."""
-    return {views.side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
-            for rec in (left, right) if not rec.error and rec.token_ids}
+    return {
+        views.side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
+        for rec in (left, right)
+        if not rec.error and rec.token_ids
+    }
 
 
 def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) -> gr.Blocks:
@@ -48,23 +51,27 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             gr.Examples(EXAMPLES, inputs=[prompt], label="Examples that suit the embedded models")
-            with gr.Accordion("Generation settings", open=False):
-                with gr.Row():
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-                    seed = gr.Number(value=0, precision=0, label="Seed")
+            with gr.Accordion("Generation settings", open=False), gr.Row():
+                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                seed = gr.Number(value=0, precision=0, label="Seed")
             sides = {}
             with gr.Row():
                 for side, (default_model, default_mode) in (("left", DEFAULT_LEFT), ("right", DEFAULT_RIGHT)):
                     with gr.Column():
-                        model = gr.Dropdown(names, value=default_model if default_model in names else None,
-                                            allow_custom_value=True, label=f"{side.title()} model",
-                                            elem_id=f"{side}-model",
-                                            info="an embedded model, or a local HF model directory")
+                        model = gr.Dropdown(
+                            names,
+                            value=default_model if default_model in names else None,
+                            allow_custom_value=True,
+                            label=f"{side.title()} model",
+                            elem_id=f"{side}-model",
+                            info="an embedded model, or a local HF model directory",
+                        )
                         modes, error = mode_choices(model.value) if model.value else (["dense"], "")
-                        mode = gr.Dropdown(modes, value=default_mode if default_mode in modes else modes[0],
-                                           label="Backend mode")
+                        mode = gr.Dropdown(
+                            modes, value=default_mode if default_mode in modes else modes[0], label="Backend mode"
+                        )
                         status = gr.Markdown(error, elem_id=f"{side}-status")
                         text = gr.Textbox(label="Output", lines=8, interactive=False, elem_id=f"{side}-text")
                         sides[side] = (model, mode, status, text, default_mode)
@@ -78,11 +85,13 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
                 memory = gr.Plot(label="Memory")
             recall = gr.Plot(label="Predictor recall")
         with gr.Tab("Neurons"):
-            gr.Markdown("The last run, neuron by neuron. **Firing frequency**: the share of its decode steps "
-                        "in which each FFN neuron fired (h ≠ 0 among the neurons the side's mode computed), "
-                        "counted by the runtime's kernels; hot to cold, PowerInfer's view. **Activation "
-                        "distributions**: the gate, up and combined activations of the run's tokens, "
-                        "through the model's own dense forward (Turbo Sparse, Figure 3).")
+            gr.Markdown(
+                "The last run, neuron by neuron. **Firing frequency**: the share of its decode steps "
+                "in which each FFN neuron fired (h ≠ 0 among the neurons the side's mode computed), "
+                "counted by the runtime's kernels; hot to cold, PowerInfer's view. **Activation "
+                "distributions**: the gate, up and combined activations of the run's tokens, "
+                "through the model's own dense forward (Turbo Sparse, Figure 3)."
+            )
             with gr.Row():
                 firing_left = gr.Plot(label="Left: firing frequency")
                 firing_right = gr.Plot(label="Right: firing frequency")
@@ -96,10 +105,19 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
         (lm, lmode, lstatus, ltext, ldefault), (rm, rmode, rstatus, rtext, rdefault) = sides["left"], sides["right"]
 
         def show_compare(view: views.CompareView, message: str) -> dict:
-            return {ltext: view.left_text, rtext: view.right_text, lstatus: view.left_status,
-                    rstatus: view.right_status, headline: view.headline, heat_left: view.left_heatmap,
-                    heat_right: view.right_heatmap, speed: view.speed, memory: view.memory,
-                    recall: view.recall, run_status: message}
+            return {
+                ltext: view.left_text,
+                rtext: view.right_text,
+                lstatus: view.left_status,
+                rstatus: view.right_status,
+                headline: view.headline,
+                heat_left: view.left_heatmap,
+                heat_right: view.right_heatmap,
+                speed: view.speed,
+                memory: view.memory,
+                recall: view.recall,
+                run_status: message,
+            }
 
         def show_neurons(view: views.NeuronsView) -> dict:
             shown = {firing_left: view.left_firing, firing_right: view.right_firing, hist: view.hist}
@@ -115,13 +133,31 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
                 state["stop"].set()
             return "Stopping after the current step…"
 
-        def on_generate(prompt, left_model, left_mode, right_model, right_mode, max_new_tokens, temperature,
-                        top_p, seed, progress=gr.Progress()):
+        def on_generate(
+            prompt,
+            left_model,
+            left_mode,
+            right_model,
+            right_mode,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            progress=gr.Progress(),
+        ):
             state = {"stop": Event()}
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
             settings = Settings(max_new_tokens, temperature, top_p, seed)
-            rounds = run_compare(store, left, right, prompt, settings, state["stop"], kernels,
-                                 on_progress=lambda message: progress(0, desc=message))
+            rounds = run_compare(
+                store,
+                left,
+                right,
+                prompt,
+                settings,
+                state["stop"],
+                kernels,
+                on_progress=lambda message: progress(0, desc=message),
+            )
             last = 0.0
             try:
                 for _ in rounds:
@@ -135,13 +171,22 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             neurons = views.neurons_view(left, right, run_histograms(store, left, right))
             yield {**show_compare(views.compare_view(left, right), done), **show_neurons(neurons)}
 
-        def compare_api(prompt: str, left_model: str, left_mode: str, right_model: str, right_mode: str,
-                        max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> dict:
+        def compare_api(
+            prompt: str,
+            left_model: str,
+            left_mode: str,
+            right_model: str,
+            right_mode: str,
+            max_new_tokens: int = 64,
+            temperature: float = 0.0,
+            seed: int = 0,
+        ) -> dict:
             """Run both models on the prompt; returns {"left", "right", "speedup"} summaries."""
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
             try:
-                for _ in run_compare(store, left, right, prompt, Settings(max_new_tokens, temperature, 1.0, seed),
-                                     kernels=kernels):
+                for _ in run_compare(
+                    store, left, right, prompt, Settings(max_new_tokens, temperature, 1.0, seed), kernels=kernels
+                ):
                     pass
             except UserError as exc:
                 return {"error": str(exc)}
@@ -149,10 +194,31 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
 
         lm.change(lambda n, m: on_model_change(n, m, ldefault), [lm, lmode], [lmode, lstatus])
         rm.change(lambda n, m: on_model_change(n, m, rdefault), [rm, rmode], [rmode, rstatus])
-        outputs = [ltext, rtext, lstatus, rstatus, headline, heat_left, heat_right, speed, memory, recall,
-                   run_status, session, firing_left, firing_right, hist]
-        generate.click(on_generate, [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed],
-                       outputs, concurrency_limit=1, concurrency_id="generate", api_visibility="private")
+        outputs = [
+            ltext,
+            rtext,
+            lstatus,
+            rstatus,
+            headline,
+            heat_left,
+            heat_right,
+            speed,
+            memory,
+            recall,
+            run_status,
+            session,
+            firing_left,
+            firing_right,
+            hist,
+        ]
+        generate.click(
+            on_generate,
+            [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed],
+            outputs,
+            concurrency_limit=1,
+            concurrency_id="generate",
+            api_visibility="private",
+        )
         stop.click(on_stop, [session], [run_status], queue=False, api_visibility="private")
         gr.api(compare_api, api_name="compare", concurrency_limit=1, concurrency_id="generate")
     return demo

@@ -11,31 +11,42 @@ HEAT_SCALE = "Viridis"
 
 
 def _layout(fig: go.Figure, title: str, key: str, height: int = 300) -> go.Figure:
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, uirevision=key,
-                      margin=dict(l=50, r=20, t=60, b=40), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=14)),
+        height=height,
+        uirevision=key,
+        margin=dict(l=50, r=20, t=60, b=40),
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+    )
     return fig
 
 
+def layer_heatmap(z: list[list[float]], x_title: str, title: str, key: str, **trace) -> go.Figure:
+    """A share per layer (rows) and column, on a fixed 0..1 colour scale; trace: Heatmap styling."""
+    fig = go.Figure(go.Heatmap(z=z, zmin=0.0, zmax=1.0, **trace))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text="layer", dtick=1)
+    return _layout(fig, title, key, height=260)
+
+
 def activity_heatmap(active: list[list[float]], title: str, key: str) -> go.Figure:
-    """Share of FFN neurons active, layers (rows) x generated tokens (columns), fixed 0..1 scale.
+    """Share of FFN neurons active, layers (rows) x generated tokens (columns).
 
     active[t][l] is token t's share at layer l; both panes use the same colour scale.
     """
     z = [list(col) for col in zip(*active)] if active else [[]]
-    fig = go.Figure(go.Heatmap(z=z, zmin=0.0, zmax=1.0, colorscale=HEAT_SCALE,
-                               colorbar=dict(title="active"),
-                               hovertemplate="token %{x}, layer %{y}: %{z:.1%} active<extra></extra>"))
-    fig.update_xaxes(title_text="generated token")
-    fig.update_yaxes(title_text="layer", dtick=1)
-    return _layout(fig, title, key, height=260)
+    hover = "token %{x}, layer %{y}: %{z:.1%} active<extra></extra>"
+    return layer_heatmap(
+        z, "generated token", title, key, colorscale=HEAT_SCALE, colorbar=dict(title="active"), hovertemplate=hover
+    )
 
 
 def rolling(values: list[float], window: int = 5) -> list[float]:
     """Mean over the last `window` values at each position."""
     out = []
     for i in range(len(values)):
-        chunk = values[max(0, i - window + 1): i + 1]
+        chunk = values[max(0, i - window + 1) : i + 1]
         out.append(sum(chunk) / len(chunk))
     return out
 
@@ -45,28 +56,38 @@ def speed_figure(series: dict[str, list[float]]) -> go.Figure:
     fig = go.Figure()
     for (label, times), color in zip(series.items(), (LEFT_COLOR, RIGHT_COLOR)):
         rates = rolling([1.0 / t for t in times if t > 0])
-        fig.add_trace(go.Scatter(y=rates, x=list(range(1, len(rates) + 1)), mode="lines",
-                                 name=label, line=dict(color=color)))
+        fig.add_trace(
+            go.Scatter(y=rates, x=list(range(1, len(rates) + 1)), mode="lines", name=label, line=dict(color=color))
+        )
     fig.update_xaxes(title_text="generated token")
     fig.update_yaxes(title_text="tokens/s", rangemode="tozero")
     return _layout(fig, "Decoding speed (each step timed alone)", "speed")
 
 
-def memory_figure(rss_mb: float, weights_mb: dict[str, float],
-                  ffn_read_mb: dict[str, tuple[float, float]]) -> go.Figure:
+def memory_figure(
+    rss_mb: float, weights_mb: dict[str, float], ffn_read_mb: dict[str, tuple[float, float]]
+) -> go.Figure:
     """Left: process RSS and each side's weights (MB). Right: FFN MB read per token, vs dense.
 
     weights_mb and ffn_read_mb are keyed by short side names ("left", "right").
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Memory (MB)", "FFN weights read per token (MB)"))
     labels = ["process RSS"] + [f"{side} weights" for side in weights_mb]
-    fig.add_trace(go.Bar(x=labels, y=[rss_mb] + list(weights_mb.values()), showlegend=False,
-                         marker_color=["#7f7f7f", LEFT_COLOR, RIGHT_COLOR][:len(labels)]), 1, 1)
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=[rss_mb, *weights_mb.values()],
+            showlegend=False,
+            marker_color=["#7f7f7f", LEFT_COLOR, RIGHT_COLOR][: len(labels)],
+        ),
+        1,
+        1,
+    )
     sides = list(ffn_read_mb)
-    fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][1] for s in sides], name="dense FFN",
-                         marker_color="#c7c7c7"), 1, 2)
-    fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][0] for s in sides], name="actually read",
-                         marker_color=RIGHT_COLOR), 1, 2)
+    fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][1] for s in sides], name="dense FFN", marker_color="#c7c7c7"), 1, 2)
+    fig.add_trace(
+        go.Bar(x=sides, y=[ffn_read_mb[s][0] for s in sides], name="actually read", marker_color=RIGHT_COLOR), 1, 2
+    )
     fig = _layout(fig, "", "memory")
     fig.update_layout(barmode="group", legend=dict(yanchor="top", y=-0.15, xanchor="right", x=1))
     return fig
@@ -76,8 +97,14 @@ def recall_figure(recall: dict[str, list[float]]) -> go.Figure:
     """Mean predictor recall per layer (share of truly active neurons that were computed)."""
     fig = go.Figure()
     for label, values in recall.items():
-        fig.add_trace(go.Bar(x=list(range(len(values))), y=values, name=label,
-                             hovertemplate="layer %{x}: recall %{y:.3f}<extra></extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=list(range(len(values))),
+                y=values,
+                name=label,
+                hovertemplate="layer %{x}: recall %{y:.3f}<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text="layer", dtick=1)
     fig.update_yaxes(title_text="recall", range=[0, 1.02])
     title = "Predictor recall per layer" if recall else "Predictor recall: no side runs a predictor"
@@ -85,15 +112,20 @@ def recall_figure(recall: dict[str, list[float]]) -> go.Figure:
 
 
 def firing_figure(firing: list[list[float]], title: str, key: str) -> go.Figure:
-    """Firing frequency per layer x neuron, neurons sorted hot to cold within each layer."""
+    """Firing frequency (share of decode steps) per layer x neuron, neurons sorted hot to cold
+    within each layer."""
     z = [sorted(row, reverse=True) for row in firing] or [[]]
-    fig = go.Figure(go.Heatmap(z=z, zmin=0.0, zmax=1.0, colorscale="Hot", reversescale=True,
-                               colorbar=dict(title="fires"),
-                               hovertemplate="layer %{y}, rank %{x}: fires on %{z:.0%} of tokens"
-                                             "<extra></extra>"))
-    fig.update_xaxes(title_text="neurons, hot to cold")
-    fig.update_yaxes(title_text="layer", dtick=1)
-    return _layout(fig, title, key, height=260)
+    hover = "layer %{y}, rank %{x}: fires in %{z:.0%} of the decode steps<extra></extra>"
+    return layer_heatmap(
+        z,
+        "neurons, hot to cold",
+        title,
+        key,
+        colorscale="Hot",
+        reversescale=True,
+        colorbar=dict(title="fires"),
+        hovertemplate=hover,
+    )
 
 
 def histogram_figure(hists: dict[str, dict]) -> go.Figure:
@@ -108,11 +140,21 @@ def histogram_figure(hists: dict[str, dict]) -> go.Figure:
             h = per_kind[kind]
             zero_share = h["zeros"] / max(1, h["total"])
             name = f"{label} ({zero_share:.0%} exactly 0)" if kind == "combined" else label
-            fig.add_trace(go.Scatter(x=h["centers"], y=h["counts"], mode="lines", name=name,
-                                     line=dict(color=color, shape="hvh"), showlegend=kind == "combined"),
-                          1, col)
+            fig.add_trace(
+                go.Scatter(
+                    x=h["centers"],
+                    y=h["counts"],
+                    mode="lines",
+                    name=name,
+                    line=dict(color=color, shape="hvh"),
+                    showlegend=kind == "combined",
+                ),
+                1,
+                col,
+            )
     fig.update_yaxes(type="log")
-    fig = _layout(fig, "Activation distributions: the model's own dense forward over this run's tokens", "hist", height=340)
+    title = "Activation distributions: the model's own dense forward over this run's tokens"
+    fig = _layout(fig, title, "hist", height=340)
     fig.update_layout(legend=dict(yanchor="top", y=-0.15, xanchor="center", x=0.5))
     return fig
 
@@ -121,12 +163,21 @@ def training_figure(steps: list[dict], title: str) -> go.Figure:
     """Sparsity and held-out loss over training tokens, from a training_log.json."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     tokens = [s["tokens"] for s in steps]
-    fig.add_trace(go.Scatter(x=tokens, y=[s["sparsity"] for s in steps], name="FFN sparsity",
-                             line=dict(color=RIGHT_COLOR)), secondary_y=False)
+    fig.add_trace(
+        go.Scatter(x=tokens, y=[s["sparsity"] for s in steps], name="FFN sparsity", line=dict(color=RIGHT_COLOR)),
+        secondary_y=False,
+    )
     val = [s for s in steps if "val_loss" in s]
-    fig.add_trace(go.Scatter(x=[s["tokens"] for s in val], y=[s["val_loss"] for s in val],
-                             name="held-out loss", mode="lines+markers", line=dict(color=LEFT_COLOR)),
-                  secondary_y=True)
+    fig.add_trace(
+        go.Scatter(
+            x=[s["tokens"] for s in val],
+            y=[s["val_loss"] for s in val],
+            name="held-out loss",
+            mode="lines+markers",
+            line=dict(color=LEFT_COLOR),
+        ),
+        secondary_y=True,
+    )
     fig.update_xaxes(title_text="training tokens")
     fig.update_yaxes(title_text="sparsity", range=[0, 1], secondary_y=False)
     fig.update_yaxes(title_text="loss", secondary_y=True)

@@ -2,8 +2,8 @@
 
 EXAMPLES = [
     "def fibonacci(n):\n    ",
-    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n",
-    "import os\n\n\ndef list_files(directory):\n    \"\"\"Return",
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
+    'import os\n\n\ndef list_files(directory):\n    """Return',
     "The module provides functions for",
 ]
 INTRO = """# TurboSparse Studio

@@ -84,19 +84,29 @@ def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
         if rec.steps and rec.steps[-1].ffn_bytes_dense:
             mean_read = sum(s.ffn_bytes for s in rec.steps) / len(rec.steps)
             ffn_read[label] = (mean_read / MB, rec.steps[-1].ffn_bytes_dense / MB)
-    recall = {label: mean_per_layer([s.recall for s in rec.steps if s.recall is not None])
-              for label, rec in sides.items() if any(s.recall is not None for s in rec.steps)}
+    recall = {
+        label: mean_per_layer([s.recall for s in rec.steps if s.recall is not None])
+        for label, rec in sides.items()
+        if any(s.recall is not None for s in rec.steps)
+    }
     return CompareView(
-        left_text=left.text, right_text=right.text,
-        left_status=side_markdown(left), right_status=side_markdown(right),
+        left_text=left.text,
+        right_text=right.text,
+        left_status=side_markdown(left),
+        right_status=side_markdown(right),
         headline=headline(left, right),
-        left_heatmap=plots.activity_heatmap([s.active_share for s in left.steps],
-                                            f"Active FFN neurons: {side_label(left)}", "heat-left"),
-        right_heatmap=plots.activity_heatmap([s.active_share for s in right.steps],
-                                             f"Active FFN neurons: {side_label(right)}", "heat-right"),
+        left_heatmap=plots.activity_heatmap(
+            [s.active_share for s in left.steps], f"Active FFN neurons: {side_label(left)}", "heat-left"
+        ),
+        right_heatmap=plots.activity_heatmap(
+            [s.active_share for s in right.steps], f"Active FFN neurons: {side_label(right)}", "heat-right"
+        ),
         speed=plots.speed_figure({label: [s.time_s for s in rec.steps] for label, rec in sides.items()}),
-        memory=plots.memory_figure(psutil.Process().memory_info().rss / MB,
-                                   {"left": left.weight_bytes / MB, "right": right.weight_bytes / MB}, ffn_read),
+        memory=plots.memory_figure(
+            psutil.Process().memory_info().rss / MB,
+            {"left": left.weight_bytes / MB, "right": right.weight_bytes / MB},
+            ffn_read,
+        ),
         recall=plots.recall_figure(recall),
     )
 
@@ -124,8 +134,11 @@ def neurons_view(left: SideRecord, right: SideRecord, hists: dict[str, dict]) ->
     figures = []
     for rec, key in ((left, "firing-left"), (right, "firing-right")):
         shares = firing_shares(rec)
-        figures.append(None if shares is None else plots.firing_figure(
-            shares, f"Neuron firing frequency over the decode steps: {side_label(rec)}", key))
+        figures.append(
+            None
+            if shares is None
+            else plots.firing_figure(shares, f"Neuron firing frequency over the decode steps: {side_label(rec)}", key)
+        )
     return NeuronsView(figures[0], figures[1], plots.histogram_figure(hists) if hists else None)
 
 
@@ -139,14 +152,20 @@ def about_numbers() -> str:
         how = f"{log.get('preset', '?')}" + (f" + L1 {l1:g}" if l1 else "")
         if ev:
             topk = ev["topk_perplexity"]
-            rows.append(f"| {name} | {how} | {ev['perplexity']:.2f} | {ev['sparsity']['mean']:.1%} | "
-                        f"{topk['0.5']:.2f} / {topk['0.8']:.2f} / {topk['0.9']:.2f} |")
+            rows.append(
+                f"| {name} | {how} | {ev['perplexity']:.2f} | {ev['sparsity']['mean']:.1%} | "
+                f"{topk['0.5']:.2f} / {topk['0.8']:.2f} / {topk['0.9']:.2f} |"
+            )
     if not rows:
         return "_No eval.json next to the embedded models: run `python -m turbo_demo eval DIR --json`._"
-    head = ("| model | trained as | held-out perplexity | FFN sparsity | top-k perplexity at 50 / 80 / 90% |\n"
-            "|---|---|---|---|---|\n")
-    return (head + "\n".join(rows) + "\n\n_The L1 penalty (ProSparse-style) raises sparsity beyond plain "
-            "dReLU; README gives plain dReLU's numbers from the same budget._")
+    head = (
+        "| model | trained as | held-out perplexity | FFN sparsity | top-k perplexity at 50 / 80 / 90% |\n"
+        "|---|---|---|---|---|\n"
+    )
+    return (
+        head + "\n".join(rows) + "\n\n_The L1 penalty (ProSparse-style) raises sparsity beyond plain "
+        "dReLU; README gives plain dReLU's numbers from the same budget._"
+    )
 
 
 def bench_numbers() -> str:
@@ -154,10 +173,16 @@ def bench_numbers() -> str:
     bench = read_json(ASSETS / "bench.json")
     if not bench:
         return "_No assets/bench.json yet: run `python -m turbo_demo bench --json`._"
-    rows = [f"| {e['model']} | {e.get('dtype', '?')} | {e['engine']} | {e['tokens_per_s']:,.1f} | "
-            f"{e.get('speedup_vs_dense', 0):.2f}x |" for e in bench.get("e2e", [])]
-    return ("| model | dtype | engine | tokens/s | vs our dense |\n|---|---|---|---|---|\n" + "\n".join(rows)
-            + f"\n\n_Machine: {bench['machine'].get('cpu', '?')}, {bench['machine'].get('threads', '?')} threads._")
+    rows = [
+        f"| {e['model']} | {e.get('dtype', '?')} | {e['engine']} | {e['tokens_per_s']:,.1f} | "
+        f"{e.get('speedup_vs_dense', 0):.2f}x |"
+        for e in bench.get("e2e", [])
+    ]
+    return (
+        "| model | dtype | engine | tokens/s | vs our dense |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\n_Machine: {bench['machine'].get('cpu', '?')}, {bench['machine'].get('threads', '?')} threads._"
+    )
 
 
 def training_curve():

@@ -59,8 +59,15 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         bar = tqdm(total=5, desc="read bandwidth", file=sys.stderr, disable=not progress, leave=False)
         gbps, method = read_bandwidth(kernels, buf, bar)
         bar.close()
-        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "backend": kernels.name, "dtype": dtype_name(s.dtype), "read_gbps": gbps, "read_method": method}
+        machine = {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "backend": kernels.name,
+            "dtype": dtype_name(s.dtype),
+            "read_gbps": gbps,
+            "read_method": method,
+        }
         ffn = bench_ffn(s, kernels, buf, progress)
         del buf
         e2e = bench_e2e(s, kernels, gbps, notes, progress)

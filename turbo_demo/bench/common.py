@@ -16,8 +16,13 @@ from turbo_demo.model.checkpoint import DTYPES
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.kernels import Kernels
 
-MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "vocab_size": 32000}
+MISTRAL_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+}
 EMBEDDED = MODELS_DIR / "turbosparse-drelu"
 
 
@@ -45,8 +50,15 @@ def settings_for(quick: bool = False, dtype: str = "bf16") -> Settings:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     settings = Settings(dtype=DTYPES[dtype])
     if quick:
-        settings = replace(settings, ffn_rounds=3, stack_layers=2, stack_tokens=3, embedded_tokens=16,
-                           e2e_rounds=2, working_set=512 << 20)
+        settings = replace(
+            settings,
+            ffn_rounds=3,
+            stack_layers=2,
+            stack_tokens=3,
+            embedded_tokens=16,
+            e2e_rounds=2,
+            working_set=512 << 20,
+        )
     return settings
 
 

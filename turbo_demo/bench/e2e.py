@@ -23,8 +23,14 @@ PROMPT = [1]  # one token, so that every engine decodes every new token with a o
 
 def random_stack(s: Settings) -> BambooForCausalLM:
     """The 7b-shape model: Mistral-7B's layer shapes, `stack_layers` layers, random weights."""
-    config = BambooConfig(**s.stack, num_hidden_layers=s.stack_layers, predictor_rank=s.rank,
-                          max_position_embeddings=256, sliding_window=None, tie_word_embeddings=False)
+    config = BambooConfig(
+        **s.stack,
+        num_hidden_layers=s.stack_layers,
+        predictor_rank=s.rank,
+        max_position_embeddings=256,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = BambooForCausalLM(config).to(s.dtype)
     model.to_empty(device="cpu")
@@ -41,20 +47,19 @@ def stats_seconds(runtime: LeanRuntime, reps: int = 2000) -> float:
     n = runtime.firing.size(1)
 
     def build():
-        rebuilt = [LayerRecord(computed=r.computed, active=r.active, bytes=r.bytes, choice=r.choice)
-                   for r in records]
+        rebuilt = [LayerRecord(computed=r.computed, active=r.active, bytes=r.bytes, choice=r.choice) for r in records]
         StepStats.from_records(0, 0, 0.0, rebuilt, n, runtime.dense_ffn_bytes)
 
     return timed(lambda: [build() for _ in range(reps)]) / reps
 
 
-def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Settings, kernels: Kernels,
-                gbps: float, progress: bool) -> list[dict]:
+def bench_model(
+    label: str, model, predictor: dict | None, tokens: int, s: Settings, kernels: Kernels, gbps: float, progress: bool
+) -> list[dict]:
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt: transformers'
     generate on the model as loaded, and the lean runtime on its pack of the model."""
     packed = pack(model)
-    generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                  pad_token_id=0)
+    generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     modes = {"dense": {}, "exact": {}, **({"predictor": predictor} if predictor is not None else {})}
     runtimes = {mode: LeanRuntime(packed, mode, kernels, **options) for mode, options in modes.items()}
     steps = defaultdict(list)
@@ -62,14 +67,17 @@ def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Setti
     def decode(mode):
         steps[mode].extend(runtimes[mode].generate(PROMPT, tokens))
 
-    calls = {"transformers": lambda: model.generate(torch.tensor([PROMPT]), generation_config=generation),
-             **{mode: lambda mode=mode: decode(mode) for mode in runtimes}}
+    calls = {
+        "transformers": lambda: model.generate(torch.tensor([PROMPT]), generation_config=generation),
+        **{mode: lambda mode=mode: decode(mode) for mode in runtimes},
+    }
     bar = tqdm(total=s.e2e_rounds, desc=f"e2e {label}", file=sys.stderr, disable=not progress, leave=False)
     seconds = round_robin(calls, s.e2e_rounds, bar)
     bar.close()
     # weights read per token besides the FFN's: attention projections and the LM head
     other = nbytes(model.lm_head.weight) + sum(
-        nbytes(p) for layer in model.model.layers for p in layer.self_attn.parameters())
+        nbytes(p) for layer in model.model.layers for p in layer.self_attn.parameters()
+    )
     dense_ffn = runtimes["dense"].dense_ffn_bytes
     stats_cost = {mode: stats_seconds(runtime) for mode, runtime in runtimes.items()}
     results = []
@@ -83,20 +91,29 @@ def bench_model(label: str, model, predictor: dict | None, tokens: int, s: Setti
             ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[engine])
             sparsity = 1 - statistics.mean(c for st in steps[engine] for c in st.computed_share)
             stats_share = stats_cost[engine] / per_token
-        results.append({"model": label, "dtype": dtype_name(model.dtype),
-                        "engine": engine, "tokens_per_s": 1 / per_token,
-                        "sparsity": sparsity,
-                        "bandwidth_share": (other + ffn_bytes) / (gbps * 1e9) / per_token,
-                        "speedup_vs_dense": seconds["dense"] / seconds[engine],
-                        "stats_share": stats_share})
+        results.append(
+            {
+                "model": label,
+                "dtype": dtype_name(model.dtype),
+                "engine": engine,
+                "tokens_per_s": 1 / per_token,
+                "sparsity": sparsity,
+                "bandwidth_share": (other + ffn_bytes) / (gbps * 1e9) / per_token,
+                "speedup_vs_dense": seconds["dense"] / seconds[engine],
+                "stats_share": stats_share,
+            }
+        )
     return results
 
 
 def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:
-    results = bench_model("7b-shape", random_stack(s), {"budget": s.stack_budget}, s.stack_tokens, s, kernels,
-                          gbps, progress)
-    notes.append(f"7b-shape: {s.stack_layers} layers of Mistral-7B's shape, random weights, "
-                 f"predictor rank {s.rank} computing {s.stack_budget:.0%} of the neurons")
+    results = bench_model(
+        "7b-shape", random_stack(s), {"budget": s.stack_budget}, s.stack_tokens, s, kernels, gbps, progress
+    )
+    notes.append(
+        f"7b-shape: {s.stack_layers} layers of Mistral-7B's shape, random weights, "
+        f"predictor rank {s.rank} computing {s.stack_budget:.0%} of the neurons"
+    )
     if s.embedded is None or not (Path(s.embedded) / "config.json").is_file():
         notes.append(f"embedded-drelu skipped: no checkpoint at {s.embedded}")
         return results
@@ -106,8 +123,11 @@ def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], prog
         predictor = {} if model.config.predictor_rank else None
         results += bench_model("embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress)
     if predictor is None:
-        notes.append("embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "
-                     "predictors`), predictor engine skipped")
-    notes.append(f"embedded-drelu: in {dtype_name(s.dtype)} and in "
-                 f"{dtype_name(app_dtype)}, the dtype the app runs it in")
+        notes.append(
+            "embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "
+            "predictors`), predictor engine skipped"
+        )
+    notes.append(
+        f"embedded-drelu: in {dtype_name(s.dtype)} and in {dtype_name(app_dtype)}, the dtype the app runs it in"
+    )
     return results

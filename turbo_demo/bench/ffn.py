@@ -44,8 +44,13 @@ def bench_ffn(s: Settings, kernels: Kernels, flush: torch.Tensor, progress: bool
     """One FFN step per mode and sparsity, per shape; dense and sparse steps interleaved."""
     results = []
     for hidden, inter in s.ffn_shapes:
-        config = BambooConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=1,
-                              num_key_value_heads=1, predictor_rank=s.rank)
+        config = BambooConfig(
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            predictor_rank=s.rank,
+        )
         layer_bytes = 3 * hidden * inter * torch.finfo(s.dtype).bits // 8
         copies = [random_mlp(config, s.dtype) for _ in range(max(2, ceil(s.working_set / layer_bytes)))]
         layers = [(mlp, pack_ffn(mlp, config, 0)) for mlp in copies]  # a pack shares W_gate, W_up
@@ -53,24 +58,32 @@ def bench_ffn(s: Settings, kernels: Kernels, flush: torch.Tensor, progress: bool
         hf_copies = [random_mlp(config, s.dtype) for _ in range(2)]
         gen = torch.Generator().manual_seed(0)
         times, turn = defaultdict(list), 0
-        bar = tqdm(total=s.ffn_rounds * len(s.sparsities), desc=f"ffn {hidden}x{inter}",
-                   file=sys.stderr, disable=not progress, leave=False)
+        bar = tqdm(
+            total=s.ffn_rounds * len(s.sparsities),
+            desc=f"ffn {hidden}x{inter}",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        )
         for rnd in range(s.ffn_rounds):
             for sparsity in s.sparsities:
                 x, r = (torch.randn(hidden, generator=gen).to(s.dtype) for _ in range(2))
                 active = torch.zeros(inter, dtype=torch.bool)
-                active[torch.randperm(inter, generator=gen)[:round((1 - sparsity) * inter)]] = True
+                active[torch.randperm(inter, generator=gen)[: round((1 - sparsity) * inter)]] = True
                 # three consecutive copies; with only two, dense shares one (its state is irrelevant)
                 (_, dense_w), (exact_mlp, exact_w), (pred_mlp, pred_w) = (
-                    layers[(turn + j) % len(layers)] for j in (2, 0, 1))
+                    layers[(turn + j) % len(layers)] for j in (2, 0, 1)
+                )
                 turn += 3
                 shape_activity(kernels, exact_mlp, x, active)
                 shape_activity(kernels, pred_mlp, x, torch.ones_like(active))
                 hf_mlp = hf_copies[turn % len(hf_copies)]
-                ffns = {"transformers": HFStep(hf_mlp),
-                        "dense": DenseMode(dense_w, kernels),
-                        "exact": ExactMode(exact_w, kernels),
-                        "predictor": PredictorMode(pred_w, kernels, PredictorOptions(budget=1 - sparsity))}
+                ffns = {
+                    "transformers": HFStep(hf_mlp),
+                    "dense": DenseMode(dense_w, kernels),
+                    "exact": ExactMode(exact_w, kernels),
+                    "predictor": PredictorMode(pred_w, kernels, PredictorOptions(budget=1 - sparsity)),
+                }
                 if rnd == 0 and sparsity == s.sparsities[0]:
                     for ffn in ffns.values():  # untimed first calls (lazy set-up, first touches)
                         ffn.step(x, r)
@@ -84,7 +97,14 @@ def bench_ffn(s: Settings, kernels: Kernels, flush: torch.Tensor, progress: bool
             dense, hf = (statistics.median(times[mode, sparsity]) for mode in ("dense", "transformers"))
             for mode in FFN_MODES:
                 seconds = statistics.median(times[mode, sparsity])
-                results.append({"shape": f"{hidden}x{inter}", "mode": mode, "sparsity": sparsity,
-                                "ms": seconds * 1e3, "speedup": dense / seconds,
-                                "speedup_vs_transformers": hf / seconds})
+                results.append(
+                    {
+                        "shape": f"{hidden}x{inter}",
+                        "mode": mode,
+                        "sparsity": sparsity,
+                        "ms": seconds * 1e3,
+                        "speedup": dense / seconds,
+                        "speedup_vs_transformers": hf / seconds,
+                    }
+                )
     return results

@@ -7,25 +7,35 @@ from turbo_demo.bench.ffn import FFN_MODES
 
 def format_table(result: dict) -> str:
     m = result["machine"]
-    lines = [f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['backend']} kernels, {m['dtype']}",
-             f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']})", "",
-             "FFN step, batch 1: ms (speed-up vs our dense; predictor also vs transformers)",
-             f"{'shape':<12}{'sparsity':>9}" + "".join(f"{mode:>20}" for mode in FFN_MODES)
-             + f"{'predictor vs tf':>17}"]
+    lines = [
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['backend']} kernels, {m['dtype']}",
+        f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']})",
+        "",
+        "FFN step, batch 1: ms (speed-up vs our dense; predictor also vs transformers)",
+        f"{'shape':<12}{'sparsity':>9}" + "".join(f"{mode:>20}" for mode in FFN_MODES) + f"{'predictor vs tf':>17}",
+    ]
     rows = defaultdict(dict)
     for e in result["ffn"]:
         rows[e["shape"], e["sparsity"]][e["mode"]] = e
     for (shape, sparsity), modes in rows.items():
         cells = (f"{modes[mode]['ms']:.2f} ({modes[mode]['speedup']:.2f}x)" for mode in FFN_MODES)
-        lines.append(f"{shape:<12}{sparsity:>9.2f}" + "".join(f"{c:>20}" for c in cells)
-                     + f"{modes['predictor']['speedup_vs_transformers']:>16.2f}x")
-    lines += ["", "Decoding, batch 1",
-              f"{'model':<16}{'dtype':<10}{'engine':<14}{'tokens/s':>10}{'sparsity':>10}{'bandwidth':>11}"
-              f"{'vs dense':>10}{'stats':>8}"]
+        lines.append(
+            f"{shape:<12}{sparsity:>9.2f}"
+            + "".join(f"{c:>20}" for c in cells)
+            + f"{modes['predictor']['speedup_vs_transformers']:>16.2f}x"
+        )
+    lines += [
+        "",
+        "Decoding, batch 1",
+        f"{'model':<16}{'dtype':<10}{'engine':<14}{'tokens/s':>10}{'sparsity':>10}{'bandwidth':>11}"
+        f"{'vs dense':>10}{'stats':>8}",
+    ]
     for e in result["e2e"]:
         sparsity = "-" if e["sparsity"] is None else f"{e['sparsity']:.2f}"
         stats = "-" if e["stats_share"] is None else f"{e['stats_share']:.1%}"
-        lines.append(f"{e['model']:<16}{e['dtype']:<10}{e['engine']:<14}{e['tokens_per_s']:>10.2f}{sparsity:>10}"
-                     f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}")
+        lines.append(
+            f"{e['model']:<16}{e['dtype']:<10}{e['engine']:<14}{e['tokens_per_s']:>10.2f}{sparsity:>10}"
+            f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}"
+        )
     lines += [""] + [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -22,8 +22,12 @@ def histogram(values: torch.Tensor, bins: int = BINS) -> dict:
     limit = float(torch.quantile(sample.abs(), 0.995)) or 1.0
     counts = torch.histc(v[v != 0].clamp(-limit, limit), bins=bins, min=-limit, max=limit)
     edges = torch.linspace(-limit, limit, bins + 1)
-    return {"centers": ((edges[:-1] + edges[1:]) / 2).tolist(), "counts": counts.tolist(),
-            "zeros": zeros, "total": len(v)}
+    return {
+        "centers": ((edges[:-1] + edges[1:]) / 2).tolist(),
+        "counts": counts.tolist(),
+        "zeros": zeros,
+        "total": len(v),
+    }
 
 
 @torch.no_grad()

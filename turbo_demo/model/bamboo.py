@@ -73,9 +73,7 @@ class BambooMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
         rank = config.rank_of(layer_idx)
-        self.predictor = (
-            BambooPredictor(config.hidden_size, rank, config.intermediate_size) if rank else None
-        )
+        self.predictor = BambooPredictor(config.hidden_size, rank, config.intermediate_size) if rank else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.act_fn(self.up_proj(x)))

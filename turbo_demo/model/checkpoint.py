@@ -70,9 +70,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None):
     if dtype is None:
         dtype = auto_dtype(path, config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, trust_remote_code=False
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
     except Exception as exc:  # a broken file surfaces as many exception types; name it once
         raise UserError(f"cannot load the weights in {path}: {type(exc).__name__}: {exc}") from exc
     return model.eval()

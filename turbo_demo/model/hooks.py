@@ -27,9 +27,7 @@ def ffn_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def on_ffn_activation(
-    model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor | None]
-) -> Iterator[None]:
+def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Call fn(layer, h) with each layer's combined activation h (..., intermediate).
 
     If fn returns a tensor, it replaces h as the input of down_proj (used for top-k pruning).

@@ -5,13 +5,13 @@ predictors.json (predictors --json). Nothing in a card is typed by hand."""
 import json
 from pathlib import Path
 
-from turbo_demo.paths import read_json
 from turbo_demo.errors import UserError
+from turbo_demo.paths import read_json
 
 HOW = {
     "dense": "A dense Mistral model with a SwiGLU FFN, trained from scratch",
     "drelu": "A TurboSparse-style dReLU model (bamboo), trained from scratch with the same shape, "
-             "data order and budget as the dense model",
+    "data order and budget as the dense model",
     "relufy": "The dense SwiGLU model ReLUfied: its SwiGLU swapped for dReLU, then trained further",
 }
 
@@ -21,14 +21,25 @@ def card_text(path: Path) -> str:
     if not log or not ev:
         raise UserError(f"{path} needs training_log.json and eval.json (from the train and eval commands)")
     s, shape, final = log["settings"], log["shape"], log["final"]
-    penalty = (f"plus an L1 penalty on the FFN activation (lambda {s['l1']:g}, ramped in over the "
-               f"first {s['l1_ramp']:.0%} of steps, ProSparse-style)" if s["l1"] else "no sparsity penalty")
+    penalty = (
+        f"plus an L1 penalty on the FFN activation (lambda {s['l1']:g}, ramped in over the "
+        f"first {s['l1_ramp']:.0%} of steps, ProSparse-style)"
+        if s["l1"]
+        else "no sparsity penalty"
+    )
     lines = [
-        "---", "license: mit", "library_name: transformers", "---", "",
-        f"# {path.name}", "",
+        "---",
+        "license: mit",
+        "library_name: transformers",
+        "---",
+        "",
+        f"# {path.name}",
+        "",
         f"{HOW[log['preset']]}; {penalty}. Part of TurboSparse Studio; load it with "
-        "`import turbo_demo` then `AutoModelForCausalLM.from_pretrained(dir)` (no remote code).", "",
-        "## Training", "",
+        "`import turbo_demo` then `AutoModelForCausalLM.from_pretrained(dir)` (no remote code).",
+        "",
+        "## Training",
+        "",
         f"- Architecture: {log['architecture']}, hidden {shape['hidden_size']}, FFN "
         f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
         f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} KV), vocabulary "
@@ -39,18 +50,34 @@ def card_text(path: Path) -> str:
         f"AdamW (0.9, 0.95), peak LR {s['lr']:g}, cosine to {s['min_lr']:g}, seed {s['seed']}, "
         f"{final['elapsed_s'] / 60:.0f} minutes on {log.get('threads', 1)} CPU thread(s).",
         f"- Reproduce: `python -m turbo_demo --threads 1 train --preset {log['preset']}"
-        + (f" --l1 {s['l1']:g}" if log["preset"] == "drelu" and s["l1"] == 0 else "") + " --out DIR`.", "",
-        "## Evaluation", "",
-        "`python -m turbo_demo eval DIR --json` printed:", "", "```json", json.dumps(ev), "```", "",
+        + (f" --l1 {s['l1']:g}" if log["preset"] == "drelu" and s["l1"] == 0 else "")
+        + " --out DIR`.",
+        "",
+        "## Evaluation",
+        "",
+        "`python -m turbo_demo eval DIR --json` printed:",
+        "",
+        "```json",
+        json.dumps(ev),
+        "```",
+        "",
     ]
     pred = read_json(path / "predictors.json")
     if pred:
         rank = pred["rank"] if isinstance(pred["rank"], int) else ",".join(map(str, pred["rank"]))
-        options = (f"--rank {rank} --tokens {pred['train_tokens']} --target-recall {pred['target_recall']}"
-                    + (f" --steps {pred['steps']}" if "steps" in pred else ""))
-        lines += ["## Activation predictors", "",
-                  f"`python -m turbo_demo predictors DIR {options} --json` printed:", "", "```json",
-                  json.dumps(pred), "```", ""]
+        options = f"--rank {rank} --tokens {pred['train_tokens']} --target-recall {pred['target_recall']}" + (
+            f" --steps {pred['steps']}" if "steps" in pred else ""
+        )
+        lines += [
+            "## Activation predictors",
+            "",
+            f"`python -m turbo_demo predictors DIR {options} --json` printed:",
+            "",
+            "```json",
+            json.dumps(pred),
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 

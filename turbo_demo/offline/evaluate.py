@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from turbo_demo.offline import corpus
-from turbo_demo.model.checkpoint import load_model, load_tokenizer
 from turbo_demo.errors import UserError
+from turbo_demo.model.checkpoint import load_model, load_tokenizer
 from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.offline import corpus
 
 TOPK_SPARSITIES = (0.5, 0.8, 0.9)
 
@@ -69,8 +69,7 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int = 
         "loss": round(loss, 4),
         "perplexity": round(math.exp(loss), 4),
         "tokens": n,
-        "sparsity": {"mean": round(sum(per_layer) / len(per_layer), 4),
-                     "per_layer": [round(s, 4) for s in per_layer]},
+        "sparsity": {"mean": round(sum(per_layer) / len(per_layer), 4), "per_layer": [round(s, 4) for s in per_layer]},
         "topk_perplexity": topk,
     }
 

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from turbo_demo.offline import corpus
-from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
 from turbo_demo.errors import UserError
-from turbo_demo.model.hooks import on_ffn_activation
 from turbo_demo.model.bamboo import BambooForCausalLM, BambooPredictor
-
+from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
+from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.offline import corpus
 
 SEQ_LEN = 256  # tokens per sequence of the collected activations
 
@@ -40,10 +39,12 @@ def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = SEQ_LEN):
     rs, labels = {}, {}
     with ExitStack() as stack:
         for i, layer in enumerate(model.model.layers):
-            stack.enter_context(_hook_input(layer.post_attention_layernorm,
-                                            lambda r, i=i: rs.setdefault(i, []).append(r.flatten(0, 1))))
-        stack.enter_context(on_ffn_activation(
-            model, lambda i, h: labels.setdefault(i, []).append((h != 0).flatten(0, 1))))
+            stack.enter_context(
+                _hook_input(layer.post_attention_layernorm, lambda r, i=i: rs.setdefault(i, []).append(r.flatten(0, 1)))
+            )
+        stack.enter_context(
+            on_ffn_activation(model, lambda i, h: labels.setdefault(i, []).append((h != 0).flatten(0, 1)))
+        )
         for x, _ in tqdm(list(corpus.sequential_batches(tokens, 8, seq_len, n_tokens)), desc="collect"):
             model(input_ids=x, use_cache=False)
     return ([torch.cat(rs[i]).float() for i in sorted(rs)], [torch.cat(labels[i]) for i in sorted(labels)])
@@ -97,12 +98,22 @@ def choice_stats(scores: torch.Tensor, y: torch.Tensor, threshold: float) -> dic
     predicted active, score >= threshold), predicted and true sparsity, rounded to 4 places."""
     predicted = scores >= threshold
     recall = (predicted & y).sum().item() / max(1, y.sum().item())
-    return {"recall": round(recall, 4), "predicted_sparsity": round(1 - predicted.float().mean().item(), 4),
-            "true_sparsity": round(1 - y.float().mean().item(), 4)}
+    return {
+        "recall": round(recall, 4),
+        "predicted_sparsity": round(1 - predicted.float().mean().item(), 4),
+        "true_sparsity": round(1 - y.float().mean().item(), 4),
+    }
 
 
-def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: int = 65536, val_tokens: int = 16384,
-                     steps: int = 600, target_recall: float = 0.97, seed: int = 0) -> dict:
+def train_predictors(
+    model_dir: str,
+    rank: int | list[int] = 64,
+    train_tokens: int = 65536,
+    val_tokens: int = 16384,
+    steps: int = 600,
+    target_recall: float = 0.97,
+    seed: int = 0,
+) -> dict:
     """Train, calibrate and store predictors in `model_dir`; returns per-layer statistics.
 
     rank: one rank for every layer, or a list with one per layer (PowerInfer sizes them per layer).
@@ -118,8 +129,10 @@ def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: i
     if isinstance(rank, list) and len(rank) != model.config.num_hidden_layers:
         raise UserError(f"--rank lists {len(rank)} ranks for {model.config.num_hidden_layers} layers")
     if not isinstance(model, BambooForCausalLM):
-        raise UserError(f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
-                        f"{model_dir} is a {type(model).__name__}")
+        raise UserError(
+            f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
+            f"{model_dir} is a {type(model).__name__}"
+        )
     tokenizer = load_tokenizer(model_dir)
     r_train, y_train = collect(model, corpus.encode_split(tokenizer, "train"), train_tokens)
     r_val, y_val = collect(model, corpus.encode_split(tokenizer, "heldout"), val_tokens)
@@ -133,9 +146,16 @@ def train_predictors(model_dir: str, rank: int | list[int] = 64, train_tokens: i
     save_weights_in_place(model, Path(model_dir), stored_dtype)
     ffn = sum(3 * m.down_proj.weight.numel() for m in (layer.mlp for layer in model.model.layers))
     extra = sum(p.numel() for layer in model.model.layers for p in layer.mlp.predictor.parameters())
-    return {"model": str(model_dir), "rank": rank, "steps": steps, "train_tokens": len(r_train[0]),
-            "val_tokens": len(r_val[0]), "target_recall": target_recall,
-            "predictor_share_of_ffn": round(extra / ffn, 4), "layers": layers}
+    return {
+        "model": str(model_dir),
+        "rank": rank,
+        "steps": steps,
+        "train_tokens": len(r_train[0]),
+        "val_tokens": len(r_val[0]),
+        "target_recall": target_recall,
+        "predictor_share_of_ffn": round(extra / ffn, 4),
+        "layers": layers,
+    }
 
 
 def save_weights_in_place(model, path: Path, dtype) -> None:

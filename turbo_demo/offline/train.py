@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM
 
-from turbo_demo.offline import corpus
-from turbo_demo.model.checkpoint import load_model, load_tokenizer, save_checkpoint
 from turbo_demo.errors import UserError
-from turbo_demo.model.hooks import on_ffn_activation
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM, swiglu_to_drelu
+from turbo_demo.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.offline import corpus
 
 
 @dataclass
@@ -63,7 +63,12 @@ PRESETS = {
     "dense": TrainSettings("dense"),
     "drelu": TrainSettings("drelu", l1=3e-4),
     "relufy": TrainSettings(
-        "relufy", steps=400, lr=6e-4, min_lr=1e-4, warmup=20, l1=1e-3,
+        "relufy",
+        steps=400,
+        lr=6e-4,
+        min_lr=1e-4,
+        warmup=20,
+        l1=1e-3,
         init="assets/models/dense-swiglu",
     ),
 }
@@ -84,8 +89,13 @@ def lr_at(step: int, s: TrainSettings) -> float:
 
 def build_model(s: TrainSettings, tokenizer, shape: Shape):
     """A freshly initialised model for dense/drelu, or the ReLUfied dense checkpoint."""
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, sliding_window=None)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        sliding_window=None,
+    )
     torch.manual_seed(s.seed)
     if s.preset == "dense":
         return MistralForCausalLM(MistralConfig(**asdict(shape), hidden_act="silu", **ids))
@@ -105,8 +115,10 @@ def batch_loss(model, x, y):
 @torch.no_grad()
 def heldout_loss(model, tokens: torch.Tensor, s: TrainSettings) -> float:
     model.eval()
-    losses = [batch_loss(model, x, y).item()
-              for x, y in corpus.sequential_batches(tokens, s.batch_size, s.seq_len, s.eval_tokens)]
+    losses = [
+        batch_loss(model, x, y).item()
+        for x, y in corpus.sequential_batches(tokens, s.batch_size, s.seq_len, s.eval_tokens)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
@@ -136,12 +148,16 @@ def make_optimizer(model, s: TrainSettings) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95); weight decay on matrices only, not on norms."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+    )
 
 
-def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
+def train(s: TrainSettings, out: str | Path, shape: Shape | None = None) -> dict:
     """Train one preset and write the checkpoint plus training_log.json into `out`."""
+    shape = shape or Shape()
     out = Path(out)
     tokenizer = load_tokenizer(s.init) if s.preset == "relufy" else corpus.train_tokenizer(shape.vocab_size)
     train_tokens = corpus.encode_split(tokenizer, "train")
@@ -149,9 +165,15 @@ def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
     model = build_model(s, tokenizer, shape).train()
     opt = make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s.seed)
-    log = {"preset": s.preset, "settings": asdict(s), "shape": {k: getattr(model.config, k) for k in asdict(shape)},
-           "architecture": type(model).__name__, "hidden_act": model.config.hidden_act,
-           "threads": torch.get_num_threads(), "steps": []}
+    log = {
+        "preset": s.preset,
+        "settings": asdict(s),
+        "shape": {k: getattr(model.config, k) for k in asdict(shape)},
+        "architecture": type(model).__name__,
+        "hidden_act": model.config.hidden_act,
+        "threads": torch.get_num_threads(),
+        "steps": [],
+    }
     start = time.time()
     with tqdm(range(s.steps), desc=f"train {s.preset}") as bar:
         for step in bar:
@@ -163,9 +185,14 @@ def train(s: TrainSettings, out: str | Path, shape: Shape = Shape()) -> dict:
             bar.set_postfix(loss=f"{ce:.3f}", sparsity=f"{sparsity:.3f}")
             last = step == s.steps - 1
             if step % 10 == 0 or last:
-                entry = {"step": step, "tokens": (step + 1) * s.batch_size * s.seq_len,
-                         "train_loss": round(ce, 4), "sparsity": round(sparsity, 4),
-                         "lr": lr_at(step, s), "elapsed_s": round(time.time() - start, 1)}
+                entry = {
+                    "step": step,
+                    "tokens": (step + 1) * s.batch_size * s.seq_len,
+                    "train_loss": round(ce, 4),
+                    "sparsity": round(sparsity, 4),
+                    "lr": lr_at(step, s),
+                    "elapsed_s": round(time.time() - start, 1),
+                }
                 if step % s.eval_every == 0 or last:
                     entry["val_loss"] = round(heldout_loss(model, val_tokens, s), 4)
                 log["steps"].append(entry)

@@ -15,12 +15,21 @@ from turbo_demo.runtime.kernels import Kernels, load_kernels
 from turbo_demo.runtime.lean import LeanRuntime
 from turbo_demo.runtime.packing import PackedModel, pack
 
-__all__ = ["Decoder", "Kernels", "LeanRuntime", "PackedModel", "TransformersRuntime", "load_kernels",
-           "open_runtime", "pack"]
+__all__ = [
+    "Decoder",
+    "Kernels",
+    "LeanRuntime",
+    "PackedModel",
+    "TransformersRuntime",
+    "load_kernels",
+    "open_runtime",
+    "pack",
+]
 
 
-def open_runtime(packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None,
-                 **given) -> Decoder:
+def open_runtime(
+    packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None, **given
+) -> Decoder:
     """A runtime for one run of `packed` in `mode` (options as a dataclass or as keywords)."""
     engine = LeanRuntime if packed.lean is not None else TransformersRuntime
     return engine(packed, mode, kernels, options, **given)

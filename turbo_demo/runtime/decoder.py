@@ -39,8 +39,10 @@ class Decoder:
         """options: the mode's options dataclass, or given as keywords (validated either way)."""
         device = packed.model.device
         if device.type not in kernels.devices:
-            raise UserError(f"the {kernels.name} kernels run on {', '.join(kernels.devices)} and this model is on "
-                            f"{device}: use the torch backend (--backend torch), or move the model to the CPU")
+            raise UserError(
+                f"the {kernels.name} kernels run on {', '.join(kernels.devices)} and this model is on "
+                f"{device}: use the torch backend (--backend torch), or move the model to the CPU"
+            )
         if options is None:
             options = mode_options(mode, **given)
         elif given:
@@ -65,9 +67,17 @@ class Decoder:
         (h != 0 among the neurons its mode computed)."""
         return self.firing.tolist()
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop: Event | None = None,
-                 eos_token_id: int | None = None, audit: bool = False) -> Iterator[StepStats]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Event | None = None,
+        eos_token_id: int | None = None,
+        audit: bool = False,
+    ) -> Iterator[StepStats]:
         """Yield one StepStats per new token.
 
         The prompt but its last token is prefilled (dense FFN); every new token then comes from

@@ -10,6 +10,7 @@ step, several (prefill) through the dense formula, as in the lean runtime.
 import copy
 import inspect
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,19 +41,20 @@ class SparseMLP(nn.Module):
         return self.mode.prefill(x)
 
 
-def twin(model: nn.Module) -> nn.Module:
+def twin(model: Any) -> Any:
     """A copy of model's module tree that shares every parameter and buffer with it."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
 
 
-def sparse_model(packed: PackedModel, modes: list[Mode], firing: torch.Tensor) -> nn.Module:
+def sparse_model(packed: PackedModel, modes: list[Mode], firing: torch.Tensor) -> Any:
     """The packed model's twin with every MLP running its mode (firing: (L, I) counts)."""
     model = twin(packed.model)
     for layer, mode, counts in zip(model.model.layers, modes, firing):
         sparse = SparseMLP(mode, counts)
         layer.post_attention_layernorm.register_forward_pre_hook(
-            lambda module, args, s=sparse: setattr(s, "residual", args[0]))
+            lambda module, args, s=sparse: setattr(s, "residual", args[0])
+        )
         layer.mlp = sparse
     return model
 
@@ -62,8 +64,7 @@ class TransformersRuntime(Decoder):
 
     engine = "transformers"
 
-    def __init__(self, packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None,
-                 **given):
+    def __init__(self, packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None, **given):
         super().__init__(packed, mode, kernels or Kernels(), options, **given)
         self.model = sparse_model(packed, self.modes, self.firing) if self.modes else packed.model
         self.mlps = [layer.mlp for layer in self.model.model.layers] if self.modes else []
@@ -71,7 +72,7 @@ class TransformersRuntime(Decoder):
         self.max_len = getattr(self.config, "max_position_embeddings", 2048)
         params = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.cache = None
+        self.cache: DynamicCache | None = None
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.config)

@@ -35,8 +35,7 @@ class LeanRuntime(Decoder):
 
     engine = "lean"
 
-    def __init__(self, packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None,
-                 **given):
+    def __init__(self, packed: PackedModel, mode: str = "dense", kernels: Kernels | None = None, options=None, **given):
         if packed.lean is None:
             raise UserError(f"the lean runtime does not know {packed.model.config.model_type!r} models")
         super().__init__(packed, mode, kernels or Kernels(), options, **given)
@@ -60,8 +59,9 @@ class LeanRuntime(Decoder):
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # per layer: (attention weights, (k cache, v cache), FFN norm, mode, firing counts)
-        self.layers = list(zip(self.w.attention, zip(self.k_cache, self.v_cache), self.w.ffn_norms, self.modes,
-                               self.firing))
+        self.layers = list(
+            zip(self.w.attention, zip(self.k_cache, self.v_cache), self.w.ffn_norms, self.modes, self.firing)
+        )
         self.pos = 0
 
     def reset(self) -> None:
@@ -81,8 +81,9 @@ class LeanRuntime(Decoder):
         mask = pos[None, :] <= pos[:, None]  # causal, and banded when a sliding window applies
         if self.window:
             mask &= pos[None, :] > pos[:, None] - self.window
-        out = F.scaled_dot_product_attention(q, self.k_cache[i, :, :T], self.v_cache[i, :, :T], attn_mask=mask,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q, self.k_cache[i, :, :T], self.v_cache[i, :, :T], attn_mask=mask, enable_gqa=True
+        )
         return F.linear(out.transpose(0, 1).reshape(T, -1), w.wo)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +112,9 @@ class LeanRuntime(Decoder):
         records = []
         for a, (k_cache, v_cache), ffn_norm, mode, counts in self.layers:
             # x + W_o attention(n1(x)), with k and v of this position written into the caches
-            x = k.attention_step(x, a.norm, self.eps, a.wq, a.wk, a.wv, a.wo, k_cache, v_cache, self.cos,
-                                 self.sin_signed, pos, first)
+            x = k.attention_step(
+                x, a.norm, self.eps, a.wq, a.wk, a.wv, a.wo, k_cache, v_cache, self.cos, self.sin_signed, pos, first
+            )
             x, record = mode.step(k.rms_norm(x, ffn_norm, self.eps), x, x, counts)
             records.append(record)
         self.pos += 1

@@ -108,8 +108,9 @@ class Mode:
         w, k = self.w, self.kernels
         relu_gate = w.act == "relu"
         if relu_gate or not w.drelu:  # an up branch with a ReLU or no activation: one kernel
-            y, up_rows, active = k.up_down(w.wu, w.wd_t, x, idx, a, w.drelu, w.wg if a is None else None,
-                                           add_to, counts)
+            y, up_rows, active = k.up_down(
+                w.wu, w.wd_t, x, idx, a, w.drelu, w.wg if a is None else None, add_to, counts
+            )
         else:
             if a is None:
                 a = self.act(k.rows_dot(w.wg, x, idx))
@@ -122,9 +123,12 @@ class Mode:
     def sparse_record(self, x, idx, up_rows: int, active: int, bytes_before: int) -> LayerRecord:
         """Of the len(idx) computed neurons, up_rows read their up row and the active ones their
         down row, on top of bytes_before (gate rows, predictor)."""
-        return LayerRecord(computed=len(idx), active=active,
-                           bytes=bytes_before + (up_rows + active) * self.w.row_bytes,
-                           choice=(x, idx) if self.can_miss else None)
+        return LayerRecord(
+            computed=len(idx),
+            active=active,
+            bytes=bytes_before + (up_rows + active) * self.w.row_bytes,
+            choice=(x, idx) if self.can_miss else None,
+        )
 
     def recall(self, record: LayerRecord) -> float | None:
         """Share of the neurons active in the dense FFN (h != 0) that the recorded step computed;
@@ -150,8 +154,10 @@ class ExactMode(Mode):
 
     def __init__(self, w: FFNWeights, kernels: Kernels, options=None):
         if w.act != "relu":
-            raise UserError(f"exact mode needs a ReLU-gated FFN (dReLU or ReGLU); this model's gate uses "
-                            f"{w.act}: use the threshold mode for SwiGLU models")
+            raise UserError(
+                f"exact mode needs a ReLU-gated FFN (dReLU or ReGLU); this model's gate uses "
+                f"{w.act}: use the threshold mode for SwiGLU models"
+            )
         super().__init__(w, kernels, options)
 
     def step(self, x, r, add_to=None, counts=None):
@@ -167,27 +173,30 @@ class PredictorMode(Mode):
 
     def __init__(self, w: FFNWeights, kernels: Kernels, options: PredictorOptions | None = None):
         if w.fc1 is None or w.fc2_t is None:
-            raise UserError("predictor mode needs trained predictors in the checkpoint; run "
-                            "`python -m turbo_demo predictors MODEL_DIR` first, or use the exact mode")
+            raise UserError(
+                "predictor mode needs trained predictors in the checkpoint; run "
+                "`python -m turbo_demo predictors MODEL_DIR` first, or use the exact mode"
+            )
         super().__init__(w, kernels, options)
+        self.fc1, self.fc2_t = w.fc1, w.fc2_t
         o = self.options
         self.threshold = (w.threshold or 0.0) if o.threshold is None else o.threshold
         self.budget = 0 if o.budget is None else max(1, round(o.budget * w.n))
 
     def predictor_bytes(self, rows: int) -> int:
         """Predictor bytes a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
-        fc1 = self.w.fc1
-        return (fc1.numel() + rows * self.w.n) * fc1.element_size()
+        return (self.fc1.numel() + rows * self.w.n) * self.fc1.element_size()
 
     def step(self, x, r, add_to=None, counts=None):
         """The neurons predicted active for the residual r (H,), then the sparse step on them."""
         w, k = self.w, self.kernels
         if w.act == "relu":
-            y, idx, rows, up_rows, active = k.ffn_predicted(w.fc1, w.fc2_t, r, self.threshold, self.budget, w.wg,
-                                                            w.wu, w.wd_t, x, w.drelu, add_to, counts)
+            y, idx, rows, up_rows, active = k.ffn_predicted(
+                self.fc1, self.fc2_t, r, self.threshold, self.budget, w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts
+            )
             bytes_before = self.predictor_bytes(rows) + len(idx) * w.row_bytes  # the chosen gate rows
             return y, self.sparse_record(x, idx, up_rows, active, bytes_before)
-        idx, rows = k.predict(w.fc1, w.fc2_t, r, self.threshold, self.budget)
+        idx, rows = k.predict(self.fc1, self.fc2_t, r, self.threshold, self.budget)
         return self.gathered(x, idx, None, self.predictor_bytes(rows) + len(idx) * w.row_bytes, add_to, counts)
 
 

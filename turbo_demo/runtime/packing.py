@@ -12,6 +12,7 @@ so the pack costs one extra copy of W_down and fc2 (about a third of the FFN's w
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,8 +26,12 @@ LEAN_ARCHITECTURES = ("mistral", "llama", "bamboo")
 def lean_supports(config) -> bool:
     """Whether the lean runtime knows this architecture (else: transformers' own forward)."""
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    return (config.model_type in LEAN_ARCHITECTURES and rope == "default"
-            and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False))
+    return (
+        config.model_type in LEAN_ARCHITECTURES
+        and rope == "default"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+    )
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -74,11 +79,15 @@ def pack_ffn(mlp, config, layer: int) -> FFNWeights:
     predictor = getattr(mlp, "predictor", None)
     threshold_of = getattr(config, "threshold_of", None)
     return FFNWeights(
-        wg=mlp.gate_proj.weight.detach(), wu=mlp.up_proj.weight.detach(), wd_t=neuron_major(mlp.down_proj),
-        act=act, drelu=getattr(config, "model_type", "") == "bamboo",
+        wg=mlp.gate_proj.weight.detach(),
+        wu=mlp.up_proj.weight.detach(),
+        wd_t=neuron_major(mlp.down_proj),
+        act=act,
+        drelu=getattr(config, "model_type", "") == "bamboo",
         fc1=None if predictor is None else predictor.fc1.weight.detach(),
         fc2_t=None if predictor is None else neuron_major(predictor.fc2),
-        threshold=None if predictor is None or threshold_of is None else float(threshold_of(layer)))
+        threshold=None if predictor is None or threshold_of is None else float(threshold_of(layer)),
+    )
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ class PackedModel:
     FFN (only dense decoding, through transformers); lean is None where the lean runtime does
     not know the architecture."""
 
-    model: torch.nn.Module
+    model: Any  # a transformers causal LM; its config fields are read by name
     ffns: list[FFNWeights]
     lean: LeanWeights | None
 
@@ -123,12 +132,21 @@ class PackedModel:
 def pack_lean(model) -> LeanWeights:
     inner = model.model
     return LeanWeights(
-        embed=inner.embed_tokens.weight.detach(), norm=inner.norm.weight.detach(),
+        embed=inner.embed_tokens.weight.detach(),
+        norm=inner.norm.weight.detach(),
         lm_head=model.lm_head.weight.detach(),
-        attention=[AttentionWeights(layer.input_layernorm.weight.detach(), layer.self_attn.q_proj.weight.detach(),
-                                    layer.self_attn.k_proj.weight.detach(), layer.self_attn.v_proj.weight.detach(),
-                                    layer.self_attn.o_proj.weight.detach()) for layer in inner.layers],
-        ffn_norms=[layer.post_attention_layernorm.weight.detach() for layer in inner.layers])
+        attention=[
+            AttentionWeights(
+                layer.input_layernorm.weight.detach(),
+                layer.self_attn.q_proj.weight.detach(),
+                layer.self_attn.k_proj.weight.detach(),
+                layer.self_attn.v_proj.weight.detach(),
+                layer.self_attn.o_proj.weight.detach(),
+            )
+            for layer in inner.layers
+        ],
+        ffn_norms=[layer.post_attention_layernorm.weight.detach() for layer in inner.layers],
+    )
 
 
 @torch.no_grad()

@@ -46,13 +46,16 @@ class StepStats:
     @classmethod
     def from_records(cls, step, token, time_s, records: list[LayerRecord], intermediate_size, dense_bytes):
         n = intermediate_size
-        recalls = [r.recall for r in records]
+        recalls = [r.recall for r in records if r.recall is not None]
         return cls(
-            step=step, token=token, time_s=time_s, intermediate_size=n,
+            step=step,
+            token=token,
+            time_s=time_s,
+            intermediate_size=n,
             active_share=[r.active / n for r in records],
             computed_share=[r.computed / n for r in records],
             false_positive_share=[(r.computed - r.active) / max(1, r.computed) for r in records],
-            recall=recalls if all(r is not None for r in recalls) else None,
+            recall=recalls if len(recalls) == len(records) else None,
             ffn_bytes=sum(r.bytes for r in records),
             ffn_bytes_dense=dense_bytes,
         )

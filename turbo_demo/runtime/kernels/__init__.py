@@ -31,8 +31,7 @@ def cpp_available() -> bool:
     return _cpp_build()[1] is None
 
 
-def load_kernels(choice: str = "auto", on_build: Callable[[], None] | None = None,
-                 device: str = "cpu") -> Kernels:
+def load_kernels(choice: str = "auto", on_build: Callable[[], None] | None = None, device: str = "cpu") -> Kernels:
     """The kernels for `choice`: "torch", "cpp" (UserError where they cannot be built) or "auto"
     (cpp where it builds and runs on `device`'s type, else torch). on_build(), when given, is
     called before a build that is not yet on disk, so that the caller can say why it waits."""

@@ -72,19 +72,28 @@ def build(verbose: bool = False):
     """The compiled extension module (about a minute the first time on a machine, then cached)."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise UserError(f"cannot build the C++ kernels: no C++ compiler ({compiler!r} is not on PATH); "
-                        "install g++ or use the torch backend")
+        raise UserError(
+            f"cannot build the C++ kernels: no C++ compiler ({compiler!r} is not on PATH); "
+            "install g++ or use the torch backend"
+        )
     # imported here: torch.utils.cpp_extension pulls in setuptools, which only a build needs
     from torch.utils import cpp_extension
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name=module_name(), sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=verbose)
+        return cpp_extension.load(
+            name=module_name(),
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
     except Exception as exc:  # compiler, ninja and linker failures
-        raise UserError(f"cannot build the C++ kernels with {compiler!r}: {first_error_line(exc)}; "
-                        "use the torch backend") from exc
+        raise UserError(
+            f"cannot build the C++ kernels with {compiler!r}: {first_error_line(exc)}; use the torch backend"
+        ) from exc
 
 
 class CppKernels(Kernels):
@@ -121,17 +130,14 @@ class CppKernels(Kernels):
     def predict(self, fc1, fc2_t, r, threshold, budget):
         return self.ops.predict(fc1, fc2_t, r, threshold, budget)
 
-    def ffn_predicted(self, fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to=None,
-                      counts=None):
-        return self.ops.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to,
-                                      counts)
+    def ffn_predicted(self, fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to=None, counts=None):
+        return self.ops.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to, counts)
 
     def rms_norm(self, x, w, eps):
         return self.ops.rms_norm(x, w, eps)
 
     def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first):
-        return self.ops.attention_step(x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos,
-                                       first)
+        return self.ops.attention_step(x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first)
 
     def indices_over(self, v, t, inclusive):
         return self.ops.indices_over(v, t, inclusive)

@@ -14,10 +14,12 @@ Two optional arguments recur in the FFN steps:
                      computed: the runtime's neuron firing counts
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 # The reference's gathered rows are copies (index_select): above this share of the neurons,
 # one dense pass, masked, reads the weights faster than the gathers and gives the same result.
 DENSE_FALLBACK_SHARE = 0.45
@@ -132,8 +134,9 @@ class Kernels:
         idx = top_indices(score, budget) if budget > 0 else self.indices_over(score, threshold, True)
         return idx, int(torch.count_nonzero(z))
 
-    def ffn_predicted(self, fc1, fc2_t, r, threshold: float, budget: int, wg, wu, wd_t, x, relu_up: bool,
-                      add_to=None, counts=None):
+    def ffn_predicted(
+        self, fc1, fc2_t, r, threshold: float, budget: int, wg, wu, wd_t, x, relu_up: bool, add_to=None, counts=None
+    ):
         """A predictor-mode step of a ReLU-gated FFN -> (y, idx, rows, up_rows, active):
         (idx, rows) = predict(...), then up_down on idx with a = None (the gate on the chosen
         rows only)."""
@@ -154,14 +157,16 @@ class Kernels:
         rounded to x's dtype before w multiplies it, as in HF."""
         return w * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
 
-    def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos: int,
-                       first: int) -> torch.Tensor:
+    def attention_step(
+        self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos: int, first: int
+    ) -> torch.Tensor:
         """A layer's attention block for one token x (H,): x + Wo decode_attention(Wq n, Wk n,
         Wv n, ...), n = rms_norm(x, ln_w, eps); cos, sin_signed are the whole rotary tables
         (max_len, hd), read at row pos."""
         h = self.rms_norm(x, ln_w, eps)
-        out = decode_attention(torch.mv(wq, h), torch.mv(wk, h), torch.mv(wv, h), k_cache, v_cache,
-                               cos[pos], sin_signed[pos], pos, first)
+        out = decode_attention(
+            torch.mv(wq, h), torch.mv(wk, h), torch.mv(wv, h), k_cache, v_cache, cos[pos], sin_signed[pos], pos, first
+        )
         return x + torch.mv(wo, out)
 
     def indices_over(self, v: torch.Tensor, t: float, inclusive: bool) -> torch.Tensor:

@@ -1,46 +1,14 @@
-// The small operations of one decode step, fused so that each is one call instead of a dozen
-// tensor operations (at batch 1 their fixed costs add up to more than their arithmetic).
-//
-//   rms_norm(x, w, eps)    y = w * round(x / sqrt(mean(x^2) + eps))    x (T, H) or (H,), w (H,)
-//   decode attention (inside attention_step) of q, k, v, k_cache, v_cache, cos, sin_signed,
-//       pos, first -> out (nh * hd,)
-//       q (nh * hd,), k, v (nkv * hd,): the projections of the token at position pos; caches
-//       (nkv, max_len, hd); cos, sin_signed (hd,): the rotary tables' row for pos. Rotates q
-//       and k (RoPE, rotate_half convention: rope(x)_c = x_c cos_c + x_{(c + hd/2) mod hd}
-//       sin_signed_c), writes k and v into the caches at pos, and attends with the cached
-//       positions first..pos: out_h = sum_t softmax_t(q_h . k_t / sqrt(hd)) v_t, where query
-//       head h reads kv head h / (nh / nkv) (grouped-query attention).
-//   attention_step(x, ln_w, eps, Wq, Wk, Wv, Wo, k_cache, v_cache, cos, sin_signed, pos, first)
-//       -> x + Wo attention(Wq n, Wk n, Wv n, ...), n = rms_norm(x, ln_w, eps): a layer's
-//       whole attention block for one token x (H,), in one call; cos, sin_signed are the whole
-//       rotary tables (max_len, hd), read at row pos
-//   predict(fc1, fc2_t, r, threshold, budget) -> (idx, rows): an activation predictor's choice
-//       of neurons for the residual r (H,): z = relu(fc1 r) (R,), score = z fc2_t (I,) with
-//       fc2_t (R, I) input-major, summed over the `rows` rows of fc2_t whose z_j != 0 (the
-//       others add nothing and are not read); idx = top_indices(score, budget) if budget > 0,
-//       else the ascending i with score_i >= threshold
-//   top_indices(v, k)           the indices of the k largest values of v (N,), ascending
-//                               (inside predict)
-//   indices_over(v, t, incl.)   the indices i with v_i > t (v_i >= t if inclusive), ascending
-//                               (the neuron selections of the sparse FFN modes)
-//   argmax(v)                   the index of the first largest value of v (N,), a NaN counting
-//                               as the largest, as in torch.argmax (greedy sampling: in the
-//                               embedded model's decode loop, torch's reduction over 4,096 bf16
-//                               logits took 65 us per token, this scan 17 us)
-//   sample_top_p(v, temperature, top_p, u)
-//                               nucleus sampling from logits v (N,) at one uniform u in [0, 1):
-//                               p_i = exp((v_i - max v) * (1 / temperature)); with the tokens
-//                               ranked by p descending (ties: lower index first), token i is
-//                               kept iff the mass ranked above it is < top_p * sum(p) (all
-//                               kept for top_p >= 1); the result is the first kept i, in index
-//                               order, whose cumulative kept mass exceeds u * (the kept mass).
-//                               Sums in fp64. (Over the embedded models' 4,096 logits, softmax,
-//                               sort and multinomial in PyTorch took ~440 us per token, as long
-//                               as a sparse decode step of theirs; these scans take ~35 us.)
+// The small operations of one decode step: rms_norm, attention_step (RMSNorm, the q, k, v
+// GEMVs, RoPE, the cache write, grouped-query attention over positions first..pos and the
+// output projection in one call), predict (and its top_indices), indices_over, argmax and
+// sample_top_p. What each computes is the docstring of the same method of Kernels in
+// ../reference.py; here they are fused, so that each is one call instead of a dozen tensor
+// operations, whose fixed costs at batch 1 add up to more than their arithmetic.
 //
 // Tensors are float32 or bfloat16, all of one dtype. As in the transformers models: norms and
 // attention compute in fp32, and a value is rounded to the dtype where HF stores it (the
-// normalised x, the rotated q and k, the cached k and v, the outputs).
+// normalised x, the rotated q and k, the cached k and v, the outputs). Sums that decide a
+// sampled token are in fp64.
 
 #include "gemv.h"
 
@@ -368,18 +336,18 @@ int64_t sample_top_p(const torch::Tensor& v, double temperature, double top_p, d
 }
 
 void register_decode_ops(pybind11::module& m) {
-  m.def("rms_norm", &rms_norm, "y = w * x / sqrt(mean(x^2) + eps) over the last dim", py::arg("x"),
+  m.def("rms_norm", &rms_norm, "see Kernels.rms_norm (reference.py)", py::arg("x"),
         py::arg("w"), py::arg("eps"));
-  m.def("argmax", &argmax, "the index of the first largest value of v (N,); NaN counts as largest",
+  m.def("argmax", &argmax, "see Kernels.argmax (reference.py)",
         py::arg("v"));
-  m.def("sample_top_p", &sample_top_p, "the token that nucleus sampling draws from logits v (N,) at u",
+  m.def("sample_top_p", &sample_top_p, "see Kernels.sample_top_p (reference.py)",
         py::arg("v"), py::arg("temperature"), py::arg("top_p"), py::arg("u"));
-  m.def("indices_over", &indices_over, "ascending indices i with v_i > t (>= t if inclusive)",
+  m.def("indices_over", &indices_over, "see Kernels.indices_over (reference.py)",
         py::arg("v"), py::arg("t"), py::arg("inclusive"));
-  m.def("attention_step", &attention_step, "x + the attention block of one token -> (H,)", py::arg("x"),
+  m.def("attention_step", &attention_step, "see Kernels.attention_step (reference.py)", py::arg("x"),
         py::arg("ln_w"), py::arg("eps"), py::arg("wq"), py::arg("wk"), py::arg("wv"), py::arg("wo"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"), py::arg("pos"),
         py::arg("first"));
-  m.def("predict", &predict, "(idx, rows): the neurons an activation predictor picks for r",
+  m.def("predict", &predict, "see Kernels.predict (reference.py)",
         py::arg("fc1"), py::arg("fc2_t"), py::arg("r"), py::arg("threshold"), py::arg("budget"));
 }

@@ -1,35 +1,15 @@
-// Whole FFN steps of one token, one call each: at batch 1 the fixed cost of the five to ten
-// tensor operations a step takes otherwise outweighs the arithmetic of a small layer.
+// Whole FFN steps of one token, one call each: ffn_dense, ffn_exact, up_down and
+// ffn_predicted (predict, in decode_ops.cpp, then up_down). What each computes, with the
+// optional add_to (the layer's residual add, fused) and counts (the neuron firing counts), is
+// the docstring of the same method of Kernels in ../reference.py; at batch 1 the fixed cost of
+// the five to ten tensor operations a step takes otherwise outweighs a small layer's arithmetic.
 //
-//   ffn_dense(Wg, Wu, Wd_t, x, act, act_up, add_to, counts) -> (y, active)
-//       h = act(Wg x) * (act(Wu x) if act_up else Wu x), y = h Wd_t over every row of Wd_t,
-//       active = #{i : h_i != 0}; act: "relu", "silu" (x sigmoid(x)) or "gelu" (erf form)
-//   ffn_exact(Wg, Wu, Wd_t, x, relu_up, add_to, counts) -> (y, computed, active)
-//       g = Wg x, S = {i : g_i > 0} (computed = |S|), then up_down on S with a = g[S]: equal to
-//       ffn_dense with act = relu, reading only the rows of S in Wu and of the active in Wd_t
-//   up_down(Wu, Wd_t, x, idx, a, relu_up, Wg, add_to, counts) -> (y, up_rows, active)
-//       a sparse FFN step on the neurons idx once their activated gate values a (k,) are known,
-//       or with a = None, a = relu(Wg[idx] . x): h_j = a_j * act(Wu[idx_j] . x), act = relu or
-//       identity, y = rows_axpy(Wd_t, h, idx), active = #{j : h_j != 0}; the up row of a
-//       neuron with a_j = 0 is not read (its h_j is 0 anyway): up_rows = #{j : a_j != 0}
-//   ffn_predicted(fc1, fc2_t, r, threshold, budget, Wg, Wu, Wd_t, x, relu_up, add_to, counts)
-//       -> (y, idx, rows, up_rows, active)
-//       a predictor-mode step: (idx, rows) = predict(fc1, fc2_t, r, threshold, budget) (in
-//       decode_ops.cpp), then up_down on idx with a = relu(Wg[idx] x); one call, since at a
-//       small model's size the interpreter between two calls costs more than the choice
-//
-// With add_to (H,) (optional), each returns add_to + y instead of y: the residual add of the
-// layer, fused, since at batch 1 a separate tensor add costs more than the sum itself (about
-// 8% of a small model's decode step, mostly the caches it finds cold after the FFN's stream).
-// With counts (N,) int32 (optional), each adds 1 to counts[i] for every neuron i with h_i != 0:
-// the neuron firing counts of the runtime's statistics, kept by the loops that find h anyway.
-//
-// Each step is one pass in one parallel region (dense_impl, sparse_impl): at a small model's
-// size, three separate passes with their thread start-ups and partial sums cost 15-25% more.
+// Each step is one pass in one parallel region (dense_impl, sparse_impl), so that threads start
+// once per step and partial sums are added once.
 //
 // Weights are neuron-major (N, H): Wg, Wu as stored by HF, Wd_t the transposed down projection.
 // Every intermediate value is rounded to the dtype where the separate operations would store
-// it, so the results match the PyTorch compositions in kernels.py up to summation order.
+// it, so the results match the PyTorch reference up to summation order.
 
 #include "gemv.h"
 
@@ -91,10 +71,9 @@ int32_t* counts_ptr(const std::optional<torch::Tensor>& counts, int64_t n, const
 // One parallel region for the whole step: threads split the candidates, and each takes its
 // share in blocks of kBlock (so that its buffers fit on the stack): the block's gate rows, then
 // the up rows of its live neurons, then the down rows of its active ones, summed into the
-// thread's fp32 partial y (larger blocks measured faster, 64 < 256 <= 1024, at both the 7B and
-// the embedded shape). Returns (up rows read, active), and counts the active neurons in counts
-// (when given; atomically, since idx may repeat a neuron in another thread's share). Values are
-// rounded to T where separate tensor operations would store them.
+// thread's fp32 partial y. Returns (up rows read, active), and counts the active neurons in
+// counts (when given; atomically, since idx may repeat a neuron in another thread's share).
+// Values are rounded to T where separate tensor operations would store them.
 template <typename T>
 std::pair<int64_t, int64_t> sparse_impl(const T* wg, const T* a_given, const T* wu, const T* wd_t,
                                         const T* x, const int64_t* idx, int64_t k, int64_t h,
@@ -277,17 +256,17 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t> ffn_predicte
 }
 
 void register_ffn_ops(pybind11::module& m) {
-  m.def("ffn_dense", &ffn_dense, "(y, active): the dense FFN of one token", py::arg("wg"), py::arg("wu"),
+  m.def("ffn_dense", &ffn_dense, "see Kernels.ffn_dense (reference.py)", py::arg("wg"), py::arg("wu"),
         py::arg("wd_t"), py::arg("x"), py::arg("act"), py::arg("act_up"), py::arg("add_to") = py::none(),
         py::arg("counts") = py::none());
-  m.def("ffn_exact", &ffn_exact, "(y, computed, active): the dReLU/ReGLU FFN on the gate-active neurons",
+  m.def("ffn_exact", &ffn_exact, "see Kernels.ffn_exact (reference.py)",
         py::arg("wg"), py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"),
         py::arg("add_to") = py::none(), py::arg("counts") = py::none());
-  m.def("up_down", &up_down, "(y, up_rows, active): h = a * act(Wu[idx] x), y = sum_j h_j Wd_t[idx_j]",
+  m.def("up_down", &up_down, "see Kernels.up_down (reference.py)",
         py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("idx"), py::arg("a"), py::arg("relu_up"),
         py::arg("wg") = py::none(), py::arg("add_to") = py::none(), py::arg("counts") = py::none());
   m.def("ffn_predicted", &ffn_predicted,
-        "(y, idx, rows, up_rows, active): predict's choice of neurons, then up_down on it",
+        "see Kernels.ffn_predicted (reference.py)",
         py::arg("fc1"), py::arg("fc2_t"), py::arg("r"), py::arg("threshold"), py::arg("budget"), py::arg("wg"),
         py::arg("wu"), py::arg("wd_t"), py::arg("x"), py::arg("relu_up"), py::arg("add_to") = py::none(),
         py::arg("counts") = py::none());

@@ -1,19 +1,11 @@
-// Gather-GEMV kernels for a sparse FFN: the two operations on a subset idx of neurons, and
-// their dense forms over every row (the dense FFN and attention projections of decoding).
-//
-//   rows_dot(W, x, idx)    y_j = sum_c W[idx_j, c] * x[c]       W (N, H), x (H,), idx (k,) -> y (k,)
-//   rows_axpy(Wt, h, idx)  y_c = sum_j h_j * Wt[idx_j, c]       Wt (N, H), h (k,), idx (k,) -> y (H,)
-//   matvec(W, x)           rows_dot with idx = 0..N-1           -> y (N,)
-//   vecmat(h, Wt)          rows_axpy with idx = 0..N-1          h (N,) -> y (H,)
-//
-// All read only the selected rows of a neuron-major weight, each a contiguous run of H values,
-// straight from the weight (no gathered copy); rows_axpy also skips the rows whose h_j is zero
-// (they add nothing, and most of a dReLU FFN's h is zero), while vecmat, the dense form, reads
-// every row. W / Wt are float32 or bfloat16; the vectors (x, h) and the result have the
-// weight's dtype. Sums are always accumulated in fp32: a bf16 value b converts exactly as
-// float(bits(b) << 16), and bf16 results are rounded to nearest-even once at the end.
-//
-// The loops themselves live in gemv.h.
+// Gather-GEMV for a sparse FFN, rows_dot and rows_axpy over a selection idx of neurons, and
+// their dense forms over every row, matvec and vecmat (the dense FFN and the attention
+// projections of decoding). What each computes is the docstring of the same method of Kernels
+// in ../reference.py. Here every one reads the selected rows of a neuron-major weight straight
+// from the weight (no gathered copy), each a contiguous run of H values; rows_axpy also skips
+// the rows whose h_j is zero. Sums are accumulated in fp32 (a bf16 value b converts exactly as
+// float(bits(b) << 16)), and bf16 results are rounded to nearest-even once at the end. The loops
+// live in gemv.h; this file registers the module.
 
 #include "gemv.h"
 
@@ -72,12 +64,12 @@ void register_ffn_ops(pybind11::module& m);     // ffn_ops.cpp: whole FFN steps
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU decode kernels: gather-GEMV for sparse FFNs, their dense forms, fused decode ops";
-  m.def("rows_dot", &rows_dot, "y_j = W[idx_j] . x: W (N, H), x (H,), idx (k,) int64 -> y (k,)",
+  m.def("rows_dot", &rows_dot, "see Kernels.rows_dot (reference.py)",
         py::arg("w"), py::arg("x"), py::arg("idx"));
-  m.def("rows_axpy", &rows_axpy, "y = sum_j h_j Wt[idx_j]: Wt (N, H), h (k,), idx (k,) int64 -> y (H,)",
+  m.def("rows_axpy", &rows_axpy, "see Kernels.rows_axpy (reference.py)",
         py::arg("wt"), py::arg("h"), py::arg("idx"));
-  m.def("matvec", &matvec, "y = W x: W (N, H), x (H,) -> y (N,)", py::arg("w"), py::arg("x"));
-  m.def("vecmat", &vecmat, "y = h Wt: h (N,), Wt (N, H) -> y (H,)", py::arg("h"), py::arg("wt"));
+  m.def("matvec", &matvec, "see Kernels.matvec (reference.py)", py::arg("w"), py::arg("x"));
+  m.def("vecmat", &vecmat, "see Kernels.vecmat (reference.py)", py::arg("h"), py::arg("wt"));
   register_decode_ops(m);
   register_ffn_ops(m);
 }

@@ -83,10 +83,9 @@ inline float vsum(vec v) {
 }
 #endif
 
-// Weights of fewer bytes than this run on one thread (64 KiB: at the embedded model's size,
-// splitting layer 0's 192 x 256 predictor fc1 and the gather-GEMV of its ~190 chosen neurons
-// over two threads made predictor-mode decoding 4-7% faster in fp32 and 4% in bf16 than the
-// earlier 64 Ki-element limit, which ran them on one; the other modes were unchanged).
+// Weights of fewer bytes than this run on one thread: below it, waking the thread pool costs
+// more than the second thread saves (the limit is in bytes, so a bf16 pass of the same shape
+// stays on one thread longer than an fp32 one).
 constexpr int64_t kParallelMinBytes = 64 << 10;
 
 // The threads for a pass over `elements` weights of type T.
