@@ -143,9 +143,12 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             temperature,
             top_p,
             seed,
+            state,
             progress=gr.Progress(),
         ):
-            state = {"stop": Event()}
+            # the session's own dict, changed in place: a Stop clicked before the first update
+            # (while a model loads) finds this run's Event
+            state["stop"] = Event()
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
             settings = Settings(max_new_tokens, temperature, top_p, seed)
             rounds = run_compare(
@@ -213,7 +216,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
         ]
         generate.click(
             on_generate,
-            [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed],
+            [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, session],
             outputs,
             concurrency_limit=1,
             concurrency_id="generate",

@@ -47,6 +47,11 @@ class Decoder:
             options = mode_options(mode, **given)
         elif given:
             raise UserError("give a mode's options as a dataclass or as keywords, not both")
+        if not packed.ffns and mode != "dense":
+            raise UserError(
+                f"{mode} mode needs a gated FFN the sparse modes know (gate_proj, up_proj, down_proj "
+                "with a relu, silu or gelu gate); this model runs in dense mode only"
+            )
         self.packed, self.mode, self.kernels, self.options = packed, mode, kernels, options
         self.modes: list[Mode] = make_modes(packed.ffns, mode, kernels, options)
         n = packed.ffns[0].n if packed.ffns else 0

@@ -117,14 +117,14 @@ class Mode:
             h = a * self.up(k.rows_dot(w.wu, x, idx))
             count_firing(counts, idx, h)
             y = plus(k.rows_axpy(w.wd_t, h, idx), add_to)
-            up_rows, active = len(idx), int(torch.count_nonzero(h))
+            up_rows, active = idx.shape[0], int(torch.count_nonzero(h))
         return y, self.sparse_record(x, idx, up_rows, active, bytes_before)
 
     def sparse_record(self, x, idx, up_rows: int, active: int, bytes_before: int) -> LayerRecord:
-        """Of the len(idx) computed neurons, up_rows read their up row and the active ones their
+        """Of the k = idx.shape[0] computed neurons, up_rows read their up row and the active ones their
         down row, on top of bytes_before (gate rows, predictor)."""
         return LayerRecord(
-            computed=len(idx),
+            computed=idx.shape[0],
             active=active,
             bytes=bytes_before + (up_rows + active) * self.w.row_bytes,
             choice=(x, idx) if self.can_miss else None,
@@ -179,13 +179,15 @@ class PredictorMode(Mode):
             )
         super().__init__(w, kernels, options)
         self.fc1, self.fc2_t = w.fc1, w.fc2_t
+        size = self.fc1.element_size()
+        self.fc1_bytes, self.fc2_row_bytes = self.fc1.numel() * size, w.n * size
         o = self.options
         self.threshold = (w.threshold or 0.0) if o.threshold is None else o.threshold
         self.budget = 0 if o.budget is None else max(1, round(o.budget * w.n))
 
     def predictor_bytes(self, rows: int) -> int:
         """Predictor bytes a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
-        return (self.fc1.numel() + rows * self.w.n) * self.fc1.element_size()
+        return self.fc1_bytes + rows * self.fc2_row_bytes
 
     def step(self, x, r, add_to=None, counts=None):
         """The neurons predicted active for the residual r (H,), then the sparse step on them."""
@@ -194,10 +196,10 @@ class PredictorMode(Mode):
             y, idx, rows, up_rows, active = k.ffn_predicted(
                 self.fc1, self.fc2_t, r, self.threshold, self.budget, w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts
             )
-            bytes_before = self.predictor_bytes(rows) + len(idx) * w.row_bytes  # the chosen gate rows
+            bytes_before = self.predictor_bytes(rows) + idx.shape[0] * w.row_bytes  # the chosen gate rows
             return y, self.sparse_record(x, idx, up_rows, active, bytes_before)
         idx, rows = k.predict(self.fc1, self.fc2_t, r, self.threshold, self.budget)
-        return self.gathered(x, idx, None, self.predictor_bytes(rows) + len(idx) * w.row_bytes, add_to, counts)
+        return self.gathered(x, idx, None, self.predictor_bytes(rows) + idx.shape[0] * w.row_bytes, add_to, counts)
 
 
 class ThresholdMode(Mode):

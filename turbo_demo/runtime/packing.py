@@ -11,7 +11,7 @@ the kernels need in another layout is copied once, here:
 so the pack costs one extra copy of W_down and fc2 (about a third of the FFN's weights).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,19 +57,16 @@ class FFNWeights:
     fc1: torch.Tensor | None = None
     fc2_t: torch.Tensor | None = None
     threshold: float | None = None
+    # sizes, fixed once (a decode step reads them in every layer): neurons, the bytes of one
+    # neuron's row in one of the three matrices, and of the whole FFN
+    n: int = field(init=False)
+    row_bytes: int = field(init=False)
+    dense_bytes: int = field(init=False)
 
-    @property
-    def n(self) -> int:
-        return self.wg.size(0)
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one neuron's row in one of the three matrices."""
-        return self.wg.size(1) * self.wg.element_size()
-
-    @property
-    def dense_bytes(self) -> int:
-        return 3 * self.n * self.row_bytes
+    def __post_init__(self):
+        n, row_bytes = self.wg.size(0), self.wg.size(1) * self.wg.element_size()
+        for name, value in (("n", n), ("row_bytes", row_bytes), ("dense_bytes", 3 * n * row_bytes)):
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 def pack_ffn(mlp, config, layer: int) -> FFNWeights:
