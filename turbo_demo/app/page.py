@@ -129,9 +129,10 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             return gr.Dropdown(choices=modes, value=value), error
 
         def on_stop(state):
+            # no output: a "Stopping…" written into the run's status line could reach the page
+            # after the run's own final "Stopped." and overwrite it; the run stops within a step
             if state and state.get("stop"):
                 state["stop"].set()
-            return "Stopping after the current step…"
 
         def on_generate(
             prompt,
@@ -222,6 +223,6 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             concurrency_id="generate",
             api_visibility="private",
         )
-        stop.click(on_stop, [session], [run_status], queue=False, api_visibility="private")
+        stop.click(on_stop, [session], None, queue=False, api_visibility="private")
         gr.api(compare_api, api_name="compare", concurrency_limit=1, concurrency_id="generate")
     return demo
