@@ -31,7 +31,7 @@ def main() -> None:
     from turbo_demo.runtime.kernels import cpp, load_kernels
 
     try:
-        kernels = load_kernels(args.kernels, on_build=lambda: print(cpp.BUILD_NOTICE, file=sys.stderr, flush=True))
+        kernels = load_kernels(args.kernels, on_build=cpp.announce_build)
     except UserError as exc:
         sys.exit(f"error: {exc}")
     print(f"Decode kernels: {kernels.name}", file=sys.stderr)

@@ -106,6 +106,18 @@ def cpp_kernels():
         pytest.skip(f"C++ kernels unavailable: {exc}")
 
 
+@pytest.fixture(scope="session")
+def backends():
+    """The kernels of every backend here: the PyTorch reference, and the C++ kernels where they
+    build (their absence fails under TURBO_DEMO_REQUIRE_CPP=1, as in cpp_kernels)."""
+    try:
+        return [Kernels(), load_kernels("cpp")]
+    except UserError as exc:
+        if REQUIRE_CPP:
+            pytest.fail(f"TURBO_DEMO_REQUIRE_CPP is set and the C++ kernels are unavailable: {exc}")
+        return [Kernels()]
+
+
 @pytest.fixture(params=["torch", "cpp"])
 def any_kernels(request):
     """Each backend in turn: the PyTorch reference, then the C++ kernels (as cpp_kernels)."""

@@ -117,7 +117,7 @@ def test_unknown_kernel_backend():
 
 def test_build_cache_is_keyed_by_cpu_and_sources(monkeypatch):
     key = cpp.build_key()
-    assert cpp.module_name().endswith(key) and cpp.build_dir().name == cpp.module_name()
+    assert cpp.module_name().endswith(key) and cpp.build_dir(cpp.module_name()).name == cpp.module_name()
     monkeypatch.setattr(cpp, "cpu_flags", lambda: "flags : some other cpu")
     assert cpp.build_key() != key  # a cache carried to another CPU is never loaded
     monkeypatch.undo()

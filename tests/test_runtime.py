@@ -144,11 +144,11 @@ def test_firing_counts_add_up_to_each_steps_active_neurons(engine, mode, options
         assert sum(per_neuron) == round(sum(s.active_share[layer] * 128 for s in steps))
 
 
-def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys, any_kernels):
+def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys, backends):
     from turbo_demo import cli
 
     outs = {}
-    for backend in dict.fromkeys(("torch", any_kernels.name)):
+    for backend in (k.name for k in backends):
         assert (
             cli.main(
                 [
@@ -194,10 +194,10 @@ def test_generate_command_prints_steps_and_firing_counts(tiny_dirs, capsys, any_
     assert out["dtype"] == "bfloat16" and len(out["token_ids"]) == 3
 
 
-def test_sampled_generation_follows_the_seed_on_both_backends(any_kernels):
+def test_sampled_generation_follows_the_seed_on_both_backends(backends):
     tokens = {}
     packed = pack(tiny_model("drelu", seed=5))
-    for kernels in (Kernels(), any_kernels):
+    for kernels in backends:
         runtime = LeanRuntime(packed, "exact", kernels)
         for seed in (3, 3, 4):
             steps = runtime.generate([5, 6, 7], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=seed)

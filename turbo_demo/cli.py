@@ -94,7 +94,7 @@ def cmd_generate(args) -> None:
 
     options = mode_options(args)
     device = decode_device(args.device)
-    kernels = load_kernels(args.backend, announce_build(cpp.BUILD_NOTICE), device.type)
+    kernels = load_kernels(args.backend, cpp.announce_build, device.type)
     model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
     tokenizer = load_tokenizer(args.model_dir)
     runtime = open_runtime(pack(model), args.mode, kernels, options)
@@ -144,11 +144,6 @@ def cmd_generate(args) -> None:
             }
         )
     )
-
-
-def announce_build(notice: str):
-    """An on_build for load_kernels: says on stderr why the next step waits."""
-    return lambda: print(notice, file=sys.stderr, flush=True)
 
 
 def cmd_card(args) -> None:

@@ -167,9 +167,9 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
                 for _ in rounds:
                     if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                         last = time.monotonic()
-                        yield {**show_compare(views.compare_view(left, right), "Generating…"), session: state}
+                        yield show_compare(views.compare_view(left, right), "Generating…")
             except UserError as exc:
-                yield {run_status: str(exc), session: state}
+                yield {run_status: str(exc)}
                 return
             done = "Stopped." if state["stop"].is_set() else "Done."
             neurons = views.neurons_view(left, right, run_histograms(store, left, right))
@@ -210,7 +210,6 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             memory,
             recall,
             run_status,
-            session,
             firing_left,
             firing_right,
             hist,

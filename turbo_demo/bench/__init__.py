@@ -51,7 +51,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
     """The whole benchmark as one JSON-ready dict: machine, ffn, e2e and notes. The kernels are
     chosen once, for the whole run."""
     notes: list[str] = []
-    kernels = load_kernels(backend, lambda: print(cpp.BUILD_NOTICE, file=sys.stderr, flush=True))
+    kernels = load_kernels(backend, cpp.announce_build)
     if kernels.name == "torch" and backend == "auto":
         notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
     with torch.inference_mode():

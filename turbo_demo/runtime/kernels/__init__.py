@@ -14,7 +14,7 @@ from turbo_demo.runtime.kernels import cpp
 from turbo_demo.runtime.kernels.cpp import CppKernels
 from turbo_demo.runtime.kernels.reference import Kernels
 
-__all__ = ["CppKernels", "Kernels", "cpp_available", "load_kernels"]
+__all__ = ["CppKernels", "Kernels", "load_kernels"]
 
 
 @functools.cache
@@ -24,11 +24,6 @@ def _cpp_build() -> tuple[object, UserError | None]:
         return cpp.build(), None
     except UserError as exc:
         return None, exc
-
-
-def cpp_available() -> bool:
-    """Whether the C++ kernels build here (builds them on the first call)."""
-    return _cpp_build()[1] is None
 
 
 def load_kernels(choice: str = "auto", on_build: Callable[[], None] | None = None, device: str = "cpu") -> Kernels:

@@ -3,6 +3,7 @@
     build()      the compiled extension module, built once and cached on disk; raises
                  UserError when it cannot be built (no compiler, a failed build)
     built()      whether a build for this machine and these sources is on disk (build() is then quick)
+    announce_build()  says on stderr that a build is starting (about a minute)
 
 The build is compiled with -march=native, so the cache is keyed by the CPU's flags and the
 sources' hash (and torch's version): a cache carried to another CPU, or left by older sources,
@@ -13,6 +14,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -51,12 +53,19 @@ def module_name() -> str:
     return f"turbo_demo_kernels_{build_key()}"
 
 
-def build_dir() -> Path:
-    return cache_dir() / "torch_extensions" / module_name()
+def build_dir(name: str) -> Path:
+    """Where the build of the module `name` (module_name()) lives."""
+    return cache_dir() / "torch_extensions" / name
 
 
 def built() -> bool:
-    return (build_dir() / f"{module_name()}.so").is_file()
+    name = module_name()
+    return (build_dir(name) / f"{name}.so").is_file()
+
+
+def announce_build() -> None:
+    """Say on stderr why the next step waits: load_kernels' on_build for the app, CLI and bench."""
+    print(BUILD_NOTICE, file=sys.stderr, flush=True)
 
 
 def first_error_line(exc: BaseException) -> str:
@@ -79,11 +88,12 @@ def build(verbose: bool = False):
     # imported here: torch.utils.cpp_extension pulls in setuptools, which only a build needs
     from torch.utils import cpp_extension
 
-    directory = build_dir()
+    name = module_name()  # hashes the sources: once per build
+    directory = build_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(
-            name=module_name(),
+            name=name,
             sources=[str(s) for s in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
