@@ -5,3 +5,11 @@ BACKENDS = ("torch", "cpp")  # kernel backends: the PyTorch reference, the C++ k
 BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: cpp where it builds here, else torch
 MODES = ("dense", "exact", "predictor", "threshold")  # FFN modes of the runtime
 DTYPE_CHOICES = ("auto", "fp32", "bf16")  # auto: fp32 for small models, bf16 for big ones
+# What each mode computes, as the app and `generate --help` say it. On a published TurboSparse
+# checkpoint the predictor's mask is part of the model: predictor mode is the model as published.
+MODE_HELP = {
+    "dense": "every FFN neuron (for a TurboSparse model: dReLU without the predictor's mask)",
+    "exact": "only the neurons whose ReLU gate is > 0; equal to dense, fewer rows read",
+    "predictor": "the neurons the predictor picks (score > 0): the published TurboSparse model itself",
+    "threshold": "the neurons whose |gate activation| passes a threshold (CATS/TEAL), any gated model",
+}

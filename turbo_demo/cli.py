@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, MODES
+from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, MODE_HELP, MODES
 from turbo_demo.errors import UserError
 
 
@@ -88,7 +88,10 @@ def decode_device(name: str):
 
 
 def cmd_generate(args) -> None:
+    from pathlib import Path
+
     from turbo_demo.model.checkpoint import DTYPES, dtype_name, load_model, load_tokenizer
+    from turbo_demo.model.generation import encode_prompt, read_generation
     from turbo_demo.runtime import load_kernels, open_runtime, pack
     from turbo_demo.runtime.kernels import cpp
 
@@ -97,18 +100,31 @@ def cmd_generate(args) -> None:
     kernels = load_kernels(args.backend, cpp.announce_build, device.type)
     model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
     tokenizer = load_tokenizer(args.model_dir)
+    generation = read_generation(Path(args.model_dir), model.config, tokenizer)
+    chat = generation.chat if args.chat is None else args.chat
+    if chat and not generation.chat:
+        raise UserError(f"{args.model_dir}'s tokenizer has no chat template: drop --chat")
     runtime = open_runtime(pack(model), args.mode, kernels, options)
-    prompt_ids = tokenizer(args.prompt)["input_ids"]
+    prompt_ids, rendered = encode_prompt(tokenizer, args.prompt, args.system or "", chat)
     if not prompt_ids:
         raise UserError("empty prompt: give some text with --prompt")
+    temperature = generation.temperature if args.temperature is None else args.temperature
+    top_p = generation.top_p if args.top_p is None else args.top_p
+    max_new = args.max_new_tokens or min(generation.max_new_tokens or 64, 256)
+    if not args.json:
+        for note in generation.notes if args.temperature is None else ():
+            print(f"note: {note}", file=sys.stderr)
+        if args.show_prompt:
+            print(rendered, file=sys.stderr)
     steps, ids, shown = [], [], ""
     for stats in runtime.generate(
         prompt_ids,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
+        max_new,
+        temperature,
+        top_p,
         args.seed,
-        eos_token_id=tokenizer.eos_token_id,
+        stop_ids=generation.stop_ids,
+        vocab=generation.vocab,
         audit=args.audit,
     ):
         steps.append(stats)
@@ -135,6 +151,11 @@ def cmd_generate(args) -> None:
                 "device": str(device),
                 "dtype": dtype_name(model.dtype),
                 "prompt": args.prompt,
+                "chat": chat,
+                "rendered_prompt": rendered,
+                "temperature": temperature,
+                "top_p": top_p,
+                "notes": list(generation.notes),
                 "prompt_ids": prompt_ids,
                 "token_ids": ids,
                 "text": shown,
@@ -202,13 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_card)
 
-    p = sub.add_parser("generate", help="stream text from a model in one backend mode")
+    p = sub.add_parser(
+        "generate",
+        help="stream text from a model in one backend mode",
+        description="Modes: " + "; ".join(f"{m}: {MODE_HELP[m]}" for m in MODES),
+    )
     p.add_argument("model_dir")
-    p.add_argument("--mode", default="dense", choices=MODES)
+    p.add_argument("--mode", default="dense", choices=MODES, help="the FFN mode (see above)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="wrap the prompt in the model's chat template as the user's turn (default: on where it has one)",
+    )
+    p.add_argument("--system", help="with --chat: a system turn before the prompt")
+    p.add_argument("--show-prompt", action="store_true", help="print the rendered prompt on stderr")
+    p.add_argument("--max-new-tokens", type=int, help="default: the model's generation config, at most 256; else 64")
+    p.add_argument(
+        "--temperature", type=float, help="0 = greedy; default: the model's generation config where sane, else 0"
+    )
+    p.add_argument("--top-p", type=float, help="default: the model's generation config, else 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, help="predictor mode: compute this share of the neurons")
     p.add_argument("--threshold", type=float, help="predictor mode: score threshold; threshold mode: |activation|")

@@ -9,9 +9,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
+from turbo_demo.model.generation import Generation, read_generation
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
 
@@ -60,7 +62,8 @@ class LoadedModel:
     name: str
     path: Path
     packed: PackedModel
-    tokenizer: object
+    tokenizer: Any
+    generation: Generation
 
     @property
     def model(self):
@@ -87,6 +90,7 @@ class ModelStore:
             if path not in self._models:
                 if on_load is not None:
                     on_load(f"Loading {name_or_path}…")
-                packed = pack(load_model(path))
-                self._models[path] = LoadedModel(name_or_path, path, packed, load_tokenizer(path))
+                packed, tokenizer = pack(load_model(path)), load_tokenizer(path)
+                generation = read_generation(path, packed.model.config, tokenizer)
+                self._models[path] = LoadedModel(name_or_path, path, packed, tokenizer, generation)
             return self._models[path]

@@ -128,7 +128,8 @@ def side_steps(
             settings.top_p,
             settings.seed,
             stop=stop,
-            eos_token_id=loaded.tokenizer.eos_token_id,
+            stop_ids=loaded.generation.stop_ids,
+            vocab=loaded.generation.vocab,
             audit=settings.audit,
         ):
             record.steps.append(stats)

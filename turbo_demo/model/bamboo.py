@@ -7,8 +7,12 @@ It is transformers' Mistral with one change, the FFN:
 
 plus an optional low-rank activation predictor per layer, stored under the published names
 `model.layers.{i}.mlp.predictor.fc1/fc2`: score = fc2(relu(fc1(r))), fc1: hidden -> rank,
-fc2: rank -> intermediate, no biases. The predictor only runs when the sparse runtime asks for
-it; the model's own forward never calls it.
+fc2: rank -> intermediate, no biases, r the residual stream before post_attention_layernorm.
+The published model multiplies h by mask = round(sigmoid(score)), i.e. neuron i is active
+when score_i > 0; our runtime's predictor mode is that model (runtime/modes.py). This class's
+own forward is the dReLU network without the mask (what dense and exact mode compute, and what
+training, evaluation and predictor training read). The published config names no rank:
+`load_config` takes each layer's from the weight shapes (they differ per layer).
 
 The classes are registered with the transformers Auto classes in `turbo_demo/model/__init__.py`, so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a bamboo checkpoint with
@@ -29,8 +33,9 @@ class BambooConfig(MistralConfig):
     hidden_act: the activation applied to *both* the gate and the up branch ("relu" = dReLU).
     predictor_rank: rank of the per-layer activation predictor; an int for every layer, a list
         with one rank per layer, or None when the checkpoint carries no predictors.
-    predictor_threshold: the score (a logit) at or above which a neuron is predicted active;
-        0.0 is sigmoid 0.5, PowerInfer's default; a list gives one threshold per layer.
+    predictor_threshold: the score (a logit) above which a neuron is predicted active; 0.0 is
+        the published rule round(sigmoid(score)) == 1 (PowerInfer's default too); a list gives
+        one threshold per layer (calibrated by `python -m turbo_demo predictors`).
     """
 
     model_type = "bamboo"

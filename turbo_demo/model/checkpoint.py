@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from turbo_demo.errors import UserError
+from turbo_demo.model.headers import read_headers
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -33,11 +34,22 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path):
+    """The checkpoint's config; a bamboo config that names no predictor rank (as published)
+    gets each layer's rank from the predictor weights' shapes, 0 where a layer has none."""
     path = check_model_dir(path)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as exc:
         raise UserError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    if config.model_type == "bamboo" and config.predictor_rank is None:
+        tensors = read_headers(path)
+        ranks = [
+            tensors[name].shape[0] if (name := f"model.layers.{i}.mlp.predictor.fc1.weight") in tensors else 0
+            for i in range(config.num_hidden_layers)
+        ]
+        if any(ranks):
+            config.predictor_rank = ranks
+    return config
 
 
 FP32_MAX_BYTES = 4 << 30

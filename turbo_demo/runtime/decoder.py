@@ -8,7 +8,7 @@ per layer), `reset()`, and its per-layer modes; the runtime owns the firing coun
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from threading import Event
 
 import torch
@@ -80,12 +80,16 @@ class Decoder:
         top_p: float = 1.0,
         seed: int = 0,
         stop: Event | None = None,
-        eos_token_id: int | None = None,
+        stop_ids: Collection[int] = (),
+        vocab: int | None = None,
         audit: bool = False,
     ) -> Iterator[StepStats]:
-        """Yield one StepStats per new token.
+        """Yield one StepStats per new token, until max_new_tokens, a token in stop_ids, or stop.
 
-        The prompt but its last token is prefilled (dense FFN); every new token then comes from
+        vocab: only ids below it are ever sampled (logits[:vocab]): an embedding padded beyond
+        the tokenizer's ids has rows no text decodes to (None: every row).
+
+        The prompt but its last token is prefilled (the modes' prefill); every new token comes from
         a decode step in the runtime's mode, timed alone (decode + sample). The recall audit,
         when on, runs after the timer stops so that it never counts as decoding time.
         """
@@ -103,11 +107,11 @@ class Decoder:
         for step in range(max_new_tokens):
             start = time.perf_counter()
             logits, records = self.decode(token)
-            token = sample(self.kernels, logits, temperature, top_p, gen)
+            token = sample(self.kernels, logits[:vocab], temperature, top_p, gen)
             elapsed = time.perf_counter() - start
             if audit:
                 for mode, record in zip(self.modes, records):
                     record.recall = mode.recall(record)
             yield StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes)
-            if (stop is not None and stop.is_set()) or token == eos_token_id:
+            if (stop is not None and stop.is_set()) or token in stop_ids:
                 return

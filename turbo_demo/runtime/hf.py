@@ -4,7 +4,7 @@
 the loaded one but has its own module tree, in which each decoder layer's MLP is a SparseMLP
 running that layer's mode: the loaded model, shared by other runs, is never modified (as
 gpt-fast's converters return a new model). One token at a time goes through the mode's sparse
-step, several (prefill) through the dense formula, as in the lean runtime.
+step, several (prefill) through the mode's prefill formula, as in the lean runtime.
 """
 
 import copy
@@ -38,7 +38,8 @@ class SparseMLP(nn.Module):
             assert self.residual is not None  # the post_attention_layernorm pre-hook ran
             y, self.record = self.mode.step(x.view(-1), self.residual.view(-1), counts=self.counts)
             return y.view_as(x)
-        return self.mode.prefill(x)
+        assert self.residual is not None
+        return self.mode.prefill(x, self.residual)
 
 
 def twin(model: Any) -> Any:

@@ -3,7 +3,8 @@
 The runtime reads the pack's tensors (runtime/packing.py), keeps a preallocated KV cache, and
 decodes with a small ladder of functions:
 
-    prefill(ids) -> logits               all prompt tokens at once, causal attention, dense FFN
+    prefill(ids) -> logits               all prompt tokens at once, causal attention, the FFN
+                                         mode's prefill formula (dense, or the published mask)
     decode(token) -> (logits, records)   one token: attention on the cache, then the FFN mode
     generate(...)                        (Decoder) yields one StepStats per new token
 
@@ -92,14 +93,15 @@ class LeanRuntime(Decoder):
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """The prompt ids (T,) from position 0, FFNs dense -> logits of the last token (V,)."""
+        """The prompt ids (T,) from position 0, each FFN its mode's prefill -> logits of the last
+        token (V,)."""
         self.reset()
         if ids.numel() > self.max_len:
             raise UserError(f"prompt of {ids.numel()} tokens exceeds the context of {self.max_len}")
         x = self.w.embed[ids.to(self.device)]  # (T, H)
         for i, (mode, norm) in enumerate(zip(self.modes, self.w.ffn_norms)):
             x = x + self.attention(i, x)
-            x = x + mode.prefill(self.kernels.rms_norm(x, norm, self.eps))
+            x = x + mode.prefill(self.kernels.rms_norm(x, norm, self.eps), x)
         self.pos = ids.numel()
         return self.logits(x[-1])
 

@@ -6,14 +6,17 @@ up(x) = act(W_up x) for dReLU and W_up x otherwise:
     dense      y = sum_i h_i W_down[:, i] over every neuron i
     exact      dReLU / ReGLU: the gate for every neuron, then up and down only where
                relu(W_gate x)_i > 0; equal to dense, since the other neurons have h_i = 0
-    predictor  S = {i : score_i >= threshold} (or the `budget` share of highest scores), with
-               score = fc2(relu(fc1(r))); gate, up and down only on S (PowerInfer, Deja Vu)
+    predictor  S = {i : score_i > threshold} (or the `budget` share of highest scores), with
+               score = fc2(relu(fc1(r))); gate, up and down only on S (PowerInfer, Deja Vu).
+               At threshold 0 this is the published TurboSparse forward, whose mask
+               round(sigmoid(score)) is part of the model, in the prompt's tokens too
     threshold  the gate for every neuron, then up and down only where |act(W_gate x)_i| > t
                (CATS / TEAL-style; t given, or calibrated on the prompt for a target sparsity)
 
 `step(x, r, add_to, counts) -> (y, LayerRecord)`: y (H,), or add_to + y (the layer's residual
 add, fused into the kernel); counts (I,) int32 gets 1 added for every neuron with h_i != 0
-among those the step computed. Prefill (`prefill(x)`, x (T, H)) is dense in every mode.
+among those the step computed. Prefill (`prefill(x, r)`, x and r (T, H)) is the dense formula
+in every mode but predictor, which masks it as the published model does.
 A mode's options are a dataclass, validated when it is made (`mode_options`).
 """
 
@@ -94,8 +97,8 @@ class Mode:
             return self.act(self.kernels.matvec(w.wg, x)) * self.up(self.kernels.matvec(w.wu, x))
         return self.act(x @ w.wg.t()) * self.up(x @ w.wu.t())
 
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense FFN of x (T, H) -> (T, H)."""
+    def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The dense FFN of x (..., T, H) -> (..., T, H); r, the residual, is for the predictor."""
         return self.dense_h(x) @ self.w.wd_t
 
     def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
@@ -185,6 +188,16 @@ class PredictorMode(Mode):
         self.threshold = (w.threshold or 0.0) if o.threshold is None else o.threshold
         self.budget = 0 if o.budget is None else max(1, round(o.budget * w.n))
 
+    def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The published forward on the prompt: h of x (..., T, H) masked, per token, to the
+        neurons the predictor picks for its residual r (..., T, H), as `step` picks them."""
+        score = torch.relu(r @ self.fc1.t()) @ self.fc2_t  # (..., T, I)
+        if self.budget:
+            mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(self.budget).indices, True)
+        else:
+            mask = score > self.threshold
+        return (self.dense_h(x) * mask) @ self.w.wd_t
+
     def predictor_bytes(self, rows: int) -> int:
         """Predictor bytes a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
         return self.fc1_bytes + rows * self.fc2_row_bytes
@@ -211,19 +224,19 @@ class ThresholdMode(Mode):
         super().__init__(w, kernels, options)
         self.threshold = self.options.threshold or 0.0
 
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Dense prefill; with a target sparsity, first calibrate the threshold on x (T, H): the
         target quantile of |act(W_gate x)| over the prompt's tokens and neurons."""
         target = self.options.sparsity
         if target is not None:
             a = self.act(x @ self.w.wg.t()).abs().flatten().float()
             self.threshold = float(torch.quantile(a[:1_000_000], target)) if target > 0 else 0.0
-        return super().prefill(x)
+        return super().prefill(x, r)
 
     def step(self, x, r, add_to=None, counts=None):
         w, k = self.w, self.kernels
         a = self.act(k.matvec(w.wg, x))
-        idx = k.indices_over(a.abs(), self.threshold, False)
+        idx = k.indices_over(a.abs(), self.threshold)
         return self.gathered(x, idx, a.index_select(0, idx), w.n * w.row_bytes, add_to, counts)
 
 

@@ -149,8 +149,8 @@ class CppKernels(Kernels):
     def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first):
         return self.ops.attention_step(x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first)
 
-    def indices_over(self, v, t, inclusive):
-        return self.ops.indices_over(v, t, inclusive)
+    def indices_over(self, v, t):
+        return self.ops.indices_over(v, t)
 
     def argmax(self, v):
         return self.ops.argmax(v)

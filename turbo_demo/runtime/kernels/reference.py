@@ -119,7 +119,7 @@ class Kernels:
         S = {i : g_i > 0}, computed = |S|, then up_down on S with a = g[S]; equal to ffn_dense
         with act = relu, reading only the rows of S in Wu and of the active neurons in Wd_t."""
         g = torch.mv(wg, x)
-        idx = self.indices_over(g, 0.0, False)
+        idx = self.indices_over(g, 0.0)
         y, _, active = self.up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up, add_to=add_to, counts=counts)
         return y, idx.numel(), active
 
@@ -128,10 +128,10 @@ class Kernels:
         z = relu(fc1 r) (R,), score = z fc2_t (I,), fc2_t (R, I) input-major, summed over the
         `rows` rows with z_j != 0 (the others add nothing and are not read);
         idx = top_indices(score, budget) if budget > 0, else the ascending i with
-        score_i >= threshold."""
+        score_i > threshold (the published rule round(sigmoid(score_i)) == 1 at threshold 0)."""
         z = torch.relu(torch.mv(fc1, r))
         score = z @ fc2_t
-        idx = top_indices(score, budget) if budget > 0 else self.indices_over(score, threshold, True)
+        idx = top_indices(score, budget) if budget > 0 else self.indices_over(score, threshold)
         return idx, int(torch.count_nonzero(z))
 
     def ffn_predicted(
@@ -169,9 +169,9 @@ class Kernels:
         )
         return x + torch.mv(wo, out)
 
-    def indices_over(self, v: torch.Tensor, t: float, inclusive: bool) -> torch.Tensor:
-        """The indices i with v_i > t (v_i >= t if inclusive), ascending."""
-        return torch.nonzero(v >= t if inclusive else v > t).squeeze(1)
+    def indices_over(self, v: torch.Tensor, t: float) -> torch.Tensor:
+        """The indices i with v_i > t, ascending."""
+        return torch.nonzero(v > t).squeeze(1)
 
     def argmax(self, v: torch.Tensor) -> int:
         """The index of the first largest value of v (N,), a NaN counting as largest (torch.argmax)."""

@@ -204,14 +204,11 @@ torch::Tensor top_indices(const torch::Tensor& v, int64_t k) {
   return top_impl(ptr_of<bf16_bits>(v), n, k);
 }
 
-torch::Tensor indices_over(const torch::Tensor& v, double t, bool inclusive) {
+torch::Tensor indices_over(const torch::Tensor& v, double t) {
   check_scores(v, "indices_over");
   const float th = static_cast<float>(t);
   auto over = [&](auto* p) {
-    return indices_where(v.numel(), [&](int64_t i) {
-      const float x = to_f32(p[i]);
-      return static_cast<int>(x > th) | (static_cast<int>(inclusive) & static_cast<int>(x == th));
-    });
+    return indices_where(v.numel(), [&](int64_t i) { return static_cast<int>(to_f32(p[i]) > th); });
   };
   if (v.scalar_type() == at::kFloat) return over(ptr_of<float>(v));
   return over(ptr_of<bf16_bits>(v));
@@ -320,7 +317,7 @@ std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch
     }
     axpy_impl(ptr_of<T>(fc2_t), z.data(), all.data(), ptr_of<T>(score), rank, n);  // skips z_j = 0
   });
-  auto idx = budget > 0 ? top_indices(score, budget) : indices_over(score, threshold, true);
+  auto idx = budget > 0 ? top_indices(score, budget) : indices_over(score, threshold);
   return {idx, rows};
 }
 
@@ -343,7 +340,7 @@ void register_decode_ops(pybind11::module& m) {
   m.def("sample_top_p", &sample_top_p, "see Kernels.sample_top_p (reference.py)",
         py::arg("v"), py::arg("temperature"), py::arg("top_p"), py::arg("u"));
   m.def("indices_over", &indices_over, "see Kernels.indices_over (reference.py)",
-        py::arg("v"), py::arg("t"), py::arg("inclusive"));
+        py::arg("v"), py::arg("t"));
   m.def("attention_step", &attention_step, "see Kernels.attention_step (reference.py)", py::arg("x"),
         py::arg("ln_w"), py::arg("eps"), py::arg("wq"), py::arg("wk"), py::arg("wv"), py::arg("wo"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"), py::arg("pos"),
