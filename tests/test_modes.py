@@ -13,6 +13,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.model.bamboo import BambooConfig, BambooMLP, BambooPredictor
 from turbo_demo.offline.predictors import calibrate, train_predictors
 from turbo_demo.runtime import pack
+from turbo_demo.runtime.calibration import calibration_ids, threshold_options
 from turbo_demo.runtime.kernels import Kernels, reference
 from turbo_demo.runtime.lean import LeanRuntime
 from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions
@@ -159,3 +160,21 @@ def test_calibration_reaches_the_target_recall_over_every_token():
     for target in (0.9, 0.95, 0.99):
         stats = calibrate(pred, r, y, target)
         assert target <= stats["recall"] < target + 0.01
+
+
+def test_thresholds_calibrated_per_layer_reach_the_target_and_are_cached(tokenizer):
+    model = tiny_model("dense")
+    packed = pack(model)
+    first = threshold_options(packed, tokenizer, 0.6, 128)
+    assert len(first) == len(packed.ffns) and all(o.threshold > 0 for o in first)
+    assert threshold_options(packed, tokenizer, 0.6, 128) == first  # cached per model and sparsity
+    higher = threshold_options(packed, tokenizer, 0.8, 128)
+    assert all(h.threshold > f.threshold for h, f in zip(higher, first))
+    # on the calibration text itself, decoding skips about the target share of the neurons
+    ids = calibration_ids(tokenizer, 128)
+    steps = list(LeanRuntime(packed, "threshold", options=higher).generate(ids[:60], 30))
+    assert 0.65 < sum(s.sparsity for s in steps) / len(steps) < 0.95
+    drelu = pack(tiny_model("drelu"))
+    natural = LeanRuntime(drelu, "dense").generate(ids[:60], 10)
+    below = min(s.sparsity for s in natural) / 2  # under dReLU's own sparsity the threshold is 0
+    assert [o.threshold for o in threshold_options(drelu, tokenizer, below, 128)] == [0.0] * len(drelu.ffns)

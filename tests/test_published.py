@@ -10,6 +10,7 @@ the self-contradictory generation config.
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from turbo_demo.app.catalog import ModelStore, model_modes
+from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.cli import main
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
 from turbo_demo.model.generation import encode_prompt, read_generation
@@ -229,3 +233,32 @@ def test_generation_stops_on_every_declared_eos(published):
     stop = free[4]
     stopped = [s.token for s in runtime.generate([3, 4, 5], 12, stop_ids={2, stop}, vocab=TOKENIZER_IDS)]
     assert stopped == free[: free.index(stop) + 1]
+
+
+def test_the_app_runs_the_published_model_as_a_chat_model(published):
+    path, _ = published
+    store = ModelStore()
+    assert model_modes(str(path)) == ["dense", "exact", "predictor", "threshold"]
+    left, right = SideRecord(str(path), "dense"), SideRecord(str(path), "predictor")
+    settings = Settings(max_new_tokens=6, temperature=0.0, system="be brief")
+    for _ in run_compare(store, left, right, "hi", settings):
+        pass
+    assert not left.error and not right.error
+    assert right.rendered_prompt.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi")
+    assert "temperature 0.0" in right.notice and "Temperature slider" in right.notice
+    assert all(t < TOKENIZER_IDS for t in left.token_ids + right.token_ids)
+    plain = SideRecord(str(path), "dense")
+    for _ in run_compare(store, plain, SideRecord(str(path), "exact"), "hi", replace(settings, chat=False)):
+        pass
+    assert plain.rendered_prompt == "hi"
+
+
+def test_generate_uses_the_chat_template_and_says_what_it_overrode(published, capsys):
+    path, _ = published
+    assert main(["generate", str(path), "--prompt", "hi", "--mode", "predictor", "--max-new-tokens", "4"]) == 0
+    assert "temperature 0.0, which is not a distribution: greedy decoding is used instead" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", "hi", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["chat"] and out["rendered_prompt"].endswith("<|im_start|>assistant\n") and out["temperature"] == 0.0
+    assert main(["generate", str(path), "--prompt", "hi", "--no-chat", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rendered_prompt"] == "hi"

@@ -104,7 +104,12 @@ def cmd_generate(args) -> None:
     chat = generation.chat if args.chat is None else args.chat
     if chat and not generation.chat:
         raise UserError(f"{args.model_dir}'s tokenizer has no chat template: drop --chat")
-    runtime = open_runtime(pack(model), args.mode, kernels, options)
+    packed = pack(model)
+    if args.mode == "threshold" and args.sparsity is not None:  # per-layer, on the calibration text
+        from turbo_demo.runtime.calibration import threshold_options
+
+        options = threshold_options(packed, tokenizer, args.sparsity, model.config.max_position_embeddings)
+    runtime = open_runtime(packed, args.mode, kernels, options)
     prompt_ids, rendered = encode_prompt(tokenizer, args.prompt, args.system or "", chat)
     if not prompt_ids:
         raise UserError("empty prompt: give some text with --prompt")
@@ -113,7 +118,7 @@ def cmd_generate(args) -> None:
     max_new = args.max_new_tokens or min(generation.max_new_tokens or 64, 256)
     if not args.json:
         for note in generation.notes if args.temperature is None else ():
-            print(f"note: {note}", file=sys.stderr)
+            print(f"note: {note}: greedy decoding is used instead", file=sys.stderr)
         if args.show_prompt:
             print(rendered, file=sys.stderr)
     steps, ids, shown = [], [], ""
@@ -246,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, help="predictor mode: compute this share of the neurons")
     p.add_argument("--threshold", type=float, help="predictor mode: score threshold; threshold mode: |activation|")
-    p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity, calibrated on the prompt")
+    p.add_argument("--sparsity", type=float, help="threshold mode: target sparsity (thresholds calibrated per layer)")
     p.add_argument("--audit", action="store_true", help="measure predictor recall (untimed)")
     p.add_argument(
         "--backend", default="auto", choices=BACKEND_CHOICES, help="decode kernels: auto = cpp where it builds"

@@ -16,10 +16,13 @@ import psutil
 from turbo_demo.app.catalog import ModelStore
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import dtype_name
+from turbo_demo.model.generation import encode_prompt
 from turbo_demo.runtime import Kernels, open_runtime
+from turbo_demo.runtime.calibration import threshold_options
 from turbo_demo.runtime.stats import StepStats
 
 MAX_NEW_TOKENS = 256
+MAX_SPARSITY = 0.95
 
 
 @dataclass
@@ -29,6 +32,9 @@ class Settings:
     top_p: float = 0.95
     seed: int = 0
     audit: bool = True  # predictor recall, measured outside the timed step
+    chat: bool = True  # the prompt as the user's turn, for models with a chat template
+    system: str = ""  # with chat: a system turn first
+    sparsity: float = 0.5  # threshold mode's target, calibrated per model
 
     def checked(self) -> "Settings":
         """The same settings clamped to what the app allows (the widgets clamp too)."""
@@ -38,6 +44,9 @@ class Settings:
             max(0.05, min(1.0, float(self.top_p))),
             int(self.seed),
             self.audit,
+            bool(self.chat),
+            str(self.system or ""),
+            max(0.0, min(MAX_SPARSITY, float(self.sparsity))),
         )
 
 
@@ -50,6 +59,7 @@ class SideRecord:
     engine: str = ""
     dtype: str = ""
     prompt_ids: list[int] = field(default_factory=list)
+    rendered_prompt: str = ""  # the text the model read (its chat template applied, if any)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     steps: list[StepStats] = field(default_factory=list)
@@ -86,6 +96,11 @@ class SideRecord:
         }
 
 
+def add_notice(record: SideRecord, note: str) -> None:
+    if note:
+        record.notice = f"{record.notice}; {note}" if record.notice else note
+
+
 def speedup(left: SideRecord, right: SideRecord) -> float | None:
     """Right's tokens/s over left's (the sparse side is on the right by default)."""
     if left.tokens_per_s and right.tokens_per_s:
@@ -113,13 +128,22 @@ def side_steps(
     """Run one side, updating `record` in place; yields once per generated token."""
     try:
         loaded = store.get(record.model, on_progress)
-        runtime = open_runtime(loaded.packed, record.mode, kernels)
+        options = None
+        if record.mode == "threshold" and loaded.packed.ffns:
+            if on_progress is not None:
+                on_progress(f"Calibrating {record.model}'s thresholds for {settings.sparsity:.0%} sparsity…")
+            context = getattr(loaded.model.config, "max_position_embeddings", 512)
+            options = threshold_options(loaded.packed, loaded.tokenizer, settings.sparsity, context)
+        runtime = open_runtime(loaded.packed, record.mode, kernels, options)
         record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
         record.dtype = dtype_name(loaded.model.dtype)
-        ids = loaded.tokenizer(prompt)["input_ids"]
+        ids, record.rendered_prompt = encode_prompt(loaded.tokenizer, prompt, settings.system, settings.chat)
         if not ids:
             raise UserError("the prompt gives no tokens for this model's tokenizer")
-        record.prompt_ids, record.notice = fit_prompt(ids, runtime.max_len, settings.max_new_tokens)
+        record.prompt_ids, truncated = fit_prompt(ids, runtime.max_len, settings.max_new_tokens)
+        add_notice(record, truncated)
+        for note in loaded.generation.notes:
+            add_notice(record, f"{note}: the app uses the Temperature slider")
         process = psutil.Process()
         for stats in runtime.generate(
             record.prompt_ids,
@@ -167,7 +191,7 @@ def run_compare(
         yield left, right
     if stop.is_set():
         for rec in (left, right):
-            rec.notice = (rec.notice + "; " if rec.notice else "") + "stopped"
+            add_notice(rec, "stopped")
 
 
 def compare_summary(left: SideRecord, right: SideRecord) -> dict:

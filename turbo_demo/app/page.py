@@ -3,14 +3,16 @@ functions of compare.py and views.py, and map each view's fields to components i
 (`show_compare`, `show_neurons`); `build_demo()` does no heavy work."""
 
 import time
+from dataclasses import replace
 from threading import Event
 
 import gradio as gr
 
 from turbo_demo.app import views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names, model_modes
-from turbo_demo.app.compare import MAX_NEW_TOKENS, Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO
+from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
 from turbo_demo.model.activations import activation_histograms
 from turbo_demo.runtime import Kernels
@@ -18,12 +20,25 @@ from turbo_demo.runtime import Kernels
 UPDATES_PER_SECOND = 4
 
 
-def mode_choices(name: str) -> tuple[list[str], str]:
-    """The modes a model offers, and an error line where it cannot be read."""
+MODE_LABELS = {
+    "dense": "dense: every neuron",
+    "exact": "exact: ReLU gate > 0 only (= dense)",
+    "predictor": "predictor: the published TurboSparse model",
+    "threshold": "threshold: |gate| over a calibrated t",
+}
+
+
+def mode_choices(name: str) -> tuple[list[tuple[str, str]], str]:
+    """The modes a model offers as (label, mode) pairs, and an error line where it cannot be read."""
     try:
-        return model_modes(name), ""
+        modes, error = model_modes(name), ""
     except UserError as exc:
-        return ["dense"], f"⚠️ {exc}"
+        modes, error = ["dense"], f"⚠️ {exc}"
+    return [(MODE_LABELS[m], m) for m in modes], error
+
+
+def mode_help(mode: str) -> str:
+    return f"_{mode}_: {MODE_HELP[mode]}" if mode in MODE_HELP else ""
 
 
 def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
@@ -51,11 +66,25 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             gr.Examples(EXAMPLES, inputs=[prompt], label="Examples that suit the embedded models")
-            with gr.Accordion("Generation settings", open=False), gr.Row():
-                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
-                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-                seed = gr.Number(value=0, precision=0, label="Seed")
+            with gr.Accordion("Generation settings", open=False):
+                with gr.Row():
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                with gr.Row():
+                    chat = gr.Checkbox(
+                        value=True, label="Chat format", info="the prompt as the user's turn (models with a template)"
+                    )
+                    system = gr.Textbox(label="System prompt (chat format)", lines=1, scale=2)
+                    sparsity = gr.Slider(
+                        0.0,
+                        MAX_SPARSITY,
+                        value=0.5,
+                        step=0.05,
+                        label="Threshold mode: target sparsity",
+                        info="per-layer thresholds calibrated on a few hundred tokens (TEAL / CATS)",
+                    )
             sides = {}
             with gr.Row():
                 for side, (default_model, default_mode) in (("left", DEFAULT_LEFT), ("right", DEFAULT_RIGHT)):
@@ -68,15 +97,20 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
                             elem_id=f"{side}-model",
                             info="an embedded model, or a local HF model directory",
                         )
-                        modes, error = mode_choices(model.value) if model.value else (["dense"], "")
-                        mode = gr.Dropdown(
-                            modes, value=default_mode if default_mode in modes else modes[0], label="Backend mode"
-                        )
+                        modes, error = mode_choices(model.value) if model.value else ([("dense", "dense")], "")
+                        values = [m for _, m in modes]
+                        start = default_mode if default_mode in values else values[0]
+                        mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode")
+                        explain = gr.Markdown(mode_help(start))
+                        mode.change(mode_help, [mode], [explain], queue=False, api_visibility="private")
                         status = gr.Markdown(error, elem_id=f"{side}-status")
                         text = gr.Textbox(label="Output", lines=8, interactive=False, elem_id=f"{side}-text")
                         sides[side] = (model, mode, status, text, default_mode)
             headline = gr.Markdown(elem_id="headline")
             run_status = gr.Markdown()
+            with gr.Accordion("The prompt as each model read it", open=False), gr.Row():
+                lprompt = gr.Textbox(label="Left", lines=3, interactive=False, elem_id="left-prompt")
+                rprompt = gr.Textbox(label="Right", lines=3, interactive=False, elem_id="right-prompt")
             with gr.Row():
                 heat_left = gr.Plot(label="Left: active neurons", elem_id="heat-left")
                 heat_right = gr.Plot(label="Right: active neurons", elem_id="heat-right")
@@ -108,6 +142,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             return {
                 ltext: view.left_text,
                 rtext: view.right_text,
+                lprompt: view.left_prompt,
+                rprompt: view.right_prompt,
                 lstatus: view.left_status,
                 rstatus: view.right_status,
                 headline: view.headline,
@@ -125,7 +161,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
 
         def on_model_change(name, current_mode, preferred):
             modes, error = mode_choices(name)
-            value = current_mode if current_mode in modes else (preferred if preferred in modes else modes[0])
+            values = [m for _, m in modes]
+            value = current_mode if current_mode in values else (preferred if preferred in values else values[0])
             return gr.Dropdown(choices=modes, value=value), error
 
         def on_stop(state):
@@ -144,6 +181,9 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             temperature,
             top_p,
             seed,
+            chat_format,
+            system_prompt,
+            target_sparsity,
             state,
             progress=gr.Progress(),
         ):
@@ -152,6 +192,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             state["stop"] = Event()
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
             settings = Settings(max_new_tokens, temperature, top_p, seed)
+            settings = replace(settings, chat=chat_format, system=system_prompt, sparsity=target_sparsity)
             rounds = run_compare(
                 store,
                 left,
@@ -201,6 +242,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
         outputs = [
             ltext,
             rtext,
+            lprompt,
+            rprompt,
             lstatus,
             rstatus,
             headline,
@@ -216,7 +259,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
         ]
         generate.click(
             on_generate,
-            [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, session],
+            [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, chat, system, sparsity, session],
             outputs,
             concurrency_limit=1,
             concurrency_id="generate",

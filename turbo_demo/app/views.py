@@ -66,6 +66,8 @@ class CompareView:
 
     left_text: str
     right_text: str
+    left_prompt: str  # the text each model read: its chat template applied, where it has one
+    right_prompt: str
     left_status: str
     right_status: str
     headline: str
@@ -92,6 +94,8 @@ def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
     return CompareView(
         left_text=left.text,
         right_text=right.text,
+        left_prompt=left.rendered_prompt,
+        right_prompt=right.rendered_prompt,
         left_status=side_markdown(left),
         right_status=side_markdown(right),
         headline=headline(left, right),

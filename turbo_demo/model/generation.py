@@ -9,7 +9,8 @@ asks for sampling at temperature 0), so one function reads them all:
                  padded beyond the tokenizer (32064 rows for 32002 ids) has rows no text is made of
     chat         whether the tokenizer has a chat template (then prompts are a user turn)
     defaults     temperature, top_p, max_new_tokens from generation_config.json where they are
-                 sane; where they contradict themselves, the notes say what is used instead
+                 sane; where they contradict themselves, greedy, and `notes` says what was wrong
+                 (each caller adds what it used instead)
 """
 
 import math
@@ -52,8 +53,7 @@ def sampling_defaults(gen: GenerationConfig | None) -> tuple[float, float, int |
         temperature = 0.0
     elif not math.isfinite(temperature) or temperature <= 0:
         notes.append(
-            f"generation_config.json asks for sampling at temperature {gen.temperature}, which is not a "
-            "distribution: greedy decoding is used instead"
+            f"generation_config.json asks for sampling at temperature {gen.temperature}, which is not a distribution"
         )
         temperature = 0.0
     max_new = gen.max_new_tokens if isinstance(gen.max_new_tokens, int) and gen.max_new_tokens > 0 else None

@@ -36,7 +36,8 @@ class Decoder:
     max_len: int
 
     def __init__(self, packed: PackedModel, mode: str, kernels: Kernels, options=None, **given):
-        """options: the mode's options dataclass, or given as keywords (validated either way)."""
+        """options: the mode's options dataclass (or a list of them, one per layer), or given as
+        keywords (validated either way)."""
         device = packed.model.device
         if device.type not in kernels.devices:
             raise UserError(

@@ -1,0 +1,52 @@
+"""Per-layer activation thresholds for a target sparsity, calibrated once per model (TEAL / CATS).
+
+For layer l and target sparsity s, t_l is the s-quantile of |act(W_gate x)| over the layer's FFN
+inputs x for a calibration text of a few hundred tokens, so that about a share s of the neurons
+fall under it on text like it. Threshold mode then computes up and down only where
+|act(W_gate x)_i| > t_l. A SwiGLU gate (silu) is rarely exactly zero, so the quantile grows
+with s and quality falls; a dReLU gate is zero for most neurons, so t_l stays 0 up to its
+natural sparsity.
+
+The thresholds are cached per loaded model and sparsity, and freed with the model.
+"""
+
+import threading
+import weakref
+
+import torch
+
+from turbo_demo.paths import ASSETS
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.modes import ThresholdOptions
+from turbo_demo.runtime.packing import PackedModel
+
+CALIBRATION_TEXT = ASSETS / "calibration.txt"
+CALIBRATION_TOKENS = 384
+_cache: "weakref.WeakKeyDictionary[object, dict[float, list[float]]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def calibration_ids(tokenizer, context: int) -> list[int]:
+    """The calibration text's first CALIBRATION_TOKENS tokens (fewer in a short context)."""
+    ids = tokenizer(CALIBRATION_TEXT.read_text(encoding="utf-8"))["input_ids"]
+    return list(ids[: min(CALIBRATION_TOKENS, context - 1)])
+
+
+def calibrate(packed: PackedModel, ids: list[int], sparsity: float, kernels: Kernels | None = None) -> list[float]:
+    """t_l per layer: a threshold-mode run at the target sparsity calibrates each layer on the
+    prefill of ids (ThresholdMode.prefill); the calibration is what it leaves behind."""
+    from turbo_demo.runtime import open_runtime  # the engines import this package's modules
+
+    runtime = open_runtime(packed, "threshold", kernels, ThresholdOptions(sparsity=sparsity))
+    runtime.prefill(torch.tensor(ids))
+    return [float(m.threshold) for m in runtime.modes]  # type: ignore[attr-defined]
+
+
+def threshold_options(packed: PackedModel, tokenizer, sparsity: float, context: int) -> list[ThresholdOptions]:
+    """Threshold mode's per-layer options for `sparsity`, calibrated once per model and sparsity."""
+    key = round(float(sparsity), 4)
+    with _lock:
+        per_model = _cache.setdefault(packed.model, {})
+        if key not in per_model:
+            per_model[key] = calibrate(packed, calibration_ids(tokenizer, context), key)
+        return [ThresholdOptions(threshold=t) for t in per_model[key]]
