@@ -196,6 +196,8 @@ def test_predictor_mode_is_the_published_model(published, engine, backends):
         runtime = engine(packed, "predictor", kernels)
         tokens = [s.token for s in runtime.generate(prompt, 12, vocab=TOKENIZER_IDS)]
         assert tokens == expected, kernels.name
+        if engine is TransformersRuntime:  # the config's use_cache: false does not turn the cache off
+            assert runtime.cache.get_seq_length() == len(prompt) + 11
         full = prompt + tokens
         want = reference_logits(state, full[:-1])
         got = [runtime.prefill(torch.tensor(full[:6]))] + [runtime.decode(t)[0] for t in full[6:-1]]
