@@ -87,6 +87,25 @@ def test_bad_prompts_and_settings():
     assert (clamped.max_new_tokens, clamped.temperature, clamped.top_p) == (256, 0.0, 1.0)
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"max_new_tokens": float("nan")}, "max new tokens must be a finite number, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"top_p": "0.9"}, "top-p must be a number, got str"),
+        ({"max_new_tokens": None}, "max new tokens must be a number, got NoneType"),
+        ({"seed": 2**64}, r"seed must be a whole number in \[0, 2\*\*63\)"),
+        ({"seed": 1.5}, "seed must be a whole number"),
+        ({"seed": float("nan")}, "seed must be a whole number"),
+        ({"system": 3}, "system prompt must be text"),
+    ],
+)
+def test_settings_that_are_not_numbers_are_refused_in_one_line(bad, message):
+    with pytest.raises(UserError, match=message):
+        Settings(**bad).checked()
+
+
 def test_long_prompt_is_truncated_with_a_notice(tiny_dirs):
     left, _, _ = run(
         ModelStore(),

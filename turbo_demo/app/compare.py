@@ -7,6 +7,7 @@ goes on. A shared threading.Event stops both within one step. Models load inside
 (once per store), telling `on_progress(message)`; the kernels are the ones chosen at start.
 """
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from threading import Event
@@ -37,17 +38,43 @@ class Settings:
     sparsity: float = 0.5  # threshold mode's target, calibrated per model
 
     def checked(self) -> "Settings":
-        """The same settings clamped to what the app allows (the widgets clamp too)."""
+        """The same settings clamped to what the app allows (the widgets clamp too); a value
+        that is not a finite number (or a seed outside [0, 2**63)) is a UserError naming it."""
         return Settings(
-            max(1, min(MAX_NEW_TOKENS, int(self.max_new_tokens))),
-            max(0.0, min(2.0, float(self.temperature))),
-            max(0.05, min(1.0, float(self.top_p))),
-            int(self.seed),
-            self.audit,
+            max(1, min(MAX_NEW_TOKENS, int(number("max new tokens", self.max_new_tokens)))),
+            max(0.0, min(2.0, number("temperature", self.temperature))),
+            max(0.05, min(1.0, number("top-p", self.top_p))),
+            seed_of(self.seed),
+            bool(self.audit),
             bool(self.chat),
-            str(self.system or ""),
-            max(0.0, min(MAX_SPARSITY, float(self.sparsity))),
+            text_of("system prompt", self.system),
+            max(0.0, min(MAX_SPARSITY, number("target sparsity", self.sparsity))),
         )
+
+
+def number(name: str, value) -> float:
+    """value as a finite float, else a UserError; bools and strings are not numbers here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def seed_of(value) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise UserError(f"the seed must be a whole number in [0, 2**63), got {value!r:.40}")
+    return value
+
+
+def text_of(name: str, value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be text, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -128,6 +155,8 @@ def side_steps(
     """Run one side, updating `record` in place; yields once per generated token."""
     try:
         loaded = store.get(record.model, on_progress)
+        if stop.is_set():  # stopped while the model loaded
+            return
         options = None
         if record.mode == "threshold" and loaded.packed.ffns:
             if on_progress is not None:
