@@ -1,0 +1,61 @@
+"""Public mode: the policy, and the run queue that serves clients in turn, one run each."""
+
+import threading
+import time
+
+import pytest
+
+from turbo_demo.app.public import Policy, RunQueue, policy_from
+from turbo_demo.errors import UserError
+
+
+def test_public_mode_is_on_on_a_space_and_off_locally(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.setenv("TURBO_DEMO_ALLOW_MODELS", "org/a, /models/b")
+    assert not policy_from(None, []).public and policy_from(None, []).allowed is None
+    monkeypatch.setenv("SPACE_ID", "someone/turbosparse")
+    policy = policy_from(None, ["org/c"])
+    assert policy.public and policy.allowed == ("org/c", "org/a", "/models/b")
+    assert policy.runs_per_client == 1 and policy.max_new_tokens <= 256
+    assert policy_from(False, []).public is False
+
+
+@pytest.mark.parametrize("prompt, message", [(None, "must be text"), (3, "must be text"), (" ", "empty prompt")])
+def test_prompts_are_checked(prompt, message):
+    with pytest.raises(UserError, match=message):
+        Policy().check_prompt(prompt)
+    with pytest.raises(UserError, match="at most 10"):
+        Policy(max_prompt_chars=10).check_prompt("x" * 11)
+
+
+def test_one_entry_per_client_and_runs_in_arrival_order():
+    queue, stop = RunQueue(per_client=1), threading.Event()
+    a, b = queue.join("alice"), queue.join("bob")
+    with pytest.raises(UserError, match="already have a run queued or running"):
+        queue.join("alice")
+    assert list(queue.wait(a, stop)) == []  # first in line: no wait
+    order, ahead_seen = [], []
+
+    def second():
+        ahead_seen.extend(queue.wait(b, stop))
+        order.append("bob")
+        queue.leave(b)
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    time.sleep(0.3)
+    order.append("alice")
+    queue.leave(a)
+    worker.join(5)
+    assert order == ["alice", "bob"] and ahead_seen == [1] and len(queue) == 0
+    queue.join("alice")  # alice's run ended: she may queue again
+
+
+def test_stop_while_queued_ends_the_wait():
+    queue, stop = RunQueue(), threading.Event()
+    first, waiting = queue.join("a"), queue.join("b")
+    stop.set()
+    assert list(queue.wait(waiting, stop)) == []  # returns at once, though not its turn
+    queue.leave(waiting)
+    queue.leave(first)
+    assert len(queue) == 0
