@@ -8,13 +8,15 @@ goes on. A shared threading.Event stops both within one step. Models load inside
 """
 
 import math
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from threading import Event
 
 import psutil
 
 from turbo_demo.app.catalog import ModelStore
+from turbo_demo.app.public import LOCAL, Policy
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.model.generation import encode_prompt
@@ -151,6 +153,7 @@ def side_steps(
     kernels: Kernels,
     stop: Event,
     on_progress: Callable[[str], None] | None,
+    policy: Policy,
 ) -> Iterator[None]:
     """Run one side, updating `record` in place; yields once per generated token."""
     try:
@@ -192,7 +195,7 @@ def side_steps(
             yield
         record.firing_counts = runtime.firing_counts()
     except Exception as exc:  # one side's failure must never take the other side down
-        record.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        record.error = policy.error_line(exc, record.model)
 
 
 def run_compare(
@@ -204,21 +207,28 @@ def run_compare(
     stop: Event | None = None,
     kernels: Kernels | None = None,
     on_progress: Callable[[str], None] | None = None,
+    policy: Policy = LOCAL,
 ) -> Iterator[tuple[SideRecord, SideRecord]]:
-    """Step both sides in turn until both finish (or stop is set); yields after every round.
-    kernels: the decode kernels (default: the PyTorch reference)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError("empty prompt: type something for the models to continue")
+    """Step both sides in turn until both finish, stop is set, or the policy's time limit
+    passes; yields after every round. kernels: the decode kernels (default: the PyTorch
+    reference); policy: the limits of the deployment (default: local, unlimited)."""
+    prompt = policy.check_prompt(prompt)
     stop = stop or Event()
     settings = settings.checked()
+    settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, policy.max_new_tokens))
     kernels = kernels or Kernels()
-    running = [side_steps(store, rec, prompt, settings, kernels, stop, on_progress) for rec in (left, right)]
+    deadline = time.monotonic() + policy.time_limit_s
+    running = [side_steps(store, rec, prompt, settings, kernels, stop, on_progress, policy) for rec in (left, right)]
     while running:
         for gen in list(running):
             if next(gen, StopIteration) is StopIteration:
                 running.remove(gen)
+        if running and not stop.is_set() and time.monotonic() > deadline:
+            stop.set()
+            for rec in (left, right):
+                add_notice(rec, f"ended at this app's time limit of {policy.time_limit_s:.0f} s per request")
         yield left, right
-    if stop.is_set():
+    if stop.is_set() and time.monotonic() <= deadline:
         for rec in (left, right):
             add_notice(rec, "stopped")
 

@@ -9,36 +9,19 @@ from threading import Event
 import gradio as gr
 
 from turbo_demo.app import views
-from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names, model_modes
+from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.menus import mode_choices, mode_help
+from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
 from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO
-from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
 from turbo_demo.model.activations import activation_histograms
 from turbo_demo.runtime import Kernels
 
 UPDATES_PER_SECOND = 4
-
-
-MODE_LABELS = {
-    "dense": "dense: every neuron",
-    "exact": "exact: ReLU gate > 0 only (= dense)",
-    "predictor": "predictor: the published TurboSparse model",
-    "threshold": "threshold: |gate| over a calibrated t",
-}
-
-
-def mode_choices(name: str) -> tuple[list[tuple[str, str]], str]:
-    """The modes a model offers as (label, mode) pairs, and an error line where it cannot be read."""
-    try:
-        modes, error = model_modes(name), ""
-    except UserError as exc:
-        modes, error = ["dense"], f"⚠️ {exc}"
-    return [(MODE_LABELS[m], m) for m in modes], error
-
-
-def mode_help(mode: str) -> str:
-    return f"_{mode}_: {MODE_HELP[mode]}" if mode in MODE_HELP else ""
+# Handlers the Generate event and the API run at once: one computes, the others wait in the
+# RunQueue (where Stop reaches them); beyond this, Gradio's own queue holds them.
+CONCURRENT_HANDLERS = 16
 
 
 def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
@@ -50,10 +33,12 @@ def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> di
     }
 
 
-def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) -> gr.Blocks:
-    """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference)."""
+def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL) -> gr.Blocks:
+    """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference),
+    within `policy`'s limits (default: local, any model path)."""
     store = store or ModelStore()
     kernels = kernels or Kernels()
+    queue = RunQueue(policy.runs_per_client)
     names = embedded_names()
 
     with gr.Blocks(title="TurboSparse Studio") as demo:
@@ -185,34 +170,50 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             system_prompt,
             target_sparsity,
             state,
+            request: gr.Request,
             progress=gr.Progress(),
         ):
             # the session's own dict, changed in place: a Stop clicked before the first update
-            # (while a model loads) finds this run's Event
-            state["stop"] = Event()
+            # (while queued, or while a model loads) finds this run's Event
+            stop = state["stop"] = Event()
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
-            settings = Settings(max_new_tokens, temperature, top_p, seed)
-            settings = replace(settings, chat=chat_format, system=system_prompt, sparsity=target_sparsity)
-            rounds = run_compare(
-                store,
-                left,
-                right,
-                prompt,
-                settings,
-                state["stop"],
-                kernels,
-                on_progress=lambda message: progress(0, desc=message),
-            )
-            last = 0.0
             try:
+                settings = Settings(max_new_tokens, temperature, top_p, seed)
+                settings = replace(settings, chat=chat_format, system=system_prompt, sparsity=target_sparsity)
+                policy.check_prompt(prompt)
+                settings.checked()
+                ticket = queue.join(client_of(request))
+            except UserError as exc:
+                yield {run_status: f"⚠️ {exc}"}
+                return
+            try:
+                for ahead in queue.wait(ticket, stop):
+                    yield {run_status: f"Queued: {ahead} run{'s' if ahead > 1 else ''} ahead of yours…"}
+                if stop.is_set():
+                    yield {run_status: "Stopped before it started."}
+                    return
+                rounds = run_compare(
+                    store,
+                    left,
+                    right,
+                    prompt,
+                    settings,
+                    stop,
+                    kernels,
+                    on_progress=lambda message: progress(0, desc=message),
+                    policy=policy,
+                )
+                last = 0.0
                 for _ in rounds:
                     if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                         last = time.monotonic()
                         yield show_compare(views.compare_view(left, right), "Generating…")
             except UserError as exc:
-                yield {run_status: str(exc)}
+                yield {run_status: f"⚠️ {exc}"}
                 return
-            done = "Stopped." if state["stop"].is_set() else "Done."
+            finally:
+                queue.leave(ticket)
+            done = "Stopped." if stop.is_set() else "Done."
             neurons = views.neurons_view(left, right, run_histograms(store, left, right))
             yield {**show_compare(views.compare_view(left, right), done), **show_neurons(neurons)}
 
@@ -225,16 +226,24 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             max_new_tokens: int = 64,
             temperature: float = 0.0,
             seed: int = 0,
+            request: gr.Request = None,  # type: ignore[assignment]  # Gradio fills it in
         ) -> dict:
             """Run both models on the prompt; returns {"left", "right", "speedup"} summaries."""
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
+            settings, stop = Settings(max_new_tokens, temperature, 1.0, seed), Event()
             try:
-                for _ in run_compare(
-                    store, left, right, prompt, Settings(max_new_tokens, temperature, 1.0, seed), kernels=kernels
-                ):
+                ticket = queue.join(client_of(request))
+            except UserError as exc:
+                return {"error": str(exc)}
+            try:
+                for _ in queue.wait(ticket, stop):
+                    pass
+                for _ in run_compare(store, left, right, prompt, settings, stop, kernels, policy=policy):
                     pass
             except UserError as exc:
                 return {"error": str(exc)}
+            finally:
+                queue.leave(ticket)
             return compare_summary(left, right)
 
         lm.change(lambda n, m: on_model_change(n, m, ldefault), [lm, lmode], [lmode, lstatus])
@@ -261,10 +270,11 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None) 
             on_generate,
             [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, chat, system, sparsity, session],
             outputs,
-            concurrency_limit=1,
+            # runs wait in the RunQueue, where Stop reaches them and each client has one place
+            concurrency_limit=CONCURRENT_HANDLERS,
             concurrency_id="generate",
             api_visibility="private",
         )
         stop.click(on_stop, [session], None, queue=False, api_visibility="private")
-        gr.api(compare_api, api_name="compare", concurrency_limit=1, concurrency_id="generate")
+        gr.api(compare_api, api_name="compare", concurrency_id="generate")
     return demo

@@ -9,8 +9,10 @@ the app's usual limits.
 """
 
 import itertools
+import logging
 import math
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -44,6 +46,27 @@ class Policy:
             )
         return prompt
 
+    def error_line(self, exc: Exception, model: str) -> str:
+        """One line for a side's failure. In public mode an unexpected exception is not shown
+        (it may name files; the server log has it), and a UserError never names a path."""
+        if isinstance(exc, UserError):
+            return redact(str(exc)) if self.public else str(exc)
+        if self.public:
+            log.exception("run of %s failed", model)
+            return "the model failed on this request (the server log has the details)"
+        return f"{type(exc).__name__}: {exc}"
+
+
+LOCAL = Policy()
+log = logging.getLogger("turbo_demo.app")
+# an absolute, home or relative path; not the slash inside a hub id (org/name)
+PATHLIKE = re.compile(r"(?<![\w.-])(?:~|\.{1,2})?/[^\s:,;'\"]+")
+
+
+def redact(message: str) -> str:
+    """message with every path in it replaced by "<path>"."""
+    return PATHLIKE.sub("<path>", message)
+
 
 def public_policy(allowed: list[str]) -> Policy:
     """The limits of a public Space on 2 vCPUs: ~30 s of decoding per request at most."""
@@ -64,6 +87,15 @@ def policy_from(public: bool | None, allowed: list[str]) -> Policy:
     if public is None:
         public = bool(os.environ.get("SPACE_ID"))
     return public_policy([*allowed, *extra]) if public else Policy()
+
+
+def client_of(request) -> str:
+    """Who a Gradio request (gr.Request, or None outside a server) comes from: the first
+    X-Forwarded-For address behind a proxy (Spaces), else the peer's address."""
+    if request is None:
+        return "local"
+    forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
+    return forwarded or (request.client.host if request.client else "unknown")
 
 
 class RunQueue:

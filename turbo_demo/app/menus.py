@@ -1,0 +1,25 @@
+"""The model and mode menus of the page, as plain functions (the page maps them to widgets)."""
+
+from turbo_demo.app.catalog import model_modes
+from turbo_demo.choices import MODE_HELP
+from turbo_demo.errors import UserError
+
+MODE_LABELS = {
+    "dense": "dense: every neuron",
+    "exact": "exact: ReLU gate > 0 only (= dense)",
+    "predictor": "predictor: the published TurboSparse model",
+    "threshold": "threshold: |gate| over a calibrated t",
+}
+
+
+def mode_choices(name: str) -> tuple[list[tuple[str, str]], str]:
+    """The modes a model offers as (label, mode) pairs, and an error line where it cannot be read."""
+    try:
+        modes, error = model_modes(name), ""
+    except UserError as exc:
+        modes, error = ["dense"], f"⚠️ {exc}"
+    return [(MODE_LABELS[m], m) for m in modes], error
+
+
+def mode_help(mode: str) -> str:
+    return f"_{mode}_: {MODE_HELP[mode]}" if mode in MODE_HELP else ""
