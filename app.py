@@ -1,8 +1,10 @@
-"""TurboSparse Studio: `python app.py [--host H] [--port P] [--kernels auto|cpp|torch]` serves the app.
+"""TurboSparse Studio: `python app.py [--host H] [--port P] [--kernels auto|cpp|torch] [--public]` serves the app.
 
 Host and port default to Gradio's usual environment variables (GRADIO_SERVER_NAME,
 GRADIO_SERVER_PORT), else 127.0.0.1:7860. Analytics stay off unless the environment turns them on.
-The decode kernels are chosen and built here, before the page serves anyone.
+The decode kernels are chosen and built here, before the page serves anyone. Public mode (on
+where Spaces sets SPACE_ID, or with --public; turbo_demo/app/public.py) serves only the embedded
+models and those named with --allow-model, within its limits, and refuses uploads.
 """
 
 import argparse
@@ -25,9 +27,22 @@ def main() -> None:
         default="auto",
         help="decode kernels: C++ where they build here (auto), or force one",
     )
+    parser.add_argument(
+        "--public",
+        action=argparse.BooleanOptionalAction,
+        help="public mode: an allow-list of models and per-request limits (default: on where SPACE_ID is set)",
+    )
+    parser.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="DIR_OR_HUB_ID",
+        help="public mode: offer this model too (repeatable; also TURBO_DEMO_ALLOW_MODELS, comma-separated)",
+    )
     args = parser.parse_args()
     # imported after parsing, so that --help answers at once
     from turbo_demo.app.page import build_demo
+    from turbo_demo.app.public import policy_from
     from turbo_demo.runtime.kernels import cpp, load_kernels
 
     try:
@@ -35,8 +50,13 @@ def main() -> None:
     except UserError as exc:
         sys.exit(f"error: {exc}")
     print(f"Decode kernels: {kernels.name}", file=sys.stderr)
-    demo = build_demo(kernels=kernels)
-    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port)
+    policy = policy_from(args.public, args.allow_model)
+    if policy.public:
+        print(f"Public mode: {policy.describe()}", file=sys.stderr)
+    demo = build_demo(kernels=kernels, policy=policy)
+    # public: no component takes files, so any upload (Gradio's route is open) is refused
+    upload_limit = 1 if policy.public else None
+    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port, max_file_size=upload_limit)
 
 
 if __name__ == "__main__":

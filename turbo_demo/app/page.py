@@ -39,7 +39,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
     store = store or ModelStore()
     kernels = kernels or Kernels()
     queue = RunQueue(policy.runs_per_client)
-    names = embedded_names()
+    names = embedded_names() + list(policy.allowed or ())
 
     with gr.Blocks(title="TurboSparse Studio") as demo:
         session = gr.State({})  # {"stop": the running generation's Event}
@@ -77,10 +77,12 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                         model = gr.Dropdown(
                             names,
                             value=default_model if default_model in names else None,
-                            allow_custom_value=True,
+                            allow_custom_value=not policy.public,
                             label=f"{side.title()} model",
                             elem_id=f"{side}-model",
-                            info="an embedded model, or a local HF model directory",
+                            info="the models this app offers"
+                            if policy.public
+                            else "an embedded model, a local HF model directory, or a hub id",
                         )
                         modes, error = mode_choices(model.value) if model.value else ([("dense", "dense")], "")
                         values = [m for _, m in modes]

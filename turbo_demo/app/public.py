@@ -46,6 +46,14 @@ class Policy:
             )
         return prompt
 
+    def describe(self) -> str:
+        extra = ", ".join(self.allowed or ()) or "none"
+        return (
+            f"models: the embedded ones, plus {extra}; prompts up to {self.max_prompt_chars:,} characters, "
+            f"{self.max_new_tokens} new tokens, {self.time_limit_s:.0f} s per request, "
+            f"{self.runs_per_client} run per client at a time; uploads refused"
+        )
+
     def error_line(self, exc: Exception, model: str) -> str:
         """One line for a side's failure. In public mode an unexpected exception is not shown
         (it may name files; the server log has it), and a UserError never names a path."""
