@@ -189,6 +189,17 @@ def cmd_bench(args) -> None:
     print(json.dumps(result) if args.json else format_table(result))
 
 
+def cmd_loadtest(args) -> None:
+    from turbo_demo.app.probe import fuzz, load
+
+    models = (args.left, args.right)
+    print(f"fuzz ({args.fuzz} malformed calls): {fuzz(args.url, models, n=args.fuzz).summary()}")
+    print(
+        f"load ({args.clients} clients x {args.runs} runs): {load(args.url, models, args.clients, args.runs).summary()}"
+    )
+    print(f"after: {load(args.url, models, 1, 1).summary()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbo_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -274,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weight dtype (default bf16)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("loadtest", help="probe a running app (e.g. a deployed Space): fuzzed calls, then many clients")
+    p.add_argument("url", help="the app's address, e.g. https://someone-turbosparse.hf.space/")
+    p.add_argument("--fuzz", type=int, default=60, help="malformed calls to make (default 60)")
+    p.add_argument("--clients", type=int, default=6, help="concurrent clients (default 6)")
+    p.add_argument("--runs", type=int, default=2, help="calls per client (default 2)")
+    p.add_argument("--left", default="Dense SwiGLU", help="left model name the app offers")
+    p.add_argument("--right", default="TurboSparse dReLU", help="right model name the app offers")
+    p.set_defaults(func=cmd_loadtest)
     return parser
 
 
