@@ -16,6 +16,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from turbo_demo.choices import BACKEND_CHOICES
 from turbo_demo.errors import UserError
 
+PUBLIC_SESSIONS = 256
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,9 +56,10 @@ def main() -> None:
     if policy.public:
         print(f"Public mode: {policy.describe()}", file=sys.stderr)
     demo = build_demo(kernels=kernels, policy=policy)
-    # public: no component takes files, so any upload (Gradio's route is open) is refused
-    upload_limit = 1 if policy.public else None
-    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port, max_file_size=upload_limit)
+    # public: no component takes files, so any upload (Gradio's route is open) is refused; and
+    # Gradio keeps each session's component values: hold the most recent sessions only
+    public = {"max_file_size": 1, "state_session_capacity": PUBLIC_SESSIONS} if policy.public else {}
+    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port, **public)
 
 
 if __name__ == "__main__":
