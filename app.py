@@ -41,6 +41,9 @@ def main() -> None:
         metavar="DIR_OR_HUB_ID",
         help="public mode: offer this model too (repeatable; also TURBO_DEMO_ALLOW_MODELS, comma-separated)",
     )
+    parser.add_argument(
+        "--mcp", action="store_true", help="also serve the compare endpoint as an MCP tool (/gradio_api/mcp/)"
+    )
     args = parser.parse_args()
     # imported after parsing, so that --help answers at once
     from turbo_demo.app.page import build_demo
@@ -59,7 +62,7 @@ def main() -> None:
     # public: no component takes files, so any upload (Gradio's route is open) is refused; and
     # Gradio keeps each session's component values: hold the most recent sessions only
     public = {"max_file_size": 1, "state_session_capacity": PUBLIC_SESSIONS} if policy.public else {}
-    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port, **public)
+    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port, mcp_server=args.mcp, **public)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,28 @@ def test_compare_endpoint_through_gradio_client(tiny_dirs):
         assert "not found" in bad["left"]["error"] and bad["right"]["tokens"] == 3
     finally:
         demo.close()
+
+
+def test_compare_defaults_to_the_page_and_is_an_mcp_tool():
+    import requests
+    from gradio_client import Client
+
+    from turbo_demo.app.page import build_demo
+
+    demo = build_demo()
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, mcp_server=True)
+    try:
+        tools = {t["name"]: t for t in requests.get(f"http://127.0.0.1:{port}/gradio_api/mcp/schema").json()}
+        assert set(tools) == {"compare"}  # the model-box handlers are not offered
+        props = tools["compare"]["inputSchema"]["properties"]
+        assert props["left_model"]["default"] == "Dense SwiGLU" and props["right_mode"]["default"] == "predictor"
+        assert "dense, exact, predictor, threshold" in props["left_mode"]["description"]
+        from gradio_client import Client
+
+        result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            "def f(x):", max_new_tokens=2, api_name="/compare"
+        )
+        assert result["left"]["model"] == "Dense SwiGLU" and result["right"]["tokens"] == 2
+    finally:
+        demo.close()

@@ -15,6 +15,8 @@ MODE_LABELS = {
 def mode_choices(name: str) -> tuple[list[tuple[str, str]], str]:
     """The modes a model offers as (label, mode) pairs, and an error line where it cannot be read."""
     try:
+        if not isinstance(name, str):
+            raise UserError("choose a model from the menu")
         modes, error = model_modes(name), ""
     except UserError as exc:
         modes, error = ["dense"], f"⚠️ {exc}"

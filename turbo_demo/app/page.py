@@ -13,7 +13,8 @@ from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embe
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.app.menus import mode_choices, mode_help
 from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
-from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO
+from turbo_demo.app.texts import ABOUT, COMPARE_DOC, EXAMPLES, INTRO
+from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
 from turbo_demo.model.activations import activation_histograms
 from turbo_demo.runtime import Kernels
@@ -219,18 +220,17 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             neurons = views.neurons_view(left, right, run_histograms(store, left, right))
             yield {**show_compare(views.compare_view(left, right), done), **show_neurons(neurons)}
 
-        def compare_api(
+        def compare(
             prompt: str,
-            left_model: str,
-            left_mode: str,
-            right_model: str,
-            right_mode: str,
+            left_model: str = DEFAULT_LEFT[0],
+            left_mode: str = DEFAULT_LEFT[1],
+            right_model: str = DEFAULT_RIGHT[0],
+            right_mode: str = DEFAULT_RIGHT[1],
             max_new_tokens: int = 64,
             temperature: float = 0.0,
             seed: int = 0,
             request: gr.Request = None,  # type: ignore[assignment]  # Gradio fills it in
         ) -> dict:
-            """Run both models on the prompt; returns {"left", "right", "speedup"} summaries."""
             left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
             settings, stop = Settings(max_new_tokens, temperature, 1.0, seed), Event()
             try:
@@ -248,8 +248,10 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 queue.leave(ticket)
             return compare_summary(left, right)
 
-        lm.change(lambda n, m: on_model_change(n, m, ldefault), [lm, lmode], [lmode, lstatus])
-        rm.change(lambda n, m: on_model_change(n, m, rdefault), [rm, rmode], [rmode, rstatus])
+        for box, menu, line, default in ((lm, lmode, lstatus, ldefault), (rm, rmode, rstatus, rdefault)):
+            box.change(
+                lambda n, m, d=default: on_model_change(n, m, d), [box, menu], [menu, line], api_visibility="private"
+            )
         outputs = [
             ltext,
             rtext,
@@ -278,5 +280,6 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             api_visibility="private",
         )
         stop.click(on_stop, [session], None, queue=False, api_visibility="private")
-        gr.api(compare_api, api_name="compare", concurrency_id="generate")
+        compare.__doc__ = COMPARE_DOC.format(models=", ".join(names), modes=", ".join(MODE_HELP))
+        gr.api(compare, api_name="compare", concurrency_id="generate")
     return demo

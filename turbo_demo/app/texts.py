@@ -37,3 +37,24 @@ up/down for the zero neurons, which is lossless.
 | top-k 90% sparsity perplexity | dReLU 29.19 vs SwiGLU 112.36 |
 | CPU-only decoding vs llama.cpp dense | 2.08x (i7-12700K, Mistral-7B FP16) |
 """
+
+# The compare endpoint's description (API page, MCP tool), filled in with the menus' names.
+COMPARE_DOC = """Continue one prompt with two models side by side on TurboSparse Studio's sparse
+backend, and compare their speed and FFN activation sparsity.
+
+Args:
+    prompt: the text both models continue (the user's turn, for chat models)
+    left_model: one of {models} (default: the page's left model)
+    left_mode: the left model's FFN mode, one of {modes}; exact needs a ReLU gate, predictor
+        trained predictors (default: the page's left mode)
+    right_model: as left_model (default: the page's right model)
+    right_mode: as left_mode (default: the page's right mode)
+    max_new_tokens: tokens to generate per model, 1 to 256
+    temperature: 0 for greedy decoding, up to 2
+    seed: the sampling seed, a whole number in [0, 2**63)
+
+Returns:
+    {{"left": summary, "right": summary, "speedup": right tokens/s over left}}, each summary
+    with the text, tokens, tokens_per_s, mean_sparsity, peak_rss_mb, and an error or notice;
+    or {{"error": why}}.
+"""
