@@ -232,3 +232,39 @@ def test_compare_defaults_to_the_page_and_is_an_mcp_tool():
         assert result["left"]["model"] == "Dense SwiGLU" and result["right"]["tokens"] == 2
     finally:
         demo.close()
+
+
+def test_a_run_is_kept_as_a_zip_and_a_link(tiny_dirs):
+    import csv
+    import io
+    import json
+    import zipfile
+    from urllib.parse import parse_qsl
+
+    from turbo_demo.app import export
+
+    settings = Settings(max_new_tokens=4, temperature=0.0, seed=7)
+    left, right, _ = run(
+        ModelStore(), (str(tiny_dirs["dense"]), "dense"), (str(tiny_dirs["drelu"]), "exact"), max_new_tokens=4, seed=7
+    )
+    view = views.compare_view(left, right)
+    archive = zipfile.ZipFile(io.BytesIO(export.run_zip(left, right, settings, {"speed": view.speed})))
+    assert sorted(archive.namelist()) == ["records.json", "speed.html", "steps.csv"]
+    records = json.loads(archive.read("records.json"))
+    assert records["sides"]["right"]["token_ids"] == right.token_ids
+    assert records["summary"]["right"]["tokens"] == 4
+    rows = list(csv.DictReader(io.StringIO(archive.read("steps.csv").decode())))
+    assert len(rows) == 2 * 4 * 2  # sides x steps x layers
+    first = next(r for r in rows if r["side"] == "right")
+    assert float(first["active"]) == right.steps[0].active_share[0]
+    assert "plotly" in archive.read("speed.html").decode()[:5000].lower()
+    # the link's query reopens the page with the same fields; foreign or broken values drop out
+    query = export.share_query(PROMPT, left.key, right.key, settings)
+    names = [str(tiny_dirs["dense"]), str(tiny_dirs["drelu"])]
+    fields = export.settings_from_query(dict(parse_qsl(query[1:])), names)
+    assert fields == {
+        "prompt": PROMPT, "left": names[0], "left_mode": "dense", "right": names[1], "right_mode": "exact",
+        "max_new_tokens": 4, "temperature": 0.0, "top_p": 0.95, "seed": 7,
+    }  # fmt: skip
+    hostile = {"left": "/etc", "left_mode": "rm", "tokens": "nan", "seed": "1e30", "temperature": "0.5"}
+    assert export.settings_from_query(hostile, names) == {}

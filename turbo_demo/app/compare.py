@@ -100,6 +100,10 @@ class SideRecord:
     firing_counts: list[list[int]] = field(default_factory=list)
 
     @property
+    def key(self) -> tuple[str, str]:
+        return self.model, self.mode
+
+    @property
     def tokens_per_s(self) -> float:
         seconds = sum(s.time_s for s in self.steps)
         return len(self.steps) / seconds if seconds else 0.0

@@ -8,7 +8,7 @@ from threading import Event
 
 import gradio as gr
 
-from turbo_demo.app import views
+from turbo_demo.app import export, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.app.menus import mode_choices, mode_help
@@ -42,7 +42,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
     queue = RunQueue(policy.runs_per_client)
     names = embedded_names() + list(policy.allowed or ())
 
-    with gr.Blocks(title="TurboSparse Studio") as demo:
+    # delete_cache: the run archives Gradio serves are removed after an hour
+    with gr.Blocks(title="TurboSparse Studio", delete_cache=(600, 3600)) as demo:
         session = gr.State({})  # {"stop": the running generation's Event}
         gr.Markdown(INTRO)
         with gr.Tab("Compare"):
@@ -96,6 +97,9 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                         sides[side] = (model, mode, status, text, default_mode)
             headline = gr.Markdown(elem_id="headline")
             run_status = gr.Markdown()
+            with gr.Row():
+                download = gr.DownloadButton("Download this run (.zip)", visible=False, elem_id="download")
+                share = gr.Markdown(elem_id="share")
             with gr.Accordion("The prompt as each model read it", open=False), gr.Row():
                 lprompt = gr.Textbox(label="Left", lines=3, interactive=False, elem_id="left-prompt")
                 rprompt = gr.Textbox(label="Right", lines=3, interactive=False, elem_id="right-prompt")
@@ -218,7 +222,13 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 queue.leave(ticket)
             done = "Stopped." if stop.is_set() else "Done."
             neurons = views.neurons_view(left, right, run_histograms(store, left, right))
-            yield {**show_compare(views.compare_view(left, right), done), **show_neurons(neurons)}
+            view = views.compare_view(left, right)
+            figures = {"heatmap-left": view.left_heatmap, "heatmap-right": view.right_heatmap, "speed": view.speed}
+            kept = {
+                download: gr.DownloadButton(value=export.write_run_zip(left, right, settings, figures), visible=True),
+                share: f"[Link to this run]({export.share_query(prompt, left.key, right.key, settings)})",
+            }
+            yield {**show_compare(view, done), **show_neurons(neurons), **kept}
 
         def compare(
             prompt: str,
@@ -252,24 +262,18 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             box.change(
                 lambda n, m, d=default: on_model_change(n, m, d), [box, menu], [menu, line], api_visibility="private"
             )
-        outputs = [
-            ltext,
-            rtext,
-            lprompt,
-            rprompt,
-            lstatus,
-            rstatus,
-            headline,
-            heat_left,
-            heat_right,
-            speed,
-            memory,
-            recall,
-            run_status,
-            firing_left,
-            firing_right,
-            hist,
-        ]
+        outputs = [*show_compare(views.compare_view(SideRecord("", ""), SideRecord("", "")), ""), download, share]
+        outputs += [firing_left, firing_right, hist]
+
+        def on_load(request: gr.Request):
+            """A shared link's prompt, models, modes and settings (query parameters), checked."""
+            fields = export.settings_from_query(dict(request.query_params), names)
+            widgets = {"prompt": prompt, "left": lm, "left_mode": lmode, "right": rm, "right_mode": rmode}
+            widgets |= {"max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed}
+            return {widgets[k]: v for k, v in fields.items()}
+
+        linked = [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed]
+        demo.load(on_load, None, linked, queue=False, api_visibility="private")
         generate.click(
             on_generate,
             [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, chat, system, sparsity, session],

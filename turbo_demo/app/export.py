@@ -1,0 +1,115 @@
+"""A run people can keep: a zip of its records and figures, and a link that reproduces it.
+
+    run_zip(left, right, settings, figures) -> bytes   records.json, steps.csv, one HTML per figure
+    share_query(prompt, left, right, settings) -> str  "?prompt=...&left=..." for the page's URL
+    settings_from_query(params) -> dict                the page's fields from such a query, checked
+
+steps.csv has one row per side, step and layer: the numbers the heatmaps, speed and recall
+panels draw. Figures are standalone HTML (Plotly's JavaScript inlined), so they open offline.
+"""
+
+import csv
+import io
+import json
+import tempfile
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlencode
+
+import plotly.graph_objects as go
+
+from turbo_demo.app.compare import Settings, SideRecord, compare_summary
+from turbo_demo.choices import MODES
+from turbo_demo.errors import UserError
+
+STEP_COLUMNS = [
+    "side",
+    "model",
+    "mode",
+    "step",
+    "token",
+    "time_s",
+    "layer",
+    "active",
+    "computed",
+    "recall",
+    "ffn_bytes",
+]
+# The query keys a shared link carries, and the Settings field each sets.
+QUERY_NUMBERS = {"tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+MAX_QUERY_PROMPT = 2000
+
+
+def step_rows(side: str, rec: SideRecord) -> list[list]:
+    rows = []
+    for s in rec.steps:
+        for layer, active in enumerate(s.active_share):
+            recall = s.recall[layer] if s.recall else ""
+            row = [side, rec.model, rec.mode, s.step, s.token, s.time_s, layer, active, s.computed_share[layer]]
+            rows.append([*row, recall, s.ffn_bytes])
+    return rows
+
+
+def run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: dict[str, go.Figure]) -> bytes:
+    """The run as a zip archive (bytes)."""
+    records = {
+        "settings": asdict(settings),
+        "summary": compare_summary(left, right),
+        "sides": {
+            side: {**{k: v for k, v in asdict(rec).items() if k != "steps"}, "steps": [s.to_dict() for s in rec.steps]}
+            for side, rec in (("left", left), ("right", right))
+        },
+    }
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(STEP_COLUMNS)
+    for side, rec in (("left", left), ("right", right)):
+        writer.writerows(step_rows(side, rec))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("records.json", json.dumps(records, indent=1))
+        z.writestr("steps.csv", table.getvalue())
+        for name, fig in figures.items():
+            z.writestr(f"{name}.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    return out.getvalue()
+
+
+def write_run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: dict[str, go.Figure]) -> str:
+    """run_zip written to a fresh temporary directory (Gradio serves it from there, and the
+    page's cache cleaning deletes it) -> the file's path."""
+    path = Path(tempfile.mkdtemp(prefix="turbosparse-run-")) / "turbosparse-run.zip"
+    path.write_bytes(run_zip(left, right, settings, figures))
+    return str(path)
+
+
+def share_query(prompt: str, left: tuple[str, str], right: tuple[str, str], settings: Settings) -> str:
+    """The query string that reopens the page with this prompt, models, modes and settings."""
+    values = {"prompt": prompt[:MAX_QUERY_PROMPT], "left": left[0], "left_mode": left[1], "right": right[0]}
+    values["right_mode"] = right[1]
+    values |= {key: getattr(settings, field) for key, field in QUERY_NUMBERS.items()}
+    return "?" + urlencode(values)
+
+
+def settings_from_query(params: dict[str, str], models: list[str]) -> dict:
+    """The page fields a shared link sets: only known keys, models the menu offers, known modes,
+    numbers that parse; anything else is left out (the page keeps its default)."""
+    fields: dict = {}
+    if isinstance(params.get("prompt"), str):
+        fields["prompt"] = params["prompt"][:MAX_QUERY_PROMPT]
+    for key in ("left", "right"):
+        if params.get(key) in models:
+            fields[key] = params[key]
+        if params.get(f"{key}_mode") in MODES:
+            fields[f"{key}_mode"] = params[f"{key}_mode"]
+    for key, field in QUERY_NUMBERS.items():
+        try:
+            value = float(params[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        fields[field] = value
+    try:
+        checked = Settings(**{k: fields[k] for k in QUERY_NUMBERS.values() if k in fields}).checked()
+    except UserError:  # a value that is not finite, or a seed out of range: the page's defaults
+        return {k: v for k, v in fields.items() if k not in QUERY_NUMBERS.values()}
+    return fields | {k: getattr(checked, k) for k in QUERY_NUMBERS.values() if k in fields}
