@@ -85,6 +85,28 @@ def test_generate_streams_both_panes_and_draws_heatmaps(page, request, tmp_path)
     assert shot.stat().st_size > 10_000
 
 
+def test_a_run_downloads_and_its_link_reopens_the_same_settings(page, app_url, tmp_path):
+    """After the run above: the zip downloads, and the share link restores prompt, models, modes."""
+    page.wait_for_selector("#download", state="visible", timeout=60_000)
+    with page.expect_download() as info:
+        page.click("#download")
+    saved = tmp_path / "run.zip"
+    info.value.save_as(saved)
+    import zipfile
+
+    assert {"records.json", "steps.csv"} <= set(zipfile.ZipFile(saved).namelist())
+    link = page.locator("#share a").get_attribute("href")
+    assert link.startswith("?prompt=")
+    prompt = page.locator("textarea").first.input_value()
+    page.goto(app_url + "?" + link[1:].replace("right_mode=predictor", "right_mode=exact"))
+    page.wait_for_function(
+        "document.querySelector('#right-mode input')?.value.startsWith('exact')", polling=100, timeout=30_000
+    )
+    assert page.locator("#left-model input").input_value() == "Dense SwiGLU"
+    assert page.locator("textarea").first.input_value() == prompt
+    page.goto(app_url)
+
+
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory):
     """A random model big enough (~70M parameters) that 256 tokens take seconds, not a blink."""

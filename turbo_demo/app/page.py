@@ -270,7 +270,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             fields = export.settings_from_query(dict(request.query_params), names)
             widgets = {"prompt": prompt, "left": lm, "left_mode": lmode, "right": rm, "right_mode": rmode}
             widgets |= {"max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed}
-            return {widgets[k]: v for k, v in fields.items()}
+            return {widget: fields.get(k, gr.skip()) for k, widget in widgets.items()}
 
         linked = [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed]
         demo.load(on_load, None, linked, queue=False, api_visibility="private")
