@@ -1,8 +1,10 @@
-"""Watching (and editing) the FFN activations of any Mistral-family model through hooks.
+"""Watching (and editing) the FFN activations of any gated-FFN causal LM through hooks.
 
 The combined activation h of layer i is the input of `model.layers[i].mlp.down_proj`:
 h = act(W_gate x) * (W_up x) for SwiGLU, relu(W_gate x) * relu(W_up x) for dReLU. A forward
-pre-hook on down_proj therefore sees h for every FFN variant without touching its code.
+pre-hook on down_proj therefore sees h for every FFN variant without touching its code. The
+gate and up projections are gate_proj and up_proj, or Phi-3's one gate_up_proj, whose output
+(..., 2I) is the gate's I values, then up's.
 Hooks live only inside the context managers below, which always remove them.
 """
 
@@ -19,11 +21,16 @@ def ffn_modules(model: nn.Module) -> list[nn.Module]:
     """The MLP module of every decoder layer, in order; a clear error for other architectures."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
-        raise UserError(f"{type(model).__name__} has no model.layers[i].mlp: not a Mistral-family model")
+        raise UserError(f"{type(model).__name__} has no model.layers[i].mlp: not a Llama-shaped model")
     mlps = [layer.mlp for layer in layers]
-    if not all(all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")) for m in mlps):
-        raise UserError(f"{type(model).__name__} has no gated FFN (gate_proj/up_proj/down_proj)")
+    if not all(is_gated(m) for m in mlps):
+        raise UserError(f"{type(model).__name__} has no gated FFN (gate_proj/up_proj or gate_up_proj, down_proj)")
     return mlps
+
+
+def is_gated(mlp: nn.Module) -> bool:
+    split = hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj")
+    return hasattr(mlp, "down_proj") and (split or hasattr(mlp, "gate_up_proj"))
 
 
 @contextmanager
@@ -52,6 +59,15 @@ def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -
     """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
     handles = []
     for i, mlp in enumerate(ffn_modules(model)):
+        if hasattr(mlp, "gate_up_proj"):
+
+            def fused(module, args, output, layer=i):
+                gate, up = output.chunk(2, dim=-1)
+                fn(layer, "gate", gate)
+                fn(layer, "up", up)
+
+            handles.append(mlp.gate_up_proj.register_forward_hook(fused))
+            continue
         for name in ("gate", "up"):
 
             def hook(module, args, output, layer=i, branch=name):

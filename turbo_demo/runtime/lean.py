@@ -1,4 +1,6 @@
-"""Lean batch-1 decoding for the Mistral family (Mistral, Llama, bamboo), on packed weights.
+"""Lean batch-1 decoding for Llama-shaped models, on packed weights: Mistral, Llama, bamboo,
+Qwen2, Qwen3, Gemma (1), Phi-3 (packing.lean_supports says which configs; the others run on
+transformers' own forward, runtime/hf.py).
 
 The runtime reads the pack's tensors (runtime/packing.py), keeps a preallocated KV cache, and
 decodes with a small ladder of functions:
@@ -9,7 +11,9 @@ decodes with a small ladder of functions:
     generate(...)                        (Decoder) yields one StepStats per new token
 
 Per layer:  a = x + W_o attn(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x));  x' = a + FFN(n2(a), a)
-where n1, n2 are RMSNorms and the FFN gets the residual a for its predictor.
+where n1, n2 are RMSNorms and the FFN gets the residual a for its predictor; x starts as the
+token's embedding (times sqrt(H) for Gemma). Where the architecture has them, q, k and v get
+their biases (Qwen2) and q, k an RMSNorm per head before RoPE (Qwen3).
 
 Prefill runs batched PyTorch operations (GEMMs, SDPA). A decode step works on vectors through
 the kernels (GEMV, fused RMSNorm, fused RoPE + cache write + attention): at batch 1 the step is
@@ -32,7 +36,7 @@ MAX_CONTEXT = 4096
 
 
 class LeanRuntime(Decoder):
-    """Decodes a packed Mistral-family model with one FFN mode in every layer."""
+    """Decodes a packed Llama-shaped model with one FFN mode in every layer."""
 
     engine = "lean"
 
@@ -46,7 +50,10 @@ class LeanRuntime(Decoder):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        self.window = getattr(config, "sliding_window", None)
+        # a window applies to every layer (lean_supports refuses layers of mixed types), unless
+        # the layers say they all attend fully (Qwen2 and Qwen3 keep a window they do not use)
+        full = set(getattr(config, "layer_types", None) or ()) == {"full_attention"}
+        self.window = None if full else getattr(config, "sliding_window", None)
         self.max_len = min(config.max_position_embeddings, MAX_CONTEXT)
         self.device, self.dtype = self.w.embed.device, self.w.embed.dtype
         theta = config.rope_parameters["rope_theta"]
@@ -59,10 +66,11 @@ class LeanRuntime(Decoder):
         shape = (len(self.w.attention), self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # per layer: (attention weights, (k cache, v cache), FFN norm, mode, firing counts)
-        self.layers = list(
-            zip(self.w.attention, zip(self.k_cache, self.v_cache), self.w.ffn_norms, self.modes, self.firing)
-        )
+        # per layer: (attention weights, their optional parts, (k cache, v cache), FFN norm, mode,
+        # firing counts)
+        extras = [a.extras for a in self.w.attention]
+        caches = zip(self.k_cache, self.v_cache)
+        self.layers = list(zip(self.w.attention, extras, caches, self.w.ffn_norms, self.modes, self.firing))
         self.pos = 0
 
     def reset(self) -> None:
@@ -72,9 +80,14 @@ class LeanRuntime(Decoder):
         """Prefill from position 0: x (T, H) -> attention output (T, H); fills the cache."""
         w, T = self.w.attention[i], x.size(0)
         h = self.kernels.rms_norm(x, w.norm, self.eps)
-        q = F.linear(h, w.wq).view(T, self.n_heads, self.head_dim).transpose(0, 1)
-        k = F.linear(h, w.wk).view(T, self.n_kv, self.head_dim).transpose(0, 1)
-        v = F.linear(h, w.wv).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        q = F.linear(h, w.wq, w.bq).view(T, self.n_heads, self.head_dim)
+        k = F.linear(h, w.wk, w.bk).view(T, self.n_kv, self.head_dim)
+        v = F.linear(h, w.wv, w.bv).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        if w.q_norm is not None:
+            q = self.kernels.rms_norm(q, w.q_norm, self.eps)
+        if w.k_norm is not None:
+            k = self.kernels.rms_norm(k, w.k_norm, self.eps)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (nh, T, hd), (nkv, T, hd)
         q = rope(q, self.cos[:T], self.sin_signed[:T])  # (nh, T, hd)
         self.k_cache[i, :, :T] = rope(k, self.cos[:T], self.sin_signed[:T])  # (nkv, T, hd)
         self.v_cache[i, :, :T] = v
@@ -85,7 +98,13 @@ class LeanRuntime(Decoder):
         out = F.scaled_dot_product_attention(
             q, self.k_cache[i, :, :T], self.v_cache[i, :, :T], attn_mask=mask, enable_gqa=True
         )
-        return F.linear(out.transpose(0, 1).reshape(T, -1), w.wo)
+        return F.linear(out.transpose(0, 1).reshape(T, -1), w.wo, w.bo)
+
+    def embed(self, ids: torch.Tensor | int) -> torch.Tensor:
+        """The embeddings of ids ((T,) -> (T, H), or one id -> (H,)), scaled where the
+        architecture scales them."""
+        x = self.w.embed[ids]
+        return x if self.w.embed_scale is None else x * self.w.embed_scale
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last position's hidden state x (H,) -> logits (V,)."""
@@ -98,7 +117,7 @@ class LeanRuntime(Decoder):
         self.reset()
         if ids.numel() > self.max_len:
             raise UserError(f"prompt of {ids.numel()} tokens exceeds the context of {self.max_len}")
-        x = self.w.embed[ids.to(self.device)]  # (T, H)
+        x = self.embed(ids.to(self.device))  # (T, H)
         for i, (mode, norm) in enumerate(zip(self.modes, self.w.ffn_norms)):
             x = x + self.attention(i, x)
             x = x + mode.prefill(self.kernels.rms_norm(x, norm, self.eps), x)
@@ -109,13 +128,26 @@ class LeanRuntime(Decoder):
     def decode(self, token: int) -> tuple[torch.Tensor, list[LayerRecord]]:
         """One token at the current position, FFNs in the runtime's mode -> (logits (V,), one
         LayerRecord per layer)."""
-        k, x, pos = self.kernels, self.w.embed[token], self.pos  # x (H,)
+        k, x, pos = self.kernels, self.embed(token), self.pos  # x (H,)
         first = max(0, pos + 1 - self.window) if self.window else 0  # the sliding window's start
         records = []
-        for a, (k_cache, v_cache), ffn_norm, mode, counts in self.layers:
+        for a, extras, (k_cache, v_cache), ffn_norm, mode, counts in self.layers:
             # x + W_o attention(n1(x)), with k and v of this position written into the caches
             x = k.attention_step(
-                x, a.norm, self.eps, a.wq, a.wk, a.wv, a.wo, k_cache, v_cache, self.cos, self.sin_signed, pos, first
+                x,
+                a.norm,
+                self.eps,
+                a.wq,
+                a.wk,
+                a.wv,
+                a.wo,
+                k_cache,
+                v_cache,
+                self.cos,
+                self.sin_signed,
+                pos,
+                first,
+                *extras,
             )
             x, record = mode.step(k.rms_norm(x, ffn_norm, self.eps), x, x, counts)
             records.append(record)

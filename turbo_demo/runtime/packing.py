@@ -6,9 +6,11 @@ the kernels need in another layout is copied once, here:
     W_down (H, I)        -> wd_t (I, H)   neuron-major: row i is neuron i's output column
     predictor fc2 (I, R) -> fc2_t (R, I)  input-major: row j is what z_j adds to the scores
     everything else      shared with the model (gate, up, attention, norms, embeddings: their
-                         HF layout is already row-major, one row per output)
+                         HF layout is already row-major, one row per output); Phi-3's fused
+                         qkv_proj and gate_up_proj are split into row views, not copies
 
-so the pack costs one extra copy of W_down and fc2 (about a third of the FFN's weights).
+so the pack costs one extra copy of W_down and fc2 (about a third of the FFN's weights), and
+for Gemma one of its RMSNorm weights, stored as the (1 + w) they multiply by.
 """
 
 from dataclasses import dataclass, field
@@ -20,16 +22,24 @@ from turbo_demo.errors import UserError
 from turbo_demo.model.hooks import ffn_modules
 from turbo_demo.runtime.kernels.reference import ACTS
 
-LEAN_ARCHITECTURES = ("mistral", "llama", "bamboo")
+# What the lean engine adds to the Llama block per architecture (else: transformers' engine):
+#   qwen2   biases on q, k, v            qwen3  an RMSNorm of each q and k head before RoPE
+#   gemma   embeddings times sqrt(H), RMSNorms scaled by (1 + w), a tanh-GELU gate
+#   phi3    q, k, v and gate, up stored fused: split here as row views
+# Gemma 2 and 3 (norms after attention and FFN, logit soft-capping, alternating sliding
+# windows) run on transformers' forward, as do non-default RoPE scalings (Llama 3's among them),
+# partial rotary embeddings, layers that mix attention types, and FFNs with biases.
+LEAN_ARCHITECTURES = ("mistral", "llama", "bamboo", "qwen2", "qwen3", "gemma", "phi3")
 
 
 def lean_supports(config) -> bool:
     """Whether the lean runtime knows this architecture (else: transformers' own forward)."""
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope = getattr(config, "rope_parameters", None) or {}
     return (
         config.model_type in LEAN_ARCHITECTURES
-        and rope == "default"
-        and not getattr(config, "attention_bias", False)
+        and rope.get("rope_type", "default") == "default"
+        and rope.get("partial_rotary_factor", 1.0) == 1.0
+        and len(set(getattr(config, "layer_types", None) or ())) <= 1
         and not getattr(config, "mlp_bias", False)
     )
 
@@ -69,15 +79,27 @@ class FFNWeights:
             object.__setattr__(self, name, value)  # frozen: set once, here
 
 
+def gate_up(mlp) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_gate and W_up (I, H): HF's two projections, or Phi-3's fused gate_up_proj (2I, H), whose
+    first I rows are the gate (Phi3MLP chunks its output gate first), split as row views."""
+    if hasattr(mlp, "gate_up_proj"):
+        return tuple(mlp.gate_up_proj.weight.detach().chunk(2, dim=0))
+    return mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+
+
 def pack_ffn(mlp, config, layer: int) -> FFNWeights:
-    act = getattr(config, "hidden_act", "silu")
+    # Gemma 2 and 3 name the FFN's activation hidden_activation, the others hidden_act
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if act not in ACTS:
         raise UserError(f"unsupported FFN activation {act!r}; the sparse runtime knows {', '.join(ACTS)}")
+    if any(getattr(m, "bias", None) is not None for m in mlp.children() if isinstance(m, torch.nn.Linear)):
+        raise UserError("the FFN has biases, which the sparse kernels do not add")
     predictor = getattr(mlp, "predictor", None)
     threshold_of = getattr(config, "threshold_of", None)
+    wg, wu = gate_up(mlp)
     return FFNWeights(
-        wg=mlp.gate_proj.weight.detach(),
-        wu=mlp.up_proj.weight.detach(),
+        wg=wg,
+        wu=wu,
         wd_t=neuron_major(mlp.down_proj),
         act=act,
         drelu=getattr(config, "model_type", "") == "bamboo",
@@ -89,25 +111,40 @@ def pack_ffn(mlp, config, layer: int) -> FFNWeights:
 
 @dataclass(frozen=True)
 class AttentionWeights:
-    """One layer's attention block: the input RMSNorm's weight and the four projections."""
+    """One layer's attention block: the input RMSNorm's weight, the four projections, and the
+    optional parts of Kernels.attention_step (None where the architecture has none)."""
 
     norm: torch.Tensor
     wq: torch.Tensor
     wk: torch.Tensor
     wv: torch.Tensor
     wo: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+    @property
+    def extras(self) -> tuple[torch.Tensor | None, ...]:
+        """bq, bk, bv, bo, q_norm, k_norm: attention_step's optional arguments, in its order."""
+        return self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm
 
 
 @dataclass(frozen=True)
 class LeanWeights:
     """Everything a lean decode step reads, looked up once: at batch 1 on a small model the
-    module attribute lookups of every step would cost as much as the arithmetic."""
+    module attribute lookups of every step would cost as much as the arithmetic. embed_scale
+    (a scalar in the weights' dtype, Gemma's sqrt(H)) multiplies the embeddings where given."""
 
     embed: torch.Tensor
     norm: torch.Tensor
     lm_head: torch.Tensor
     attention: list[AttentionWeights]
     ffn_norms: list[torch.Tensor]
+    embed_scale: torch.Tensor | None = None
+    copied_bytes: int = 0  # Gemma's (1 + w) norms, the only lean weights that are copies
 
 
 @dataclass(frozen=True)
@@ -123,26 +160,50 @@ class PackedModel:
     @property
     def owned_bytes(self) -> int:
         """Bytes of the copies the pack made (beyond the model's own weights)."""
-        return sum(nbytes(f.wd_t) + (0 if f.fc2_t is None else nbytes(f.fc2_t)) for f in self.ffns)
+        ffns = sum(nbytes(f.wd_t) + (0 if f.fc2_t is None else nbytes(f.fc2_t)) for f in self.ffns)
+        return ffns + (0 if self.lean is None else self.lean.copied_bytes)
+
+
+def bias(linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def pack_attention(attn, norm: torch.Tensor) -> AttentionWeights:
+    q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    extras = dict(
+        bo=bias(attn.o_proj),
+        q_norm=None if q_norm is None else q_norm.weight.detach(),
+        k_norm=None if k_norm is None else k_norm.weight.detach(),
+    )
+    if hasattr(attn, "qkv_proj"):  # Phi-3: rows q (nh hd), then k and v (nkv hd each)
+        wqkv = attn.qkv_proj.weight.detach()
+        nkv = attn.num_key_value_heads * attn.head_dim
+        wq, wk, wv = wqkv.split([wqkv.size(0) - 2 * nkv, nkv, nkv])
+        return AttentionWeights(norm, wq, wk, wv, attn.o_proj.weight.detach(), **extras)
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    wq, wk, wv = (p.weight.detach() for p in projections)
+    bq, bk, bv = (bias(p) for p in projections)
+    return AttentionWeights(norm, wq, wk, wv, attn.o_proj.weight.detach(), bq, bk, bv, **extras)
 
 
 def pack_lean(model) -> LeanWeights:
     inner = model.model
+    gemma = model.config.model_type == "gemma"
+    # Gemma's RMSNorm multiplies by (1 + w): stored once as such, the rms_norm kernel serves
+    norms = [inner.norm] + [
+        n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    weights = [n.weight.detach() + 1 if gemma else n.weight.detach() for n in norms]
+    embed = inner.embed_tokens.weight.detach()
     return LeanWeights(
-        embed=inner.embed_tokens.weight.detach(),
-        norm=inner.norm.weight.detach(),
+        embed=embed,
+        norm=weights[0],
         lm_head=model.lm_head.weight.detach(),
-        attention=[
-            AttentionWeights(
-                layer.input_layernorm.weight.detach(),
-                layer.self_attn.q_proj.weight.detach(),
-                layer.self_attn.k_proj.weight.detach(),
-                layer.self_attn.v_proj.weight.detach(),
-                layer.self_attn.o_proj.weight.detach(),
-            )
-            for layer in inner.layers
-        ],
-        ffn_norms=[layer.post_attention_layernorm.weight.detach() for layer in inner.layers],
+        attention=[pack_attention(layer.self_attn, n) for layer, n in zip(inner.layers, weights[1::2])],
+        ffn_norms=weights[2::2],
+        # as GemmaTextScaledWordEmbedding rounds it: to fp32, then to the weights' dtype
+        embed_scale=torch.tensor(model.config.hidden_size**0.5).to(embed.device, embed.dtype) if gemma else None,
+        copied_bytes=sum(map(nbytes, weights)) if gemma else 0,
     )
 
 

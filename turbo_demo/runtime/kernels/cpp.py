@@ -146,8 +146,11 @@ class CppKernels(Kernels):
     def rms_norm(self, x, w, eps):
         return self.ops.rms_norm(x, w, eps)
 
-    def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first):
-        return self.ops.attention_step(x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first)
+    def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras):
+        # extras: bq, bk, bv, bo, q_norm, k_norm, positional as the reference names them
+        return self.ops.attention_step(
+            x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
+        )
 
     def indices_over(self, v, t):
         return self.ops.indices_over(v, t)

@@ -14,12 +14,20 @@ Two optional arguments recur in the FFN steps:
                      computed: the runtime's neuron firing counts
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+# Named as transformers' ACT2FN names them: "gelu" is the erf form, "gelu_pytorch_tanh" (Gemma)
+# 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
 # The reference's gathered rows are copies (index_select): above this share of the neurons,
 # one dense pass, masked, reads the weights faster than the gathers and gives the same result.
 DENSE_FALLBACK_SHARE = 0.45
@@ -106,7 +114,7 @@ class Kernels:
 
     def ffn_dense(self, wg, wu, wd_t, x, act: str, act_up: bool, add_to=None, counts=None):
         """The dense FFN of one token -> (y, active): h = act(Wg x) * (act(Wu x) if act_up else
-        Wu x), y = h Wd_t, active = #{i : h_i != 0}; act one of ACTS (gelu in its erf form)."""
+        Wu x), y = h Wd_t, active = #{i : h_i != 0}; act one of ACTS."""
         f = ACTS[act]
         u = torch.mv(wu, x)
         h = f(torch.mv(wg, x)) * (f(u) if act_up else u)
@@ -158,16 +166,41 @@ class Kernels:
         return w * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
 
     def attention_step(
-        self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos: int, first: int
+        self,
+        x,
+        ln_w,
+        eps,
+        wq,
+        wk,
+        wv,
+        wo,
+        k_cache,
+        v_cache,
+        cos,
+        sin_signed,
+        pos: int,
+        first: int,
+        bq=None,
+        bk=None,
+        bv=None,
+        bo=None,
+        q_norm=None,
+        k_norm=None,
     ) -> torch.Tensor:
-        """A layer's attention block for one token x (H,): x + Wo decode_attention(Wq n, Wk n,
-        Wv n, ...), n = rms_norm(x, ln_w, eps); cos, sin_signed are the whole rotary tables
-        (max_len, hd), read at row pos."""
+        """A layer's attention block for one token x (H,): x + (Wo decode_attention(q, k, v, ...)
+        + bo), n = rms_norm(x, ln_w, eps), q = Wq n + bq, k = Wk n + bk, v = Wv n + bv; cos,
+        sin_signed are the whole rotary tables (max_len, hd), read at row pos. The optional
+        parts (None: absent): the biases (Qwen2), and q_norm, k_norm (hd,), an rms_norm of each
+        head of q and k before RoPE (Qwen3)."""
         h = self.rms_norm(x, ln_w, eps)
-        out = decode_attention(
-            torch.mv(wq, h), torch.mv(wk, h), torch.mv(wv, h), k_cache, v_cache, cos[pos], sin_signed[pos], pos, first
-        )
-        return x + torch.mv(wo, out)
+        q, k, v = (plus(torch.mv(w, h), b) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        hd = k_cache.size(2)
+        if q_norm is not None:
+            q = self.rms_norm(q.view(-1, hd), q_norm, eps).view(-1)
+        if k_norm is not None:
+            k = self.rms_norm(k.view(-1, hd), k_norm, eps).view(-1)
+        out = decode_attention(q, k, v, k_cache, v_cache, cos[pos], sin_signed[pos], pos, first)
+        return x + plus(torch.mv(wo, out), bo)
 
     def indices_over(self, v: torch.Tensor, t: float) -> torch.Tensor:
         """The indices i with v_i > t, ascending."""

@@ -1,5 +1,5 @@
 // The small operations of one decode step: rms_norm, attention_step (RMSNorm, the q, k, v
-// GEMVs, RoPE, the cache write, grouped-query attention over positions first..pos and the
+// GEMVs and their optional biases and per-head norms, RoPE, the cache write, grouped-query attention over positions first..pos and the
 // output projection in one call), predict (and its top_indices), indices_over, argmax and
 // sample_top_p. What each computes is the docstring of the same method of Kernels in
 // ../reference.py; here they are fused, so that each is one call instead of a dozen tensor
@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <functional>
+#include <tuple>
 #include <utility>
 
 namespace {
@@ -27,6 +28,14 @@ void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t h, float 
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
     for (int64_t c = 0; c < h; ++c) store(y + c, to_f32(w[c]) * rounded<T>(to_f32(x[c]) * inv));
   }
+}
+
+// y += b (n,) where the optional bias is given.
+template <typename T>
+void add_bias(T* y, const c10::optional<torch::Tensor>& b, int64_t n) {
+  if (!b) return;
+  const T* bp = ptr_of<T>(*b);
+  for (int64_t c = 0; c < n; ++c) store(y + c, to_f32(y[c]) + to_f32(bp[c]));
 }
 
 struct Shape {
@@ -252,7 +261,10 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
                              const torch::Tensor& wq, const torch::Tensor& wk, const torch::Tensor& wv,
                              const torch::Tensor& wo, torch::Tensor& k_cache, torch::Tensor& v_cache,
                              const torch::Tensor& cos, const torch::Tensor& sin_signed, int64_t pos,
-                             int64_t first) {
+                             int64_t first, const c10::optional<torch::Tensor>& bq,
+                             const c10::optional<torch::Tensor>& bk, const c10::optional<torch::Tensor>& bv,
+                             const c10::optional<torch::Tensor>& bo, const c10::optional<torch::Tensor>& q_norm,
+                             const c10::optional<torch::Tensor>& k_norm) {
   const char* fn = "attention_step";
   const auto dtype = x.scalar_type();
   const int64_t h = x.numel();
@@ -271,6 +283,10 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
               wv.size(0) == s.nkv * s.hd && wk.size(1) == h && wv.size(1) == h && wo.size(0) == h &&
               wo.size(1) == s.nh * s.hd, fn, ": projection shapes do not match the caches");
   TORCH_CHECK(0 <= first && first <= pos && pos < s.max_len, fn, ": need 0 <= first <= pos < max_len");
+  for (auto [t, name, size] : {std::make_tuple(&bq, "bq", s.nh * s.hd), std::make_tuple(&bk, "bk", s.nkv * s.hd),
+                               std::make_tuple(&bv, "bv", s.nkv * s.hd), std::make_tuple(&bo, "bo", h),
+                               std::make_tuple(&q_norm, "q_norm", s.hd), std::make_tuple(&k_norm, "k_norm", s.hd)})
+    if (*t) check_vector(**t, name, size, dtype, fn);
   auto y = torch::empty({h}, x.options());
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
@@ -283,9 +299,16 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
       dot_rows(ptr_of<T>(wk), n.data(), nullptr, k.data(), wk.size(0), h);
       dot_rows(ptr_of<T>(wv), n.data(), nullptr, v.data(), wv.size(0), h);
     }
+    add_bias(q.data(), bq, s.nh * s.hd);
+    add_bias(k.data(), bk, s.nkv * s.hd);
+    add_bias(v.data(), bv, s.nkv * s.hd);
+    // in place: rms_norm_impl reads each value before it writes it
+    if (q_norm) rms_norm_impl(q.data(), ptr_of<T>(*q_norm), q.data(), s.nh, s.hd, static_cast<float>(eps));
+    if (k_norm) rms_norm_impl(k.data(), ptr_of<T>(*k_norm), k.data(), s.nkv, s.hd, static_cast<float>(eps));
     attention_impl(q.data(), k.data(), v.data(), ptr_of<T>(k_cache), ptr_of<T>(v_cache),
                    ptr_of<T>(cos) + pos * s.hd, ptr_of<T>(sin_signed) + pos * s.hd, out.data(), s);
     dot_impl(ptr_of<T>(wo), out.data(), nullptr, o.data(), h, wo.size(1));
+    add_bias(o.data(), bo, h);
     const T* xp = ptr_of<T>(x);
     T* yp = ptr_of<T>(y);
     for (int64_t c = 0; c < h; ++c) store(yp + c, to_f32(xp[c]) + to_f32(o[c]));
@@ -344,7 +367,8 @@ void register_decode_ops(pybind11::module& m) {
   m.def("attention_step", &attention_step, "see Kernels.attention_step (reference.py)", py::arg("x"),
         py::arg("ln_w"), py::arg("eps"), py::arg("wq"), py::arg("wk"), py::arg("wv"), py::arg("wo"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"), py::arg("pos"),
-        py::arg("first"));
+        py::arg("first"), py::arg("bq") = py::none(), py::arg("bk") = py::none(), py::arg("bv") = py::none(),
+        py::arg("bo") = py::none(), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none());
   m.def("predict", &predict, "see Kernels.predict (reference.py)",
         py::arg("fc1"), py::arg("fc2_t"), py::arg("r"), py::arg("threshold"), py::arg("budget"));
 }

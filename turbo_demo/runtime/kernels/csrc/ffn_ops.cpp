@@ -20,12 +20,13 @@
 
 namespace {
 
-enum class Act { kRelu, kSilu, kGelu };
+enum class Act { kRelu, kSilu, kGelu, kGeluTanh };
 
 Act act_of(const std::string& name) {
   if (name == "relu") return Act::kRelu;
   if (name == "silu") return Act::kSilu;
-  TORCH_CHECK(name == "gelu", "ffn_dense: act must be relu, silu or gelu, got ", name);
+  if (name == "gelu_pytorch_tanh") return Act::kGeluTanh;
+  TORCH_CHECK(name == "gelu", "ffn_dense: act must be relu, silu, gelu or gelu_pytorch_tanh, got ", name);
   return Act::kGelu;
 }
 
@@ -33,6 +34,7 @@ inline float apply(Act act, float v) {
   switch (act) {
     case Act::kRelu: return std::max(v, 0.f);
     case Act::kSilu: return v / (1.f + std::exp(-v));
+    case Act::kGeluTanh: return 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
     default: return 0.5f * v * (1.f + std::erf(v * 0.70710678f));
   }
 }
