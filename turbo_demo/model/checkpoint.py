@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from turbo_demo.errors import UserError
-from turbo_demo.model.headers import read_headers
+from turbo_demo.model.headers import read_headers, safetensors_files
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -65,24 +67,67 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
 
 
+def stored_itemsize(config) -> int:
+    """Bytes per element of the dtype the config says the weights are stored in (2 where unstated)."""
+    stored = getattr(config, "dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return stored.itemsize if isinstance(stored, torch.dtype) else 2
+
+
 def auto_dtype(path: Path, config) -> torch.dtype:
     """fp32, or bf16 for a model whose fp32 weights would exceed FP32_MAX_BYTES, estimated from
     the size of its weight files and the dtype they store (half precision where unstated)."""
-    stored = getattr(config, "dtype", None)
-    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
-    itemsize = stored.itemsize if isinstance(stored, torch.dtype) else 2
-    elements = sum(f.stat().st_size for f in weight_files(path)) // itemsize
+    elements = sum(f.stat().st_size for f in weight_files(path)) // stored_itemsize(config)
     return torch.float32 if 4 * elements <= FP32_MAX_BYTES else torch.bfloat16
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None):
-    """An eval-mode causal LM from a checkpoint directory, on the CPU, in `dtype` (None: auto_dtype)."""
+STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def converted_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The safetensors weights with floating tensors in `dtype`, read one tensor at a time.
+
+    transformers memory-maps the files and converts from the mapping: every page it reads stays
+    in the process's RSS until the load ends, so a bf16 -> fp32 load peaked at 1.5x the fp32
+    weights (an fp32 -> bf16 one would peak at 3x the bf16 ones). Reading each tensor into its
+    own buffer (pread) and converting it drops the source as soon as it is converted: the peak
+    is the converted weights plus one tensor.
+    """
+    tensors = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", backend="pread") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = f.get_tensor(name)
+                tensors[name] = t.to(dtype) if t.is_floating_point() else t
+    return tensors
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device_map: str | dict | None = None):
+    """An eval-mode causal LM from a checkpoint directory, in `dtype` (None: auto_dtype), on the CPU
+    or, with a device map ("auto": accelerate fills the GPUs, then the CPU), across devices.
+
+    Refuses with a UserError, before anything is allocated, a model whose estimated memory
+    (memory.estimate: weights, the runtime's copies, a KV cache) exceeds what is available. A
+    checkpoint stored in `dtype` loads memory-mapped (no copy: pages come in as they are read);
+    one in another dtype is converted tensor by tensor (converted_state_dict).
+    """
+    from turbo_demo.model import memory  # memory.py reads configs through this module
+
     path = check_model_dir(path)
     config = load_config(path)
     if dtype is None:
         dtype = auto_dtype(path, config)
+    memory.check_fits(memory.estimate(path, dtype, config), memory.available_bytes(device_map))
+    stored = {STORED.get(t.dtype) for t in read_headers(path).values()} - {None}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
+        if device_map is None and stored - {dtype}:
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            state_dict = converted_state_dict(path, dtype)
+            model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype, device_map=device_map, trust_remote_code=False
+            )
     except Exception as exc:  # a broken file surfaces as many exception types; name it once
         raise UserError(f"cannot load the weights in {path}: {type(exc).__name__}: {exc}") from exc
     return model.eval()

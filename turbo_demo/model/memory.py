@@ -1,0 +1,188 @@
+"""The memory a model needs in this app, known before anything is allocated, and the guard.
+
+From the safetensors headers alone (`headers.read_headers`), at the dtype the model will load in:
+
+    weights   sum over tensors of numel * itemsize(load dtype)   (integer tensors as stored; a
+              tied lm_head counted once)
+    copies    what `runtime.packing.pack` copies: every layer's W_down (H, I) -> (I, H) and
+              predictor fc2 (I, R) -> (R, I), numel * itemsize(load dtype) each
+    kv_cache  one lean runtime's caches: 2 * layers * kv_heads * min(max_positions, 4096)
+              * head_dim * itemsize(load dtype)
+    slack     SLACK of the weights: the one tensor in flight during a load, buffers, allocator
+
+A .bin-only checkpoint has no headers: its weights are its files' size, rescaled from the dtype
+its config says it stores (half precision where unstated) to the load dtype, and its copies
+W_down's shape from the config.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from turbo_demo.errors import UserError
+from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, stored_itemsize, weight_files
+from turbo_demo.model.headers import read_headers
+
+MAX_CONTEXT = 4096  # the lean runtime's cap on its KV cache (runtime/lean.py)
+SLACK = 0.05
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# What pack copies: W_down of every gated FFN, and its predictor's fc2 where there is one.
+COPIED = ("mlp.down_proj.weight", "mlp.predictor.fc2.weight")
+
+
+def human(n: float) -> str:
+    """Bytes in decimal units, one decimal: 16.9 GB, 512.0 MB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a loaded, packed model takes, and one runtime on it (see the module docstring)."""
+
+    name: str
+    dtype: torch.dtype
+    weights: int
+    copies: int
+    kv_cache: int
+
+    @property
+    def slack(self) -> int:
+        return int(SLACK * self.weights)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.copies + self.kv_cache + self.slack
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} needs {human(self.total)} ({human(self.weights)} of {dtype_name(self.dtype)} weights"
+            f" + {human(self.copies)} runtime copies + {human(self.kv_cache)} KV cache + {human(self.slack)} slack)"
+        )
+
+
+def kv_cache_bytes(config, itemsize: int) -> int:
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    positions = min(getattr(config, "max_position_embeddings", MAX_CONTEXT), MAX_CONTEXT)
+    return 2 * layers * kv_heads * positions * head_dim * itemsize
+
+
+def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None) -> Estimate:
+    """What `path` needs loaded in `dtype` (None: the dtype `load_model` picks), from its headers."""
+    path = Path(path)
+    config = config if config is not None else load_config(path)
+    dtype = dtype if dtype is not None else auto_dtype(path, config)
+    itemsize = dtype.itemsize
+    tensors = read_headers(path)
+    if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in tensors:
+        tensors.pop("lm_head.weight", None)  # one matrix, whatever the file holds
+    if tensors:
+        weights = sum(t.numel * itemsize if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors.values())
+        copies = sum(t.numel * itemsize for name, t in tensors.items() if name.endswith(COPIED))
+    else:
+        stored = sum(f.stat().st_size for f in weight_files(path))
+        weights = stored // stored_itemsize(config) * itemsize
+        ffn = getattr(config, "intermediate_size", 0) * config.hidden_size
+        copies = config.num_hidden_layers * ffn * itemsize
+    kv = kv_cache_bytes(config, itemsize) if hasattr(config, "num_hidden_layers") else 0
+    return Estimate(path.name, dtype, weights, copies, kv)
+
+
+def available_bytes(device_map: str | dict | None = None) -> int:
+    """Memory a load can take now: the OS's available memory, and with a device map (accelerate
+    fills the GPUs first, then the CPU) the free memory of every CUDA device as well."""
+    free = psutil.virtual_memory().available
+    if device_map is not None and torch.cuda.is_available():
+        free += sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return free
+
+
+def check_fits(need: Estimate, budget: int, what: str = "are available") -> None:
+    """Raise a one-line UserError naming needed vs `budget` bytes when the model does not fit:
+    "<need.describe()> but <budget> <what>"."""
+    if need.total > budget:
+        raise UserError(f"{need.describe()} but {human(budget)} {what}")
+
+
+BUDGET_ENV = "TURBO_DEMO_MEMORY_BUDGET"
+BUDGET_SHARE = 0.8
+
+
+def default_budget() -> int:
+    """TURBO_DEMO_MEMORY_BUDGET (GB) if set, else BUDGET_SHARE of the machine's memory less what
+    this process already holds (the interpreter, torch, Gradio)."""
+    given = os.environ.get(BUDGET_ENV, "").strip()
+    if given:
+        try:
+            return int(float(given) * 1e9)
+        except ValueError:
+            raise UserError(f"{BUDGET_ENV}={given!r} is not a number of GB") from None
+    return int(BUDGET_SHARE * psutil.virtual_memory().total) - psutil.Process().memory_info().rss
+
+
+# Measuring a load's peak RSS: `write_random_checkpoint` then `measure_load` (README "Memory").
+
+
+def write_random_checkpoint(out: str | Path, layers: int = 12) -> Path:
+    """A random bf16 bamboo checkpoint of hidden 2048, FFN 7168, 12 layers: 785M parameters,
+    1.57 GB, built on the meta device so that writing it holds one copy."""
+    from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
+
+    config = BambooConfig(
+        hidden_size=2048, intermediate_size=7168, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, hidden_act="relu", tie_word_embeddings=False, dtype="bfloat16",
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = BambooForCausalLM(config)
+    model.to_empty(device="cpu").to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=generator)
+    model.save_pretrained(out)
+    return Path(out)
+
+
+def measure_here(path: str, dtype: str) -> dict:
+    """Peak RSS above the RSS before the load (ru_maxrss: this process's lifetime peak, so only
+    meaningful in a fresh process, as measure_load runs it) after load_model(path, dtype), after
+    pack, and after reading every weight once (as decoding does: mapped pages come in)."""
+    from turbo_demo.model.checkpoint import DTYPES, load_model
+    from turbo_demo.runtime.packing import pack
+
+    def peak() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+    base = psutil.Process().memory_info().rss
+    model = load_model(path, DTYPES.get(dtype))
+    figures = {"dtype": dtype_name(model.dtype), "load": peak()}
+    packed = pack(model)
+    figures["load_and_pack"] = peak()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    figures["all_weights_read"] = peak()
+    figures["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    figures["copies"] = packed.owned_bytes
+    return figures
+
+
+def measure_load(path: str | Path, dtype: str = "auto") -> dict:
+    """measure_here in a fresh interpreter: {"weights", "copies", "load", "load_and_pack",
+    "all_weights_read"} in bytes, and "dtype"."""
+    call = f"measure_here({str(path)!r}, {dtype!r})"
+    code = f"import json; from turbo_demo.model.memory import measure_here; print(json.dumps({call}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
