@@ -26,7 +26,7 @@ SHAPE = dict(
 )
 # config class, its fields beyond SHAPE, the engine our runtime picks for it
 ARCHITECTURES = {
-    "llama": ("LlamaConfig", {}, "lean"),
+    "llama": ("LlamaConfig", {"attention_bias": True}, "lean"),  # biases on q, k, v and o
     "mistral": ("MistralConfig", {"sliding_window": 4}, "lean"),  # a window shorter than the text
     "qwen2": ("Qwen2Config", {}, "lean"),
     "qwen3": ("Qwen3Config", {"head_dim": 16}, "lean"),
@@ -34,6 +34,9 @@ ARCHITECTURES = {
     "phi3": ("Phi3Config", {}, "lean"),
     "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 4}, "transformers"),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 4}, "transformers"),
+    "phi3-partial-rope": ("Phi3Config", {"partial_rotary_factor": 0.5}, "transformers"),
+    "qwen2-mixed-layers": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+                           "transformers"),
     "llama3-rope": (
         "LlamaConfig",
         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,

@@ -190,6 +190,7 @@ def pack_lean(model) -> LeanWeights:
     inner = model.model
     gemma = model.config.model_type == "gemma"
     # Gemma's RMSNorm multiplies by (1 + w): stored once as such, the rms_norm kernel serves
+    # (exact in fp32; in bf16 the kernel rounds the normed x before the product, HF after it)
     norms = [inner.norm] + [
         n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
     ]
