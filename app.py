@@ -58,7 +58,15 @@ def main() -> None:
     policy = policy_from(args.public, args.allow_model)
     if policy.public:
         print(f"Public mode: {policy.describe()}", file=sys.stderr)
-    demo = build_demo(kernels=kernels, policy=policy)
+    from turbo_demo.app.catalog import ModelStore
+    from turbo_demo.app.warm import warm_up
+
+    store = ModelStore()
+    demo = build_demo(store, kernels=kernels, policy=policy)
+    # the default models loaded, packed and run once, so that a visitor's first run is timed warm
+    print("Warming up the default models...", file=sys.stderr)
+    for error in filter(None, warm_up(store, kernels)):
+        print(f"warm-up: {error}", file=sys.stderr)
     # public: no component takes files, so any upload (Gradio's route is open) is refused; and
     # Gradio keeps each session's component values: hold the most recent sessions only
     public = {"max_file_size": 1, "state_session_capacity": PUBLIC_SESSIONS} if policy.public else {}

@@ -98,6 +98,19 @@ class SideRecord:
     error: str = ""
     # per layer and neuron: in how many decode steps it fired (the runtime's own counts)
     firing_counts: list[list[int]] = field(default_factory=list)
+    # from the call of the runtime's generate (warmed up before) to its first token: the
+    # prefill and the first step, as a visitor waits for it; None until a token came
+    first_token_s: float | None = None
+
+    @property
+    def median_step_s(self) -> float:
+        """The median decode step's time: one stall (another process, a first call) cannot
+        move it, as it moves a mean."""
+        times = sorted(s.time_s for s in self.steps)
+        if not times:
+            return 0.0
+        mid = len(times) // 2
+        return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
 
     @property
     def key(self) -> tuple[str, str]:
@@ -105,6 +118,13 @@ class SideRecord:
 
     @property
     def tokens_per_s(self) -> float:
+        """The headline speed: 1 / the median step time."""
+        median = self.median_step_s
+        return 1.0 / median if median > 0 else 0.0
+
+    @property
+    def mean_tokens_per_s(self) -> float:
+        """Steps over their summed time: every stall counts."""
         seconds = sum(s.time_s for s in self.steps)
         return len(self.steps) / seconds if seconds else 0.0
 
@@ -122,6 +142,8 @@ class SideRecord:
             "text": self.text,
             "tokens": len(self.token_ids),
             "tokens_per_s": round(self.tokens_per_s, 2),
+            "mean_tokens_per_s": round(self.mean_tokens_per_s, 2),
+            "first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
             "mean_sparsity": None if self.mean_sparsity is None else round(self.mean_sparsity, 4),
             "peak_rss_mb": round(self.peak_rss / 2**20, 1),
             "error": self.error or None,
@@ -135,7 +157,7 @@ def add_notice(record: SideRecord, note: str) -> None:
 
 
 def speedup(left: SideRecord, right: SideRecord) -> float | None:
-    """Right's tokens/s over left's (the sparse side is on the right by default)."""
+    """Right's tokens/s over left's (median steps; the sparse side is on the right by default)."""
     if left.tokens_per_s and right.tokens_per_s:
         return right.tokens_per_s / left.tokens_per_s
     return None
@@ -181,6 +203,8 @@ def side_steps(
         for note in loaded.generation.notes:
             add_notice(record, f"{note}: the app uses the Temperature slider")
         process = psutil.Process()
+        runtime.warm_up()  # untimed, and before the first token's clock starts
+        started = time.perf_counter()
         for stats in runtime.generate(
             record.prompt_ids,
             settings.max_new_tokens,
@@ -192,6 +216,8 @@ def side_steps(
             vocab=loaded.generation.vocab,
             audit=settings.audit,
         ):
+            if record.first_token_s is None:
+                record.first_token_s = time.perf_counter() - started
             record.steps.append(stats)
             record.token_ids.append(stats.token)
             record.text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)

@@ -51,17 +51,60 @@ def rolling(values: list[float], window: int = 5) -> list[float]:
     return out
 
 
+UNSTEADY = 2.0  # a step slower than this many times its side's median is not steady state
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def unsteady_steps(times: list[float], factor: float = UNSTEADY) -> list[int]:
+    """Indices of the steps that took more than `factor` x the median step: stalls (another
+    process on the CPU, a first call), not the model's steady speed."""
+    limit = factor * median(times)
+    return [i for i, t in enumerate(times) if t > limit]
+
+
+def runs_of(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices -> (first, last) of each run of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
 def speed_figure(series: dict[str, list[float]]) -> go.Figure:
-    """Tokens/s over the run (5-step rolling mean of 1 / step time) for each labelled side."""
+    """Tokens/s over the run for each labelled side (step times in seconds): one trace each, a
+    5-step rolling mean of 1 / step time. The headline's median is a dotted line per side, and
+    the steps that were not steady state (over UNSTEADY x the side's median step) are shaded in
+    the side's colour (layout shapes, so the traces stay one per side)."""
     fig = go.Figure()
+    marked = 0
     for (label, times), color in zip(series.items(), (LEFT_COLOR, RIGHT_COLOR)):
-        rates = rolling([1.0 / t for t in times if t > 0])
+        times = [t for t in times if t > 0]
+        rates = rolling([1.0 / t for t in times])
         fig.add_trace(
             go.Scatter(y=rates, x=list(range(1, len(rates) + 1)), mode="lines", name=label, line=dict(color=color))
         )
+        if not times:
+            continue
+        fig.add_hline(y=1.0 / median(times), line=dict(color=color, dash="dot", width=1))
+        slow = unsteady_steps(times)
+        marked += len(slow)
+        for first, last in runs_of(slow):  # step i is drawn at x = i + 1
+            fig.add_vrect(x0=first + 0.5, x1=last + 1.5, fillcolor=color, opacity=0.15, line_width=0, layer="below")
     fig.update_xaxes(title_text="generated token")
     fig.update_yaxes(title_text="tokens/s", rangemode="tozero")
-    return _layout(fig, "Decoding speed (each step timed alone)", "speed")
+    title = "Decoding speed (each step timed alone, after untimed warm-up steps; dotted: median"
+    title += f"; shaded: {marked} steps over {UNSTEADY:g}x the median, not steady state)" if marked else ")"
+    return _layout(fig, title, "speed")
 
 
 def memory_figure(

@@ -30,7 +30,9 @@ def side_markdown(rec: SideRecord) -> str:
         return f"**{side_label(rec)}**: ⚠️ {rec.error}"
     parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine, {rec.dtype})" if rec.engine else "")]
     if rec.steps:
-        parts.append(f"{rec.tokens_per_s:,.1f} tokens/s")
+        parts.append(f"{rec.tokens_per_s:,.1f} tokens/s (median step)")
+        if rec.first_token_s is not None:
+            parts.append(f"first token {fmt_seconds(rec.first_token_s)}")
         if rec.mean_sparsity is not None:
             parts.append(f"FFN sparsity {rec.mean_sparsity:.1%}")
     if rec.notice:
@@ -39,13 +41,15 @@ def side_markdown(rec: SideRecord) -> str:
 
 
 def headline(left: SideRecord, right: SideRecord) -> str:
-    """The numbers above the plots: tokens/s each, speed-up, mean sparsity, peak RSS."""
+    """The numbers above the plots: tokens/s each (1 / median step), speed-up, time to first
+    token (prefill included, apart from the speed), mean sparsity, peak RSS."""
     ratio = speedup(left, right)
     peak = max(left.peak_rss, right.peak_rss) / MB
     cells = [
         f"**Left** {left.tokens_per_s:,.1f} tok/s" if left.steps else "**Left** –",
         f"**Right** {right.tokens_per_s:,.1f} tok/s" if right.steps else "**Right** –",
         f"**Speed-up** ×{ratio:.2f}" if ratio else "**Speed-up** –",
+        f"**First token** {fmt_seconds(left.first_token_s)} vs {fmt_seconds(right.first_token_s)}",
         f"**Sparsity** {fmt_share(left.mean_sparsity)} vs {fmt_share(right.mean_sparsity)}",
         f"**Peak RSS** {peak:,.0f} MB" if peak else "**Peak RSS** –",
     ]
@@ -54,6 +58,12 @@ def headline(left: SideRecord, right: SideRecord) -> str:
 
 def fmt_share(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
+
+
+def fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 1000:,.1f} ms" if value < 1 else f"{value:,.2f} s"
 
 
 def mean_per_layer(rows: list[list[float]]) -> list[float]:

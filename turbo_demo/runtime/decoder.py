@@ -1,6 +1,7 @@
 """The generation loop both engines share: prefill, then one timed decode step per new token.
 
     sample(kernels, logits, ...) -> token   greedy, or temperature + top-p at one seeded uniform
+    Decoder.warm_up(steps)                   untimed prefill + decode steps on a throwaway prompt
     Decoder.generate(...)                    yields one StepStats per new token
 
 An engine gives `prefill(ids) -> logits`, `decode(token) -> (logits, records)` (one LayerRecord
@@ -18,6 +19,12 @@ from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import Mode, make_modes, mode_options
 from turbo_demo.runtime.packing import PackedModel
 from turbo_demo.runtime.stats import LayerRecord, StepStats
+
+# Untimed decode steps before a runtime's first timed one: the first calls of a runtime's
+# kernels (OpenMP's thread pool, oneDNN's GEMMs in prefill, the allocator's first blocks, the
+# weights' first reads from the page cache) cost more than any later call.
+WARM_UP_STEPS = 4
+WARM_UP_PROMPT = 8  # tokens of the throwaway prompt (ids 0..7)
 
 
 def sample(kernels: Kernels, logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -58,6 +65,8 @@ class Decoder:
         n = packed.ffns[0].n if packed.ffns else 0
         self.firing = torch.zeros((len(packed.ffns), n), dtype=torch.int32, device=device)
         self.dense_ffn_bytes = sum(w.dense_bytes for w in packed.ffns)
+        self.warm = False
+        self.prefill_s = 0.0  # the last generation's prefill, in seconds
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -73,6 +82,29 @@ class Decoder:
         (h != 0 among the neurons its mode computed)."""
         return self.firing.tolist()
 
+    def warm_up(self, steps: int = WARM_UP_STEPS) -> None:
+        """Prefill a throwaway prompt and run `steps` decode steps and samples (greedy and
+        nucleus), untimed, so that no timed step pays a first call. The modes' own state (a
+        threshold calibrated on a prefill) is restored, the firing counts zeroed: the next
+        generation starts as if this never ran."""
+        saved = [dict(vars(mode)) for mode in self.modes]
+        vocab = self.packed.model.config.vocab_size
+        ids = [i % vocab for i in range(min(WARM_UP_PROMPT, max(1, self.max_len - steps - 1)))]
+        gen = torch.Generator().manual_seed(0)
+        logits = self.prefill(torch.tensor(ids)) if len(ids) > 1 else None
+        token = ids[-1]
+        for step in range(steps):
+            logits, records = self.decode(token)
+            token = sample(self.kernels, logits, 0.7 if step % 2 else 0.0, 0.95, gen)
+            for mode, record in zip(self.modes, records):
+                mode.recall(record)
+        del logits
+        for mode, state in zip(self.modes, saved):
+            vars(mode).update(state)
+        self.firing.zero_()
+        self.reset()
+        self.warm = True
+
     def generate(
         self,
         prompt_ids: list[int],
@@ -84,6 +116,7 @@ class Decoder:
         stop_ids: Collection[int] = (),
         vocab: int | None = None,
         audit: bool = False,
+        warm_up: int = WARM_UP_STEPS,
     ) -> Iterator[StepStats]:
         """Yield one StepStats per new token, until max_new_tokens, a token in stop_ids, or stop.
 
@@ -92,17 +125,23 @@ class Decoder:
 
         The prompt but its last token is prefilled (the modes' prefill); every new token comes from
         a decode step in the runtime's mode, timed alone (decode + sample). The recall audit,
-        when on, runs after the timer stops so that it never counts as decoding time.
+        when on, runs after the timer stops so that it never counts as decoding time. A runtime
+        that has not run yet first warms up (`warm_up` untimed steps; 0: never); `prefill_s`
+        then holds the prefill's time, which the first token waits for on top of its step.
         """
         if not prompt_ids:
             raise UserError("empty prompt: give at least one token")
+        if warm_up and not self.warm:
+            self.warm_up(warm_up)
         gen = torch.Generator().manual_seed(seed)
         max_new_tokens = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
         self.firing.zero_()
+        start = time.perf_counter()
         if len(prompt_ids) > 1:
             self.prefill(torch.tensor(prompt_ids[:-1]))
         else:
             self.reset()
+        self.prefill_s = time.perf_counter() - start
         token = prompt_ids[-1]
         n = self.firing.size(1)
         for step in range(max_new_tokens):

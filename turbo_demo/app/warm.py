@@ -1,0 +1,36 @@
+"""Warming the app's default models at start, so that a visitor's first run is timed warm.
+
+`warm_up(store, kernels)` loads and packs the default models (the store keeps them), then runs
+one short compare and the Neurons tab's dense forward on them, untimed and thrown away: the
+process's first calls (thread pools, GEMM kernels, tokenizers, the allocator's first blocks,
+the weights' first reads) happen here rather than in the first Generate.
+"""
+
+from threading import Event
+
+from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
+from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.texts import EXAMPLES
+from turbo_demo.model.activations import activation_histograms
+from turbo_demo.runtime import Kernels
+
+WARM_TOKENS = 16
+
+
+def warm_up(
+    store: ModelStore,
+    kernels: Kernels | None = None,
+    left: tuple[str, str] = DEFAULT_LEFT,
+    right: tuple[str, str] = DEFAULT_RIGHT,
+    tokens: int = WARM_TOKENS,
+) -> list[str]:
+    """Run the page's default compare once, `tokens` long, and the activation forward; return
+    each side's error (empty where it warmed), so that the caller can say what did not."""
+    sides = SideRecord(*left), SideRecord(*right)
+    settings = Settings(max_new_tokens=tokens)
+    for _ in run_compare(store, *sides, EXAMPLES[0], settings, Event(), kernels):
+        pass
+    for rec in sides:
+        if not rec.error and rec.token_ids:
+            activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
+    return [rec.error for rec in sides]
