@@ -81,9 +81,6 @@ def auto_dtype(path: Path, config) -> torch.dtype:
     return torch.float32 if 4 * elements <= FP32_MAX_BYTES else torch.bfloat16
 
 
-STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def converted_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The safetensors weights with floating tensors in `dtype`, read one tensor at a time.
 
@@ -107,9 +104,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device_map: s
     or, with a device map ("auto": accelerate fills the GPUs, then the CPU), across devices.
 
     Refuses with a UserError, before anything is allocated, a model whose estimated memory
-    (memory.estimate: weights, the runtime's copies, a KV cache) exceeds what is available. A
-    checkpoint stored in `dtype` loads memory-mapped (no copy: pages come in as they are read);
-    one in another dtype is converted tensor by tensor (converted_state_dict).
+    (memory.estimate: weights, the runtime's copies, a KV cache) exceeds what is available. On
+    the CPU every tensor is read into memory of its own (converted_state_dict), never left
+    memory-mapped: a weight file truncated or replaced under a loaded model would otherwise
+    kill the process (SIGBUS) or change the weights of a model being served.
     """
     from turbo_demo.model import memory  # memory.py reads configs through this module
 
@@ -118,9 +116,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device_map: s
     if dtype is None:
         dtype = auto_dtype(path, config)
     memory.check_fits(memory.estimate(path, dtype, config), memory.available_bytes(device_map))
-    stored = {STORED.get(t.dtype) for t in read_headers(path).values()} - {None}
     try:
-        if device_map is None and stored - {dtype}:
+        if device_map is None and read_headers(path):
             model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
             state_dict = converted_state_dict(path, dtype)
             model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
