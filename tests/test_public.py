@@ -59,3 +59,41 @@ def test_stop_while_queued_ends_the_wait():
     queue.leave(waiting)
     queue.leave(first)
     assert len(queue) == 0
+
+
+def test_public_mode_loads_only_the_allow_list(tiny_dirs):
+    from turbo_demo.app.catalog import ModelStore, model_modes
+
+    allowed = (str(tiny_dirs["drelu"]),)
+    store = ModelStore(allowed=allowed)
+    assert store.get(allowed[0]).model.config.model_type == "bamboo"
+    assert store.get("TurboSparse dReLU").name == "TurboSparse dReLU"  # the embedded ones too
+    alias = f"{tiny_dirs['drelu']}/../{tiny_dirs['drelu'].name}"
+    for probe in ("/etc", "/root/.ssh", "~", alias, str(tiny_dirs["dense"]), "org/name", 7, None):
+        with pytest.raises(UserError) as refused:
+            store.get(probe)
+        message = str(refused.value)
+        assert "not found" not in message and "config.json" not in message  # nothing about the disk
+    with pytest.raises(UserError, match="offers only its listed models"):
+        model_modes("/etc", allowed)
+
+
+def test_a_replaced_directory_is_loaded_again_and_a_deleted_one_refused(tmp_path, tokenizer):
+    import shutil
+
+    import torch
+
+    from conftest import tiny_model
+    from turbo_demo.app.catalog import ModelStore
+    from turbo_demo.model.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tiny_model("dense", seed=1), tokenizer, tmp_path / "m", dtype=torch.float32)
+    store = ModelStore()
+    first = store.get(str(path)).model.lm_head.weight.clone()
+    assert torch.equal(store.get(str(path)).model.lm_head.weight, first)  # unchanged: the same entry
+    shutil.rmtree(path)
+    save_checkpoint(tiny_model("dense", seed=2), tokenizer, path, dtype=torch.float32)
+    assert not torch.equal(store.get(str(path)).model.lm_head.weight, first)
+    shutil.rmtree(path)
+    with pytest.raises(UserError, match="not found"):
+        store.get(str(path))

@@ -36,14 +36,6 @@ def cmd_eval(args) -> None:
         print(f"  top-k perplexity at {float(k):.0%} sparsity: {ppl:.2f}")
 
 
-def mode_options(args):
-    """The FFN mode's options dataclass from --budget, --threshold and --sparsity; an option
-    the mode does not take is an error."""
-    from turbo_demo.runtime.modes import mode_options
-
-    return mode_options(args.mode, budget=args.budget, threshold=args.threshold, sparsity=args.sparsity)
-
-
 def ranks(text: str) -> int | list[int]:
     """argparse type: "64" -> 64, "256,64,64,96" -> [256, 64, 64, 96]."""
     values = [int(v) for v in text.split(",")]
@@ -72,104 +64,10 @@ def cmd_predictors(args) -> None:
         )
 
 
-def decode_device(name: str):
-    """The torch.device for --device: "cpu", or "cuda" / "cuda:N" where torch sees a GPU."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("no CUDA device here (torch.cuda.is_available() is False): use --device cpu")
-    return device
-
-
 def cmd_generate(args) -> None:
-    from pathlib import Path
+    from turbo_demo.generate import generate
 
-    from turbo_demo.model.checkpoint import DTYPES, dtype_name, load_model, load_tokenizer
-    from turbo_demo.model.generation import encode_prompt, read_generation
-    from turbo_demo.runtime import load_kernels, open_runtime, pack
-    from turbo_demo.runtime.kernels import cpp
-
-    options = mode_options(args)
-    device = decode_device(args.device)
-    kernels = load_kernels(args.backend, cpp.announce_build, device.type)
-    model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
-    tokenizer = load_tokenizer(args.model_dir)
-    generation = read_generation(Path(args.model_dir), model.config, tokenizer)
-    chat = generation.chat if args.chat is None else args.chat
-    if chat and not generation.chat:
-        raise UserError(f"{args.model_dir}'s tokenizer has no chat template: drop --chat")
-    packed = pack(model)
-    if args.mode == "threshold" and args.sparsity is not None:  # per-layer, on the calibration text
-        from turbo_demo.runtime.calibration import threshold_options
-
-        options = threshold_options(packed, tokenizer, args.sparsity, model.config.max_position_embeddings)
-    runtime = open_runtime(packed, args.mode, kernels, options)
-    prompt_ids, rendered = encode_prompt(tokenizer, args.prompt, args.system or "", chat)
-    if not prompt_ids:
-        raise UserError("empty prompt: give some text with --prompt")
-    temperature = generation.temperature if args.temperature is None else args.temperature
-    top_p = generation.top_p if args.top_p is None else args.top_p
-    max_new = args.max_new_tokens or min(generation.max_new_tokens or 64, 256)
-    if not args.json:
-        for note in generation.notes if args.temperature is None else ():
-            print(f"note: {note}: greedy decoding is used instead", file=sys.stderr)
-        if args.show_prompt:
-            print(rendered, file=sys.stderr)
-    steps, ids, shown = [], [], ""
-    for stats in runtime.generate(
-        prompt_ids,
-        max_new,
-        temperature,
-        top_p,
-        args.seed,
-        stop_ids=generation.stop_ids,
-        vocab=generation.vocab,
-        audit=args.audit,
-    ):
-        steps.append(stats)
-        ids.append(stats.token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not args.json:
-            print(text[len(shown) :], end="", flush=True)
-        shown = text
-    seconds = sum(s.time_s for s in steps)
-    if not args.json:
-        print(
-            f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
-            f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}]",
-            file=sys.stderr,
-        )
-        return
-    print(
-        json.dumps(
-            {
-                "model": args.model_dir,
-                "mode": args.mode,
-                "engine": runtime.engine,
-                "backend": kernels.name,
-                "device": str(device),
-                "dtype": dtype_name(model.dtype),
-                "prompt": args.prompt,
-                "chat": chat,
-                "rendered_prompt": rendered,
-                "temperature": temperature,
-                "top_p": top_p,
-                "notes": list(generation.notes),
-                "prompt_ids": prompt_ids,
-                "token_ids": ids,
-                "text": shown,
-                "tokens_per_s": len(ids) / seconds,
-                "steps": [s.to_dict() for s in steps],
-                "firing_counts": runtime.firing_counts(),
-            }
-        )
-    )
+    generate(args)
 
 
 def cmd_card(args) -> None:

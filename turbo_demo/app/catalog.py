@@ -1,4 +1,5 @@
-"""The models the app offers: the embedded ones by name, or any local HF directory.
+"""The models the app offers: the embedded ones by name, any local HF directory or hub id, or
+in public mode only the embedded ones and an allow-list.
 
 A `ModelStore` loads each model once, packs the runtime's weights for it once, and shares both
 read-only between runs and visitors; every run builds its own runtime (KV cache, FFN modes,
@@ -19,6 +20,7 @@ from typing import Any
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
 from turbo_demo.model.generation import Generation, read_generation
+from turbo_demo.model.hub import fetch, is_hub_id
 from turbo_demo.model.memory import BUDGET_ENV, check_fits, default_budget, estimate
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
@@ -32,14 +34,31 @@ DEFAULT_LEFT = ("Dense SwiGLU", "dense")
 DEFAULT_RIGHT = ("TurboSparse dReLU", "predictor")
 
 
-def resolve(name_or_path: str) -> Path:
-    """An embedded model's name, or a path to a local checkpoint directory -> its directory."""
-    name_or_path = (name_or_path or "").strip()
-    if not name_or_path:
+def resolve(
+    name_or_path: str, allowed: tuple[str, ...] | None = None, on_progress: Callable[[str], None] | None = None
+) -> Path:
+    """An embedded model's name, a path to a local checkpoint directory, or a hub id (fetched
+    into the hub cache) -> its directory. With `allowed` (public mode) only the embedded names
+    and those listed are accepted, and a refusal names neither paths nor whether they exist."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UserError("no model chosen")
+    name_or_path = name_or_path.strip()
     if name_or_path in EMBEDDED:
         return check_model_dir(MODELS_DIR / EMBEDDED[name_or_path])
-    return check_model_dir(Path(name_or_path).expanduser())
+    if allowed is not None and name_or_path not in allowed:
+        offered = ", ".join([*embedded_names(), *allowed])
+        raise UserError(f"this app offers only its listed models ({offered}); {name_or_path[:60]!r} is not one")
+    path = Path(name_or_path).expanduser()
+    if not is_dir(path) and is_hub_id(name_or_path):
+        path = fetch(name_or_path, on_progress)
+    return check_model_dir(path)
+
+
+def is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, a directory we may not enter: check_model_dir says which
+        return False
 
 
 def modes_for(config) -> list[str]:
@@ -59,8 +78,20 @@ def embedded_names() -> list[str]:
     return [name for name, folder in EMBEDDED.items() if (MODELS_DIR / folder / "config.json").is_file()]
 
 
-def model_modes(name_or_path: str) -> list[str]:
-    return modes_for(load_config(resolve(name_or_path)))
+def model_modes(name_or_path: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """The modes a model offers, from its config (no weights are read; a hub id must be cached)."""
+    if isinstance(name_or_path, str) and is_hub_id(name_or_path.strip()) and not is_dir(Path(name_or_path)):
+        if allowed is not None and name_or_path.strip() not in allowed:
+            resolve(name_or_path, allowed)  # the allow-list's refusal
+        return ["dense", "exact", "predictor", "threshold"]  # known once it is fetched, at Generate
+    return modes_for(load_config(resolve(name_or_path, allowed)))
+
+
+def identity(path: Path) -> tuple:
+    """What changes when a checkpoint directory is replaced: each file's name, size, inode and
+    modification time (a stat per file, no reads)."""
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return tuple((p.name, s.st_size, s.st_ino, s.st_mtime_ns) for p in files for s in [p.stat()])
 
 
 @dataclass
@@ -70,6 +101,7 @@ class LoadedModel:
     packed: PackedModel
     tokenizer: Any
     generation: Generation
+    identity: tuple = ()
 
     @property
     def model(self):
@@ -92,32 +124,40 @@ class ModelStore:
     and asking for the model again wraps that same pack instead of loading a second copy.
     """
 
-    def __init__(self, budget: int | None = None):
+    def __init__(self, budget: int | None = None, allowed: tuple[str, ...] | None = None):
+        """allowed: public mode's allow-list beyond the embedded models (None: any path)."""
         self.budget = default_budget() if budget is None else budget
+        self.allowed = allowed
         self._held: OrderedDict[Path, LoadedModel] = OrderedDict()  # least recently used first
-        self._packs: weakref.WeakValueDictionary[Path, PackedModel] = weakref.WeakValueDictionary()
-        self._sizes: dict[Path, int] = {}  # estimated bytes of each pack in _packs
+        # every pack loaded here and still referenced, by (real path, identity): a directory
+        # replaced on disk is another model
+        self._packs: weakref.WeakValueDictionary[tuple[Path, tuple], PackedModel] = weakref.WeakValueDictionary()
+        self._sizes: dict[tuple[Path, tuple], int] = {}  # estimated bytes of each pack in _packs
         self._lock = threading.Lock()
 
     def used(self) -> int:
         """Estimated bytes of every pack loaded here and still referenced, held or not."""
-        return sum(self._sizes[path] for path in list(self._packs))  # a copy: frees remove entries
+        return sum(self._sizes[key] for key in list(self._packs))  # a copy: frees remove entries
 
     def get(self, name_or_path: str, on_load: Callable[[str], None] | None = None) -> LoadedModel:
         """The loaded model; on_load(message), when given, hears before a load starts."""
-        path = resolve(name_or_path).resolve()  # aliases of one directory share one entry
+        path = resolve(name_or_path, self.allowed, on_load).resolve()  # aliases share one entry
         with self._lock:
+            now = identity(path)
             loaded = self._held.get(path)
+            if loaded is not None and loaded.identity != now:  # replaced on disk: load it afresh
+                del self._held[path]
+                loaded = None
             if loaded is None:
-                packed = self._packs.get(path) or self._load(name_or_path, path, on_load)
+                packed = self._packs.get((path, now)) or self._load(name_or_path, path, now, on_load)
                 tokenizer = load_tokenizer(path)
                 generation = read_generation(path, packed.model.config, tokenizer)
-                loaded = LoadedModel(name_or_path, path, packed, tokenizer, generation)
+                loaded = LoadedModel(name_or_path, path, packed, tokenizer, generation, now)
             self._held[path] = loaded
             self._held.move_to_end(path)
             return loaded
 
-    def _load(self, name_or_path: str, path: Path, on_load) -> PackedModel:
+    def _load(self, name_or_path: str, path: Path, ident: tuple, on_load) -> PackedModel:
         """Evict until the model fits, then load and pack it; a UserError when it cannot fit."""
         need = estimate(path)
         check_fits(need, self.budget, f"is the model store's budget ({BUDGET_ENV} sets it, in GB)")
@@ -128,6 +168,6 @@ class ModelStore:
         if on_load is not None:
             on_load(f"Loading {name_or_path}…")
         packed = pack(load_model(path, need.dtype))
-        self._sizes = {p: self._sizes[p] for p in list(self._packs)} | {path: need.total}  # the freed ones go
-        self._packs[path] = packed
+        self._sizes = {k: self._sizes[k] for k in list(self._packs)} | {(path, ident): need.total}  # freed ones go
+        self._packs[path, ident] = packed
         return packed

@@ -12,12 +12,12 @@ MODE_LABELS = {
 }
 
 
-def mode_choices(name: str) -> tuple[list[tuple[str, str]], str]:
+def mode_choices(name: str, allowed: tuple[str, ...] | None = None) -> tuple[list[tuple[str, str]], str]:
     """The modes a model offers as (label, mode) pairs, and an error line where it cannot be read."""
     try:
         if not isinstance(name, str):
             raise UserError("choose a model from the menu")
-        modes, error = model_modes(name), ""
+        modes, error = model_modes(name, allowed), ""
     except UserError as exc:
         modes, error = ["dense"], f"⚠️ {exc}"
     return [(MODE_LABELS[m], m) for m in modes], error

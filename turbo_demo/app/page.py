@@ -37,7 +37,7 @@ def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> di
 def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL) -> gr.Blocks:
     """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference),
     within `policy`'s limits (default: local, any model path)."""
-    store = store or ModelStore()
+    store = store or ModelStore(allowed=policy.allowed)
     kernels = kernels or Kernels()
     queue = RunQueue(policy.runs_per_client)
     names = embedded_names() + list(policy.allowed or ())
@@ -86,7 +86,9 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                             if policy.public
                             else "an embedded model, a local HF model directory, or a hub id",
                         )
-                        modes, error = mode_choices(model.value) if model.value else ([("dense", "dense")], "")
+                        modes, error = (
+                            mode_choices(model.value, policy.allowed) if model.value else ([("dense", "dense")], "")
+                        )
                         values = [m for _, m in modes]
                         start = default_mode if default_mode in values else values[0]
                         mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode")
@@ -152,7 +154,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             return {component: figure for component, figure in shown.items() if figure is not None}
 
         def on_model_change(name, current_mode, preferred):
-            modes, error = mode_choices(name)
+            modes, error = mode_choices(name, policy.allowed)
             values = [m for _, m in modes]
             value = current_mode if current_mode in values else (preferred if preferred in values else values[0])
             return gr.Dropdown(choices=modes, value=value), error

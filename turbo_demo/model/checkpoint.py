@@ -24,14 +24,18 @@ from turbo_demo.model.headers import read_headers, safetensors_files
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """The directory as a Path if it looks like an HF checkpoint, else a UserError saying why."""
+    """The directory as a Path if it looks like an HF checkpoint, else a UserError saying why
+    (a name too long, or a directory we may not read, included)."""
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
-    if not weight_files(path):
-        raise UserError(f"{path} has no weights (*.safetensors or *.bin)")
+    try:
+        if not path.is_dir():
+            raise UserError(f"model directory not found: {path}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
+        if not weight_files(path):
+            raise UserError(f"{path} has no weights (*.safetensors or *.bin)")
+    except OSError as exc:
+        raise UserError(f"cannot read the model directory {str(path)[:200]}: {exc.strerror}") from exc
     return path
 
 
