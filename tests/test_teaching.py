@@ -1,5 +1,6 @@
-"""The teaching views of issue 17: honest first-run numbers (warm-up, median speed, time to
-first token, unsteady steps marked), as plain functions and, for the cold start, a fresh process."""
+"""The teaching views of issue 17, as plain functions: honest first-run numbers (warm-up, median
+speed, time to first token, unsteady steps marked; the cold start in a fresh process), the top-k
+sweep (eval's numbers), and the (gate, up) plane of SwiGLU, ReGLU and dReLU."""
 
 import json
 import subprocess
@@ -7,12 +8,14 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from plotly import graph_objects as go
 
-from conftest import REPO, lean, tiny_model
-from turbo_demo.app import plots, views
-from turbo_demo.app.catalog import ModelStore, embedded_names
+from conftest import REPO, SHIPPED, TEXT, lean, tiny_model
+from turbo_demo.app import plots, plots_teaching, teaching, views
+from turbo_demo.app.catalog import EMBEDDED, ModelStore, embedded_names
 from turbo_demo.app.compare import Settings, SideRecord, run_compare, speedup
+from turbo_demo.errors import UserError
 from turbo_demo.runtime.stats import StepStats
 
 
@@ -114,3 +117,88 @@ def test_first_compare_after_a_cold_start_agrees_with_later_ones():
     assert result["errors"] == ["", ""]
     first, *later = result["ratios"]
     assert min(later) / COLD_TOLERANCE <= first <= max(later) * COLD_TOLERANCE, result
+
+
+# The sweep (item 3): eval's numbers, the visitor's text, the figure.
+
+
+def test_the_sweep_is_evals_top_k_perplexity(tokenizer):
+    from turbo_demo.offline.evaluate import SWEEP_SPARSITIES, evaluate, text_sweep
+
+    model = tiny_model("dense")
+    ids = tokenizer(TEXT)["input_ids"]
+    tokens = torch.tensor(ids, dtype=torch.int32)
+    result = evaluate(model, tokens, seq_len=32, max_tokens=256, with_sweep=True)
+    curve = dict(zip(result["topk_sweep"]["sparsity"], result["topk_sweep"]["perplexity"]))
+    assert tuple(curve) == SWEEP_SPARSITIES
+    assert curve[0.0] == result["perplexity"]
+    assert {k: curve[float(k)] for k in result["topk_perplexity"]} == result["topk_perplexity"]
+    assert curve[0.95] > curve[0.0]  # a SwiGLU model loses real contributions
+    assert "topk_sweep" not in evaluate(model, tokens, seq_len=32, max_tokens=256)
+    # the app's sweep of a text is eval's on the same window
+    window = tokens[:65]
+    mine = text_sweep(model, tokenizer, tokenizer.decode(ids[:80]), max_tokens=64)
+    theirs = evaluate(model, window, seq_len=64, max_tokens=64, with_sweep=True)
+    assert mine["tokens"] == 64 and mine["perplexity"] == theirs["topk_sweep"]["perplexity"]
+    with pytest.raises(UserError, match="fewer than 2 tokens"):
+        text_sweep(model, tokenizer, "")
+
+
+@pytest.mark.parametrize("folder", ["dense-swiglu", "turbosparse-drelu", "turbosparse-relufied"])
+def test_every_shipped_model_ships_its_sweep(folder):
+    ev = json.loads((SHIPPED / folder / "eval.json").read_text())
+    curve = dict(zip(ev["topk_sweep"]["sparsity"], ev["topk_sweep"]["perplexity"]))
+    assert list(curve) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95] and ev["text"] == "heldout split"
+    assert curve[0.0] == ev["perplexity"] and all(curve[float(k)] == v for k, v in ev["topk_perplexity"].items())
+    name = {v: k for k, v in EMBEDDED.items()}[folder]
+    assert teaching.shipped_sweeps()[name] == (ev["topk_sweep"]["sparsity"], ev["topk_sweep"]["perplexity"])
+
+
+def test_sweep_figure_draws_each_curve_relative_to_its_own_start():
+    fig = plots_teaching.sweep_figure(
+        {"ours": ([0.0, 0.5, 0.9], [20.0, 21.0, 40.0])}, "t", "k", paper=teaching.PAPER_SWEEP
+    )
+    ours, *paper = fig.data
+    assert list(ours.x) == [0.0, 50.0, 90.0] and list(ours.y) == [1.0, 1.05, 2.0]
+    assert list(ours.customdata) == [20.0, 21.0, 40.0] and fig.layout.yaxis.type == "log"
+    assert [t.name for t in paper] == list(teaching.PAPER_SWEEP) and all(t.line.dash == "dash" for t in paper)
+    assert paper[1].y[-1] == pytest.approx(112.36 / 28.48)
+
+
+# Why dReLU, drawn (item 4): the plane and the measured zeros.
+
+
+def test_plane_of_crafted_pairs_counts_each_variants_zeros():
+    gate, up = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, -1.0, -1.0])  # one per quadrant
+    data = teaching.plane({"run": (gate, up)})
+    swiglu, reglu, drelu = teaching.VARIANTS
+    assert data["zeros"] == {swiglu: {"run": 0.0}, reglu: {"run": 0.5}, drelu: {"run": 0.75}}
+    assert len(data["axis"]) == teaching.GRID and data["axis"][-1] == pytest.approx(-data["axis"][0])
+    h = data["h"][drelu]  # [u][g]: zero wherever gate or up is negative
+    assert len(h) == len(h[0]) == teaching.GRID and h[0][-1] == 0.0 and h[-1][-1] > 0 and h[-1][0] == 0.0
+    assert sorted(data["points"]["run"][0]) == [-1.0, -1.0, 1.0, 1.0]
+    fig = plots_teaching.plane_figure(data)
+    heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    points = [t for t in fig.data if isinstance(t, go.Scattergl)]
+    assert len(heatmaps) == 3 and len(points) == 3 and [p.showlegend for p in points] == [True, False, False]
+    titles = [a.text for a in fig.layout.annotations]
+    assert "0%" in titles[0] and "50%" in titles[1] and "75%" in titles[2]
+    assert len(plots_teaching.plane_figure(teaching.plane({})).data) == 3  # before any run: the planes alone
+
+
+def test_measured_pairs_are_the_models_own_pre_activations():
+    from turbo_demo.model.hooks import on_ffn_activation
+
+    model, ids = tiny_model("drelu"), [3, 7, 11, 19, 23]
+    gate, up = teaching.gate_up_pairs(model, ids)
+    assert len(gate) == len(up) == 2 * len(ids) * 128  # layers x tokens x neurons
+    zeros, total = [], []
+    with on_ffn_activation(model, lambda layer, h: zeros.append(int((h == 0).sum())) or total.append(h.numel())):
+        model(input_ids=torch.tensor([ids]), use_cache=False)
+    drelu = list(teaching.VARIANTS)[2]
+    assert teaching.zero_share(drelu, gate, up) == pytest.approx(sum(zeros) / sum(total))
+
+
+def test_the_last_run_keeps_only_ids_of_the_sides_that_generated():
+    ok, broken = SideRecord("m", "dense", prompt_ids=[1, 2], token_ids=[3]), SideRecord("x", "dense", error="no")
+    assert teaching.last_run(ok, broken) == [("m", "m · dense", [1, 2, 3])]

@@ -22,10 +22,11 @@ from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.model.generation import encode_prompt
 from turbo_demo.runtime import Kernels, open_runtime
 from turbo_demo.runtime.calibration import threshold_options
-from turbo_demo.runtime.stats import StepStats
+from turbo_demo.runtime.stats import StepStats, pack_codes
 
 MAX_NEW_TOKENS = 256
 MAX_SPARSITY = 0.95
+MAX_MAP_BYTES = 8 * 2**20  # a side's kept neuron maps: 256 steps of the embedded models take 320 kB
 
 
 @dataclass
@@ -101,6 +102,11 @@ class SideRecord:
     # from the call of the runtime's generate (warmed up before) to its first token: the
     # prefill and the first step, as a visitor waits for it; None until a token came
     first_token_s: float | None = None
+    # the token inspector's: each token's text piece, and each step's neuron codes packed
+    # (stats.pack_codes, map_shape = (layers, neurons)) up to MAX_MAP_BYTES per side
+    pieces: list[str] = field(default_factory=list)
+    maps: list[bytes] = field(default_factory=list, repr=False)
+    map_shape: tuple[int, int] = (0, 0)
 
     @property
     def median_step_s(self) -> float:
@@ -163,6 +169,14 @@ def speedup(left: SideRecord, right: SideRecord) -> float | None:
     return None
 
 
+def keep_codes(record: SideRecord, stats: StepStats) -> None:
+    """Move the step's neuron codes into the record, packed, while they fit MAX_MAP_BYTES."""
+    codes, stats.codes = stats.codes, None
+    if codes is not None and codes.numel() and (len(record.maps) + 1) * (codes.numel() // 4 + 1) <= MAX_MAP_BYTES:
+        record.map_shape = tuple(codes.shape)
+        record.maps.append(pack_codes(codes))
+
+
 def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> tuple[list[int], str]:
     """Keep the last tokens of the prompt so that prompt + new tokens fit the context."""
     room = max(1, context - max_new_tokens)
@@ -215,12 +229,18 @@ def side_steps(
             stop_ids=loaded.generation.stop_ids,
             vocab=loaded.generation.vocab,
             audit=settings.audit,
+            codes=True,
         ):
             if record.first_token_s is None:
                 record.first_token_s = time.perf_counter() - started
             record.steps.append(stats)
             record.token_ids.append(stats.token)
-            record.text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
+            keep_codes(record, stats)
+            text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
+            # a token that completes a character replaces the "\ufffd" its first bytes decoded to
+            kept = record.text if text.startswith(record.text) else record.text.rstrip("\ufffd")
+            record.pieces.append(text[len(kept) :])
+            record.text = text
             record.peak_rss = max(record.peak_rss, process.memory_info().rss)
             yield
         record.firing_counts = runtime.firing_counts()

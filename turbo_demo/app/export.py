@@ -8,12 +8,13 @@ steps.csv has one row per side, step and layer: the numbers the heatmaps, speed 
 panels draw. Figures are standalone HTML (Plotly's JavaScript inlined), so they open offline.
 """
 
+import base64
 import csv
 import io
 import json
 import tempfile
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -22,6 +23,7 @@ import plotly.graph_objects as go
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary
 from turbo_demo.choices import MODES
 from turbo_demo.errors import UserError
+from turbo_demo.runtime.stats import NEURON_CODES
 
 STEP_COLUMNS = [
     "side",
@@ -39,6 +41,11 @@ STEP_COLUMNS = [
 # The query keys a shared link carries, and the Settings field each sets.
 QUERY_NUMBERS = {"tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 MAX_QUERY_PROMPT = 2000
+MAPS_FORMAT = (
+    "sides.*.maps: per decode step, base64 of the neuron codes of map_shape (layers, neurons), "
+    "row-major, 2 bits a neuron, four a byte, the first in the low bits; codes: "
+    + ", ".join(f"{i} {name}" for i, name in enumerate(NEURON_CODES))
+)
 
 
 def step_rows(side: str, rec: SideRecord) -> list[list]:
@@ -51,15 +58,20 @@ def step_rows(side: str, rec: SideRecord) -> list[list]:
     return rows
 
 
+def side_dict(rec: SideRecord) -> dict:
+    """A side's record as JSON: its fields, steps as StepStats.to_dict, maps in base64."""
+    fields = {k: v for k, v in asdict(replace(rec, steps=[], maps=[])).items() if k not in ("steps", "maps")}
+    maps = [base64.b64encode(m).decode() for m in rec.maps]
+    return {**fields, "steps": [s.to_dict() for s in rec.steps], "maps": maps}
+
+
 def run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: dict[str, go.Figure]) -> bytes:
     """The run as a zip archive (bytes)."""
     records = {
         "settings": asdict(settings),
         "summary": compare_summary(left, right),
-        "sides": {
-            side: {**{k: v for k, v in asdict(rec).items() if k != "steps"}, "steps": [s.to_dict() for s in rec.steps]}
-            for side, rec in (("left", left), ("right", right))
-        },
+        "sides": {side: side_dict(rec) for side, rec in (("left", left), ("right", right))},
+        "maps_format": MAPS_FORMAT,
     }
     table = io.StringIO()
     writer = csv.writer(table)

@@ -8,12 +8,12 @@ from threading import Event
 
 import gradio as gr
 
-from turbo_demo.app import export, views
+from turbo_demo.app import export, page_inspector, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.app.menus import mode_choices, mode_help
 from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
-from turbo_demo.app.texts import ABOUT, COMPARE_DOC, EXAMPLES, INTRO
+from turbo_demo.app.texts import ABOUT, COMPARE_DOC, EXAMPLES, INTRO, NEURONS
 from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
 from turbo_demo.model.activations import activation_histograms
@@ -112,18 +112,14 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 speed = gr.Plot(label="Tokens/s")
                 memory = gr.Plot(label="Memory")
             recall = gr.Plot(label="Predictor recall")
+        show_inspect, inspect_outputs = page_inspector.inspector_tab(session)
         with gr.Tab("Neurons"):
-            gr.Markdown(
-                "The last run, neuron by neuron. **Firing frequency**: the share of its decode steps "
-                "in which each FFN neuron fired (h ≠ 0 among the neurons the side's mode computed), "
-                "counted by the runtime's kernels; hot to cold, PowerInfer's view. **Activation "
-                "distributions**: the gate, up and combined activations of the run's tokens, "
-                "through the model's own dense forward (Turbo Sparse, Figure 3)."
-            )
+            gr.Markdown(NEURONS)
             with gr.Row():
                 firing_left = gr.Plot(label="Left: firing frequency")
                 firing_right = gr.Plot(label="Right: firing frequency")
             hist = gr.Plot(label="Activation distributions")
+        page_teaching.teaching_tab(store, session, prompt)
         with gr.Tab("About"):
             gr.Markdown(ABOUT)
             gr.Markdown("#### Our embedded models (`python -m turbo_demo eval DIR --json`)\n" + views.about_numbers())
@@ -223,6 +219,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             finally:
                 queue.leave(ticket)
             done = "Stopped." if stop.is_set() else "Done."
+            state["last"] = teaching.last_run(left, right)  # the Why dReLU tab's (gate, up) pairs
             neurons = views.neurons_view(left, right, run_histograms(store, left, right))
             view = views.compare_view(left, right)
             figures = {"heatmap-left": view.left_heatmap, "heatmap-right": view.right_heatmap, "speed": view.speed}
@@ -230,7 +227,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 download: gr.DownloadButton(value=export.write_run_zip(left, right, settings, figures), visible=True),
                 share: f"[Link to this run]({export.share_query(prompt, left.key, right.key, settings)})",
             }
-            yield {**show_compare(view, done), **show_neurons(neurons), **kept}
+            yield {**show_compare(view, done), **show_neurons(neurons), **kept, **show_inspect(left, right, state)}
 
         def compare(
             prompt: str,
@@ -265,7 +262,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 lambda n, m, d=default: on_model_change(n, m, d), [box, menu], [menu, line], api_visibility="private"
             )
         outputs = [*show_compare(views.compare_view(SideRecord("", ""), SideRecord("", "")), ""), download, share]
-        outputs += [firing_left, firing_right, hist]
+        outputs += [firing_left, firing_right, hist, *inspect_outputs]
 
         def on_load(request: gr.Request):
             """A shared link's prompt, models, modes and settings (query parameters), checked."""

@@ -37,6 +37,11 @@ up/down for the zero neurons, which is lossless.
 | top-k 90% sparsity perplexity | dReLU 29.19 vs SwiGLU 112.36 |
 | CPU-only decoding vs llama.cpp dense | 2.08x (i7-12700K, Mistral-7B FP16) |
 """
+NEURONS = """The last run, neuron by neuron. **Firing frequency**: the share of its decode steps
+in which each FFN neuron fired (h ≠ 0 among the neurons the side's mode computed), counted by the
+runtime's kernels; hot to cold, PowerInfer's view. **Activation distributions**: the gate, up and
+combined activations of the run's tokens, through the model's own dense forward (Turbo Sparse,
+Figure 3)."""
 
 # The compare endpoint's description (API page, MCP tool), filled in with the menus' names.
 COMPARE_DOC = """Continue one prompt with two models side by side on TurboSparse Studio's sparse
@@ -58,3 +63,28 @@ Returns:
     with the text, tokens, tokens_per_s, mean_sparsity, peak_rss_mb, and an error or notice;
     or {{"error": why}}.
 """
+
+WHY_DRELU = """### Why dReLU
+**Top-k sparsity against quality** (the paper's Table 3): per token, keep only the neurons with
+the largest |h| and zero the rest, then measure perplexity. Each curve is relative to the
+model's own perplexity with nothing pruned, on the held-out split (`python -m turbo_demo eval
+DIR --json`, in each model's `eval.json`); the paper's 300M models in grey. A dReLU model's h
+is already zero for most neurons, so pruning them costs nothing; a SwiGLU model loses real
+contributions."""
+WHY_DRELU_TEXT = """The button runs the same sweep on the **prompt** of the Compare tab (its first
+{tokens} tokens, as one window) for every embedded model: short texts give noisy perplexities."""
+WHY_DRELU_PLANE = """**The (gate, up) plane.** A neuron's combined activation h is a function of its
+two pre-activations, g = W_gate x and u = W_up x. SwiGLU's silu(g) * u is zero only on the
+axes; ReGLU's relu(g) * u in the half-plane g <= 0; dReLU's relu(g) * relu(u) in three
+quadrants. The button draws the last run's measured (g, u) pairs (every layer, token and neuron
+of each side's own dense forward over its prompt and output, a few thousand drawn at random)
+and counts, for each formula, the share of those pairs at which it is exactly zero."""
+
+INSPECT = """### Inspect a token
+Each model's output, token by token, shaded by the share of its FFN neurons that were zero at
+that step (darker: sparser). Click a token in either pane, or move the slider: the maps below
+show, for every layer, what each of the layer's neurons did at that position in both panes,
+side by side (one cell a neuron, row by row). For the modes that choose their neurons before
+computing them (predictor, threshold), orange cells were computed for nothing and red ones were
+missed: active in the dense FFN but skipped (the audit's measure; on when *recall* is shown).
+The maps come from the runtime's own records of the last run (its kernels' firing counts)."""

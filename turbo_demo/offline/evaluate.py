@@ -3,9 +3,13 @@
 Sparsity (the paper's definition): the share of FFN neurons whose combined activation h is
 exactly zero, over every token and neuron of a layer. Top-k perplexity (the paper's Table 3):
 per token, keep only the (1 - k) share of neurons with the largest |h|, zero the rest.
+The sweep (`eval` writes it as "topk_sweep") runs the same top-k perplexity at every sparsity
+of SWEEP_SPARSITIES; at 0 nothing is pruned, so its perplexity is the model's own. The app's
+sweep of a visitor's text is `text_sweep`: the same function on one short window.
 """
 
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -17,6 +21,11 @@ from turbo_demo.model.hooks import on_ffn_activation
 from turbo_demo.offline import corpus
 
 TOPK_SPARSITIES = (0.5, 0.8, 0.9)
+SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+TEXT_SWEEP_TOKENS = 512  # a visitor's text is scored on its first this many tokens at most
+# The hooks are on the (shared) model's modules: two pruned forwards at once would prune each
+# other's activations, so they take turns.
+HOOKED = threading.Lock()
 
 
 def keep_top(h: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -50,7 +59,41 @@ def mean_loss(model, tokens, seq_len: int, max_tokens: int, batch_size: int = 8)
     return total / count, count
 
 
-def evaluate(model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int = 131072) -> dict:
+def topk_perplexity(model, tokens, seq_len: int, max_tokens: int, sparsity: float) -> float:
+    """Perplexity with each layer's h pruned to its top (1 - sparsity) share by |h|, per token."""
+    with HOOKED, on_ffn_activation(model, lambda layer, h: keep_top(h, sparsity)):
+        return math.exp(mean_loss(model, tokens, seq_len, max_tokens)[0])
+
+
+def sweep(model, tokens, seq_len: int, max_tokens: int, base_loss: float, sparsities=SWEEP_SPARSITIES) -> dict:
+    """{"sparsity": [...], "perplexity": [...]}: top-k perplexity at each sparsity (rounded as
+    eval.json keeps it); at 0 the unpruned perplexity exp(base_loss)."""
+    values = [
+        math.exp(base_loss) if k == 0 else topk_perplexity(model, tokens, seq_len, max_tokens, k) for k in sparsities
+    ]
+    return {"sparsity": list(sparsities), "perplexity": [round(v, 4) for v in values]}
+
+
+def text_sweep(model, tokenizer, text: str, max_tokens: int = TEXT_SWEEP_TOKENS) -> dict:
+    """The sweep on a visitor's text: its first max_tokens tokens (at most the model's context)
+    as one window; "tokens" says how many were scored."""
+    ids = tokenizer(text or "")["input_ids"]
+    context = getattr(model.config, "max_position_embeddings", max_tokens + 1)
+    ids = ids[: min(max_tokens, context) + 1]
+    if len(ids) < 2:
+        raise UserError("the text gives fewer than 2 tokens: nothing to score")
+    tokens = torch.tensor(ids, dtype=torch.int32)
+    seq_len = len(ids) - 1
+    with HOOKED:
+        loss, n = mean_loss(model, tokens, seq_len, seq_len, batch_size=1)
+    return {**sweep(model, tokens, seq_len, seq_len, loss), "tokens": n}
+
+
+def evaluate(
+    model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int = 131072, with_sweep: bool = False
+) -> dict:
+    """Loss, perplexity, sparsity per layer and top-k perplexity at TOPK_SPARSITIES; with_sweep:
+    also "topk_sweep" over SWEEP_SPARSITIES (TOPK_SPARSITIES are among them, computed once)."""
     seq_len = min(seq_len, len(tokens) - 1)
     zeros, seen = {}, {}
 
@@ -61,21 +104,21 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int = 
     with on_ffn_activation(model, count_zeros):
         loss, n = mean_loss(model, tokens, seq_len, max_tokens)
     per_layer = [zeros[i] / seen[i] for i in sorted(zeros)]
-    topk = {}
-    for k in TOPK_SPARSITIES:
-        with on_ffn_activation(model, lambda layer, h, k=k: keep_top(h, k)):
-            topk[str(k)] = round(math.exp(mean_loss(model, tokens, seq_len, max_tokens)[0]), 4)
+    curve = sweep(model, tokens, seq_len, max_tokens, loss, SWEEP_SPARSITIES if with_sweep else TOPK_SPARSITIES)
+    at = dict(zip(curve["sparsity"], curve["perplexity"]))
+    topk = {str(k): at[k] for k in TOPK_SPARSITIES}
     return {
         "loss": round(loss, 4),
         "perplexity": round(math.exp(loss), 4),
         "tokens": n,
         "sparsity": {"mean": round(sum(per_layer) / len(per_layer), 4), "per_layer": [round(s, 4) for s in per_layer]},
         "topk_perplexity": topk,
+        **({"topk_sweep": curve} if with_sweep else {}),
     }
 
 
 def evaluate_dir(model_dir: str, text_file: str | None = None, max_tokens: int = 131072) -> dict:
     model = load_model(model_dir)
     tokens, source = eval_tokens(load_tokenizer(model_dir), text_file)
-    result = evaluate(model, tokens, max_tokens=max_tokens)
+    result = evaluate(model, tokens, max_tokens=max_tokens, with_sweep=True)
     return {"model": str(model_dir), "text": source, **result}

@@ -18,7 +18,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import Mode, make_modes, mode_options
 from turbo_demo.runtime.packing import PackedModel
-from turbo_demo.runtime.stats import LayerRecord, StepStats
+from turbo_demo.runtime.stats import LayerRecord, StepStats, neuron_codes
 
 # Untimed decode steps before a runtime's first timed one: the first calls of a runtime's
 # kernels (OpenMP's thread pool, oneDNN's GEMMs in prefill, the allocator's first blocks, the
@@ -117,6 +117,7 @@ class Decoder:
         vocab: int | None = None,
         audit: bool = False,
         warm_up: int = WARM_UP_STEPS,
+        codes: bool = False,
     ) -> Iterator[StepStats]:
         """Yield one StepStats per new token, until max_new_tokens, a token in stop_ids, or stop.
 
@@ -125,7 +126,8 @@ class Decoder:
 
         The prompt but its last token is prefilled (the modes' prefill); every new token comes from
         a decode step in the runtime's mode, timed alone (decode + sample). The recall audit,
-        when on, runs after the timer stops so that it never counts as decoding time. A runtime
+        when on, runs after the timer stops so that it never counts as decoding time; so does,
+        with `codes`, each step's per-neuron codes (StepStats.codes, stats.NEURON_CODES). A runtime
         that has not run yet first warms up (`warm_up` untimed steps; 0: never); `prefill_s`
         then holds the prefill's time, which the first token waits for on top of its step.
         """
@@ -145,13 +147,17 @@ class Decoder:
         token = prompt_ids[-1]
         n = self.firing.size(1)
         for step in range(max_new_tokens):
+            before = self.firing.clone() if codes else None
             start = time.perf_counter()
             logits, records = self.decode(token)
             token = sample(self.kernels, logits[:vocab], temperature, top_p, gen)
             elapsed = time.perf_counter() - start
-            if audit:
-                for mode, record in zip(self.modes, records):
-                    record.recall = mode.recall(record)
-            yield StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes)
+            truly = [mode.truly_active(record) for mode, record in zip(self.modes, records)] if audit else None
+            for mode, record, active in zip(self.modes, records, truly or ()):
+                record.recall = mode.recall(record, active)
+            stats = StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes)
+            if before is not None:  # the kernels add 1 to the count of every neuron that fired
+                stats.codes = neuron_codes(torch.ne(self.firing, before), records, truly)
+            yield stats
             if (stop is not None and stop.is_set()) or token in stop_ids:
                 return

@@ -133,14 +133,18 @@ class Mode:
             choice=(x, idx) if self.can_miss else None,
         )
 
-    def recall(self, record: LayerRecord) -> float | None:
-        """Share of the neurons active in the dense FFN (h != 0) that the recorded step computed;
+    def truly_active(self, record: LayerRecord) -> torch.Tensor | None:
+        """The neurons active in the dense FFN (h != 0) at the recorded step's x, (I,) bool;
         None for modes that never skip an active neuron."""
-        if record.choice is None:
+        return None if record.choice is None else self.dense_h(record.choice[0]) != 0
+
+    def recall(self, record: LayerRecord, truly: torch.Tensor | None = None) -> float | None:
+        """Share of the truly active neurons (`truly_active`, computed if not given) that the
+        recorded step computed; None for modes that never skip an active neuron."""
+        truly = self.truly_active(record) if truly is None else truly
+        if truly is None or record.choice is None:
             return None
-        x, computed = record.choice
-        truly = self.dense_h(x) != 0
-        return truly.index_select(0, computed).sum().item() / max(1, int(truly.sum()))
+        return truly.index_select(0, record.choice[1]).sum().item() / max(1, int(truly.sum()))
 
 
 class DenseMode(Mode):

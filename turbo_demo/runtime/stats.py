@@ -9,11 +9,20 @@ and, where the step was audited against the dense FFN (predictor and threshold m
 Per neuron, over a generation, the runtime counts the steps in which it fired (h != 0 among the
 neurons its mode computed; Decoder.firing_counts), in the kernels' own loops: the hot and cold
 neurons of PowerInfer.
+On request (the app's token inspector), each step also says what every neuron did, as codes:
+    0  not fired (h == 0, or not computed; where audited, not active in the dense FFN either)
+    1  fired (h != 0 among the computed neurons: for a mode that chooses, a true positive)
+    2  computed but h == 0 (a mode that chooses: a false positive)
+    3  missed: active in the dense FFN but not computed (audited steps only)
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+
+NOT_FIRED, FIRED, COMPUTED_ZERO, MISSED = range(4)
+NEURON_CODES = ("not fired", "fired", "computed, h = 0", "missed")
+SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
 
 @dataclass
@@ -42,6 +51,8 @@ class StepStats:
     recall: list[float] | None = None
     ffn_bytes: int = 0
     ffn_bytes_dense: int = 0
+    # (L, I) uint8 NEURON_CODES of the step, when the generation was asked for them
+    codes: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_records(cls, step, token, time_s, records: list[LayerRecord], intermediate_size, dense_bytes):
@@ -68,4 +79,34 @@ class StepStats:
         return 1.0 - sum(self.active_share) / len(self.active_share)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sparsity": self.sparsity}
+        return {**asdict(replace(self, codes=None)), "sparsity": self.sparsity}
+
+
+def neuron_codes(fired: torch.Tensor, records: list[LayerRecord], truly: list | None) -> torch.Tensor:
+    """Each neuron's NEURON_CODES value at one step, (L, I) uint8, from the neurons that fired
+    (L, I) bool, the computed sets of the modes that choose (records' choice) and, where the
+    step was audited, the dense FFN's active sets (truly, one (I,) bool or None per layer)."""
+    codes = fired.to(torch.uint8)
+    for layer, record in enumerate(records):
+        if record.choice is None:
+            continue
+        computed = torch.zeros_like(fired[layer])
+        computed[record.choice[1].long()] = True
+        codes[layer][computed & ~fired[layer]] = COMPUTED_ZERO
+        if truly is not None and truly[layer] is not None:
+            codes[layer][truly[layer] & ~computed] = MISSED
+    return codes
+
+
+def pack_codes(codes: torch.Tensor) -> bytes:
+    """(L, I) codes in 0..3 -> ceil(L * I / 4) bytes, four neurons a byte, first in the low bits."""
+    flat = codes.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-len(flat) % 4)]).view(-1, 4)
+    return (flat << SHIFTS).sum(dim=1, dtype=torch.uint8).numpy().tobytes()
+
+
+def unpack_codes(data: bytes, layers: int, neurons: int) -> list[list[int]]:
+    """pack_codes' inverse: the (layers, neurons) codes as lists."""
+    packed = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    flat = ((packed[:, None] >> SHIFTS) & 3).flatten()[: layers * neurons]
+    return flat.view(layers, neurons).tolist()

@@ -1,0 +1,80 @@
+"""Plot builder of the token inspector: plain codes in, `go.Figure` out (as plots.py)."""
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from turbo_demo.app.inspector import counts, grid
+from turbo_demo.app.plots import _layout
+from turbo_demo.runtime.stats import NEURON_CODES
+
+# one colour per code (stats.NEURON_CODES): not fired, fired, computed with h = 0, missed
+CODE_COLORS = ("#eeeeee", "#1f4e9c", "#ff9f1c", "#d62728")
+# a stepwise scale over z in 0..3, so that each code gets its own colour
+SCALE = [[edge, color] for i, color in enumerate(CODE_COLORS) for edge in (i / 4, (i + 1) / 4)]
+LEGEND = {  # what each code means, for modes that choose their neurons
+    "not fired": "not fired",
+    "fired": "fired (for predictor / threshold: a true positive)",
+    "computed, h = 0": "computed, h = 0 (a false positive)",
+    "missed": "missed: active in the dense FFN, not computed",
+}
+
+
+def neuron_maps_figure(panes: list[dict], step: int) -> go.Figure:
+    """Every layer's neurons at one generated position, one column per pane, one row per
+    layer: each neuron a cell of a near-square grid (neuron i at row i // cols, column
+    i % cols), coloured by its code. panes: inspector.maps_at's dicts (label, mode, token,
+    sparsity, codes (layers, neurons) or None)."""
+    shown = [p for p in panes if p["codes"]]
+    layers = max((len(p["codes"]) for p in shown), default=0)
+    if not layers:
+        return _layout(go.Figure(), f"Token {step + 1}: no neuron map kept for it", "neuron-maps", height=200)
+    titles = []
+    for layer in range(layers):
+        for p in shown:
+            fired = sum(c == 1 for c in p["codes"][layer]) if layer < len(p["codes"]) else 0
+            titles.append(f"{p['label']} · layer {layer}: {fired} fired")
+    fig = make_subplots(
+        rows=layers, cols=len(shown), subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.3 / layers
+    )
+    for col, p in enumerate(shown, start=1):
+        for layer, codes in enumerate(p["codes"], start=1):
+            cells = grid(codes)
+            width = len(cells[0])
+            ids = [[r * width + c if v is not None else None for c, v in enumerate(row)] for r, row in enumerate(cells)]
+            fig.add_trace(
+                go.Heatmap(
+                    z=cells,
+                    customdata=ids,
+                    zmin=0,
+                    zmax=3,
+                    colorscale=SCALE,
+                    showscale=False,
+                    xgap=1,
+                    ygap=1,
+                    hovertemplate="neuron %{customdata}<extra></extra>",
+                ),
+                layer,
+                col,
+            )
+            fig.update_xaxes(showticklabels=False, row=layer, col=col)
+            fig.update_yaxes(showticklabels=False, autorange="reversed", row=layer, col=col)
+    used = {name for p in shown for name, n in counts(p["codes"]).items() if n}
+    for name, color in zip(NEURON_CODES, CODE_COLORS):
+        if name in used:  # a legend entry per code that occurs
+            fig.add_trace(
+                go.Scatter(
+                    x=[None],
+                    y=[None],
+                    mode="markers",
+                    marker=dict(color=color, size=10, symbol="square"),
+                    name=LEGEND[name],
+                )
+            )
+    tokens = " vs ".join(f"{p['label']}: {p['token']!r} ({fmt(p['sparsity'])} sparse)" for p in panes)
+    fig = _layout(fig, f"Token {step + 1}: {tokens}", "neuron-maps", height=140 + 190 * layers)
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0 + 0.3 / layers, x=0))
+    return fig
+
+
+def fmt(share: float | None) -> str:
+    return "–" if share is None else f"{share:.0%}"

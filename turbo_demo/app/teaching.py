@@ -1,0 +1,111 @@
+"""The "Why dReLU" tab's data, as plain functions: the top-k sweep (shipped, and on a visitor's
+text) and the (gate, up) plane of the three FFN variants with a run's measured pairs.
+
+    shipped_sweeps()                   {model: (sparsities, perplexities)} from eval.json
+    text_sweeps(store, text)           the same curve on the visitor's text, per embedded model
+    last_run(left, right)              what a session keeps of its last run for the plane
+    gate_up_pairs(model, ids)          (gate, up) pre-activations of every layer, token, neuron
+    plane(points)                      h over the plane for each variant, and measured zero shares
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from turbo_demo.app.catalog import EMBEDDED, ModelStore, embedded_names
+from turbo_demo.app.compare import SideRecord
+from turbo_demo.app.views import side_label
+from turbo_demo.model.hooks import on_gate_up
+from turbo_demo.offline.evaluate import HOOKED, text_sweep
+from turbo_demo.paths import MODELS_DIR, read_json
+
+# The paper's Table 3 (WikiText-2, the two ~300M models trained on 5B tokens; top-k by |h|)
+PAPER_SWEEP = {
+    "paper: dReLU 300M": ([0.0, 0.5, 0.8, 0.85, 0.9], [28.45, 28.45, 28.45, 28.65, 29.19]),
+    "paper: SwiGLU 300M": ([0.0, 0.5, 0.8, 0.85, 0.9], [28.48, 28.62, 36.28, 48.55, 112.36]),
+}
+VARIANTS = {
+    "SwiGLU: silu(g) * u": lambda g, u: F.silu(g) * u,
+    "ReGLU: relu(g) * u": lambda g, u: F.relu(g) * u,
+    "dReLU: relu(g) * relu(u)": lambda g, u: F.relu(g) * F.relu(u),
+}
+PAIRS_PER_SIDE = 3000  # measured (gate, up) pairs drawn per side (all are counted)
+GRID = 81  # points per axis of the plane
+
+
+def shipped_sweeps() -> dict[str, tuple[list[float], list[float]]]:
+    """Each embedded model's "topk_sweep" from its eval.json (written by `eval`), by name."""
+    curves = {}
+    for name, folder in EMBEDDED.items():
+        curve = (read_json(MODELS_DIR / folder / "eval.json") or {}).get("topk_sweep")
+        if curve:
+            curves[name] = (curve["sparsity"], curve["perplexity"])
+    return curves
+
+
+def text_sweeps(store: ModelStore, text: str) -> tuple[dict[str, tuple[list[float], list[float]]], int]:
+    """The sweep of every embedded model on `text` (its first TEXT_SWEEP_TOKENS tokens), and the
+    number of tokens scored (the embedded models share one tokenizer)."""
+    curves, scored = {}, 0
+    for name in embedded_names():
+        loaded = store.get(name)
+        result = text_sweep(loaded.model, loaded.tokenizer, text)
+        curves[name], scored = (result["sparsity"], result["perplexity"]), result["tokens"]
+    return curves, scored
+
+
+def last_run(left: SideRecord, right: SideRecord) -> list[tuple[str, str, list[int]]]:
+    """(model, side label, prompt + generated ids) of each side that generated: all the plane
+    needs of a run (a few hundred ints per side in the session's state)."""
+    sides = [r for r in (left, right) if not r.error and r.token_ids]
+    return [(r.model, side_label(r), r.prompt_ids + r.token_ids) for r in sides]
+
+
+@torch.no_grad()
+def gate_up_pairs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up): W_gate x and W_up x of every layer, token and neuron of the model's own dense
+    forward over ids, flattened alike (pair i is one neuron of one token in one layer)."""
+    seen: dict[str, list[torch.Tensor]] = {"gate": [], "up": []}
+
+    def on_pre(layer, branch, out):
+        seen[branch].append(out.flatten().float())
+
+    with HOOKED, on_gate_up(model, on_pre):
+        model(input_ids=torch.tensor([ids]), use_cache=False)
+    return torch.cat(seen["gate"]), torch.cat(seen["up"])
+
+
+Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_pairs(store: ModelStore, last: list[tuple[str, str, list[int]]]) -> Pairs:
+    """The measured pairs of each side of a session's last run (last_run's list), by label."""
+    return {label: gate_up_pairs(store.get(model).model, ids) for model, label, ids in last}
+
+
+def zero_share(variant: str, gate: torch.Tensor, up: torch.Tensor) -> float:
+    """Share of the pairs at which the variant's h is exactly 0."""
+    return float((VARIANTS[variant](gate, up) == 0).float().mean()) if len(gate) else 0.0
+
+
+def plane(points: Pairs) -> dict:
+    """The plot's plain data: a symmetric grid covering 99% of the measured |gate| and |up|
+    (else [-4, 4]), h of each variant on it ([u][g]), the measured pairs subsampled, and the
+    share of exact zeros of each variant on each side's measured pairs (all of them)."""
+    values = [v.abs() for g, u in points.values() for v in (g, u) if len(v)]
+    limit = float(torch.quantile(torch.cat(values)[:1_000_000], 0.99)) if values else 4.0
+    limit = limit if math.isfinite(limit) and limit > 0 else 4.0
+    axis = torch.linspace(-limit, limit, GRID)
+    g, u = axis[None, :].expand(GRID, GRID), axis[:, None].expand(GRID, GRID)
+    pick = torch.Generator().manual_seed(0)
+    shown = {}
+    for label, (pg, pu) in points.items():
+        idx = torch.randperm(len(pg), generator=pick)[:PAIRS_PER_SIDE]
+        shown[label] = (pg[idx].tolist(), pu[idx].tolist())
+    return {
+        "axis": axis.tolist(),
+        "h": {name: fn(g, u).tolist() for name, fn in VARIANTS.items()},
+        "points": shown,
+        "zeros": {name: {label: zero_share(name, pg, pu) for label, (pg, pu) in points.items()} for name in VARIANTS},
+    }
