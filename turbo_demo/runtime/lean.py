@@ -28,6 +28,7 @@ from turbo_demo.runtime.decoder import Decoder
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import rope
 from turbo_demo.runtime.packing import PackedModel
+from turbo_demo.runtime.quant import linear
 from turbo_demo.runtime.stats import LayerRecord
 
 # The KV cache is preallocated for this many positions at most: a 32k-context checkpoint must
@@ -80,9 +81,9 @@ class LeanRuntime(Decoder):
         """Prefill from position 0: x (T, H) -> attention output (T, H); fills the cache."""
         w, T = self.w.attention[i], x.size(0)
         h = self.kernels.rms_norm(x, w.norm, self.eps)
-        q = F.linear(h, w.wq, w.bq).view(T, self.n_heads, self.head_dim)
-        k = F.linear(h, w.wk, w.bk).view(T, self.n_kv, self.head_dim)
-        v = F.linear(h, w.wv, w.bv).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        q = linear(h, w.wq, w.bq).view(T, self.n_heads, self.head_dim)
+        k = linear(h, w.wk, w.bk).view(T, self.n_kv, self.head_dim)
+        v = linear(h, w.wv, w.bv).view(T, self.n_kv, self.head_dim).transpose(0, 1)
         if w.q_norm is not None:
             q = self.kernels.rms_norm(q, w.q_norm, self.eps)
         if w.k_norm is not None:
@@ -98,7 +99,7 @@ class LeanRuntime(Decoder):
         out = F.scaled_dot_product_attention(
             q, self.k_cache[i, :, :T], self.v_cache[i, :, :T], attn_mask=mask, enable_gqa=True
         )
-        return F.linear(out.transpose(0, 1).reshape(T, -1), w.wo, w.bo)
+        return linear(out.transpose(0, 1).reshape(T, -1), w.wo, w.bo)
 
     def embed(self, ids: torch.Tensor | int) -> torch.Tensor:
         """The embeddings of ids ((T,) -> (T, H), or one id -> (H,)), scaled where the

@@ -30,6 +30,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import ACTS, count_firing, plus
 from turbo_demo.runtime.packing import FFNWeights
+from turbo_demo.runtime.quant import linear, row_bytes, times, weight_bytes
 from turbo_demo.runtime.stats import LayerRecord
 
 
@@ -95,11 +96,11 @@ class Mode:
         w = self.w
         if x.dim() == 1:
             return self.act(self.kernels.matvec(w.wg, x)) * self.up(self.kernels.matvec(w.wu, x))
-        return self.act(x @ w.wg.t()) * self.up(x @ w.wu.t())
+        return self.act(linear(x, w.wg)) * self.up(linear(x, w.wu))
 
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The dense FFN of x (..., T, H) -> (..., T, H); r, the residual, is for the predictor."""
-        return self.dense_h(x) @ self.w.wd_t
+        return times(self.dense_h(x), self.w.wd_t)
 
     def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
         raise NotImplementedError
@@ -186,8 +187,7 @@ class PredictorMode(Mode):
             )
         super().__init__(w, kernels, options)
         self.fc1, self.fc2_t = w.fc1, w.fc2_t
-        size = self.fc1.element_size()
-        self.fc1_bytes, self.fc2_row_bytes = self.fc1.numel() * size, w.n * size
+        self.fc1_bytes, self.fc2_row_bytes = weight_bytes(self.fc1), row_bytes(self.fc2_t)
         o = self.options
         self.threshold = (w.threshold or 0.0) if o.threshold is None else o.threshold
         self.budget = 0 if o.budget is None else max(1, round(o.budget * w.n))
@@ -195,12 +195,12 @@ class PredictorMode(Mode):
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The published forward on the prompt: h of x (..., T, H) masked, per token, to the
         neurons the predictor picks for its residual r (..., T, H), as `step` picks them."""
-        score = torch.relu(r @ self.fc1.t()) @ self.fc2_t  # (..., T, I)
+        score = times(torch.relu(linear(r, self.fc1)), self.fc2_t)  # (..., T, I)
         if self.budget:
             mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(self.budget).indices, True)
         else:
             mask = score > self.threshold
-        return (self.dense_h(x) * mask) @ self.w.wd_t
+        return times(self.dense_h(x) * mask, self.w.wd_t)
 
     def predictor_bytes(self, rows: int) -> int:
         """Predictor bytes a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
@@ -233,7 +233,7 @@ class ThresholdMode(Mode):
         target quantile of |act(W_gate x)| over the prompt's tokens and neurons."""
         target = self.options.sparsity
         if target is not None:
-            a = self.act(x @ self.w.wg.t()).abs().flatten().float()
+            a = self.act(linear(x, self.w.wg)).abs().flatten().float()
             self.threshold = float(torch.quantile(a[:1_000_000], target)) if target > 0 else 0.0
         return super().prefill(x, r)
 

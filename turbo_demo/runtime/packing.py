@@ -11,6 +11,13 @@ the kernels need in another layout is copied once, here:
 
 so the pack costs one extra copy of W_down and fc2 (about a third of the FFN's weights), and
 for Gemma one of its RMSNorm weights, stored as the (1 + w) they multiply by.
+
+`pack(model, quant="int8" | "int4")` stores every matrix a decode step reads as blocks instead
+(runtime/quant.py, `quant.format_of` says which format each gets; embeddings and norms stay as
+loaded), in the same neuron-major layout. Matrices already quantized at load
+(`quantized`, by parameter name, W_down and fc2 in their neuron-major layout) are taken as they
+are, so that a model streamed from its safetensors (model/quantized.py) never holds its float
+matrices at all.
 """
 
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ import torch
 from turbo_demo.errors import UserError
 from turbo_demo.model.hooks import ffn_modules
 from turbo_demo.runtime.kernels.reference import ACTS
+from turbo_demo.runtime.quant import QWeight, Weight, format_of, quantize, row_bytes, split_rows, weight_bytes
 
 # What the lean engine adds to the Llama block per architecture (else: transformers' engine):
 #   qwen2   biases on q, k, v            qwen3  an RMSNorm of each q and k head before RoPE
@@ -44,8 +52,24 @@ def lean_supports(config) -> bool:
     )
 
 
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def nbytes(t: Weight) -> int:
+    return weight_bytes(t)
+
+
+class Quantizer:
+    """What pack keeps of each matrix: the tensor itself (quant None), or its blocks in the
+    format `format_of(name, quant)` names, taken from `done` where quantized at load."""
+
+    def __init__(self, quant: str | None = None, done: dict[str, QWeight] | None = None):
+        self.quant, self.done = quant, done or {}
+
+    def __call__(self, name: str, w: torch.Tensor) -> Weight:
+        if self.quant is None:
+            return w
+        if name in self.done:
+            return self.done[name]
+        fmt = format_of(name, self.quant)
+        return w if fmt is None else quantize(w, fmt)
 
 
 def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
@@ -59,13 +83,13 @@ class FFNWeights:
     branch too when drelu (bamboo); the predictor fc1 (R, H), fc2_t (R, I) and its calibrated
     score threshold when the checkpoint has one."""
 
-    wg: torch.Tensor
-    wu: torch.Tensor
-    wd_t: torch.Tensor
+    wg: Weight
+    wu: Weight
+    wd_t: Weight
     act: str
     drelu: bool
-    fc1: torch.Tensor | None = None
-    fc2_t: torch.Tensor | None = None
+    fc1: Weight | None = None
+    fc2_t: Weight | None = None
     threshold: float | None = None
     # sizes, fixed once (a decode step reads them in every layer): neurons, the bytes of one
     # neuron's row in one of the three matrices, and of the whole FFN
@@ -74,20 +98,24 @@ class FFNWeights:
     dense_bytes: int = field(init=False)
 
     def __post_init__(self):
-        n, row_bytes = self.wg.size(0), self.wg.size(1) * self.wg.element_size()
-        for name, value in (("n", n), ("row_bytes", row_bytes), ("dense_bytes", 3 * n * row_bytes)):
+        n, row = self.wg.size(0), row_bytes(self.wg)
+        for name, value in (("n", n), ("row_bytes", row), ("dense_bytes", 3 * n * row)):
             object.__setattr__(self, name, value)  # frozen: set once, here
 
 
-def gate_up(mlp) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_up(mlp, q: Quantizer, prefix: str) -> tuple[Weight, Weight]:
     """W_gate and W_up (I, H): HF's two projections, or Phi-3's fused gate_up_proj (2I, H), whose
     first I rows are the gate (Phi3MLP chunks its output gate first), split as row views."""
     if hasattr(mlp, "gate_up_proj"):
-        return tuple(mlp.gate_up_proj.weight.detach().chunk(2, dim=0))
-    return mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+        fused = q(f"{prefix}gate_up_proj.weight", mlp.gate_up_proj.weight.detach())
+        half = fused.size(0) // 2
+        return tuple(split_rows(fused, [half, half]))
+    return q(f"{prefix}gate_proj.weight", mlp.gate_proj.weight.detach()), q(
+        f"{prefix}up_proj.weight", mlp.up_proj.weight.detach()
+    )
 
 
-def pack_ffn(mlp, config, layer: int) -> FFNWeights:
+def pack_ffn(mlp, config, layer: int, q: Quantizer | None = None) -> FFNWeights:
     # Gemma 2 and 3 name the FFN's activation hidden_activation, the others hidden_act
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if act not in ACTS:
@@ -96,15 +124,16 @@ def pack_ffn(mlp, config, layer: int) -> FFNWeights:
         raise UserError("the FFN has biases, which the sparse kernels do not add")
     predictor = getattr(mlp, "predictor", None)
     threshold_of = getattr(config, "threshold_of", None)
-    wg, wu = gate_up(mlp)
+    q, prefix = q or Quantizer(), f"model.layers.{layer}.mlp."
+    wg, wu = gate_up(mlp, q, prefix)
     return FFNWeights(
         wg=wg,
         wu=wu,
-        wd_t=neuron_major(mlp.down_proj),
+        wd_t=q(f"{prefix}down_proj.weight", neuron_major(mlp.down_proj)),
         act=act,
         drelu=getattr(config, "model_type", "") == "bamboo",
-        fc1=None if predictor is None else predictor.fc1.weight.detach(),
-        fc2_t=None if predictor is None else neuron_major(predictor.fc2),
+        fc1=None if predictor is None else q(f"{prefix}predictor.fc1.weight", predictor.fc1.weight.detach()),
+        fc2_t=None if predictor is None else q(f"{prefix}predictor.fc2.weight", neuron_major(predictor.fc2)),
         threshold=None if predictor is None or threshold_of is None else float(threshold_of(layer)),
     )
 
@@ -115,10 +144,10 @@ class AttentionWeights:
     optional parts of Kernels.attention_step (None where the architecture has none)."""
 
     norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
+    wq: Weight
+    wk: Weight
+    wv: Weight
+    wo: Weight
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
@@ -140,11 +169,11 @@ class LeanWeights:
 
     embed: torch.Tensor
     norm: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Weight
     attention: list[AttentionWeights]
     ffn_norms: list[torch.Tensor]
     embed_scale: torch.Tensor | None = None
-    copied_bytes: int = 0  # Gemma's (1 + w) norms, the only lean weights that are copies
+    copied_bytes: int = 0  # Gemma's (1 + w) norms and quantized matrices: the lean weights that are copies
 
 
 @dataclass(frozen=True)
@@ -156,11 +185,17 @@ class PackedModel:
     model: Any  # a transformers causal LM; its config fields are read by name
     ffns: list[FFNWeights]
     lean: LeanWeights | None
+    quant: str | None = None  # "int8" or "int4" where the matrices are block-quantized
 
     @property
     def owned_bytes(self) -> int:
         """Bytes of the copies the pack made (beyond the model's own weights)."""
-        ffns = sum(nbytes(f.wd_t) + (0 if f.fc2_t is None else nbytes(f.fc2_t)) for f in self.ffns)
+        ffns = sum(
+            nbytes(f.wd_t)
+            + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if isinstance(w, QWeight))  # quantized copies
+            + (0 if f.fc2_t is None else nbytes(f.fc2_t))
+            for f in self.ffns
+        )
         return ffns + (0 if self.lean is None else self.lean.copied_bytes)
 
 
@@ -168,7 +203,7 @@ def bias(linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
 
 
-def pack_attention(attn, norm: torch.Tensor) -> AttentionWeights:
+def pack_attention(attn, norm: torch.Tensor, q: Quantizer, prefix: str) -> AttentionWeights:
     q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))
     extras = dict(
         bo=bias(attn.o_proj),
@@ -176,17 +211,17 @@ def pack_attention(attn, norm: torch.Tensor) -> AttentionWeights:
         k_norm=None if k_norm is None else k_norm.weight.detach(),
     )
     if hasattr(attn, "qkv_proj"):  # Phi-3: rows q (nh hd), then k and v (nkv hd each)
-        wqkv = attn.qkv_proj.weight.detach()
+        wqkv = q(f"{prefix}qkv_proj.weight", attn.qkv_proj.weight.detach())
         nkv = attn.num_key_value_heads * attn.head_dim
-        wq, wk, wv = wqkv.split([wqkv.size(0) - 2 * nkv, nkv, nkv])
-        return AttentionWeights(norm, wq, wk, wv, attn.o_proj.weight.detach(), **extras)
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-    wq, wk, wv = (p.weight.detach() for p in projections)
-    bq, bk, bv = (bias(p) for p in projections)
-    return AttentionWeights(norm, wq, wk, wv, attn.o_proj.weight.detach(), bq, bk, bv, **extras)
+        wq, wk, wv = split_rows(wqkv, [wqkv.size(0) - 2 * nkv, nkv, nkv])
+        return AttentionWeights(norm, wq, wk, wv, q(f"{prefix}o_proj.weight", attn.o_proj.weight.detach()), **extras)
+    projections = {name: getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    wq, wk, wv, wo = (q(f"{prefix}{name}.weight", p.weight.detach()) for name, p in projections.items())
+    bq, bk, bv = (bias(p) for p in list(projections.values())[:3])
+    return AttentionWeights(norm, wq, wk, wv, wo, bq, bk, bv, **extras)
 
 
-def pack_lean(model) -> LeanWeights:
+def pack_lean(model, q: Quantizer) -> LeanWeights:
     inner = model.model
     gemma = model.config.model_type == "gemma"
     # Gemma's RMSNorm multiplies by (1 + w): stored once as such, the rms_norm kernel serves
@@ -196,24 +231,39 @@ def pack_lean(model) -> LeanWeights:
     ]
     weights = [n.weight.detach() + 1 if gemma else n.weight.detach() for n in norms]
     embed = inner.embed_tokens.weight.detach()
+    attention = [
+        pack_attention(layer.self_attn, n, q, f"model.layers.{i}.self_attn.")
+        for i, (layer, n) in enumerate(zip(inner.layers, weights[1::2]))
+    ]
+    lm_head = q("lm_head.weight", model.lm_head.weight.detach())
+    quantized = [w for a in attention for w in (a.wq, a.wk, a.wv, a.wo)] + [lm_head]
     return LeanWeights(
         embed=embed,
         norm=weights[0],
-        lm_head=model.lm_head.weight.detach(),
-        attention=[pack_attention(layer.self_attn, n) for layer, n in zip(inner.layers, weights[1::2])],
+        lm_head=lm_head,
+        attention=attention,
         ffn_norms=weights[2::2],
         # as GemmaTextScaledWordEmbedding rounds it: to fp32, then to the weights' dtype
         embed_scale=torch.tensor(model.config.hidden_size**0.5).to(embed.device, embed.dtype) if gemma else None,
-        copied_bytes=sum(map(nbytes, weights)) if gemma else 0,
+        # Phi-3's q, k, v are row views of one quantized tensor: counted once, by their rows
+        copied_bytes=(sum(map(nbytes, weights)) if gemma else 0)
+        + sum(nbytes(w) for w in quantized if isinstance(w, QWeight)),
     )
 
 
 @torch.no_grad()
-def pack(model) -> PackedModel:
-    """The runtime's weights for a loaded transformers causal LM (which is left as it is)."""
+def pack(model, quant: str | None = None, quantized: dict[str, QWeight] | None = None) -> PackedModel:
+    """The runtime's weights for a loaded transformers causal LM (which is left as it is); with
+    quant ("int8", "int4"), its matrices block-quantized (those in `quantized` as they are)."""
+    q = Quantizer(quant, quantized)
     try:
-        ffns = [pack_ffn(mlp, model.config, i) for i, mlp in enumerate(ffn_modules(model))]
+        ffns = [pack_ffn(mlp, model.config, i, q) for i, mlp in enumerate(ffn_modules(model))]
     except UserError:
         ffns = []  # no gated FFN the kernels know: dense decoding through transformers only
-    lean = pack_lean(model) if ffns and lean_supports(model.config) else None
-    return PackedModel(model, ffns, lean)
+    lean = pack_lean(model, q) if ffns and lean_supports(model.config) else None
+    if quant is not None and lean is None:
+        raise UserError(
+            f"quantized weights ({quant}) run on the lean runtime only, which does not know "
+            f"{model.config.model_type!r} models: load it without quantization"
+        )
+    return PackedModel(model, ffns, lean, quant)

@@ -22,10 +22,11 @@ import torch
 from turbo_demo.errors import UserError
 from turbo_demo.paths import cache_dir
 from turbo_demo.runtime.kernels.reference import Kernels
+from turbo_demo.runtime.quant import QWeight
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp")]
-HEADERS = [CSRC / name for name in ("bf16.h", "gemv.h")]
+SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp", "quant_ops.cpp")]
+HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_NOTICE = "Building the C++ sparse kernels (first time only, about a minute)..."
 
@@ -108,7 +109,9 @@ def build(verbose: bool = False):
 
 class CppKernels(Kernels):
     """The C++ kernels: the reference's contracts, computed without gathered copies, in fp32
-    sums, one call per fused step. Their tensors must be on the CPU."""
+    sums, one call per fused step. Their tensors must be on the CPU. Block-quantized weights
+    (QWeight) go to the q_* kernels (quant_ops.cpp); the attention step on them is the
+    reference's composition of this class's kernels."""
 
     name = "cpp"
     devices = ("cpu",)
@@ -117,36 +120,66 @@ class CppKernels(Kernels):
         self.ops = ops  # the compiled module
 
     def rows_dot(self, w, x, idx):
+        if isinstance(w, QWeight):
+            return self.ops.q_dot(w.data, w.code, w.cols, x, idx)
         return self.ops.rows_dot(w, x, idx)
 
     def rows_axpy(self, wt, h, idx):
+        if isinstance(wt, QWeight):
+            return self.ops.q_axpy(wt.data, wt.code, wt.cols, h, idx)
         return self.ops.rows_axpy(wt, h, idx)
 
     def matvec(self, w, x):
+        if isinstance(w, QWeight):
+            return self.ops.q_dot(w.data, w.code, w.cols, x)
         return self.ops.matvec(w, x)
 
     def vecmat(self, h, wt):
+        if isinstance(wt, QWeight):
+            return self.ops.q_axpy(wt.data, wt.code, wt.cols, h)
         return self.ops.vecmat(h, wt)
 
+    def q_ffn(self, wg, wu, wd_t, x, **given):
+        """quant_ops.cpp's q_ffn on three QWeights of one format -> (y, up_rows, active)."""
+        return self.ops.q_ffn(wg.data, wu.data, wd_t.data, wu.code, wu.cols, x, **given)
+
     def up_down(self, wu, wd_t, x, idx, a, relu_up, wg=None, add_to=None, counts=None):
+        if isinstance(wu, QWeight):
+            wg = wu if wg is None else wg  # not read where a is given
+            return self.q_ffn(wg, wu, wd_t, x, idx=idx, a=a, act_up=relu_up, add_to=add_to, counts=counts)
         return self.ops.up_down(wu, wd_t, x, idx, a, relu_up, wg, add_to, counts)
 
     def ffn_dense(self, wg, wu, wd_t, x, act, act_up, add_to=None, counts=None):
+        if isinstance(wu, QWeight):
+            y, _, active = self.q_ffn(wg, wu, wd_t, x, act=act, act_up=act_up, dense=True, add_to=add_to, counts=counts)
+            return y, active
         return self.ops.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to, counts)
 
     def ffn_exact(self, wg, wu, wd_t, x, relu_up, add_to=None, counts=None):
+        if isinstance(wu, QWeight):
+            return self.q_ffn(wg, wu, wd_t, x, act_up=relu_up, add_to=add_to, counts=counts)
         return self.ops.ffn_exact(wg, wu, wd_t, x, relu_up, add_to, counts)
 
     def predict(self, fc1, fc2_t, r, threshold, budget):
+        if isinstance(fc1, QWeight):
+            return self.ops.q_predict(fc1.data, fc1.code, fc2_t.data, fc2_t.code, fc2_t.cols, r, threshold, budget)
         return self.ops.predict(fc1, fc2_t, r, threshold, budget)
 
     def ffn_predicted(self, fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to=None, counts=None):
+        if isinstance(wu, QWeight):
+            idx, rows = self.predict(fc1, fc2_t, r, threshold, budget)
+            y, up_rows, active = self.up_down(wu, wd_t, x, idx, None, relu_up, wg, add_to, counts)
+            return y, idx, rows, up_rows, active
         return self.ops.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to, counts)
 
     def rms_norm(self, x, w, eps):
         return self.ops.rms_norm(x, w, eps)
 
     def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras):
+        if isinstance(wq, QWeight):
+            return super().attention_step(
+                x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
+            )
         # extras: bq, bk, bv, bo, q_norm, k_norm, positional as the reference names them
         return self.ops.attention_step(
             x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras

@@ -5,7 +5,11 @@ definition of what the kernel computes (the C++ backend, `cpp.CppKernels`, overr
 methods and must give the same results up to summation order; tests check it). Weights are
 neuron-major (N, H): W_gate and W_up as HF stores them, W_down transposed (`wd_t`), so that a
 sparse step reads each chosen neuron's rows as contiguous runs of H values. Vectors have the
-weights' dtype; fp32 or bf16.
+weights' dtype; fp32 or bf16. A weight may also be block-quantized (`quant.QWeight`, int8 or
+int4): then vectors are fp32 or bf16 alike, a weight's dot products are the quantized ones of
+`quant.q_rows_dot` (x quantized per block, as llama.cpp does) and its weighted row sums
+`quant.q_rows_axpy`; the compound kernels are written in terms of rows_dot, rows_axpy, matvec
+and vecmat, so one definition covers both.
 
 Two optional arguments recur in the FFN steps:
     add_to (H,)      return add_to + y instead of y: the layer's residual add, fused into the
@@ -19,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from turbo_demo.runtime.quant import QWeight, Weight, q_rows_axpy, q_rows_dot
 
 # Named as transformers' ACT2FN names them: "gelu" is the erf form, "gelu_pytorch_tanh" (Gemma)
 # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
@@ -74,28 +80,32 @@ class Kernels:
     name = "torch"
     devices: tuple[str, ...] = ("cpu", "cuda")
 
-    def rows_dot(self, w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def rows_dot(self, w: Weight, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """y_j = W[idx_j] . x: W (N, H), x (H,), idx (k,) int64 -> y (k,); reads only rows idx."""
+        if isinstance(w, QWeight):
+            return q_rows_dot(w, x, idx)
         return torch.mv(w.index_select(0, idx), x)
 
-    def rows_axpy(self, wt: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def rows_axpy(self, wt: Weight, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """y = sum_j h_j Wt[idx_j]: Wt (N, H), h (k,), idx (k,) -> y (H,); rows with h_j = 0,
         which add nothing, are not read."""
         # embedding_bag sums the rows weighted by h without materialising them, but reads every
         # row it is given, and rejects an empty bag: drop the zero weights first
         nonzero = h != 0
         idx, h = idx[nonzero], h[nonzero]
+        if isinstance(wt, QWeight):
+            return q_rows_axpy(wt, h, idx)
         if idx.numel() == 0:
             return wt.new_zeros(wt.size(1))
         return F.embedding_bag(idx.unsqueeze(0), wt, per_sample_weights=h.unsqueeze(0), mode="sum")[0]
 
-    def matvec(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def matvec(self, w: Weight, x: torch.Tensor) -> torch.Tensor:
         """y = W x: W (N, H), x (H,) -> y (N,)."""
-        return torch.mv(w, x)
+        return q_rows_dot(w, x) if isinstance(w, QWeight) else torch.mv(w, x)
 
-    def vecmat(self, h: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    def vecmat(self, h: torch.Tensor, wt: Weight) -> torch.Tensor:
         """y = h Wt: h (N,), Wt (N, H) -> y (H,)."""
-        return h @ wt
+        return q_rows_axpy(wt, h) if isinstance(wt, QWeight) else h @ wt
 
     def up_down(self, wu, wd_t, x, idx, a, relu_up: bool, wg=None, add_to=None, counts=None):
         """A sparse FFN step on the neurons idx (k,) whose activated gate values a (k,) are known
@@ -116,17 +126,17 @@ class Kernels:
         """The dense FFN of one token -> (y, active): h = act(Wg x) * (act(Wu x) if act_up else
         Wu x), y = h Wd_t, active = #{i : h_i != 0}; act one of ACTS."""
         f = ACTS[act]
-        u = torch.mv(wu, x)
-        h = f(torch.mv(wg, x)) * (f(u) if act_up else u)
+        u = self.matvec(wu, x)
+        h = f(self.matvec(wg, x)) * (f(u) if act_up else u)
         if counts is not None:
             counts += h != 0
-        return plus(h @ wd_t, add_to), int(torch.count_nonzero(h))
+        return plus(self.vecmat(h, wd_t), add_to), int(torch.count_nonzero(h))
 
     def ffn_exact(self, wg, wu, wd_t, x, relu_up: bool, add_to=None, counts=None):
         """A ReLU-gated FFN on its gate-active neurons -> (y, computed, active): g = Wg x,
         S = {i : g_i > 0}, computed = |S|, then up_down on S with a = g[S]; equal to ffn_dense
         with act = relu, reading only the rows of S in Wu and of the active neurons in Wd_t."""
-        g = torch.mv(wg, x)
+        g = self.matvec(wg, x)
         idx = self.indices_over(g, 0.0)
         y, _, active = self.up_down(wu, wd_t, x, idx, g.index_select(0, idx), relu_up, add_to=add_to, counts=counts)
         return y, idx.numel(), active
@@ -137,8 +147,8 @@ class Kernels:
         `rows` rows with z_j != 0 (the others add nothing and are not read);
         idx = top_indices(score, budget) if budget > 0, else the ascending i with
         score_i > threshold (the published rule round(sigmoid(score_i)) == 1 at threshold 0)."""
-        z = torch.relu(torch.mv(fc1, r))
-        score = z @ fc2_t
+        z = torch.relu(self.matvec(fc1, r))
+        score = self.vecmat(z, fc2_t)
         idx = top_indices(score, budget) if budget > 0 else self.indices_over(score, threshold)
         return idx, int(torch.count_nonzero(z))
 
@@ -153,12 +163,12 @@ class Kernels:
             y, up_rows, active = self.up_down(wu, wd_t, x, idx, None, relu_up, wg, add_to, counts)
             return y, idx, rows, up_rows, active
         mask = torch.zeros(wg.size(0), dtype=torch.bool, device=x.device).index_fill_(0, idx, True)
-        a = torch.relu(torch.mv(wg, x)) * mask
-        u = torch.mv(wu, x)
+        a = torch.relu(self.matvec(wg, x)) * mask
+        u = self.matvec(wu, x)
         h = a * (torch.relu(u) if relu_up else u)
         if counts is not None:
             counts += h != 0
-        return plus(h @ wd_t, add_to), idx, rows, int(torch.count_nonzero(a)), int(torch.count_nonzero(h))
+        return plus(self.vecmat(h, wd_t), add_to), idx, rows, int(torch.count_nonzero(a)), int(torch.count_nonzero(h))
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """w * x / sqrt(mean(x^2) + eps) over the last dim of x (..., H), normalised in fp32 and
@@ -193,14 +203,14 @@ class Kernels:
         parts (None: absent): the biases (Qwen2), and q_norm, k_norm (hd,), an rms_norm of each
         head of q and k before RoPE (Qwen3)."""
         h = self.rms_norm(x, ln_w, eps)
-        q, k, v = (plus(torch.mv(w, h), b) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        q, k, v = (plus(self.matvec(w, h), b) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
         hd = k_cache.size(2)
         if q_norm is not None:
             q = self.rms_norm(q.view(-1, hd), q_norm, eps).view(-1)
         if k_norm is not None:
             k = self.rms_norm(k.view(-1, hd), k_norm, eps).view(-1)
         out = decode_attention(q, k, v, k_cache, v_cache, cos[pos], sin_signed[pos], pos, first)
-        return x + plus(torch.mv(wo, out), bo)
+        return x + plus(self.matvec(wo, out), bo)
 
     def indices_over(self, v: torch.Tensor, t: float) -> torch.Tensor:
         """The indices i with v_i > t, ascending."""

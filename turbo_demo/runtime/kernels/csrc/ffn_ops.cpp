@@ -11,6 +11,7 @@
 // Every intermediate value is rounded to the dtype where the separate operations would store
 // it, so the results match the PyTorch reference up to summation order.
 
+#include "act.h"
 #include "gemv.h"
 
 #include <cmath>
@@ -19,25 +20,6 @@
 #include <string>
 
 namespace {
-
-enum class Act { kRelu, kSilu, kGelu, kGeluTanh };
-
-Act act_of(const std::string& name) {
-  if (name == "relu") return Act::kRelu;
-  if (name == "silu") return Act::kSilu;
-  if (name == "gelu_pytorch_tanh") return Act::kGeluTanh;
-  TORCH_CHECK(name == "gelu", "ffn_dense: act must be relu, silu, gelu or gelu_pytorch_tanh, got ", name);
-  return Act::kGelu;
-}
-
-inline float apply(Act act, float v) {
-  switch (act) {
-    case Act::kRelu: return std::max(v, 0.f);
-    case Act::kSilu: return v / (1.f + std::exp(-v));
-    case Act::kGeluTanh: return 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
-    default: return 0.5f * v * (1.f + std::erf(v * 0.70710678f));
-  }
-}
 
 void check_ffn(const torch::Tensor& wg, const torch::Tensor& wu, const torch::Tensor& wd_t,
                const torch::Tensor& x, const char* fn) {

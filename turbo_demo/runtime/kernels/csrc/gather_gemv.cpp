@@ -61,6 +61,7 @@ torch::Tensor vecmat(const torch::Tensor& hv, const torch::Tensor& wt) {
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: norms, attention, selection
 void register_ffn_ops(pybind11::module& m);     // ffn_ops.cpp: whole FFN steps
+void register_quant_ops(pybind11::module& m);   // quant_ops.cpp: the same on block-quantized weights
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU decode kernels: gather-GEMV for sparse FFNs, their dense forms, fused decode ops";
@@ -72,4 +73,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vecmat", &vecmat, "see Kernels.vecmat (reference.py)", py::arg("h"), py::arg("wt"));
   register_decode_ops(m);
   register_ffn_ops(m);
+  register_quant_ops(m);
 }

@@ -1,0 +1,205 @@
+"""Block-quantized weights (runtime/quant.py): the format against llama.cpp's block layouts, the
+C++ q_* kernels against the PyTorch reference on QWeights, and every FFN mode running on an
+int8 / int4 pack.
+
+Tolerances: both backends quantize x to the same int8 values (bit for bit) and sum the same
+products, in a different order: fp32 results agree to ~1e-6 of the sum of |terms| (TOL32); a
+bf16 result is the same fp32 value rounded once, so it may differ by one bf16 step where the
+two sums straddle a rounding boundary (TOL16: 1/128 relative)."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from turbo_demo.runtime import LeanRuntime, pack
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.quant import BLOCK_BYTES, QWeight, dequantize, quantize, quantize_activation
+
+REF = Kernels()
+QUANTS = ["int8", "int4"]
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1 / 128)}
+# (N, H): H a multiple of the block, H not a multiple of it (a padded last block), H below one block
+SHAPES = [(64, 256), (97, 203), (33, 7)]
+
+
+def qcase(n, h, fmt, dtype, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = quantize(torch.randn(n, h, generator=g) / h**0.5, fmt)
+    x = torch.randn(h, generator=g).to(dtype)
+    idx = torch.randperm(n, generator=g)[:k]
+    hv = torch.randn(k, generator=g).to(dtype)
+    return w, x, idx, hv
+
+
+def test_int8_block_is_q8_0():
+    """One block: fp16 d = amax / 127 then 32 int8 q = round(x / d), as llama.cpp's block_q8_0."""
+    x = torch.linspace(-2.0, 1.0, 32)
+    w = quantize(x[None], "int8")
+    assert w.data.shape == (1, 34) and BLOCK_BYTES["int8"] == 34
+    d = w.data[0, :2].view(torch.float16).item()
+    assert d == pytest.approx(2.0 / 127, rel=1e-3)
+    q = w.data[0, 2:].view(torch.int8)
+    assert q[0] == -127 and torch.equal(q, (x * (127 / 2.0)).round().to(torch.int8))
+    torch.testing.assert_close(dequantize(w)[0], x, atol=d / 2 + 1e-6, rtol=0)
+
+
+def test_int4_block_is_q4_1():
+    """One block: fp16 d = (max - min) / 15, fp16 m = min, value j in the low nibble of byte j
+    and value j + 16 in its high nibble, as llama.cpp's block_q4_1."""
+    x = torch.arange(32, dtype=torch.float32) * 0.1 - 1.0
+    w = quantize(x[None], "int4")
+    assert w.data.shape == (1, 20)
+    d, m = w.data[0, :4].view(torch.float16).tolist()
+    assert d == pytest.approx(3.1 / 15, rel=1e-3) and m == pytest.approx(-1.0, rel=1e-3)
+    nibbles = w.data[0, 4:]
+    q = torch.cat((nibbles & 15, nibbles >> 4))
+    assert q[0] == 0 and q[31] == 15
+    torch.testing.assert_close(dequantize(w)[0], x, atol=d / 2 + 2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_quantize_error_is_half_a_step_and_padding_is_dropped(fmt):
+    w = torch.randn(5, 70, generator=torch.Generator().manual_seed(1))
+    q = quantize(w, fmt, chunk_rows=2)  # chunks give the same bytes as one pass
+    assert torch.equal(q.data, quantize(w, fmt).data)
+    back = dequantize(q)
+    assert back.shape == (5, 70)
+    blocks = torch.nn.functional.pad(w, (0, 26)).view(5, 3, 32)
+    levels = 127 if fmt == "int8" else 15
+    spread = blocks.abs().amax(-1) if fmt == "int8" else blocks.amax(-1) - blocks.amin(-1)
+    step = (spread / levels).repeat_interleave(32, dim=1)[:, :70]
+    assert ((back - w).abs() <= step / 2 + 4e-3 * w.abs().clamp(min=1e-3)).all()
+    idx = torch.tensor([4, 0, 4])
+    assert torch.equal(dequantize(q, idx), back[idx])
+
+
+def test_activation_quantization_keeps_zero_and_the_block_maximum():
+    x = torch.tensor([0.0] * 32 + [3.0, -1.5] + [0.0] * 5)
+    v = quantize_activation(x)
+    assert v.shape == x.shape and torch.equal(v[:32], x[:32]) and v[32] == 3.0
+    assert v[33] == pytest.approx(-1.5, abs=3.0 / 127 / 2)
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h", SHAPES)
+@pytest.mark.parametrize("k", ["0", "1", "half", "N"])
+def test_cpp_quantized_gemv_matches_torch(cpp_kernels, fmt, dtype, n, h, k):
+    k = {"0": 0, "1": 1, "half": n // 2, "N": n}[k]
+    w, x, idx, hv = qcase(n, h, fmt, dtype, k)
+    pairs = [
+        (cpp_kernels.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), (k,)),
+        (cpp_kernels.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx), (h,)),
+        (cpp_kernels.matvec(w, x), REF.matvec(w, x), (n,)),
+    ]
+    if k == n:
+        pairs.append((cpp_kernels.vecmat(hv, w), REF.vecmat(hv, w), (h,)))
+    for got, ref, shape in pairs:
+        assert got.dtype == dtype and got.shape == shape
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_reference_is_dequantize_then_the_float_formula():
+    """The reference's quantized GEMV is the float GEMV of the dequantized rows and of x after
+    its per-block quantization; against the unquantized x it is off by that rounding only."""
+    w, x, idx, hv = qcase(97, 203, "int8", torch.float32, 40)
+    dense = dequantize(w)
+    torch.testing.assert_close(REF.rows_dot(w, x, idx), dense[idx] @ quantize_activation(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(REF.rows_axpy(w, hv, idx), hv @ dense[idx], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(REF.matvec(w, x), dense @ x, atol=0.03, rtol=0.01)
+
+
+def qffn(n, h, fmt, dtype, seed=0, rank=8):
+    g = torch.Generator().manual_seed(seed)
+    ws = [quantize(torch.randn(n, h, generator=g) / h**0.5, fmt) for _ in range(3)]
+    fc1 = quantize(torch.randn(rank, h, generator=g) / h**0.5, "int8")
+    fc2_t = quantize(torch.randn(rank, n, generator=g), "int8")
+    return ws, fc1, fc2_t, torch.randn(h, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,act_up", [("relu", True), ("relu", False), ("silu", False)])
+def test_cpp_quantized_ffn_steps_match_torch(cpp_kernels, fmt, dtype, act, act_up):
+    (wg, wu, wd_t), fc1, fc2_t, x = qffn(97, 203, fmt, dtype)
+    counts, ref_counts = torch.zeros(97, dtype=torch.int32), torch.zeros(97, dtype=torch.int32)
+    r = torch.randn(203, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y, active = cpp_kernels.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to=r, counts=counts)
+    ref_y, ref_active = REF.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to=r, counts=ref_counts)
+    torch.testing.assert_close(y, ref_y, **TOL[dtype])
+    assert active == ref_active and torch.equal(counts, ref_counts)
+    if act != "relu":
+        return
+    got, ref = cpp_kernels.ffn_exact(wg, wu, wd_t, x, act_up), REF.ffn_exact(wg, wu, wd_t, x, act_up)
+    torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+    assert got[1:] == ref[1:] and got[2] == active
+    torch.testing.assert_close(got[0], ref_y - r, **TOL[dtype])  # exact == dense, same arithmetic
+    for idx in (torch.arange(0, 97, 2), torch.tensor([5]), torch.zeros(0, dtype=torch.long), torch.arange(97)):
+        got, ref = (
+            cpp_kernels.up_down(wu, wd_t, x, idx, None, act_up, wg),
+            REF.up_down(wu, wd_t, x, idx, None, act_up, wg),
+        )
+        torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+        assert got[1:] == ref[1:]
+    for threshold, budget in ((0.0, 0), (0.0, 30)):
+        got = cpp_kernels.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, act_up)
+        ref = REF.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, act_up)
+        assert torch.equal(got[1], ref[1]) and got[2:] == ref[2:]
+        torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+
+
+def test_cpp_quantized_kernels_reject_bad_input(cpp_kernels):
+    w, x, _, _ = qcase(10, 40, "int8", torch.float32, 3)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        cpp_kernels.matvec(QWeight(w.data, "int8", 100), x)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpp_kernels.rows_dot(w, x, torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpp_kernels.matvec(w, x.double())
+
+
+def greedy(packed, mode, kernels, steps=12, **options):
+    runtime = LeanRuntime(packed, mode, kernels, **options)
+    return [s.token for s in runtime.generate([3, 17, 42, 7, 99], steps)]
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_every_mode_runs_quantized_on_both_backends(backends, fmt):
+    model = tiny_model("drelu", predictor_rank=8)
+    packed = pack(model, fmt)
+    assert packed.quant == fmt and isinstance(packed.ffns[0].wg, QWeight)
+    assert isinstance(packed.lean.attention[0].wq, QWeight) and isinstance(packed.ffns[0].fc1, QWeight)
+    assert packed.ffns[0].fc1.fmt == "int8" and packed.ffns[0].wg.fmt == fmt
+    assert model.model.layers[0].mlp.gate_proj.weight.dtype == torch.float32  # the model is left as it is
+    tokens = {}
+    for kernels in backends:
+        for mode in ("dense", "exact", "predictor", "threshold"):
+            tokens[kernels.name, mode] = greedy(packed, mode, kernels)
+    for (_, mode), t in tokens.items():
+        assert t == tokens["torch", "dense" if mode in ("dense", "exact", "threshold") else mode]
+
+
+def test_int8_exact_equals_dense_and_the_dequantized_model(backends):
+    """exact == dense at int8 (the same rows, the same arithmetic), and the int8 runtime's
+    logits are those of the model with its matrices replaced by their dequantized values, up to
+    the rounding of the activations (x quantized per block)."""
+    model = tiny_model("drelu", seed=2)
+    packed = pack(model, "int8")
+    dequantized = tiny_model("drelu", seed=2)
+    with torch.no_grad():
+        for name, p in dequantized.named_parameters():
+            fmt = "int8" if p.dim() == 2 and "embed" not in name else None
+            if fmt:
+                p.copy_(dequantize(quantize(p, fmt)))
+    plain = pack(dequantized)
+    for kernels in backends:
+        logits = {}
+        for mode in ("dense", "exact"):
+            runtime = LeanRuntime(packed, mode, kernels)
+            runtime.prefill(torch.tensor([3, 17, 42]))
+            logits[mode] = runtime.decode(7)[0]
+        torch.testing.assert_close(logits["exact"], logits["dense"], atol=1e-5, rtol=1e-5)
+        ref = LeanRuntime(plain, "dense", kernels)
+        ref.prefill(torch.tensor([3, 17, 42]))
+        torch.testing.assert_close(logits["dense"], ref.decode(7)[0], atol=0.05, rtol=0.05)

@@ -1,0 +1,391 @@
+// Block-quantized weights (runtime/quant.py: Q8_0 "int8" and Q4_1 "int4" blocks of 32, one row
+// per neuron): q_dot (rows_dot and matvec), q_axpy (rows_axpy and vecmat), q_ffn (the dense and
+// sparse FFN steps) and q_predict. What each computes is the docstring of the same method of
+// Kernels in ../reference.py on a QWeight: the input of a dot product is quantized per block to
+// Q8_0 first (fp32 scale d = amax / 127, q = round-half-even(x * (1 / d)), as quant.py's
+// quantize_activation, bit for bit), so that each block's dot product is an exact integer sum
+// (AVX-512 VNNI's vpdpbusd where the CPU has it, else AVX2's vpmaddubsw + vpmaddwd), scaled in
+// fp32: int8 d_w d_x sum(q_w q_x), int4 d_w d_x sum(q_w q_x) + m_w d_x sum(q_x). A weighted sum
+// of rows (the down projection) reads h in fp32 and dequantizes each row on the fly. Results
+// match the reference up to fp32 summation order; values are rounded to the activations' dtype T
+// (fp32 or bf16) where the reference's tensor operations store them.
+
+#include "act.h"
+#include "gemv.h"
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+namespace {
+
+constexpr int64_t kQBlock = 32;
+enum Fmt { kQ8 = 0, kQ4 = 1 };
+
+inline int64_t block_bytes(int fmt) { return fmt == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2; }
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// A quantized weight: rows of `row_bytes` bytes (blocks), `cols` values each.
+struct QW {
+  const uint8_t* data;
+  int64_t rows, row_bytes, cols;
+  int fmt;
+  const uint8_t* row(int64_t i) const { return data + i * row_bytes; }
+};
+
+// x quantized per block: q (B * 32,) int8, d (B,) the scales, s (B,) d * sum(q) (int4's min term).
+struct QAct {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+template <typename T>
+QAct quantize_act(const T* x, int64_t h) {
+  const int64_t nb = (h + kQBlock - 1) / kQBlock;
+  QAct a{std::vector<int8_t>(nb * kQBlock, 0), std::vector<float>(nb), std::vector<float>(nb)};
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t c0 = b * kQBlock, c1 = std::min(h, c0 + kQBlock);
+    float amax = 0.f;
+    for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(to_f32(x[c])));
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const float v = std::min(127.f, std::max(-127.f, std::nearbyint(to_f32(x[c]) * inv)));
+      a.q[c] = static_cast<int8_t>(v);
+      sum += a.q[c];
+    }
+    a.d[b] = d;
+    a.s[b] = d * static_cast<float>(sum);
+  }
+  return a;
+}
+
+// The 32 values of an int4 block's nibbles as bytes 0..15: value j at byte j.
+inline void unpack_q4(const uint8_t* nibbles, uint8_t* out) {
+  for (int j = 0; j < 16; ++j) {
+    out[j] = nibbles[j] & 15;
+    out[j + 16] = nibbles[j] >> 4;
+  }
+}
+
+#if defined(__AVX2__)
+// The eight int32 partial sums of 32 products u8 * s8 (u < 128 or u <= 15: no int16 overflow).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// dequantize(row) . dequantize(Q8(x)) in fp32; prefetches `next`, the row read after this one.
+inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QAct& x) {
+  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
+  float total = 0.f;
+#if defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+#endif
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    if (b % 2 == 0) prefetch(next + b * bb);
+    const float d = half_at(blk) * x.d[b];
+    const int8_t* xq = x.q.data() + b * kQBlock;
+#if defined(__AVX2__)
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    __m256i isum;
+    if (w.fmt == kQ8) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
+      isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+      const __m128i mask = _mm_set1_epi8(15);
+      const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+      isum = dot_u8s8(wv, xv);
+      total += half_at(blk + 2) * x.s[b];
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+#else
+    int isum = 0;
+    if (w.fmt == kQ8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+      for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
+    } else {
+      uint8_t q[kQBlock];
+      unpack_q4(blk + 4, q);
+      for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
+      total += half_at(blk + 2) * x.s[b];
+    }
+    total += d * static_cast<float>(isum);
+#endif
+  }
+#if defined(__AVX2__)
+  total += hsum8(acc);
+#endif
+  return total;
+}
+
+// acc[0 : B * 32] += coef * dequantize(row), in fp32.
+inline void qaxpy(const QW& w, const uint8_t* row, const uint8_t* next, float coef, float* acc) {
+  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
+  for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
+    const uint8_t* blk = row + b * bb;
+    if (b % 2 == 0) prefetch(next + b * bb);
+    const float d = coef * half_at(blk);
+    if (w.fmt == kQ8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+#if defined(__AVX512F__)
+      const __m512 dv = _mm512_set1_ps(d);
+      for (int c = 0; c < kQBlock; c += 16) {
+        const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
+        _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(dv, qv, _mm512_loadu_ps(acc + c)));
+      }
+#else
+#pragma omp simd
+      for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
+#endif
+    } else {
+      const float m = coef * half_at(blk + 2);
+      uint8_t q[kQBlock];
+      unpack_q4(blk + 4, q);
+#pragma omp simd
+      for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + m;
+    }
+  }
+}
+
+void check_qweight(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
+  TORCH_CHECK(fmt == kQ8 || fmt == kQ4, fn, ": unknown block format ", fmt);
+  TORCH_CHECK(data.device().is_cpu() && data.dim() == 2 && data.scalar_type() == at::kByte && data.is_contiguous(), fn,
+              ": a quantized weight must be a contiguous 2-D CPU uint8 tensor");
+  TORCH_CHECK(data.size(1) == (cols + kQBlock - 1) / kQBlock * block_bytes(fmt), fn, ": ", data.size(1),
+              " bytes per row do not hold ", cols, " values in this format");
+}
+
+QW qw_of(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
+  check_qweight(data, fmt, cols, fn);
+  return {data.data_ptr<uint8_t>(), data.size(0), data.size(1), cols, static_cast<int>(fmt)};
+}
+
+void check_act(const torch::Tensor& x, int64_t size, const char* name, const char* fn) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, fn, ": ", name,
+              " must be float32 or bfloat16, got ", x.scalar_type());
+  check_vector(x, name, size, x.scalar_type(), fn);
+}
+
+// The neuron at position j of the selection (idx, or every row).
+inline int64_t pick(const int64_t* idx, int64_t j) { return idx ? idx[j] : j; }
+
+// threads x hp fp32 partial sums -> y (h,) in T, plus add_to where given (rounded as separate
+// tensor operations would).
+template <typename T>
+void reduce(const std::vector<float>& partial, int threads, int64_t hp, int64_t h, T* y, const T* add_to) {
+  for (int64_t c = 0; c < h; ++c) {
+    float s = 0.f;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * hp + c];
+    store(y + c, add_to ? to_f32(add_to[c]) + rounded<T>(s) : s);
+  }
+}
+
+// y (h,) = sum_j coef_j Wt[pick(j)] over the k rows with coef_j != 0, threads over rows.
+template <typename T>
+void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<int64_t>& rows, T* y) {
+  const int64_t k = static_cast<int64_t>(rows.size()), hp = (wt.cols + kQBlock - 1) / kQBlock * kQBlock;
+  const int threads = threads_for<uint8_t>(k * wt.row_bytes);
+  std::vector<float> partial(static_cast<size_t>(threads) * hp, 0.f);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const auto [j0, j1] = share(k, t, nt, 1);
+    float* acc = partial.data() + static_cast<size_t>(t) * hp;
+    for (int64_t j = j0; j < j1; ++j)
+      qaxpy(wt, wt.row(rows[j]), wt.row(rows[std::min(j + 1, j1 - 1)]), coef[j], acc);
+  }
+  reduce(partial, threads, hp, wt.cols, y, static_cast<const T*>(nullptr));
+}
+
+// One FFN step over the candidates (idx (k,), or every neuron), in one parallel region: per
+// neuron its gate row (unless a_given), its up row where the gate value is non-zero (every one
+// when dense), and its down row where h is non-zero (every one when dense), summed into the
+// thread's fp32 partial y. Returns (up rows read, active).
+template <typename T>
+std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, const QAct& x, const T* a_given,
+                                      const int64_t* idx, int64_t k, Act act, bool act_up, bool dense, T* y,
+                                      const T* add_to, int32_t* counts) {
+  const int64_t hp = (wd.cols + kQBlock - 1) / kQBlock * kQBlock;
+  const int threads = threads_for<uint8_t>(3 * k * wu.row_bytes);
+  std::vector<float> partial(static_cast<size_t>(threads) * hp, 0.f);
+  int64_t up_rows = 0, active = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : up_rows, active)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const auto [j0, j1] = share(k, t, nt, 1);
+    float* acc = partial.data() + static_cast<size_t>(t) * hp;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n = pick(idx, j), nn = pick(idx, std::min(j + 1, j1 - 1));
+      float a, hv;
+      if (dense) {
+        const float g = rounded<T>(qdot(wg, wg.row(n), wg.row(nn), x));
+        const float u = rounded<T>(qdot(wu, wu.row(n), wu.row(nn), x));
+        const float up = act_up ? rounded<T>(apply(act, u)) : u;
+        a = rounded<T>(apply(act, g));
+        hv = rounded<T>(a * up);
+        ++up_rows;
+      } else {
+        a = a_given ? to_f32(a_given[j]) : std::max(rounded<T>(qdot(wg, wg.row(n), wg.row(nn), x)), 0.f);
+        if (a == 0.f) continue;
+        ++up_rows;
+        const float u = rounded<T>(qdot(wu, wu.row(n), wu.row(nn), x));
+        hv = rounded<T>(a * (act_up ? std::max(u, 0.f) : u));
+      }
+      if (hv != 0.f) {
+        ++active;
+        if (counts) {
+#pragma omp atomic
+          ++counts[n];
+        }
+      }
+      if (hv != 0.f || dense) qaxpy(wd, wd.row(n), wd.row(nn), hv, acc);
+    }
+  }
+  reduce(partial, threads, hp, wd.cols, y, add_to);
+  return {up_rows, active};
+}
+
+}  // namespace
+
+torch::Tensor top_indices(const torch::Tensor& v, int64_t k);  // decode_ops.cpp
+torch::Tensor indices_over(const torch::Tensor& v, double t);  // decode_ops.cpp
+
+torch::Tensor q_dot(const torch::Tensor& w, int64_t fmt, int64_t cols, const torch::Tensor& x,
+                    const std::optional<torch::Tensor>& idx) {
+  const QW qw = qw_of(w, fmt, cols, "q_dot");
+  check_act(x, cols, "x", "q_dot");
+  if (idx) check_idx(*idx, qw.rows, "q_dot");
+  const int64_t* ip = idx ? idx->data_ptr<int64_t>() : nullptr;
+  const int64_t k = idx ? idx->size(0) : qw.rows;
+  auto y = torch::empty({k}, x.options());
+  by_dtype(x, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    const QAct xa = quantize_act(ptr_of<T>(x), cols);
+    T* yp = ptr_of<T>(y);
+    const int threads = threads_for<uint8_t>(k * qw.row_bytes);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < k; ++j) store(yp + j, qdot(qw, qw.row(pick(ip, j)), qw.row(pick(ip, std::min(j + 1, k - 1))), xa));
+  });
+  return y;
+}
+
+torch::Tensor q_axpy(const torch::Tensor& wt, int64_t fmt, int64_t cols, const torch::Tensor& hv,
+                     const std::optional<torch::Tensor>& idx) {
+  const QW qw = qw_of(wt, fmt, cols, "q_axpy");
+  if (idx) check_idx(*idx, qw.rows, "q_axpy");
+  const int64_t k = idx ? idx->size(0) : qw.rows;
+  check_act(hv, k, "h", "q_axpy");
+  auto y = torch::empty({cols}, hv.options());
+  by_dtype(hv, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    const T* hp = ptr_of<T>(hv);
+    std::vector<float> coef;
+    std::vector<int64_t> rows;
+    for (int64_t j = 0; j < k; ++j)
+      if (to_f32(hp[j]) != 0.f) {
+        coef.push_back(to_f32(hp[j]));
+        rows.push_back(idx ? idx->data_ptr<int64_t>()[j] : j);
+      }
+    axpy_rows(qw, coef, rows, ptr_of<T>(y));
+  });
+  return y;
+}
+
+std::tuple<torch::Tensor, int64_t, int64_t> q_ffn(const torch::Tensor& wg, const torch::Tensor& wu,
+                                                  const torch::Tensor& wd_t, int64_t fmt, int64_t cols,
+                                                  const torch::Tensor& x, const std::optional<torch::Tensor>& idx,
+                                                  const std::optional<torch::Tensor>& a_given,
+                                                  const std::string& act_name, bool act_up, bool dense,
+                                                  const std::optional<torch::Tensor>& add_to,
+                                                  const std::optional<torch::Tensor>& counts) {
+  const char* fn = "q_ffn";
+  const QW g = qw_of(wg, fmt, cols, fn), u = qw_of(wu, fmt, cols, fn), d = qw_of(wd_t, fmt, cols, fn);
+  TORCH_CHECK(g.rows == u.rows && d.rows == u.rows, fn, ": the three weights must have one shape");
+  check_act(x, cols, "x", fn);
+  if (idx) check_idx(*idx, u.rows, fn);
+  const int64_t k = idx ? idx->size(0) : u.rows;
+  TORCH_CHECK(!(dense && (idx || a_given)), fn, ": a dense step takes neither idx nor a");
+  if (a_given) check_vector(*a_given, "a", k, x.scalar_type(), fn);
+  if (add_to) check_vector(*add_to, "add_to", cols, x.scalar_type(), fn);
+  int32_t* cp = nullptr;
+  if (counts) {
+    TORCH_CHECK(counts->device().is_cpu() && counts->is_contiguous() && counts->dim() == 1 &&
+                    counts->size(0) == u.rows && counts->scalar_type() == at::kInt,
+                fn, ": counts must be a contiguous CPU int32 tensor of shape (", u.rows, ",)");
+    cp = counts->data_ptr<int32_t>();
+  }
+  const Act act = act_of(act_name);
+  auto y = torch::empty({cols}, x.options());
+  std::pair<int64_t, int64_t> rows_active;
+  by_dtype(x, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    const QAct xa = quantize_act(ptr_of<T>(x), cols);
+    rows_active = qffn_impl(g, u, d, xa, a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr),
+                            idx ? idx->data_ptr<int64_t>() : nullptr, k, act, act_up, dense, ptr_of<T>(y),
+                            add_to ? ptr_of<T>(*add_to) : static_cast<const T*>(nullptr), cp);
+  });
+  return {y, rows_active.first, rows_active.second};
+}
+
+std::tuple<torch::Tensor, int64_t> q_predict(const torch::Tensor& fc1, int64_t fmt1, const torch::Tensor& fc2_t,
+                                             int64_t fmt2, int64_t n, const torch::Tensor& r, double threshold,
+                                             int64_t budget) {
+  const char* fn = "q_predict";
+  const int64_t h = r.numel();
+  const QW w1 = qw_of(fc1, fmt1, h, fn), w2 = qw_of(fc2_t, fmt2, n, fn);
+  TORCH_CHECK(w2.rows == w1.rows, fn, ": fc2_t must be (rank, I) with fc1's rank");
+  check_act(r, h, "r", fn);
+  TORCH_CHECK(budget <= n, fn, ": budget ", budget, " exceeds the ", n, " neurons");
+  auto score = torch::empty({n}, r.options());
+  int64_t live = 0;
+  by_dtype(r, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    const QAct ra = quantize_act(ptr_of<T>(r), h);
+    std::vector<float> z;
+    std::vector<int64_t> rows;
+    for (int64_t j = 0; j < w1.rows; ++j) {
+      const float v = std::max(rounded<T>(qdot(w1, w1.row(j), w1.row(std::min(j + 1, w1.rows - 1)), ra)), 0.f);
+      if (v != 0.f) {
+        z.push_back(v);
+        rows.push_back(j);
+      }
+    }
+    live = static_cast<int64_t>(rows.size());
+    axpy_rows(w2, z, rows, ptr_of<T>(score));  // the rows with z_j = 0 add nothing: not read
+  });
+  auto idx = budget > 0 ? top_indices(score, budget) : indices_over(score, threshold);
+  return {idx, live};
+}
+
+void register_quant_ops(pybind11::module& m) {
+  m.def("q_dot", &q_dot, "see Kernels.rows_dot / matvec on a QWeight (reference.py)", py::arg("w"),
+        py::arg("fmt"), py::arg("cols"), py::arg("x"), py::arg("idx") = py::none());
+  m.def("q_axpy", &q_axpy, "see Kernels.rows_axpy / vecmat on a QWeight (reference.py)", py::arg("wt"),
+        py::arg("fmt"), py::arg("cols"), py::arg("h"), py::arg("idx") = py::none());
+  m.def("q_ffn", &q_ffn, "see Kernels.ffn_dense / ffn_exact / up_down on QWeights (reference.py)", py::arg("wg"),
+        py::arg("wu"), py::arg("wd_t"), py::arg("fmt"), py::arg("cols"), py::arg("x"), py::arg("idx") = py::none(),
+        py::arg("a") = py::none(), py::arg("act") = "relu", py::arg("act_up") = false, py::arg("dense") = false,
+        py::arg("add_to") = py::none(), py::arg("counts") = py::none());
+  m.def("q_predict", &q_predict, "see Kernels.predict on QWeights (reference.py)", py::arg("fc1"), py::arg("fmt1"),
+        py::arg("fc2_t"), py::arg("fmt2"), py::arg("n"), py::arg("r"), py::arg("threshold"), py::arg("budget"));
+}

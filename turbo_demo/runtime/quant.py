@@ -1,0 +1,204 @@
+"""Block-quantized weights: llama.cpp's Q8_0 and Q4_1 blocks, one row per neuron.
+
+A weight W (N, H) is stored as `QWeight.data`, uint8 (N, B * block_bytes) with B = ceil(H / 32)
+blocks of 32 consecutive values of a row, the scale beside the data as in llama.cpp:
+
+    int8 (Q8_0)  34 bytes: d (fp16), q[32] (int8)              w = d * q,      d = amax / 127
+    int4 (Q4_1)  20 bytes: d (fp16), m (fp16), nibbles[16]     w = d * q + m,  d = (max - min) / 15,
+                 q[j] in [0, 15]: the low nibble of byte j is value j, the high nibble value j + 16
+
+A row past H is padded with zeros to the block. Rows are neurons, as in the bf16 pack: W_gate,
+W_up as HF stores them, W_down transposed (wd_t), so that a sparse step reads each chosen
+neuron's row as one contiguous run of blocks.
+
+Activations are quantized per block too, on the fly, as llama.cpp quantizes the input of a
+quantized GEMV (Q8_0, scale kept in fp32): `quantize_activation`. A dot product of a quantized
+row with x is therefore dequantize(row) . dequantize(Q8(x)), which integer dot products compute
+exactly per block (the C++ kernels); a weighted sum of rows (the down projection's axpy) reads
+h unquantized.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 32
+QUANTS = ("int8", "int4")
+BLOCK_BYTES = {"int8": 2 + BLOCK, "int4": 4 + BLOCK // 2}
+FORMAT_CODE = {"int8": 0, "int4": 1}  # the C++ kernels' names for the formats
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A block-quantized (N, H) weight: data uint8 (N, blocks * block_bytes), see the module
+    docstring. Quacks like the weight tensors the kernels take where they only need shapes."""
+
+    data: torch.Tensor
+    fmt: str
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.size(0), self.cols
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def row_bytes(self) -> int:
+        return self.data.size(1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @property
+    def code(self) -> int:
+        return FORMAT_CODE[self.fmt]
+
+
+# The format of each matrix a pack quantizes, by parameter name, per `quant`: int4 keeps the
+# predictors and the LM head at int8 (llama.cpp's Q4 files keep output.weight at higher
+# precision too): a predictor's scores decide which neurons run, and the predictors are only
+# a few percent of the weights, so their int8 rows cost little of what int4 saves.
+FORMATS = {
+    "int8": {"ffn": "int8", "attention": "int8", "predictor": "int8", "lm_head": "int8"},
+    "int4": {"ffn": "int4", "attention": "int4", "predictor": "int8", "lm_head": "int8"},
+}
+
+
+def role_of(name: str) -> str | None:
+    """Which kind of matrix a parameter is ("ffn", "attention", "predictor", "lm_head"), or None
+    for what stays as loaded (embeddings, norms, biases)."""
+    if not name.endswith(".weight") or "norm" in name.rsplit(".", 2)[-2]:
+        return None
+    if name == "lm_head.weight":
+        return "lm_head"
+    for part, role in ((".mlp.predictor.", "predictor"), (".mlp.", "ffn"), (".self_attn.", "attention")):
+        if part in name:
+            return role
+    return None
+
+
+def format_of(name: str, quant: str) -> str | None:
+    """The block format of parameter `name` in a `quant` pack, None where it stays as loaded."""
+    role = role_of(name)
+    return None if role is None else FORMATS[quant][role]
+
+
+def split_rows(w, sizes: list[int]) -> list:
+    """w (N, H), a tensor or a QWeight, split into row views of the given sizes."""
+    if isinstance(w, QWeight):
+        return [QWeight(part, w.fmt, w.cols) for part in w.data.split(sizes)]
+    return list(w.split(sizes))
+
+
+Weight = torch.Tensor | QWeight  # what the kernels take as a matrix
+
+
+def blocks_of(w: torch.Tensor) -> torch.Tensor:
+    """w (N, H) as fp32 blocks (N, B, 32), the last block padded with zeros."""
+    n, h = w.shape
+    pad = -h % BLOCK
+    w = w.float()
+    if pad:
+        w = torch.cat((w, w.new_zeros(n, pad)), dim=1)
+    return w.view(n, -1, BLOCK)
+
+
+def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """fp32 (N, B) -> its fp16 bits as bytes (N, B, 2)."""
+    return v.half().unsqueeze(-1).view(torch.uint8)
+
+
+def quantize(w: torch.Tensor, fmt: str, chunk_rows: int = 4096) -> QWeight:
+    """W (N, H) float -> QWeight, `chunk_rows` rows at a time (so that the fp32 temporaries stay
+    a few MB above the result), with llama.cpp's reference rounding (quantize_row_q8_0_ref,
+    quantize_row_q4_1_ref): the scale from fp32, stored as fp16."""
+    if fmt not in QUANTS:
+        raise ValueError(f"unknown quantization {fmt!r}; one of {', '.join(QUANTS)}")
+    n, h = w.shape
+    out = torch.empty((n, -(-h // BLOCK) * BLOCK_BYTES[fmt]), dtype=torch.uint8)
+    for r in range(0, n, chunk_rows):
+        x = blocks_of(w[r : r + chunk_rows].detach().cpu())  # (n, B, 32)
+        if fmt == "int8":
+            d = x.abs().amax(-1) / 127
+            inv = torch.where(d > 0, 1 / d, 0)
+            q = (x * inv[..., None]).round().clamp(-127, 127).to(torch.int8).view(torch.uint8)
+            parts: tuple[torch.Tensor, ...] = (fp16_bytes(d), q)
+        else:
+            lo, hi = x.amin(-1), x.amax(-1)
+            d = (hi - lo) / 15
+            inv = torch.where(d > 0, 1 / d, 0)
+            q = ((x - lo[..., None]) * inv[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)
+            parts = (fp16_bytes(d), fp16_bytes(lo), q[..., :16] | (q[..., 16:] << 4))
+        out[r : r + chunk_rows] = torch.cat(parts, dim=-1).view(x.size(0), -1)
+    return QWeight(out.to(w.device), fmt, h)
+
+
+def dequantize(w: QWeight, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows idx (k,) of w (every row when None) as fp32 (k, H)."""
+    data = w.data if idx is None else w.data.index_select(0, idx)
+    size = BLOCK_BYTES[w.fmt]
+    blocks = data.view(data.size(0), data.size(1) // size, size)  # (k, B, block bytes)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # (k, B, 1)
+    if w.fmt == "int8":
+        values = d * blocks[..., 2:].contiguous().view(torch.int8).float()
+    else:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+        nibbles = blocks[..., 4:]
+        q = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).float()
+        values = d * q + m
+    return values.reshape(data.size(0), values.size(1) * BLOCK)[:, : w.cols]
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """x (..., H) -> dequantize(Q8_0(x)) in fp32: per block of 32, d = amax / 127 (fp32, not
+    rounded to fp16), q = round_half_even(x * (1 / d)); the value the integer kernels see."""
+    h = x.size(-1)
+    pad = -h % BLOCK
+    xb = torch.nn.functional.pad(x.float(), (0, pad)).view(*x.shape[:-1], -1, BLOCK)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, 0)
+    q = (xb * inv).round().clamp(-127, 127)
+    return (d * q).view(*x.shape[:-1], -1)[..., :h]
+
+
+def q_rows_dot(w: QWeight, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """y_j = dequantize(W)[idx_j] . quantize_activation(x), in fp32, rounded to x's dtype."""
+    return (dequantize(w, idx) @ quantize_activation(x)).to(x.dtype)
+
+
+def q_rows_axpy(wt: QWeight, h: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """y = sum_j h_j dequantize(Wt)[idx_j] (h unquantized), in fp32, rounded to h's dtype."""
+    return (h.float() @ dequantize(wt, idx)).to(h.dtype)
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., H) @ W.T (+ b) for W (N, H) a tensor (F.linear) or a QWeight (whose product
+    quantizes x per block, as a decode step's dot products do) -> (..., N) in x's dtype."""
+    if isinstance(w, QWeight):
+        y = (quantize_activation(x) @ dequantize(w).t()).to(x.dtype)
+        return y if b is None else y + b
+    return torch.nn.functional.linear(x, w, b)
+
+
+def times(h: torch.Tensor, wt) -> torch.Tensor:
+    """h (..., N) @ Wt for Wt (N, H) a tensor or a QWeight -> (..., H) in h's dtype."""
+    if isinstance(wt, QWeight):
+        return (h.float() @ dequantize(wt)).to(h.dtype)
+    return h @ wt
+
+
+def weight_bytes(w) -> int:
+    """Bytes a weight (tensor or QWeight) occupies, which a dense pass over it reads."""
+    return w.nbytes if isinstance(w, QWeight) else w.numel() * w.element_size()
+
+
+def row_bytes(w) -> int:
+    """Bytes of one row of a weight (tensor or QWeight)."""
+    return w.row_bytes if isinstance(w, QWeight) else w.size(1) * w.element_size()
