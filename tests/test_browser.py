@@ -2,9 +2,10 @@
 
 Chromium comes from Debian's `chromium` package (installed here with apt-get when missing;
 Playwright never downloads a browser). The test opens the app on the embedded models, clicks
-Generate, waits for both panes and both heatmaps, and stops a long run. It takes a screenshot
-of the page; only `pytest tests/test_browser.py --update-screenshot` writes it over the one
-README shows (assets/screenshot.png).
+Generate, waits for both panes and both heatmaps, walks the token inspector and the Why dReLU
+tab, downloads the run, reopens its link, and stops a long run. It takes a screenshot of each
+view; only `pytest tests/test_browser.py --update-screenshot` writes them over the ones README
+shows (assets/screenshot*.png).
 """
 
 import shutil
@@ -85,7 +86,43 @@ def test_generate_streams_both_panes_and_draws_heatmaps(page, request, tmp_path)
     assert shot.stat().st_size > 10_000
 
 
-def test_a_run_downloads_and_its_link_reopens_the_same_settings(page, app_url, tmp_path):
+def screenshot(page, request, tmp_path, name: str) -> None:
+    """The page as it is now, into assets/NAME.png with --update-screenshot (README shows it)."""
+    update = request.config.getoption("--update-screenshot")
+    shot = (REPO / "assets" if update else tmp_path) / f"{name}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_inspector_shows_both_panes_maps_for_a_selected_token(page, request, tmp_path):
+    """After the run above: the tokens are shaded by sparsity, and clicking one draws every
+    layer's neuron map of both panes at that position."""
+    page.get_by_role("tab", name="Inspect tokens").click()
+    tokens = page.locator("#right-tokens .score-token")
+    tokens.nth(2).wait_for(timeout=30_000)
+    assert page.locator("#left-tokens .score-token").count() > 2
+    tokens.nth(2).click()
+    page.wait_for_function(
+        "document.querySelector('#neuron-maps .gtitle')?.textContent.startsWith('Token 3')", polling=100, timeout=30_000
+    )
+    assert page.locator("#inspect-step input[type=number]").input_value() == "3"
+    assert page.locator("#neuron-maps .nsewdrag").count() == 2 * 4  # both panes x 4 layers
+    screenshot(page, request, tmp_path, "screenshot-inspect")
+
+
+def test_why_drelu_draws_the_sweep_and_the_last_runs_plane(page, request, tmp_path):
+    page.get_by_role("tab", name="Why dReLU").click()
+    page.wait_for_selector("#sweep .js-plotly-plot", timeout=30_000)
+    page.click("#plane-draw")
+    page.wait_for_function("document.body.innerText.includes('Measured:')", polling=100, timeout=60_000)
+    page.click("#sweep-text")
+    page.wait_for_function("document.body.innerText.includes('Scored')", polling=100, timeout=120_000)
+    assert page.locator("#plane .heatmaplayer").count() >= 1
+    screenshot(page, request, tmp_path, "screenshot-why")
+    page.get_by_role("tab", name="Compare").click()
+
+
+def test_a_run_downloads_and_its_link_reopens_the_same_settings(page, app_url, request, tmp_path):
     """After the run above: the zip downloads, and the share link restores prompt, models, modes."""
     page.wait_for_selector("#download", state="visible", timeout=60_000)
     with page.expect_download() as info:
@@ -104,6 +141,7 @@ def test_a_run_downloads_and_its_link_reopens_the_same_settings(page, app_url, t
     )
     assert page.locator("#left-model input").input_value() == "Dense SwiGLU"
     assert page.locator("textarea").first.input_value() == prompt
+    screenshot(page, request, tmp_path, "screenshot-link")
     page.goto(app_url)
 
 

@@ -72,7 +72,9 @@ def neuron_maps_figure(panes: list[dict], step: int) -> go.Figure:
             )
     tokens = " vs ".join(f"{p['label']}: {p['token']!r} ({fmt(p['sparsity'])} sparse)" for p in panes)
     fig = _layout(fig, f"Token {step + 1}: {tokens}", "neuron-maps", height=140 + 190 * layers)
-    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0 + 0.3 / layers, x=0))
+    # below the maps, anchored by its own top-left corner (a legend above them, anchored
+    # "auto", made Plotly widen the left margin to half the figure)
+    fig.update_layout(legend=dict(orientation="h", xanchor="left", x=0, yanchor="top", y=-0.02))
     return fig
 
 
