@@ -202,3 +202,51 @@ def test_measured_pairs_are_the_models_own_pre_activations():
 def test_the_last_run_keeps_only_ids_of_the_sides_that_generated():
     ok, broken = SideRecord("m", "dense", prompt_ids=[1, 2], token_ids=[3]), SideRecord("x", "dense", error="no")
     assert teaching.last_run(ok, broken) == [("m", "m · dense", [1, 2, 3])]
+
+
+# Speed against the physical limit (item 5) and the paper beside ours (item 6).
+
+
+def test_bytes_each_ffn_mode_must_read():
+    from turbo_demo.app.paper import bytes_read
+
+    h, i = 8, 100  # 2 bytes a weight; 10 neurons active at 90%
+    assert bytes_read("dense", h, i, 0.9) == bytes_read("transformers", h, i, 0.5) == 3 * 8 * 100 * 2
+    assert bytes_read("exact", h, i, 0.9) == 8 * 100 * 2 + 2 * 10 * 8 * 2
+    assert bytes_read("predictor", h, i, 0.9, rank=4) == 4 * 8 * 2 + 3 * 10 * 8 * 2
+    with pytest.raises(ValueError):
+        bytes_read("threshold", h, i, 0.9)
+
+
+def test_speed_limits_and_their_figure_from_a_crafted_bench():
+    from turbo_demo.app.paper import bytes_read, speed_limits
+
+    rows = [
+        {"shape": "8x100", "mode": m, "sparsity": s, "ms": ms}
+        for m, ms in (("transformers", 9.0), ("dense", 3.0), ("exact", 2.0), ("predictor", 1.0))
+        for s in (0.5, 0.9)
+    ]
+    limits = speed_limits({"machine": {"read_gbps": 2.0, "dtype": "bfloat16"}, "ffn": rows})
+    exact = limits["shapes"]["8x100"]["exact"]
+    assert exact["sparsity"] == [0.5, 0.9] and exact["ms"] == [2.0, 2.0]
+    assert exact["limit_ms"] == [bytes_read("exact", 8, 100, s) / 2e9 * 1e3 for s in (0.5, 0.9)]
+    fig = plots_teaching.speed_limit_figure(limits, {"a": 2.0, "b": 3.0}, 0.9)
+    names = [t.name for t in fig.data]
+    assert names.count("dense: bandwidth limit") == 1 and "transformers: bandwidth limit" not in names
+    star = fig.data[-1]
+    assert list(star.y) == [3.0 / 2.0, 3.0 / 3.0] and list(star.x) == [90.0, 90.0]
+    assert fig.layout.yaxis.type == "log"
+    assert speed_limits({}) == {} and "No bench.json" in plots_teaching.speed_limit_figure({}, {}, 0.9).layout.title.text
+
+
+def test_the_paper_table_quotes_our_own_files():
+    from turbo_demo.app import paper
+
+    ev = json.loads((SHIPPED / "turbosparse-drelu" / "eval.json").read_text())
+    bench = json.loads((REPO / "assets" / "bench.json").read_text())
+    rows = {figure: (theirs, ours, command) for figure, theirs, ours, command in paper.paper_rows()}
+    assert rows["FFN sparsity (share of neurons with h = 0)"][1].startswith(f"{ev['sparsity']['mean']:.1%}")
+    speed = rows["CPU decoding speed-up, batch 1, 7B shape"]
+    predictor = next(r for r in bench["e2e"] if r["model"] == "7b-shape" and r["engine"] == "predictor")
+    assert speed[1].startswith(f"{predictor['speedup_vs_dense']:.2f}x") and "bench --json" in speed[2]
+    assert paper.paper_table().count("\n") == len(rows) + 1

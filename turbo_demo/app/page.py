@@ -120,6 +120,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 firing_right = gr.Plot(label="Right: firing frequency")
             hist = gr.Plot(label="Activation distributions")
         page_teaching.teaching_tab(store, session, prompt)
+        page_teaching.paper_tab()
         with gr.Tab("About"):
             gr.Markdown(ABOUT)
             gr.Markdown("#### Our embedded models (`python -m turbo_demo eval DIR --json`)\n" + views.about_numbers())

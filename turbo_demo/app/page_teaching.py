@@ -1,12 +1,12 @@
 """The "Why dReLU" tab's widgets and events (a page module: it imports gradio). The data comes
 from teaching.py, the figures from plots_teaching.py; `teaching_tab` is called inside the
-page's Blocks, with the Compare tab's prompt box and the session's state."""
+page's Blocks, with the Compare tab's prompt box and the session's state; `paper_tab` after it."""
 
 import gradio as gr
 
-from turbo_demo.app import plots_teaching, teaching
+from turbo_demo.app import paper, plots_teaching, teaching
 from turbo_demo.app.catalog import ModelStore
-from turbo_demo.app.texts import WHY_DRELU, WHY_DRELU_PLANE, WHY_DRELU_TEXT
+from turbo_demo.app.texts import LIMITS, PAPER, WHY_DRELU, WHY_DRELU_PLANE, WHY_DRELU_TEXT
 from turbo_demo.errors import UserError
 from turbo_demo.offline.evaluate import TEXT_SWEEP_TOKENS
 
@@ -57,3 +57,13 @@ def teaching_tab(store: ModelStore, session: gr.State, prompt: gr.Textbox) -> No
 
     sweep_button.click(on_sweep, [prompt], [sweep_note, sweep_plot], api_visibility="private")
     plane_button.click(on_plane, [session], [plane_note, plane_plot], api_visibility="private")
+
+
+def paper_tab() -> None:
+    """The paper's figures beside ours, and the FFN speed against its bandwidth limit."""
+    with gr.Tab("Paper vs ours"):
+        gr.Markdown(PAPER)
+        gr.Markdown(paper.paper_table(), elem_id="paper-table")
+        gr.Markdown(LIMITS)
+        figure = plots_teaching.speed_limit_figure(paper.speed_limits(), paper.PAPER_SPEEDUPS, paper.PAPER_SPARSITY)
+        gr.Plot(value=figure, label="FFN time vs the bandwidth limit", elem_id="limits")

@@ -89,3 +89,75 @@ def plane_figure(plane: dict) -> go.Figure:
     fig = _layout(fig, title, "plane", height=420)
     fig.update_layout(margin=dict(t=110), legend=dict(yanchor="top", y=-0.2, xanchor="center", x=0.5))
     return fig
+
+
+MODE_COLORS = {"transformers": "#7f7f7f", "dense": "#636efa", "exact": "#00cc96", "predictor": "#ef553b"}
+
+
+def speed_limit_figure(limits: dict, paper: dict[str, float], paper_sparsity: float) -> go.Figure:
+    """FFN time per token against sparsity, one panel per shape: each mode measured (solid) and
+    its bandwidth limit, bytes / measured bandwidth (dashed, same colour), on a log axis. On the
+    first panel, the paper's end-to-end speed-ups over dense drawn as times from our dense
+    FFN's at the paper's sparsity (stars).
+
+    limits = paper.speed_limits(): {"gbps": float, "shapes": {shape: {mode: {"sparsity",
+    "ms", "limit_ms"}}}}; paper = {machine: speed-up}."""
+    shapes = list(limits.get("shapes", {}))
+    if not shapes:
+        return _layout(go.Figure(), "No bench.json: run `python -m turbo_demo bench --json`", "limits")
+    fig = make_subplots(rows=1, cols=len(shapes), subplot_titles=[f"FFN {s} (hidden x intermediate)" for s in shapes])
+    for col, shape in enumerate(shapes, start=1):
+        for mode, curve in limits["shapes"][shape].items():
+            x = [100 * s for s in curve["sparsity"]]
+            color, first = MODE_COLORS.get(mode, "#000000"), col == 1
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=curve["ms"],
+                    name=f"{mode}: measured",
+                    legendgroup=mode,
+                    showlegend=first,
+                    mode="lines+markers",
+                    line=dict(color=color),
+                ),
+                1,
+                col,
+            )
+            if mode == "transformers":  # its limit is dense's: drawn once
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=curve["limit_ms"],
+                    name=f"{mode}: bandwidth limit",
+                    legendgroup=mode,
+                    showlegend=first,
+                    mode="lines",
+                    line=dict(color=color, dash="dash"),
+                ),
+                1,
+                col,
+            )
+        dense = limits["shapes"][shape].get("dense")
+        if col == 1 and dense and paper:
+            at = min(range(len(dense["sparsity"])), key=lambda i: abs(dense["sparsity"][i] - paper_sparsity))
+            fig.add_trace(
+                go.Scatter(
+                    x=[100 * paper_sparsity] * len(paper),
+                    y=[dense["ms"][at] / v for v in paper.values()],
+                    text=[f"paper, {m}: {v:.2f}x" for m, v in paper.items()],
+                    name="paper: its end-to-end speed-up over dense, from our dense time",
+                    mode="markers",
+                    marker=dict(symbol="star", size=12, color="#111111"),
+                    hovertemplate="%{text}<extra></extra>",
+                ),
+                1,
+                col,
+            )
+        fig.update_xaxes(title_text="FFN sparsity (%)", row=1, col=col)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_yaxes(title_text="ms per token and layer", row=1, col=1)
+    title = f"FFN time against the bandwidth limit (bytes read / {limits['gbps']:.1f} GB/s measured)"
+    fig = _layout(fig, title, "limits", height=420)
+    fig.update_layout(legend=dict(orientation="h", xanchor="left", x=0, yanchor="top", y=-0.2), margin=dict(b=140))
+    return fig

@@ -88,3 +88,16 @@ side by side (one cell a neuron, row by row). For the modes that choose their ne
 computing them (predictor, threshold), orange cells were computed for nothing and red ones were
 missed: active in the dense FFN but skipped (the audit's measure; on when *recall* is shown).
 The maps come from the runtime's own records of the last run (its kernels' firing counts)."""
+
+PAPER = """### The paper beside ours
+Each figure of the Turbo Sparse paper next to this project's own measurement of it, read from
+what the commands in the last column wrote (`eval.json` next to each embedded model,
+`assets/bench.json`). Our models are 5M parameters trained on 4.9M tokens of Python's sources,
+so the comparison is of shapes and trends, not of absolute numbers."""
+LIMITS = """**Speed against the physical limit.** Decoding one token at batch 1 reads every weight it
+uses once, so an FFN step cannot be faster than the bytes it must read divided by the memory
+bandwidth. Solid: our FFN step per mode (`bench --json`, synthetic dReLU layers at each
+sparsity); dashed: that mode's limit. The bandwidth is the bench's own measurement (a sum over a
+large fp32 buffer); a well-streamed GEMV reads a little faster than that, so dense can touch its
+line. The predictor's line leaves out its fc2 rows (they depend on the input), so it is a lower
+bound. Stars: the paper's end-to-end speed-up over dense, drawn as a time from our dense FFN's."""
