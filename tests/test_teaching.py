@@ -236,7 +236,9 @@ def test_speed_limits_and_their_figure_from_a_crafted_bench():
     star = fig.data[-1]
     assert list(star.y) == [3.0 / 2.0, 3.0 / 3.0] and list(star.x) == [90.0, 90.0]
     assert fig.layout.yaxis.type == "log"
-    assert speed_limits({}) == {} and "No bench.json" in plots_teaching.speed_limit_figure({}, {}, 0.9).layout.title.text
+    assert (
+        speed_limits({}) == {} and "No bench.json" in plots_teaching.speed_limit_figure({}, {}, 0.9).layout.title.text
+    )
 
 
 def test_the_paper_table_quotes_our_own_files():
