@@ -1,14 +1,24 @@
-"""The models: bamboo (dReLU Mistral, bamboo.py), checkpoint loading (checkpoint.py), hooks.
+"""The models: bamboo (dReLU Mistral, bamboo.py), TurboSparse-Mixtral (dReLU experts,
+mixtral.py), checkpoint loading (checkpoint.py), hooks.
 
-Importing this package registers bamboo with the transformers Auto classes, so bamboo
-checkpoints load through `AutoModelForCausalLM` without remote code.
+Importing this package registers both with the transformers Auto classes, so their checkpoints
+load through `AutoModelForCausalLM` without remote code, and gives turbosparsemixtral the
+renaming transformers applies to Mixtral checkpoints (block_sparse_moe -> mlp, back on save).
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
+from turbo_demo.model.mixtral import TurboSparseMixtralConfig, TurboSparseMixtralForCausalLM
 
 AutoConfig.register("bamboo", BambooConfig, exist_ok=True)
 AutoModelForCausalLM.register(BambooConfig, BambooForCausalLM, exist_ok=True)
+AutoConfig.register("turbosparsemixtral", TurboSparseMixtralConfig, exist_ok=True)
+AutoModelForCausalLM.register(TurboSparseMixtralConfig, TurboSparseMixtralForCausalLM, exist_ok=True)
+register_checkpoint_conversion_mapping(
+    "turbosparsemixtral", [WeightRenaming(".block_sparse_moe.", ".mlp.")], overwrite=True
+)
 
-__all__ = ["BambooConfig", "BambooForCausalLM"]
+__all__ = ["BambooConfig", "BambooForCausalLM", "TurboSparseMixtralConfig", "TurboSparseMixtralForCausalLM"]

@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from turbo_demo.errors import UserError
 from turbo_demo.model.headers import read_headers, safetensors_files
+from turbo_demo.model.mixtral import expert_ranks
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -40,8 +41,9 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path):
-    """The checkpoint's config; a bamboo config that names no predictor rank (as published)
-    gets each layer's rank from the predictor weights' shapes, 0 where a layer has none."""
+    """The checkpoint's config; a bamboo or turbosparsemixtral config that names no predictor
+    rank (as published) gets each layer's (expert's) rank from the predictor weights' shapes,
+    0 where a layer (expert) has none."""
     path = check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -55,6 +57,8 @@ def load_config(path: str | Path):
         ]
         if any(ranks):
             config.predictor_rank = ranks
+    if config.model_type == "turbosparsemixtral" and config.predictor_rank is None:
+        config.predictor_rank = expert_ranks(config, read_headers(path))
     return config
 
 

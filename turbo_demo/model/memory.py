@@ -33,8 +33,14 @@ from turbo_demo.model.headers import read_headers
 MAX_CONTEXT = 4096  # the lean runtime's cap on its KV cache (runtime/lean.py)
 SLACK = 0.05
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-# What pack copies: W_down of every gated FFN, and its predictor's fc2 where there is one.
-COPIED = ("mlp.down_proj.weight", "mlp.predictor.fc2.weight")
+# What pack copies: W_down of every gated FFN (a MoE's: of every expert), and its predictor's
+# fc2 where there is one.
+COPIED = ("mlp.down_proj.weight", "predictor.fc2.weight")
+COPIED_EXPERT = (".block_sparse_moe.experts.", ".w2.weight")  # a Mixtral expert's W_down
+
+
+def is_copied(name: str) -> bool:
+    return name.endswith(COPIED) or (COPIED_EXPERT[0] in name and name.endswith(COPIED_EXPERT[1]))
 
 
 def human(n: float) -> str:
@@ -90,7 +96,7 @@ def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None) ->
         tensors.pop("lm_head.weight", None)  # one matrix, whatever the file holds
     if tensors:
         weights = sum(t.numel * itemsize if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors.values())
-        copies = sum(t.numel * itemsize for name, t in tensors.items() if name.endswith(COPIED))
+        copies = sum(t.numel * itemsize for name, t in tensors.items() if is_copied(name))
     else:
         stored = sum(f.stat().st_size for f in weight_files(path))
         weights = stored // stored_itemsize(config) * itemsize

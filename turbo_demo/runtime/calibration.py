@@ -22,8 +22,9 @@ from turbo_demo.runtime.packing import PackedModel
 
 CALIBRATION_TEXT = ASSETS / "calibration.txt"
 CALIBRATION_TOKENS = 384
-_cache: "weakref.WeakKeyDictionary[object, dict[float, list[float]]]" = weakref.WeakKeyDictionary()
+_cache: "weakref.WeakKeyDictionary[object, dict[float, Thresholds]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+Thresholds = list[float | list[float]]  # per layer; a MoE layer's: one per expert
 
 
 def calibration_ids(tokenizer, context: int) -> list[int]:
@@ -32,21 +33,28 @@ def calibration_ids(tokenizer, context: int) -> list[int]:
     return list(ids[: min(CALIBRATION_TOKENS, context - 1)])
 
 
-def calibrate(packed: PackedModel, ids: list[int], sparsity: float, kernels: Kernels | None = None) -> list[float]:
+def calibrate(packed: PackedModel, ids: list[int], sparsity: float, kernels: Kernels | None = None) -> Thresholds:
     """t_l per layer: a threshold-mode run at the target sparsity calibrates each layer on the
-    prefill of ids (ThresholdMode.prefill); the calibration is what it leaves behind."""
+    prefill of ids (ThresholdMode.prefill); the calibration is what it leaves behind. A MoE
+    layer's experts calibrate each on the tokens routed to it (one that got none keeps 0)."""
     from turbo_demo.runtime import open_runtime  # the engines import this package's modules
 
     runtime = open_runtime(packed, "threshold", kernels, ThresholdOptions(sparsity=sparsity))
     runtime.prefill(torch.tensor(ids))
-    return [float(m.threshold) for m in runtime.modes]  # type: ignore[attr-defined]
+    return [
+        [float(e.threshold) for e in m.experts] if hasattr(m, "experts") else float(m.threshold)  # type: ignore[attr-defined]
+        for m in runtime.modes
+    ]
 
 
-def threshold_options(packed: PackedModel, tokenizer, sparsity: float, context: int) -> list[ThresholdOptions]:
+def threshold_options(packed: PackedModel, tokenizer, sparsity: float, context: int) -> list:
     """Threshold mode's per-layer options for `sparsity`, calibrated once per model and sparsity."""
     key = round(float(sparsity), 4)
     with _lock:
         per_model = _cache.setdefault(packed.model, {})
         if key not in per_model:
             per_model[key] = calibrate(packed, calibration_ids(tokenizer, context), key)
-        return [ThresholdOptions(threshold=t) for t in per_model[key]]
+        return [
+            [ThresholdOptions(threshold=u) for u in t] if isinstance(t, list) else ThresholdOptions(threshold=t)
+            for t in per_model[key]
+        ]

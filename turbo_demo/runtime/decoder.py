@@ -87,7 +87,9 @@ class Decoder:
         nucleus), untimed, so that no timed step pays a first call. The modes' own state (a
         threshold calibrated on a prefill) is restored, the firing counts zeroed: the next
         generation starts as if this never ran."""
-        saved = [dict(vars(mode)) for mode in self.modes]
+        # a MoE layer's state is in its experts' modes
+        leaves = [m for mode in self.modes for m in getattr(mode, "experts", (mode,))]
+        saved = [dict(vars(mode)) for mode in leaves]
         vocab = self.packed.model.config.vocab_size
         ids = [i % vocab for i in range(min(WARM_UP_PROMPT, max(1, self.max_len - steps - 1)))]
         gen = torch.Generator().manual_seed(0)
@@ -99,7 +101,7 @@ class Decoder:
             for mode, record in zip(self.modes, records):
                 mode.recall(record)
         del logits
-        for mode, state in zip(self.modes, saved):
+        for mode, state in zip(leaves, saved):
             vars(mode).update(state)
         self.firing.zero_()
         self.reset()

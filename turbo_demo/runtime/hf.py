@@ -51,6 +51,11 @@ def twin(model: Any) -> Any:
 def sparse_model(packed: PackedModel, modes: list[Mode], firing: torch.Tensor) -> Any:
     """The packed model's twin with every MLP running its mode (firing: (L, I) counts)."""
     model = twin(packed.model)
+    # a MoE block replaced by a SparseMLP records no router logits: transformers would compute
+    # its load-balancing loss from none (TurboSparse-Mixtral's config asks for it); the twin's
+    # config is its own copy
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
     for layer, mode, counts in zip(model.model.layers, modes, firing):
         sparse = SparseMLP(mode, counts)
         layer.post_attention_layernorm.register_forward_pre_hook(

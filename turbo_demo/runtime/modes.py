@@ -268,12 +268,16 @@ def mode_options(mode: str, **given):
 
 def make_modes(ffns: list[FFNWeights], mode: str, kernels: Kernels, options=None) -> list[Mode]:
     """One mode object per layer; options: the mode's dataclass for every layer, a list of them
-    with one per layer (calibrated per-layer thresholds), or None (its defaults)."""
+    with one per layer (calibrated per-layer thresholds; for a MoE layer, a list per expert), or
+    None (its defaults)."""
     cls = mode_class(mode)
     per_layer = list(options) if isinstance(options, (list, tuple)) else [options] * len(ffns)
     if len(per_layer) != len(ffns):
         raise UserError(f"{mode} mode got options for {len(per_layer)} layers; the model has {len(ffns)}")
-    for o in per_layer:
+    for o in (o for layer in per_layer for o in (layer if isinstance(layer, list) else [layer])):
         if o is not None and not isinstance(o, cls.options_class):
             raise UserError(f"{mode} mode takes {cls.options_class.__name__}, not {type(o).__name__}")
-    return [cls(w, kernels, o) for w, o in zip(ffns, per_layer)]
+    # a MoE layer (runtime/moe.py) makes its own: the router, then the mode per expert
+    return [
+        w.make_mode(cls, kernels, o) if hasattr(w, "make_mode") else cls(w, kernels, o) for w, o in zip(ffns, per_layer)
+    ]

@@ -34,10 +34,13 @@ from turbo_demo.runtime.quant import QWeight, Weight, format_of, quantize, row_b
 #   qwen2   biases on q, k, v            qwen3  an RMSNorm of each q and k head before RoPE
 #   gemma   embeddings times sqrt(H), RMSNorms scaled by (1 + w), a tanh-GELU gate
 #   phi3    q, k, v and gate, up stored fused: split here as row views
+#   mixtral, turbosparsemixtral  a router and experts per layer (runtime/moe.py)
 # Gemma 2 and 3 (norms after attention and FFN, logit soft-capping, alternating sliding
 # windows) run on transformers' forward, as do non-default RoPE scalings (Llama 3's among them),
 # partial rotary embeddings, layers that mix attention types, and FFNs with biases.
-LEAN_ARCHITECTURES = ("mistral", "llama", "bamboo", "qwen2", "qwen3", "gemma", "phi3")
+LEAN_ARCHITECTURES = (
+    "mistral", "llama", "bamboo", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "turbosparsemixtral"
+)  # fmt: skip
 
 
 def lean_supports(config) -> bool:
@@ -138,6 +141,11 @@ def pack_ffn(mlp, config, layer: int, q: Quantizer | None = None) -> FFNWeights:
     )
 
 
+def ffn_parts(ffns: list) -> list[FFNWeights]:
+    """Every FFN of a pack's layers: a MoE layer's (runtime/moe.py) are its experts."""
+    return [e for f in ffns for e in getattr(f, "experts", (f,))]
+
+
 @dataclass(frozen=True)
 class AttentionWeights:
     """One layer's attention block: the input RMSNorm's weight, the four projections, and the
@@ -183,7 +191,7 @@ class PackedModel:
     not know the architecture."""
 
     model: Any  # a transformers causal LM; its config fields are read by name
-    ffns: list[FFNWeights]
+    ffns: list  # one FFNWeights per layer, or a MoE layer's moe.MoEWeights
     lean: LeanWeights | None
     quant: str | None = None  # "int8" or "int4" where the matrices are block-quantized
 
@@ -194,7 +202,7 @@ class PackedModel:
             nbytes(f.wd_t)
             + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if isinstance(w, QWeight))  # quantized copies
             + (0 if f.fc2_t is None else nbytes(f.fc2_t))
-            for f in self.ffns
+            for f in ffn_parts(self.ffns)
         )
         return ffns + (0 if self.lean is None else self.lean.copied_bytes)
 
@@ -256,8 +264,15 @@ def pack(model, quant: str | None = None, quantized: dict[str, QWeight] | None =
     """The runtime's weights for a loaded transformers causal LM (which is left as it is); with
     quant ("int8", "int4"), its matrices block-quantized (those in `quantized` as they are)."""
     q = Quantizer(quant, quantized)
+    from turbo_demo.runtime.moe import is_moe, pack_moe  # moe.py builds on this module
+
+    if quant is not None and is_moe(model):
+        raise UserError(f"quantized weights ({quant}) are not implemented for MoE layers: load it without quantization")
     try:
-        ffns = [pack_ffn(mlp, model.config, i, q) for i, mlp in enumerate(ffn_modules(model))]
+        if is_moe(model):
+            ffns: list = pack_moe(model)
+        else:
+            ffns = [pack_ffn(mlp, model.config, i, q) for i, mlp in enumerate(ffn_modules(model))]
     except UserError:
         ffns = []  # no gated FFN the kernels know: dense decoding through transformers only
     lean = pack_lean(model, q) if ffns and lean_supports(model.config) else None

@@ -3,7 +3,7 @@
 Per layer and step, an FFN mode records:
     computed   neurons whose up/down rows were read (the predicted or gate-active set)
     active     neurons with a non-zero combined activation h among those computed
-    bytes      FFN weight bytes read (gate, up, down and the predictor)
+    bytes      FFN weight bytes read (gate, up, down and the predictor; a MoE layer's router)
 and, where the step was audited against the dense FFN (predictor and threshold modes):
     recall     share of the truly active neurons (h != 0 in the dense FFN) that were computed
 Per neuron, over a generation, the runtime counts the steps in which it fired (h != 0 among the
@@ -35,6 +35,24 @@ class LayerRecord:
     bytes: int = 0
     recall: float | None = None
     choice: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # a MoE layer (runtime/moe.py): the chosen experts (ascending), their routing weights, each
+    # one's own record, and the bytes a dense MoE reads in this layer (router + chosen experts)
+    experts: list[int] | None = None
+    weights: list[float] | None = None
+    parts: list["LayerRecord"] | None = field(default=None, repr=False)
+    routed_bytes: int = 0
+
+
+def moe_fields(records: list[LayerRecord]) -> dict:
+    """StepStats' MoE fields from a MoE model's layer records ({} for dense FFNs)."""
+    if not records or records[0].experts is None:
+        return {}
+    return dict(
+        experts=[r.experts for r in records],
+        expert_weights=[r.weights for r in records],
+        expert_recall=[[p.recall for p in r.parts or ()] for r in records],
+        ffn_bytes_routed=sum(r.routed_bytes for r in records),
+    )
 
 
 @dataclass
@@ -51,6 +69,12 @@ class StepStats:
     recall: list[float] | None = None
     ffn_bytes: int = 0
     ffn_bytes_dense: int = 0
+    # MoE models, per layer: the chosen experts, their weights, each one's recall (where
+    # audited); and the bytes a dense MoE reads (ffn_bytes_dense: a dense FFN of all experts)
+    experts: list[list[int]] | None = None
+    expert_weights: list[list[float]] | None = None
+    expert_recall: list[list[float | None]] | None = None
+    ffn_bytes_routed: int | None = None
     # (L, I) uint8 NEURON_CODES of the step, when the generation was asked for them
     codes: torch.Tensor | None = field(default=None, repr=False)
 
@@ -69,6 +93,7 @@ class StepStats:
             recall=recalls if len(recalls) == len(records) else None,
             ffn_bytes=sum(r.bytes for r in records),
             ffn_bytes_dense=dense_bytes,
+            **moe_fields(records),
         )
 
     @property
