@@ -27,7 +27,11 @@ inline int64_t block_bytes(int fmt) { return fmt == kQ8 ? 2 + kQBlock : 4 + kQBl
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof bits);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
 }
 
 // A quantized weight: rows of `row_bytes` bytes (blocks), `cols` values each.
@@ -96,7 +100,7 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
   const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
   float total = 0.f;
 #if defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // two chains: even, odd blocks
 #endif
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * bb;
@@ -117,7 +121,7 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
       isum = dot_u8s8(wv, xv);
       total += half_at(blk + 2) * x.s[b];
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[b & 1]);
 #else
     int isum = 0;
     if (w.fmt == kQ8) {
@@ -133,7 +137,7 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
 #endif
   }
 #if defined(__AVX2__)
-  total += hsum8(acc);
+  total += hsum8(_mm256_add_ps(acc[0], acc[1]));
 #endif
   return total;
 }
@@ -159,10 +163,21 @@ inline void qaxpy(const QW& w, const uint8_t* row, const uint8_t* next, float co
 #endif
     } else {
       const float m = coef * half_at(blk + 2);
+#if defined(__AVX512F__)
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)), mask = _mm_set1_epi8(15);
+      const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
+      const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+      for (int half = 0; half < 2; ++half) {
+        const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(halves[half]));
+        float* a = acc + 16 * half;
+        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_fmadd_ps(dv, qv, mv), _mm512_loadu_ps(a)));
+      }
+#else
       uint8_t q[kQBlock];
       unpack_q4(blk + 4, q);
 #pragma omp simd
       for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + m;
+#endif
     }
   }
 }
