@@ -145,6 +145,21 @@ def test_a_run_downloads_and_its_link_reopens_the_same_settings(page, app_url, r
     page.goto(app_url)
 
 
+def test_the_talk_layout_opens_from_its_link_and_streams(page, app_url, request, tmp_path):
+    page.goto(app_url + "?view=talk")
+    page.wait_for_selector("#talk-generate", state="visible", timeout=30_000)
+    assert not page.locator("#generate").is_visible()  # the Compare tab's settings are hidden
+    page.click("#talk-generate")
+    page.wait_for_function(
+        "document.querySelector('#talk-right-numbers')?.innerText.includes('tok/s')", polling=100, timeout=120_000
+    )
+    page.wait_for_selector("#talk-maps .js-plotly-plot .heatmaplayer", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.pending').length === 0", polling=200, timeout=120_000)
+    assert page.inner_text("#talk-left-text") and "idle" in page.inner_text("#talk-right-numbers")
+    screenshot(page, request, tmp_path, "screenshot-talk")
+    page.goto(app_url)
+
+
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory):
     """A random model big enough (~70M parameters) that 256 tokens take seconds, not a blink."""

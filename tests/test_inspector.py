@@ -137,3 +137,18 @@ def test_a_sessions_inspector_state_for_a_256_token_run_stays_small():
     layers, neurons = right.map_shape
     assert inspector.kept_bytes(kept) <= 2 * steps * -(-layers * neurons // 4)
     assert len(pickle.dumps(kept)) < inspector.SESSION_BOUND  # what the session's state holds
+
+
+def test_the_talk_layouts_numbers_text_and_live_maps():
+    from turbo_demo.app import page_talk
+
+    left, right, _ = crafted()
+    numbers = page_talk.big_numbers(right)
+    assert f"{right.tokens_per_s:,.0f} tok/s" in numbers and "idle" in numbers and "R · predictor" in numbers
+    assert "⚠️" in page_talk.big_numbers(
+        SideRecord("E", "dense", error="<no>")
+    ) and "&lt;no&gt;" in page_talk.big_numbers(SideRecord("E", "dense", error="<no>"))
+    assert "a &lt; b" in page_talk.big_text(SideRecord("T", "dense", text="a < b"))
+    live = page_talk.live_maps(left, right)  # the latest position either side reached: the third
+    assert "Token 3" in live.layout.title.text
+    assert page_talk.live_maps(SideRecord("A", "dense"), SideRecord("B", "dense")) is None

@@ -8,7 +8,7 @@ from threading import Event
 
 import gradio as gr
 
-from turbo_demo.app import export, page_inspector, page_teaching, teaching, views
+from turbo_demo.app import export, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
 from turbo_demo.app.menus import mode_choices, mode_help
@@ -16,22 +16,12 @@ from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
 from turbo_demo.app.texts import ABOUT, COMPARE_DOC, EXAMPLES, INTRO, NEURONS
 from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
-from turbo_demo.model.activations import activation_histograms
 from turbo_demo.runtime import Kernels
 
 UPDATES_PER_SECOND = 4
 # Handlers the Generate event and the API run at once: one computes, the others wait in the
 # RunQueue (where Stop reaches them); beyond this, Gradio's own queue holds them.
 CONCURRENT_HANDLERS = 16
-
-
-def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
-    """The activation histograms of each side that generated, by side label."""
-    return {
-        views.side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
-        for rec in (left, right)
-        if not rec.error and rec.token_ids
-    }
 
 
 def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL) -> gr.Blocks:
@@ -46,86 +36,92 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
     with gr.Blocks(title="TurboSparse Studio", delete_cache=(600, 3600)) as demo:
         session = gr.State({})  # {"stop": the running generation's Event}
         gr.Markdown(INTRO)
-        with gr.Tab("Compare"):
-            with gr.Row():
-                prompt = gr.Textbox(label="Prompt", lines=4, value=EXAMPLES[0], scale=4)
-                with gr.Column(scale=1, min_width=160):
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-            gr.Examples(EXAMPLES, inputs=[prompt], label="Examples that suit the embedded models")
-            with gr.Accordion("Generation settings", open=False):
+        with gr.Tabs() as tabs:
+            with gr.Tab("Compare"):
                 with gr.Row():
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    prompt = gr.Textbox(label="Prompt", lines=4, value=EXAMPLES[0], scale=4)
+                    with gr.Column(scale=1, min_width=160):
+                        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                gr.Examples(EXAMPLES, inputs=[prompt], label="Examples that suit the embedded models")
+                with gr.Accordion("Generation settings", open=False):
+                    with gr.Row():
+                        max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+                        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                        top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                        seed = gr.Number(value=0, precision=0, label="Seed")
+                    with gr.Row():
+                        chat = gr.Checkbox(
+                            value=True,
+                            label="Chat format",
+                            info="the prompt as the user's turn (models with a template)",
+                        )
+                        system = gr.Textbox(label="System prompt (chat format)", lines=1, scale=2)
+                        sparsity = gr.Slider(
+                            0.0,
+                            MAX_SPARSITY,
+                            value=0.5,
+                            step=0.05,
+                            label="Threshold mode: target sparsity",
+                            info="per-layer thresholds calibrated on a few hundred tokens (TEAL / CATS)",
+                        )
+                sides = {}
                 with gr.Row():
-                    chat = gr.Checkbox(
-                        value=True, label="Chat format", info="the prompt as the user's turn (models with a template)"
-                    )
-                    system = gr.Textbox(label="System prompt (chat format)", lines=1, scale=2)
-                    sparsity = gr.Slider(
-                        0.0,
-                        MAX_SPARSITY,
-                        value=0.5,
-                        step=0.05,
-                        label="Threshold mode: target sparsity",
-                        info="per-layer thresholds calibrated on a few hundred tokens (TEAL / CATS)",
-                    )
-            sides = {}
-            with gr.Row():
-                for side, (default_model, default_mode) in (("left", DEFAULT_LEFT), ("right", DEFAULT_RIGHT)):
-                    with gr.Column():
-                        model = gr.Dropdown(
-                            names,
-                            value=default_model if default_model in names else None,
-                            allow_custom_value=not policy.public,
-                            label=f"{side.title()} model",
-                            elem_id=f"{side}-model",
-                            info="the models this app offers"
-                            if policy.public
-                            else "an embedded model, a local HF model directory, or a hub id",
-                        )
-                        modes, error = (
-                            mode_choices(model.value, policy.allowed) if model.value else ([("dense", "dense")], "")
-                        )
-                        values = [m for _, m in modes]
-                        start = default_mode if default_mode in values else values[0]
-                        mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode")
-                        explain = gr.Markdown(mode_help(start))
-                        mode.change(mode_help, [mode], [explain], queue=False, api_visibility="private")
-                        status = gr.Markdown(error, elem_id=f"{side}-status")
-                        text = gr.Textbox(label="Output", lines=8, interactive=False, elem_id=f"{side}-text")
-                        sides[side] = (model, mode, status, text, default_mode)
-            headline = gr.Markdown(elem_id="headline")
-            run_status = gr.Markdown()
-            with gr.Row():
-                download = gr.DownloadButton("Download this run (.zip)", visible=False, elem_id="download")
-                share = gr.Markdown(elem_id="share")
-            with gr.Accordion("The prompt as each model read it", open=False), gr.Row():
-                lprompt = gr.Textbox(label="Left", lines=3, interactive=False, elem_id="left-prompt")
-                rprompt = gr.Textbox(label="Right", lines=3, interactive=False, elem_id="right-prompt")
-            with gr.Row():
-                heat_left = gr.Plot(label="Left: active neurons", elem_id="heat-left")
-                heat_right = gr.Plot(label="Right: active neurons", elem_id="heat-right")
-            with gr.Row():
-                speed = gr.Plot(label="Tokens/s")
-                memory = gr.Plot(label="Memory")
-            recall = gr.Plot(label="Predictor recall")
-        show_inspect, inspect_outputs = page_inspector.inspector_tab(session)
-        with gr.Tab("Neurons"):
-            gr.Markdown(NEURONS)
-            with gr.Row():
-                firing_left = gr.Plot(label="Left: firing frequency")
-                firing_right = gr.Plot(label="Right: firing frequency")
-            hist = gr.Plot(label="Activation distributions")
-        page_teaching.teaching_tab(store, session, prompt)
-        page_teaching.paper_tab()
-        with gr.Tab("About"):
-            gr.Markdown(ABOUT)
-            gr.Markdown("#### Our embedded models (`python -m turbo_demo eval DIR --json`)\n" + views.about_numbers())
-            gr.Markdown("#### Our decoding speed (`python -m turbo_demo bench --json`)\n" + views.bench_numbers())
-            gr.Plot(value=views.training_curve(), label="Training curve")
+                    for side, (default_model, default_mode) in (("left", DEFAULT_LEFT), ("right", DEFAULT_RIGHT)):
+                        with gr.Column():
+                            model = gr.Dropdown(
+                                names,
+                                value=default_model if default_model in names else None,
+                                allow_custom_value=not policy.public,
+                                label=f"{side.title()} model",
+                                elem_id=f"{side}-model",
+                                info="the models this app offers"
+                                if policy.public
+                                else "an embedded model, a local HF model directory, or a hub id",
+                            )
+                            modes, error = (
+                                mode_choices(model.value, policy.allowed) if model.value else ([("dense", "dense")], "")
+                            )
+                            values = [m for _, m in modes]
+                            start = default_mode if default_mode in values else values[0]
+                            mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode")
+                            explain = gr.Markdown(mode_help(start))
+                            mode.change(mode_help, [mode], [explain], queue=False, api_visibility="private")
+                            status = gr.Markdown(error, elem_id=f"{side}-status")
+                            text = gr.Textbox(label="Output", lines=8, interactive=False, elem_id=f"{side}-text")
+                            sides[side] = (model, mode, status, text, default_mode)
+                headline = gr.Markdown(elem_id="headline")
+                run_status = gr.Markdown()
+                with gr.Row():
+                    download = gr.DownloadButton("Download this run (.zip)", visible=False, elem_id="download")
+                    share = gr.Markdown(elem_id="share")
+                with gr.Accordion("The prompt as each model read it", open=False), gr.Row():
+                    lprompt = gr.Textbox(label="Left", lines=3, interactive=False, elem_id="left-prompt")
+                    rprompt = gr.Textbox(label="Right", lines=3, interactive=False, elem_id="right-prompt")
+                with gr.Row():
+                    heat_left = gr.Plot(label="Left: active neurons", elem_id="heat-left")
+                    heat_right = gr.Plot(label="Right: active neurons", elem_id="heat-right")
+                with gr.Row():
+                    speed = gr.Plot(label="Tokens/s")
+                    memory = gr.Plot(label="Memory")
+                recall = gr.Plot(label="Predictor recall")
+            show_inspect, inspect_outputs = page_inspector.inspector_tab(session)
+            live_talk, talk_outputs, talk_buttons = page_talk.talk_tab()
+            with gr.Tab("Neurons"):
+                gr.Markdown(NEURONS)
+                with gr.Row():
+                    firing_left = gr.Plot(label="Left: firing frequency")
+                    firing_right = gr.Plot(label="Right: firing frequency")
+                hist = gr.Plot(label="Activation distributions")
+            page_teaching.teaching_tab(store, session, prompt)
+            page_teaching.paper_tab()
+            with gr.Tab("About"):
+                gr.Markdown(ABOUT)
+                gr.Markdown(
+                    "#### Our embedded models (`python -m turbo_demo eval DIR --json`)\n" + views.about_numbers()
+                )
+                gr.Markdown("#### Our decoding speed (`python -m turbo_demo bench --json`)\n" + views.bench_numbers())
+                gr.Plot(value=views.training_curve(), label="Training curve")
 
         (lm, lmode, lstatus, ltext, ldefault), (rm, rmode, rstatus, rtext, rdefault) = sides["left"], sides["right"]
 
@@ -213,7 +209,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 for _ in rounds:
                     if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                         last = time.monotonic()
-                        yield show_compare(views.compare_view(left, right), "Generating…")
+                        yield {**show_compare(views.compare_view(left, right), "Generating…"), **live_talk(left, right)}
             except UserError as exc:
                 yield {run_status: f"⚠️ {exc}"}
                 return
@@ -221,7 +217,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 queue.leave(ticket)
             done = "Stopped." if stop.is_set() else "Done."
             state["last"] = teaching.last_run(left, right)  # the Why dReLU tab's (gate, up) pairs
-            neurons = views.neurons_view(left, right, run_histograms(store, left, right))
+            neurons = views.neurons_view(left, right, teaching.run_histograms(store, left, right))
             view = views.compare_view(left, right)
             figures = {"heatmap-left": view.left_heatmap, "heatmap-right": view.right_heatmap, "speed": view.speed}
             kept = {
@@ -229,6 +225,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 share: f"[Link to this run]({export.share_query(prompt, left.key, right.key, settings)})",
             }
             yield {**show_compare(view, done), **show_neurons(neurons), **kept, **show_inspect(left, right, state)}
+            yield live_talk(left, right)
 
         def compare(
             prompt: str,
@@ -263,27 +260,32 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 lambda n, m, d=default: on_model_change(n, m, d), [box, menu], [menu, line], api_visibility="private"
             )
         outputs = [*show_compare(views.compare_view(SideRecord("", ""), SideRecord("", "")), ""), download, share]
-        outputs += [firing_left, firing_right, hist, *inspect_outputs]
+        outputs += [firing_left, firing_right, hist, *inspect_outputs, *talk_outputs]
 
         def on_load(request: gr.Request):
             """A shared link's prompt, models, modes and settings (query parameters), checked."""
             fields = export.settings_from_query(dict(request.query_params), names)
             widgets = {"prompt": prompt, "left": lm, "left_mode": lmode, "right": rm, "right_mode": rmode}
             widgets |= {"max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed}
-            return {widget: fields.get(k, gr.skip()) for k, widget in widgets.items()}
+            talk = request.query_params.get("view") == page_talk.TALK_TAB  # the talk layout's link
+            return {widget: fields.get(k, gr.skip()) for k, widget in widgets.items()} | {
+                tabs: gr.Tabs(selected=page_talk.TALK_TAB) if talk else gr.skip()
+            }
 
-        linked = [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed]
+        linked = [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, tabs]
         demo.load(on_load, None, linked, queue=False, api_visibility="private")
-        generate.click(
-            on_generate,
-            [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, chat, system, sparsity, session],
-            outputs,
-            # runs wait in the RunQueue, where Stop reaches them and each client has one place
-            concurrency_limit=CONCURRENT_HANDLERS,
-            concurrency_id="generate",
-            api_visibility="private",
-        )
-        stop.click(on_stop, [session], None, queue=False, api_visibility="private")
+        for button in (generate, talk_buttons[0]):
+            button.click(
+                on_generate,
+                [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, chat, system, sparsity, session],
+                outputs,
+                # runs wait in the RunQueue, where Stop reaches them and each client has one place
+                concurrency_limit=CONCURRENT_HANDLERS,
+                concurrency_id="generate",
+                api_visibility="private",
+            )
+        for button in (stop, talk_buttons[1]):
+            button.click(on_stop, [session], None, queue=False, api_visibility="private")
         compare.__doc__ = COMPARE_DOC.format(models=", ".join(names), modes=", ".join(MODE_HELP))
         gr.api(compare, api_name="compare", concurrency_id="generate")
     return demo

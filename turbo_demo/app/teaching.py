@@ -4,6 +4,7 @@ text) and the (gate, up) plane of the three FFN variants with a run's measured p
     shipped_sweeps()                   {model: (sparsities, perplexities)} from eval.json
     text_sweeps(store, text)           the same curve on the visitor's text, per embedded model
     last_run(left, right)              what a session keeps of its last run for the plane
+    run_histograms(store, left, right) the Neurons tab's activation histograms of a run
     gate_up_pairs(model, ids)          (gate, up) pre-activations of every layer, token, neuron
     plane(points)                      h over the plane for each variant, and measured zero shares
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from turbo_demo.app.catalog import EMBEDDED, ModelStore, embedded_names
 from turbo_demo.app.compare import SideRecord
 from turbo_demo.app.views import side_label
+from turbo_demo.model.activations import activation_histograms
 from turbo_demo.model.hooks import on_gate_up
 from turbo_demo.offline.evaluate import HOOKED, text_sweep
 from turbo_demo.paths import MODELS_DIR, read_json
@@ -77,6 +79,15 @@ def gate_up_pairs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
+    """The Neurons tab's activation histograms of each side that generated, by side label."""
+    return {
+        side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
+        for rec in (left, right)
+        if not rec.error and rec.token_ids
+    }
 
 
 def run_pairs(store: ModelStore, last: list[tuple[str, str, list[int]]]) -> Pairs:

@@ -1,0 +1,65 @@
+"""The talk layout (a page module: it imports gradio): for a projector, the two outputs large,
+one big tokens/s and sparsity figure per side, and the live neuron maps of the latest token; no
+settings. The page opens on it with `?view=talk`. `talk_tab` is called inside the page's Tabs
+and returns `live(left, right)`, the tab's update for a run as it is now."""
+
+import html
+from collections.abc import Callable
+
+import gradio as gr
+
+from turbo_demo.app import inspector, plots_inspector, views
+from turbo_demo.app.compare import SideRecord
+
+TALK_TAB = "talk"
+
+
+def big_numbers(rec: SideRecord) -> str:
+    """One side's headline as large HTML: its label, tokens/s (median step) and FFN sparsity."""
+    if rec.error:
+        return f"<div style='font-size:1.4em'>⚠️ {html.escape(rec.error)}</div>"
+    speed = f"{rec.tokens_per_s:,.0f} tok/s" if rec.steps else "–"
+    sparsity = f"{views.fmt_share(rec.mean_sparsity)} of FFN neurons idle" if rec.steps else ""
+    return (
+        f"<div style='font-size:1.3em;opacity:0.8'>{html.escape(views.side_label(rec))}</div>"
+        f"<div style='font-size:3.2em;font-weight:700;line-height:1.1'>{speed}</div>"
+        f"<div style='font-size:1.8em'>{sparsity}</div>"
+    )
+
+
+def big_text(rec: SideRecord) -> str:
+    """One side's output as large monospace HTML (escaped; line breaks kept)."""
+    style = "font-size:1.5em;font-family:monospace;white-space:pre-wrap;min-height:8em"
+    return f"<div style='{style}'>{html.escape(rec.text)}</div>"
+
+
+def live_maps(left: SideRecord, right: SideRecord):
+    """Both sides' neuron maps at the latest position either has reached (None before a token)."""
+    kept = inspector.keep(left, right)
+    steps = inspector.steps_of(kept)
+    if not steps:
+        return None
+    return plots_inspector.neuron_maps_figure(inspector.maps_at(kept, steps - 1), steps - 1)
+
+
+def talk_tab() -> tuple[Callable[[SideRecord, SideRecord], dict], list, tuple[gr.Button, gr.Button]]:
+    """The tab's widgets; returns live(left, right) -> {component: value}, the components it
+    updates, and the tab's Generate and Stop buttons (the page binds them as its own)."""
+    with gr.Tab("Talk", id=TALK_TAB):
+        with gr.Row():
+            generate = gr.Button("Generate", variant="primary", elem_id="talk-generate")
+            stop = gr.Button("Stop", variant="stop", elem_id="talk-stop")
+        panes = []
+        with gr.Row():
+            for side in ("left", "right"):
+                with gr.Column():
+                    panes.append((gr.HTML(elem_id=f"talk-{side}-numbers"), gr.HTML(elem_id=f"talk-{side}-text")))
+        maps = gr.Plot(label="Live: every layer's neurons at the latest token", elem_id="talk-maps")
+
+    def live(left: SideRecord, right: SideRecord) -> dict:
+        shown = {maps: live_maps(left, right)}
+        for (numbers, text), rec in zip(panes, (left, right)):
+            shown |= {numbers: big_numbers(rec), text: big_text(rec)}
+        return shown
+
+    return live, [c for pane in panes for c in pane] + [maps], (generate, stop)
