@@ -5,8 +5,9 @@
     runtime = open_runtime(packed, mode, kernels, **options)    per run
     for stats in runtime.generate(prompt_ids, ...): ...
 
-`open_runtime` picks the engine: the lean one for the Mistral family, else transformers' own
-forward behind the same API.
+`open_runtime` picks the engine: the lean one where packing found an architecture it knows
+(Llama, Mistral, bamboo, Qwen2 / Qwen3, Gemma, Phi-3: packed.lean is set), else transformers'
+own forward behind the same API and statistics (Gemma 2 / 3, scaled RoPE, mixed layer types).
 """
 
 from turbo_demo.runtime.decoder import Decoder
