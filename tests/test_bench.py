@@ -39,7 +39,7 @@ def positive(v) -> bool:
 def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     result = run_bench(tiny_settings(tiny_dirs["drelu"]), backend=backend, progress=False)
     assert json.loads(json.dumps(result)) == result
-    assert set(result) == {"machine", "ffn", "e2e", "notes"}
+    assert set(result) == {"machine", "ffn", "moe", "e2e", "notes"}
     machine = result["machine"]
     assert set(machine) == {"cpu", "threads", "torch", "backend", "dtype", "read_gbps", "read_method"}
     assert machine["backend"] in ("cpp", "torch") and positive(machine["read_gbps"])

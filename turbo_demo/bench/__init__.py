@@ -7,6 +7,9 @@
              forward (PyTorch's GEMVs, HF's weight layout) as the reference users start from;
              speedup = dense ms / mode ms and speedup_vs_transformers = transformers ms /
              mode ms, at the same shape and sparsity
+    moe      ms of one MoE layer step (batch 1) at Mixtral's shape: transformers' Mixtral MoE
+             block, our dense MoE, exact and predictor at 85% in-expert sparsity, beside the
+             bytes each reads and their time at the read bandwidth (limit_ms; bench/moe.py)
     e2e      tokens/s of decoding per engine: transformers' model.generate, and the lean Runtime
              in the dense, exact and predictor modes, on a Mistral-7B-shaped stack of random
              layers and on the shipped dReLU checkpoint (in the benchmark's dtype, and in fp32,
@@ -40,6 +43,7 @@ from tqdm import tqdm
 from turbo_demo.bench.common import Settings, cpu_name, read_bandwidth, settings_for
 from turbo_demo.bench.e2e import ENGINES, bench_e2e
 from turbo_demo.bench.ffn import FFN_MODES, bench_ffn
+from turbo_demo.bench.moe import bench_moe
 from turbo_demo.bench.report import format_table
 from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.runtime.kernels import cpp, load_kernels
@@ -69,6 +73,11 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
             "read_method": method,
         }
         ffn = bench_ffn(s, kernels, buf, progress)
+        moe = bench_moe(s, kernels, buf, gbps, progress)
         del buf
         e2e = bench_e2e(s, kernels, gbps, notes, progress)
-    return {"machine": machine, "ffn": ffn, "e2e": e2e, "notes": notes}
+    notes.append(
+        f"moe: one MoE layer of {s.moe_experts} experts of {s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
+        f"{s.moe_top_k}, random weights, {s.moe_sparsity:.0%} in-expert sparsity, predictor rank {s.rank} per expert"
+    )
+    return {"machine": machine, "ffn": ffn, "moe": moe, "e2e": e2e, "notes": notes}

@@ -42,6 +42,10 @@ class Settings:
     embedded: Path | None = EMBEDDED
     embedded_tokens: int = 48
     e2e_rounds: int = 5
+    # the MoE layer (bench/moe.py): experts of the first FFN shape, top-k, the in-expert sparsity
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_sparsity: float = 0.85
 
 
 def settings_for(quick: bool = False, dtype: str = "bf16") -> Settings:

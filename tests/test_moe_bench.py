@@ -1,0 +1,47 @@
+"""The MoE rows of the benchmark on a tiny Mixtral-shaped layer: schema and the bytes each variant
+reads (no timing asserts), and the shaped activity they rest on."""
+
+import pytest
+import torch
+
+from turbo_demo.bench import Settings, format_table
+from turbo_demo.bench.moe import MOE_MODES, bench_moe, random_moe, shape_experts
+from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.modes import ExactMode
+from turbo_demo.runtime.moe import MoEMode
+
+TINY = Settings(ffn_shapes=((32, 128),), rank=8, ffn_rounds=2, moe_sparsity=0.75)
+
+
+def test_shaped_activity_is_the_wanted_share_of_the_chosen_experts():
+    _, w = random_moe(TINY)
+    x = torch.randn(32).to(TINY.dtype)
+    shape_experts(Kernels(), w, x, 0.25, torch.Generator().manual_seed(0))
+    _, record = MoEMode(w, ExactMode, Kernels()).step(x, x)
+    assert [p.active for p in record.parts] == [p.computed for p in record.parts] == [32, 32]  # 25% of 128
+
+
+def test_moe_rows_say_what_each_variant_reads(backends):
+    flush = torch.ones(1 << 16)
+    for kernels in backends:
+        rows = bench_moe(TINY, kernels, flush, gbps=10.0, progress=False)
+        assert [r["mode"] for r in rows] == list(MOE_MODES)
+        by_mode = {r["mode"]: r for r in rows}
+        for r in rows:
+            assert set(r) == {
+                "shape", "mode", "in_expert_sparsity", "ms", "bytes", "limit_ms", "speedup", "speedup_vs_transformers",
+            }  # fmt: skip
+            assert r["shape"] == "8x32x128 top-2" and r["ms"] > 0
+            assert r["limit_ms"] == pytest.approx(r["bytes"] / 10e9 * 1e3)
+        row, router = 32 * 2, 8 * 32 * 2  # bf16 bytes of one neuron's row, of the router
+        assert by_mode["transformers"]["bytes"] == by_mode["dense"]["bytes"] == router + 2 * 3 * 128 * row
+        # exact: every gate row, then up and down of the 25% active; predictor: fc1, the fc2 rows of
+        # its non-zero hidden units (of 8), and gate, up, down of the 25% it picks
+        assert by_mode["exact"]["bytes"] == router + 2 * (128 + 2 * 32) * row
+        fc1, fc2_row = 8 * 32 * 2, 128 * 2
+        least = router + 2 * (fc1 + 3 * 32 * row)
+        assert least < by_mode["predictor"]["bytes"] <= least + 2 * 8 * fc2_row
+        assert by_mode["dense"]["speedup"] == 1.0 and by_mode["transformers"]["speedup_vs_transformers"] == 1.0
+    result = {"machine": {"cpu": "?", "threads": 1, "torch": "?", "backend": "torch", "dtype": "bf16"}}
+    result["machine"].update(read_gbps=10.0, read_method="?")
+    assert "MoE layer step" in format_table({**result, "ffn": [], "moe": rows, "e2e": [], "notes": []})
