@@ -7,10 +7,15 @@ products, in a different order: fp32 results agree to ~1e-6 of the sum of |terms
 bf16 result is the same fp32 value rounded once, so it may differ by one bf16 step where the
 two sums straddle a rounding boundary (TOL16: 1/128 relative)."""
 
+import json
+
 import pytest
 import torch
 
 from conftest import tiny_model
+from turbo_demo.model import memory
+from turbo_demo.model.checkpoint import load_model, save_checkpoint
+from turbo_demo.model.quantized import load_quantized
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.quant import BLOCK_BYTES, QWeight, dequantize, quantize, quantize_activation
@@ -203,3 +208,41 @@ def test_int8_exact_equals_dense_and_the_dequantized_model(backends):
         ref = LeanRuntime(plain, "dense", kernels)
         ref.prefill(torch.tensor([3, 17, 42]))
         torch.testing.assert_close(logits["dense"], ref.decode(7)[0], atol=0.05, rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory, tokenizer):
+    model = tiny_model("drelu", predictor_rank=4, tie_word_embeddings=False, seed=3)
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("untied") / "m", dtype=torch.float32)
+
+
+def matrices(packed) -> list[QWeight]:
+    attention = [w for a in packed.lean.attention for w in (a.wq, a.wk, a.wv, a.wo)]
+    return [packed.lean.lm_head, *attention, *(w for f in packed.ffns for w in (f.wg, f.wu, f.wd_t, f.fc1, f.fc2_t))]
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_streamed_load_equals_quantizing_the_loaded_model(untied_dir, fmt):
+    """load_quantized never holds the float matrices, and gives the same blocks as pack(model,
+    quant) on the model loaded in float; its memory estimate counts exactly those blocks."""
+    streamed, packed = load_quantized(untied_dir, fmt), pack(load_model(untied_dir), fmt)
+    assert all(p.is_meta for n, p in streamed.model.named_parameters() if n.endswith("proj.weight"))
+    assert not streamed.model.model.embed_tokens.weight.is_meta
+    pairs = list(zip(matrices(streamed), matrices(packed), strict=True))
+    assert all(a.fmt == b.fmt and torch.equal(a.data, b.data) for a, b in pairs)
+    need = memory.estimate(untied_dir, None, None, fmt)
+    floats = sum(p.numel() * 4 for p in streamed.model.parameters() if not p.is_meta)
+    assert need.quant == fmt and need.weights == sum(w.nbytes for w in matrices(streamed)) + floats
+    assert f"of {fmt} weights" in need.describe()
+    assert greedy(streamed, "predictor", Kernels()) == greedy(packed, "predictor", Kernels())
+
+
+def test_generate_quant_json(untied_dir, capsys):
+    from turbo_demo.cli import main
+
+    assert (
+        main(["generate", str(untied_dir), "--quant", "int8", "--prompt", "def", "--max-new-tokens", "4", "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["quant"] == "int8" and len(out["token_ids"]) == 4

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, MODE_HELP, MODES
+from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, MODE_HELP, MODES, QUANTS
 from turbo_demo.errors import UserError
 
 
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = fp32 up to ~1B parameters, else bf16")
+    p.add_argument("--quant", choices=QUANTS, help="block-quantize the matrices at load (CPU, lean runtime)")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
 

@@ -41,13 +41,22 @@ def generate(args) -> None:
     options = mode_options(args)
     device = decode_device(args.device)
     kernels = load_kernels(args.backend, cpp.announce_build, device.type)
-    model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
+    quant = getattr(args, "quant", None)
+    if quant is not None:  # streamed from the safetensors into blocks, matrix by matrix
+        from turbo_demo.model.quantized import load_quantized
+
+        if device.type != "cpu":
+            raise UserError("--quant decodes on the CPU: drop --device")
+        packed = load_quantized(args.model_dir, quant, DTYPES.get(args.dtype))
+        model = packed.model
+    else:
+        model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
+        packed = pack(model)
     tokenizer = load_tokenizer(args.model_dir)
     generation = read_generation(Path(args.model_dir), model.config, tokenizer)
     chat = generation.chat if args.chat is None else args.chat
     if chat and not generation.chat:
         raise UserError(f"{args.model_dir}'s tokenizer has no chat template: drop --chat")
-    packed = pack(model)
     if args.mode == "threshold" and args.sparsity is not None:  # per-layer, on the calibration text
         from turbo_demo.runtime.calibration import threshold_options
 
@@ -85,7 +94,8 @@ def generate(args) -> None:
     if not args.json:
         print(
             f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
-            f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}]",
+            f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}"
+            f"{f', {quant} weights' if quant else ''}]",
             file=sys.stderr,
         )
         return
@@ -98,6 +108,7 @@ def generate(args) -> None:
                 "backend": kernels.name,
                 "device": str(device),
                 "dtype": dtype_name(model.dtype),
+                "quant": quant,
                 "prompt": args.prompt,
                 "chat": chat,
                 "rendered_prompt": rendered,

@@ -61,6 +61,7 @@ class Estimate:
     weights: int
     copies: int
     kv_cache: int
+    quant: str | None = None  # "int8" / "int4": the matrices as blocks, the rest in dtype
 
     @property
     def slack(self) -> int:
@@ -71,8 +72,9 @@ class Estimate:
         return self.weights + self.copies + self.kv_cache + self.slack
 
     def describe(self) -> str:
+        kind = self.quant or dtype_name(self.dtype)
         return (
-            f"{self.name} needs {human(self.total)} ({human(self.weights)} of {dtype_name(self.dtype)} weights"
+            f"{self.name} needs {human(self.total)} ({human(self.weights)} of {kind} weights"
             f" + {human(self.copies)} runtime copies + {human(self.kv_cache)} KV cache + {human(self.slack)} slack)"
         )
 
@@ -85,8 +87,11 @@ def kv_cache_bytes(config, itemsize: int) -> int:
     return 2 * layers * kv_heads * positions * head_dim * itemsize
 
 
-def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None) -> Estimate:
-    """What `path` needs loaded in `dtype` (None: the dtype `load_model` picks), from its headers."""
+def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None, quant: str | None = None) -> Estimate:
+    """What `path` needs loaded in `dtype` (None: the dtype `load_model` picks), from its headers;
+    with quant ("int8", "int4"), as model/quantized.py loads it: each matrix quant.format_of
+    names in its blocks (W_down and fc2 quantized in their neuron-major layout: no copies), a
+    tied LM head's quantized copy beside the float embedding, everything else in dtype."""
     path = Path(path)
     config = config if config is not None else load_config(path)
     dtype = dtype if dtype is not None else auto_dtype(path, config)
@@ -94,7 +99,20 @@ def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None) ->
     tensors = read_headers(path)
     if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in tensors:
         tensors.pop("lm_head.weight", None)  # one matrix, whatever the file holds
-    if tensors:
+    if tensors and quant is not None:
+        from turbo_demo.runtime.quant import block_nbytes, format_of, packed_shape  # torch only: cheap
+
+        def size(name: str, t) -> int:
+            fmt = format_of(name, quant) if len(t.shape) == 2 and t.dtype in FLOAT_DTYPES else None
+            if fmt is not None:
+                return block_nbytes(packed_shape(name, t.shape), fmt)
+            return t.numel * itemsize if t.dtype in FLOAT_DTYPES else t.nbytes
+
+        weights = sum(size(name, t) for name, t in tensors.items())
+        embed = tensors.get("model.embed_tokens.weight")
+        tied = getattr(config, "tie_word_embeddings", False) and embed is not None
+        copies = block_nbytes(embed.shape, format_of("lm_head.weight", quant)) if tied else 0
+    elif tensors:
         weights = sum(t.numel * itemsize if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors.values())
         copies = sum(t.numel * itemsize for name, t in tensors.items() if is_copied(name))
     else:
@@ -103,7 +121,7 @@ def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None) ->
         ffn = getattr(config, "intermediate_size", 0) * config.hidden_size
         copies = config.num_hidden_layers * ffn * itemsize
     kv = kv_cache_bytes(config, itemsize) if hasattr(config, "num_hidden_layers") else 0
-    return Estimate(path.name, dtype, weights, copies, kv)
+    return Estimate(path.name, dtype, weights, copies, kv, quant)
 
 
 def available_bytes(device_map: str | dict | None = None) -> int:

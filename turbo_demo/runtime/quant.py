@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from turbo_demo.choices import QUANTS
+
 BLOCK = 32
-QUANTS = ("int8", "int4")
 BLOCK_BYTES = {"int8": 2 + BLOCK, "int4": 4 + BLOCK // 2}
 FORMAT_CODE = {"int8": 0, "int4": 1}  # the C++ kernels' names for the formats
 
@@ -69,6 +70,16 @@ FORMATS = {
     "int8": {"ffn": "int8", "attention": "int8", "predictor": "int8", "lm_head": "int8"},
     "int4": {"ffn": "int4", "attention": "int4", "predictor": "int8", "lm_head": "int8"},
 }
+
+
+# Stored (out, in) by HF, kept neuron-major (in, out) by the pack: quantized transposed.
+TRANSPOSED = ("mlp.down_proj.weight", "mlp.predictor.fc2.weight")
+
+
+def packed_shape(name: str, shape) -> tuple[int, int]:
+    """The (rows, cols) a parameter of HF shape `shape` has in a pack."""
+    rows, cols = shape
+    return (cols, rows) if name.endswith(TRANSPOSED) else (rows, cols)
 
 
 def role_of(name: str) -> str | None:
@@ -192,6 +203,12 @@ def times(h: torch.Tensor, wt) -> torch.Tensor:
     if isinstance(wt, QWeight):
         return (h.float() @ dequantize(wt)).to(h.dtype)
     return h @ wt
+
+
+def block_nbytes(shape, fmt: str) -> int:
+    """Bytes of an (N, H) matrix quantized in `fmt`."""
+    n, h = shape
+    return n * -(-h // BLOCK) * BLOCK_BYTES[fmt]
 
 
 def weight_bytes(w) -> int:
