@@ -28,6 +28,7 @@ def tiny_settings(embedded) -> Settings:
         embedded=embedded,
         embedded_tokens=3,
         e2e_rounds=2,
+        quants=("int8",),
     )
 
 
@@ -54,25 +55,33 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
         if e["mode"] == "transformers":
             assert e["speedup_vs_transformers"] == 1.0
 
-    engines = [(e["model"], e["dtype"], e["engine"]) for e in result["e2e"]]
+    engines = [(e["model"], e["dtype"], e["quant"], e["engine"]) for e in result["e2e"]]
     # the tiny checkpoint has no predictors: its predictor engine is skipped, with a note; it
-    # runs in the benchmark's dtype and in the app's
+    # runs in the benchmark's dtype and in the app's, quantized in the benchmark's dtype
     assert engines == [
-        ("7b-shape", "bfloat16", "transformers"),
-        ("7b-shape", "bfloat16", "dense"),
-        ("7b-shape", "bfloat16", "exact"),
-        ("7b-shape", "bfloat16", "predictor"),
+        ("7b-shape", "bfloat16", None, "transformers"),
+        ("7b-shape", "bfloat16", None, "dense"),
+        ("7b-shape", "bfloat16", None, "exact"),
+        ("7b-shape", "bfloat16", None, "predictor"),
+        ("7b-shape", "bfloat16", "int8", "dense"),
+        ("7b-shape", "bfloat16", "int8", "exact"),
+        ("7b-shape", "bfloat16", "int8", "predictor"),
     ] + [
-        ("embedded-drelu", dtype, engine)
+        ("embedded-drelu", dtype, quant, engine)
         for dtype in ("bfloat16", "float32")
+        for quant in ((None, "int8") if dtype == "bfloat16" else (None,))
         for engine in ("transformers", "dense", "exact")
+        if quant is None or engine != "transformers"
     ]
     assert any("no predictors" in note for note in result["notes"])
     for e in result["e2e"]:
         assert set(e) == {
             "model",
             "dtype",
+            "quant",
             "engine",
+            "bytes_per_token",
+            "limit_tokens_per_s",
             "tokens_per_s",
             "sparsity",
             "bandwidth_share",
@@ -83,9 +92,12 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
         assert (e["sparsity"] is None) == (e["engine"] == "transformers")
         assert (e["stats_share"] is None) == (e["engine"] == "transformers")
         assert e["stats_share"] is None or 0 < e["stats_share"] < 1
-    by_engine = {(e["model"], e["engine"]): e for e in result["e2e"]}
-    assert by_engine["7b-shape", "dense"]["sparsity"] == 0.0
-    assert by_engine["7b-shape", "predictor"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    by_engine = {(e["model"], e["quant"], e["engine"]): e for e in result["e2e"]}
+    assert by_engine["7b-shape", None, "dense"]["sparsity"] == 0.0
+    assert by_engine["7b-shape", None, "predictor"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    # int8 rows read about 34/64 of the bf16 bytes (a 2-byte scale per 32 one-byte values)
+    bf16, int8 = (by_engine["7b-shape", q, "dense"]["bytes_per_token"] for q in (None, "int8"))
+    assert int8 == pytest.approx(bf16 * 34 / 64, rel=0.01)
     assert "FFN step" in format_table(result) and "embedded-drelu" in format_table(result)
 
 
@@ -102,6 +114,8 @@ def test_settings_and_bad_names():
     assert settings_for().stack_layers == 8
     with pytest.raises(UserError, match="unknown dtype"):
         settings_for(dtype="int4")
+    with pytest.raises(UserError, match="unknown quantization"):
+        settings_for(quants=("int3",))
     with pytest.raises(UserError, match="unknown kernel backend"):
         run_bench(tiny_settings(None), backend="cuda", progress=False)
 

@@ -83,7 +83,8 @@ def cmd_bench(args) -> None:
 
     if args.bench_threads:
         torch.set_num_threads(args.bench_threads)
-    result = run_bench(settings_for(args.quick, args.dtype), backend=args.backend)
+    quants = () if args.quant == "none" else tuple(args.quant.split(","))
+    result = run_bench(settings_for(args.quick, args.dtype, quants), backend=args.backend)
     print(json.dumps(result) if args.json else format_table(result))
 
 
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gather-GEMV kernels: auto = cpp where it builds, else torch",
     )
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weight dtype (default bf16)")
+    p.add_argument("--quant", default="int8,int4", help="lean engines also on these block formats, or none")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", help="probe a running app (e.g. a deployed Space): fuzzed calls, then many clients")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turbo_demo.choices import QUANTS
 from turbo_demo.errors import UserError
 from turbo_demo.model.bamboo import BambooConfig, BambooMLP
 from turbo_demo.model.checkpoint import DTYPES
@@ -42,17 +43,22 @@ class Settings:
     embedded: Path | None = EMBEDDED
     embedded_tokens: int = 48
     e2e_rounds: int = 5
+    quants: tuple = ()  # block formats whose lean engines join the e2e rows (runtime/quant.py)
     # the MoE layer (bench/moe.py): experts of the first FFN shape, top-k, the in-expert sparsity
     moe_experts: int = 8
     moe_top_k: int = 2
     moe_sparsity: float = 0.85
 
 
-def settings_for(quick: bool = False, dtype: str = "bf16") -> Settings:
-    """The full benchmark (a few minutes), or a quick one (under a minute, noisier)."""
+def settings_for(quick: bool = False, dtype: str = "bf16", quants: tuple = QUANTS) -> Settings:
+    """The full benchmark (a few minutes), or a quick one (under a minute, noisier); the e2e
+    rows in `dtype` and, for the lean engines, with each of `quants`."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    settings = Settings(dtype=DTYPES[dtype])
+    unknown = [q for q in quants if q not in QUANTS]
+    if unknown:
+        raise UserError(f"unknown quantization {unknown[0]!r}; choose from {', '.join(QUANTS)}")
+    settings = Settings(dtype=DTYPES[dtype], quants=tuple(quants))
     if quick:
         settings = replace(
             settings,

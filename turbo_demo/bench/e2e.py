@@ -10,11 +10,12 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from turbo_demo.bench.common import Settings, nbytes, randomize_, round_robin, timed
+from turbo_demo.bench.common import Settings, randomize_, round_robin, timed
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, load_model
-from turbo_demo.runtime import LeanRuntime, pack
+from turbo_demo.runtime import LeanRuntime, PackedModel, pack
 from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.quant import weight_bytes
 from turbo_demo.runtime.stats import LayerRecord, StepStats
 
 ENGINES = ("transformers", "dense", "exact", "predictor")
@@ -53,62 +54,84 @@ def stats_seconds(runtime: LeanRuntime, reps: int = 2000) -> float:
     return timed(lambda: [build() for _ in range(reps)]) / reps
 
 
+def other_bytes(packed: PackedModel) -> int:
+    """Weight bytes a decode step reads besides the FFN's: attention projections and LM head."""
+    lean = packed.lean
+    return weight_bytes(lean.lm_head) + sum(weight_bytes(w) for a in lean.attention for w in (a.wq, a.wk, a.wv, a.wo))
+
+
 def bench_model(
-    label: str, model, predictor: dict | None, tokens: int, s: Settings, kernels: Kernels, gbps: float, progress: bool
+    label: str,
+    model,
+    predictor: dict | None,
+    tokens: int,
+    s: Settings,
+    kernels: Kernels,
+    gbps: float,
+    progress: bool,
+    quants: tuple = (),
 ) -> list[dict]:
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt: transformers'
-    generate on the model as loaded, and the lean runtime on its pack of the model."""
-    packed = pack(model)
+    generate on the model as loaded, and the lean runtime on its pack of the model, as loaded
+    and quantized in each of `quants` (engine (mode, quant); quant None: as loaded)."""
+    packs = {None: pack(model), **{q: pack(model, q) for q in quants}}
     generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     modes = {"dense": {}, "exact": {}, **({"predictor": predictor} if predictor is not None else {})}
-    runtimes = {mode: LeanRuntime(packed, mode, kernels, **options) for mode, options in modes.items()}
+    runtimes = {
+        (mode, quant): LeanRuntime(packed, mode, kernels, **options)
+        for quant, packed in packs.items()
+        for mode, options in modes.items()
+    }
     steps = defaultdict(list)
 
-    def decode(mode):
-        steps[mode].extend(runtimes[mode].generate(PROMPT, tokens))
+    def decode(key):
+        steps[key].extend(runtimes[key].generate(PROMPT, tokens))
 
     calls = {
-        "transformers": lambda: model.generate(torch.tensor([PROMPT]), generation_config=generation),
-        **{mode: lambda mode=mode: decode(mode) for mode in runtimes},
+        ("transformers", None): lambda: model.generate(torch.tensor([PROMPT]), generation_config=generation),
+        **{key: lambda key=key: decode(key) for key in runtimes},
     }
     bar = tqdm(total=s.e2e_rounds, desc=f"e2e {label}", file=sys.stderr, disable=not progress, leave=False)
     seconds = round_robin(calls, s.e2e_rounds, bar)
     bar.close()
-    # weights read per token besides the FFN's: attention projections and the LM head
-    other = nbytes(model.lm_head.weight) + sum(
-        nbytes(p) for layer in model.model.layers for p in layer.self_attn.parameters()
-    )
-    dense_ffn = runtimes["dense"].dense_ffn_bytes
-    stats_cost = {mode: stats_seconds(runtime) for mode, runtime in runtimes.items()}
+    dense_ffn = runtimes["dense", None].dense_ffn_bytes
+    stats_cost = {key: stats_seconds(runtime) for key, runtime in runtimes.items()}
     results = []
-    for engine in ENGINES:
-        if engine not in seconds:
-            continue
-        per_token = seconds[engine] / tokens
-        if engine == "transformers":
-            ffn_bytes, sparsity, stats_share = dense_ffn, None, None
-        else:
-            ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[engine])
-            sparsity = 1 - statistics.mean(c for st in steps[engine] for c in st.computed_share)
-            stats_share = stats_cost[engine] / per_token
-        results.append(
-            {
-                "model": label,
-                "dtype": dtype_name(model.dtype),
-                "engine": engine,
-                "tokens_per_s": 1 / per_token,
-                "sparsity": sparsity,
-                "bandwidth_share": (other + ffn_bytes) / (gbps * 1e9) / per_token,
-                "speedup_vs_dense": seconds["dense"] / seconds[engine],
-                "stats_share": stats_share,
-            }
-        )
+    for quant in packs:
+        for engine in ENGINES:
+            key = (engine, quant)
+            if key not in seconds:
+                continue
+            per_token = seconds[key] / tokens
+            if engine == "transformers":
+                ffn_bytes, sparsity, stats_share = dense_ffn, None, None
+            else:
+                ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[key])
+                sparsity = 1 - statistics.mean(c for st in steps[key] for c in st.computed_share)
+                stats_share = stats_cost[key] / per_token
+            step_bytes = other_bytes(packs[quant]) + ffn_bytes
+            results.append(
+                {
+                    "model": label,
+                    "dtype": dtype_name(model.dtype),
+                    "quant": quant,
+                    "engine": engine,
+                    "tokens_per_s": 1 / per_token,
+                    "sparsity": sparsity,
+                    "bytes_per_token": step_bytes,
+                    # the tokens/s the read bandwidth allows at these bytes per token
+                    "limit_tokens_per_s": gbps * 1e9 / step_bytes,
+                    "bandwidth_share": step_bytes / (gbps * 1e9) / per_token,
+                    "speedup_vs_dense": seconds["dense", None] / seconds[key],
+                    "stats_share": stats_share,
+                }
+            )
     return results
 
 
 def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:
     results = bench_model(
-        "7b-shape", random_stack(s), {"budget": s.stack_budget}, s.stack_tokens, s, kernels, gbps, progress
+        "7b-shape", random_stack(s), {"budget": s.stack_budget}, s.stack_tokens, s, kernels, gbps, progress, s.quants
     )
     notes.append(
         f"7b-shape: {s.stack_layers} layers of Mistral-7B's shape, random weights, "
@@ -121,7 +144,10 @@ def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], prog
     for dtype in dict.fromkeys((s.dtype, app_dtype)):
         model = load_model(s.embedded, dtype)
         predictor = {} if model.config.predictor_rank else None
-        results += bench_model("embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress)
+        quants = s.quants if dtype == s.dtype else ()  # quantized rows in the benchmark's dtype only
+        results += bench_model(
+            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, quants
+        )
     if predictor is None:
         notes.append(
             "embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "
