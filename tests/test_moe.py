@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_published import rms, rotate_half
 
+from conftest import tiny_model
 from turbo_demo.app.catalog import ModelStore, model_modes
 from turbo_demo.app.compare import Settings, SideRecord, run_compare
 from turbo_demo.cli import main
@@ -26,7 +27,7 @@ from turbo_demo.model.checkpoint import load_config, load_model
 from turbo_demo.model.memory import estimate
 from turbo_demo.model.mixtral import TurboSparseMixtralForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
-from turbo_demo.runtime.moe import expert_firing, routing_counts
+from turbo_demo.runtime.moe import expert_firing, moe_shape, routing_counts, routing_weights
 
 H, INTER, LAYERS, EXPERTS, TOP_K, VOCAB = 32, 64, 2, 8, 2, 300
 HEADS, KV_HEADS = 4, 2
@@ -265,6 +266,10 @@ def test_statistics_add_up_over_all_experts(published):
             assert all(len(layer) == TOP_K for s in steps for layer in s.expert_recall)
         else:
             assert all(s.recall is None for s in steps)
+        assert moe_shape(packed) == (EXPERTS, INTER, TOP_K)
+        for s in steps:  # the routing view of one token: layers x experts
+            assert [sum(row) for row in routing_weights(s, EXPERTS)] == pytest.approx([1.0] * LAYERS)
+            assert [sum(w > 0 for w in row) for row in routing_weights(s, EXPERTS)] == [TOP_K] * LAYERS
         counts = runtime.firing_counts()
         per_expert = expert_firing(counts, EXPERTS)  # (L, E, I)
         chosen = routing_counts(steps, EXPERTS)  # (L, E)
@@ -303,6 +308,7 @@ def test_plain_mixtral_is_the_dense_comparator(mixtral, backends):
     with torch.no_grad():
         torch.testing.assert_close(model(torch.tensor([PROMPT])).logits[0], want, atol=2e-4, rtol=1e-4)
     packed = pack(model)
+    assert moe_shape(packed) == (EXPERTS, INTER, TOP_K) and moe_shape(pack(tiny_model("drelu"))) is None
     for kernels in backends:
         torch.testing.assert_close(
             runtime_logits(LeanRuntime(packed, "dense", kernels), PROMPT), want[3:], atol=2e-4, rtol=1e-4

@@ -210,3 +210,20 @@ def routing_counts(steps, n_experts: int) -> list[list[int]]:
             for e in chosen:
                 counts[layer][e] += 1
     return counts
+
+
+def moe_shape(packed) -> tuple[int, int, int] | None:
+    """(experts, neurons per expert, experts per token) of a pack's MoE layers; None for dense FFNs."""
+    first = packed.ffns[0] if packed.ffns else None
+    return (len(first.experts), first.expert_n, first.top_k) if isinstance(first, MoEWeights) else None
+
+
+def routing_weights(stats, n_experts: int) -> list[list[float]]:
+    """(L, E): one StepStats' routing weight of each layer's experts, 0 where not chosen."""
+    rows = []
+    for chosen, weights in zip(stats.experts or (), stats.expert_weights or ()):
+        row = [0.0] * n_experts
+        for e, w in zip(chosen, weights):
+            row[e] = w
+        rows.append(row)
+    return rows
