@@ -110,34 +110,23 @@ def speed_limit_figure(limits: dict, paper: dict[str, float], paper_sparsity: fl
         for mode, curve in limits["shapes"][shape].items():
             x = [100 * s for s in curve["sparsity"]]
             color, first = MODE_COLORS.get(mode, "#000000"), col == 1
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=curve["ms"],
-                    name=f"{mode}: measured",
-                    legendgroup=mode,
-                    showlegend=first,
-                    mode="lines+markers",
-                    line=dict(color=color),
-                ),
-                1,
-                col,
-            )
-            if mode == "transformers":  # its limit is dense's: drawn once
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=curve["limit_ms"],
-                    name=f"{mode}: bandwidth limit",
-                    legendgroup=mode,
-                    showlegend=first,
-                    mode="lines",
-                    line=dict(color=color, dash="dash"),
-                ),
-                1,
-                col,
-            )
+            lines = [("ms", "measured", "lines+markers", None)]
+            if mode != "transformers":  # its limit is dense's: drawn once
+                lines.append(("limit_ms", "bandwidth limit", "lines", "dash"))
+            for key, what, style, dash in lines:
+                fig.add_trace(
+                    go.Scatter(
+                        x=x,
+                        y=curve[key],
+                        name=f"{mode}: {what}",
+                        legendgroup=mode,
+                        showlegend=first,
+                        mode=style,
+                        line=dict(color=color, dash=dash),
+                    ),
+                    1,
+                    col,
+                )
         dense = limits["shapes"][shape].get("dense")
         if col == 1 and dense and paper:
             at = min(range(len(dense["sparsity"])), key=lambda i: abs(dense["sparsity"][i] - paper_sparsity))
