@@ -246,3 +246,28 @@ def test_generate_quant_json(untied_dir, capsys):
     )
     out = json.loads(capsys.readouterr().out)
     assert out["quant"] == "int8" and len(out["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_quantize_save_load_is_bit_identical_and_transformers_refuses(untied_dir, tmp_path, fmt, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from turbo_demo.cli import main
+
+    dst = tmp_path / f"q-{fmt}"
+    assert main(["quantize", str(untied_dir), str(dst), "--quant", fmt]) == 0
+    assert capsys.readouterr().out.strip() == str(dst)
+    loaded, direct = load_quantized(dst), load_quantized(untied_dir, fmt)
+    assert loaded.quant == fmt and "Q8_0" in (dst / "README.md").read_text()
+    pairs = list(zip(matrices(loaded), matrices(direct), strict=True))
+    assert all(a.fmt == b.fmt and a.cols == b.cols and torch.equal(a.data, b.data) for a, b in pairs)
+    small = dict(direct.model.named_parameters())
+    assert all(torch.equal(p, small[n]) for n, p in loaded.model.named_parameters() if not p.is_meta)
+    assert greedy(loaded, "predictor", Kernels()) == greedy(direct, "predictor", Kernels())
+    with pytest.raises(ValueError, match="turbosparse_quantized"):
+        AutoModelForCausalLM.from_pretrained(dst)
+    assert main(["generate", str(dst), "--prompt", "def", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quant"] == fmt
+    other = "int4" if fmt == "int8" else "int8"
+    assert main(["generate", str(dst), "--quant", other, "--prompt", "def"]) == 2
+    assert f"holds {fmt} weights" in capsys.readouterr().err

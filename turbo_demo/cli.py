@@ -76,6 +76,13 @@ def cmd_card(args) -> None:
     print(write_card(args.model_dir))
 
 
+def cmd_quantize(args) -> None:
+    from turbo_demo.model.checkpoint import DTYPES
+    from turbo_demo.model.quantized import quantize_checkpoint
+
+    print(quantize_checkpoint(args.src, args.dst, args.quant, DTYPES.get(args.dtype)))
+
+
 def cmd_bench(args) -> None:
     import torch
 
@@ -171,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=QUANTS, help="block-quantize the matrices at load (CPU, lean runtime)")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "quantize", help="write a checkpoint's matrices as int8 / int4 blocks (loads without re-quantizing)"
+    )
+    p.add_argument("src", help="a float checkpoint directory")
+    p.add_argument("dst", help="the directory to write")
+    p.add_argument("--quant", required=True, choices=QUANTS)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="of embeddings and norms (auto as generate)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="measure FFN and decoding speed per mode (tokens/s, bandwidth)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -41,10 +41,10 @@ def generate(args) -> None:
     options = mode_options(args)
     device = decode_device(args.device)
     kernels = load_kernels(args.backend, cpp.announce_build, device.type)
-    quant = getattr(args, "quant", None)
-    if quant is not None:  # streamed from the safetensors into blocks, matrix by matrix
-        from turbo_demo.model.quantized import load_quantized
+    from turbo_demo.model.quantized import load_quantized, stored_quant
 
+    quant = getattr(args, "quant", None) or stored_quant(Path(args.model_dir))
+    if quant is not None:  # streamed from the safetensors into blocks, or a `quantize` checkpoint
         if device.type != "cpu":
             raise UserError("--quant decodes on the CPU: drop --device")
         packed = load_quantized(args.model_dir, quant, DTYPES.get(args.dtype))

@@ -12,19 +12,86 @@ float tensor and its quantization's temporaries, never the float model.
 
 The transformers model that comes back has no float matrices (they stay on the meta device):
 it runs on the lean runtime only, which reads the pack.
+
+    quantize_checkpoint(src, dst, quant)    `python -m turbo_demo quantize SRC DST --quant Q`
+
+writes a checkpoint that loads without re-quantizing (load_quantized reads its blocks as they
+are, bit for bit). Its layout, also in the model card it writes (CARD):
+
+    config.json        {"model_type": "turbosparse_quantized", "turbo_demo_quantized": {"quant",
+                       "block": 32, "base_config": the source's config}}: an architecture plain
+                       transformers does not know, so that it refuses to load the directory
+                       instead of filling the missing matrices with random values
+    model.safetensors  the matrices as uint8 "<HF parameter name>.blocks" (N, B * block bytes),
+                       W_down and fc2 neuron-major (transposed); embeddings and norms as loaded;
+                       metadata "turbo_demo_blocks": JSON {name: [format, columns]}
 """
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import auto_dtype, check_model_dir, load_config
 from turbo_demo.model.headers import safetensors_files
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
-from turbo_demo.runtime.quant import QUANTS, TRANSPOSED, QWeight, format_of, quantize
+from turbo_demo.runtime.quant import FORMATS, QUANTS, TRANSPOSED, QWeight, format_of, quantize
+
+MODEL_TYPE = "turbosparse_quantized"
+SUFFIX = ".blocks"
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def stored_quant(path: Path) -> str | None:
+    """The format a `quantize` checkpoint at `path` holds, None for any other directory."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("model_type") != MODEL_TYPE:
+        return None
+    return config["turbo_demo_quantized"]["quant"]
+
+
+def stored_config(path: Path):
+    """The source model's config, as `quantize` saved it."""
+    base = dict(json.loads((path / "config.json").read_text())["turbo_demo_quantized"]["base_config"])
+    return AutoConfig.for_model(base.pop("model_type"), **base)
+
+
+def read_blocks(path: Path, config, dtype: torch.dtype):
+    """(model on meta but its small tensors, {parameter name: QWeight}) from a `quantize` checkpoint."""
+    with torch.device("meta"):
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    quantized: dict[str, QWeight] = {}
+    small: dict[str, torch.Tensor] = {}
+    with safe_open(path / "model.safetensors", framework="pt", backend="pread") as f:
+        layout = json.loads(f.metadata()["turbo_demo_blocks"])
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            t = f.get_tensor(name)
+            if name.endswith(SUFFIX):
+                fmt, cols = layout[name]
+                quantized[name.removesuffix(SUFFIX)] = QWeight(t, fmt, cols)
+            else:
+                small[name] = t.to(dtype) if t.is_floating_point() else t
+    return finish(model, config, small, quantized, path)
+
+
+def finish(model, config, small: dict, quantized: dict, path: Path):
+    """The meta model with its small tensors assigned (tied embeddings tied), checked complete."""
+    model.load_state_dict(small, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in quantized]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} weights the model needs, such as {missing[0]}")
+    return model.eval(), quantized
 
 
 def check_quant(quant: str) -> str:
@@ -52,35 +119,102 @@ def stream_quantized(path: Path, config, quant: str, dtype: torch.dtype):
                     continue
                 quantized[name] = quantize(t.t().contiguous() if name.endswith(TRANSPOSED) else t, fmt)
                 del t
-    model.load_state_dict(small, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in quantized]
-    if missing:
-        raise UserError(f"{path} lacks {len(missing)} weights the model needs, such as {missing[0]}")
-    return model.eval(), quantized
+    return finish(model, config, small, quantized, path)
 
 
-def load_quantized(path: str | Path, quant: str, dtype: torch.dtype | None = None) -> PackedModel:
-    """The pack of `path` with its matrices in `quant` blocks, streamed (see the module
-    docstring); dtype (None: checkpoint.auto_dtype) is that of the activations, embeddings and
+def load_quantized(path: str | Path, quant: str | None = None, dtype: torch.dtype | None = None) -> PackedModel:
+    """The pack of `path` with its matrices in `quant` blocks: streamed from a float checkpoint
+    (see the module docstring), or read from a `quantize` checkpoint (quant None: the one it
+    holds); dtype (None: checkpoint.auto_dtype) is that of the activations, embeddings and
     norms. Refused before anything is allocated where memory.estimate(..., quant) does not fit."""
     from turbo_demo.model import memory
 
     path = check_model_dir(path)
-    config = load_config(path)
-    check_quant(quant)
+    stored = stored_quant(path)
+    if stored is not None and quant not in (None, stored):
+        raise UserError(f"{path} holds {stored} weights, not {quant}: load it with --quant {stored}")
+    if stored is None and quant is None:
+        raise UserError(f"{path} is not a quantized checkpoint: say which quantization to apply")
+    quant = check_quant(stored or quant)
+    config = stored_config(path) if stored else load_config(path)
     if not lean_supports(config):
         raise UserError(
             f"quantized weights run on the lean runtime only, which does not know {config.model_type!r} "
             "models: load it without quantization"
         )
     dtype = dtype if dtype is not None else auto_dtype(path, config)
-    memory.check_fits(memory.estimate(path, dtype, config, quant), memory.available_bytes())
+    # a quantize checkpoint's headers are its blocks already: their sizes as stored
+    need = memory.estimate(path, dtype, config, None if stored else quant)
+    memory.check_fits(need, memory.available_bytes())
     try:
-        model, quantized = stream_quantized(path, config, quant, dtype)
+        model, quantized = read_blocks(path, config, dtype) if stored else stream_quantized(path, config, quant, dtype)
     except UserError:
         raise
     except Exception as exc:  # a broken file surfaces as many exception types; name it once
         raise UserError(f"cannot load the weights in {path}: {type(exc).__name__}: {exc}") from exc
     return pack(model, quant, quantized)
+
+
+CARD = """# {name} ({quant})
+
+Written by `python -m turbo_demo quantize {src} {name} --quant {quant}` (TurboSparse Studio):
+the matrices of `{src}` block-quantized, {formats}. Run it with
+`python -m turbo_demo generate {name} --prompt ...` (or a model box of the app); plain
+transformers refuses it (model type `turbosparse_quantized`).
+
+Layout: config.json holds the source's config under `turbo_demo_quantized.base_config`;
+model.safetensors holds each quantized matrix as uint8 `<parameter>.blocks` (one row per
+neuron: W_gate, W_up, attention and the LM head as HF stores them (out, in), W_down and the
+predictors' fc2 transposed), in blocks of 32 values: int8 = fp16 scale d + 32 int8 q
+(w = d q, llama.cpp's Q8_0), int4 = fp16 d + fp16 m + 16 bytes of nibbles (value j in the low
+nibble of byte j, value j + 16 in its high nibble; w = d q + m, llama.cpp's Q4_1); the rest
+(embeddings, norms) as loaded. The safetensors metadata `turbo_demo_blocks` gives each
+matrix's format and column count.
+"""
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, quant: str, dtype: torch.dtype | None = None) -> Path:
+    """Write `src` quantized into `dst` (see the module docstring), streamed as load_quantized."""
+    src, dst = Path(src), Path(dst)
+    if stored_quant(src):
+        raise UserError(f"{src} is quantized already")
+    packed = load_quantized(src, quant, dtype)
+    if hasattr(packed.model.model.layers[0].self_attn, "qkv_proj"):
+        raise UserError("fused projections (Phi-3) are quantized at load only, not written as a checkpoint")
+    blocks = packed_blocks(packed)
+    small = {n: p.detach() for n, p in packed.model.named_parameters() if not p.is_meta and n not in blocks}
+    tensors = {**{f"{n}{SUFFIX}": w.data.contiguous() for n, w in blocks.items()}, **small}
+    layout = {f"{n}{SUFFIX}": [w.fmt, w.cols] for n, w in blocks.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, dst / "model.safetensors", metadata={"turbo_demo_blocks": json.dumps(layout)})
+    config = {
+        "model_type": MODEL_TYPE,
+        "turbo_demo_quantized": {"quant": quant, "block": 32, "base_config": packed.model.config.to_dict()},
+    }
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    formats = ", ".join(f"{role} {fmt}" for role, fmt in FORMATS[quant].items())
+    (dst / "README.md").write_text(CARD.format(name=dst.name, src=src.name, quant=quant, formats=formats))
+    return dst
+
+
+def packed_blocks(packed: PackedModel) -> dict[str, QWeight]:
+    """Every QWeight of a (non-fused) pack by its HF parameter name."""
+    lean = packed.lean
+    out = {"lm_head.weight": lean.lm_head}
+    for i, (a, f) in enumerate(zip(lean.attention, packed.ffns)):
+        for short, w in (("q_proj", a.wq), ("k_proj", a.wk), ("v_proj", a.wv), ("o_proj", a.wo)):
+            out[f"model.layers.{i}.self_attn.{short}.weight"] = w
+        parts = {
+            "gate_proj": f.wg,
+            "up_proj": f.wu,
+            "down_proj": f.wd_t,
+            "predictor.fc1": f.fc1,
+            "predictor.fc2": f.fc2_t,
+        }
+        out.update({f"model.layers.{i}.mlp.{short}.weight": w for short, w in parts.items() if w is not None})
+    if not all(isinstance(w, QWeight) for w in out.values()):
+        raise UserError("only fully quantized packs can be written")
+    return out
