@@ -23,7 +23,9 @@ from turbo_demo.app.catalog import ModelStore, model_modes
 from turbo_demo.app.compare import Settings, SideRecord, run_compare
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
+from turbo_demo.model.activations import activation_histograms
 from turbo_demo.model.checkpoint import load_config, load_model
+from turbo_demo.model.hooks import on_ffn_activation
 from turbo_demo.model.memory import estimate
 from turbo_demo.model.mixtral import TurboSparseMixtralForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
@@ -356,3 +358,19 @@ def test_the_compare_engine_runs_a_moe_pair(published, mixtral):
     assert all(s.ffn_bytes == s.ffn_bytes_routed for s in left.steps)  # the dense MoE reads k experts
     assert all(s.ffn_bytes < s.ffn_bytes_routed for s in right.steps)
     assert [len(layer) for layer in right.firing_counts] == [EXPERTS * INTER] * LAYERS
+
+
+def test_the_activation_hooks_watch_every_expert(published, mixtral):
+    """The histograms and top-k evaluation hook each expert's w1, w3 (gate, up) and w2's input h:
+    h is dReLU's, zero where a gate or up is, and masked by the expert's predictor."""
+    model = load_model(published[0])
+    seen = []
+    watch = lambda layer, h: seen.append((layer, h.shape[-1], float((h == 0).float().mean())))
+    with on_ffn_activation(model, watch), torch.no_grad():
+        model(torch.tensor([PROMPT]))
+    assert {layer for layer, _, _ in seen} == set(range(LAYERS)) and {n for _, n, _ in seen} == {INTER}
+    assert all(zeros > 0.5 for _, _, zeros in seen)  # relu * relu, then the mask
+    histograms = activation_histograms(model, PROMPT)
+    assert histograms["combined"]["total"] == LAYERS * TOP_K * len(PROMPT) * INTER  # every routed token
+    with pytest.raises(UserError, match="no gated FFN"):
+        activation_histograms(load_model(mixtral[0]), PROMPT)  # fused experts: no modules to hook

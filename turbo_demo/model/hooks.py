@@ -1,6 +1,7 @@
 """Watching (and editing) the FFN activations of any gated-FFN causal LM through hooks.
 
-The combined activation h of layer i is the input of `model.layers[i].mlp.down_proj`:
+The combined activation h of layer i is the input of `model.layers[i].mlp.down_proj` (in a
+TurboSparse-Mixtral model, of each expert's w2, for the tokens routed to it):
 h = act(W_gate x) * (W_up x) for SwiGLU, relu(W_gate x) * relu(W_up x) for dReLU. A forward
 pre-hook on down_proj therefore sees h for every FFN variant without touching its code. The
 gate and up projections are gate_proj and up_proj, or Phi-3's one gate_up_proj, whose output
@@ -28,6 +29,23 @@ def ffn_modules(model: nn.Module) -> list[nn.Module]:
     return mlps
 
 
+def hooked_ffns(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer, FFN) for every FFN the hooks below watch: each layer's MLP, or in a MoE model whose
+    experts are modules (TurboSparse-Mixtral), each expert of each layer (h then holds only the
+    tokens routed to that expert). transformers' Mixtral stores its experts fused: not hookable."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    experts = [getattr(getattr(layer, "mlp", None), "experts", None) for layer in layers]
+    if layers and all(isinstance(e, nn.ModuleList) for e in experts):
+        return [(i, expert) for i, group in enumerate(experts) for expert in group]  # type: ignore[arg-type]
+    return list(enumerate(ffn_modules(model)))
+
+
+def part(ffn: nn.Module, kind: str) -> nn.Module:
+    """An FFN's "gate", "up" or "down" projection, by HF's names or Mixtral's (w1, w3, w2)."""
+    hf, mixtral = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}[kind]
+    return getattr(ffn, hf) if hasattr(ffn, hf) else getattr(ffn, mixtral)
+
+
 def is_gated(mlp: nn.Module) -> bool:
     split = hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj")
     return hasattr(mlp, "down_proj") and (split or hasattr(mlp, "gate_up_proj"))
@@ -40,13 +58,13 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
     If fn returns a tensor, it replaces h as the input of down_proj (used for top-k pruning).
     """
     handles = []
-    for i, mlp in enumerate(ffn_modules(model)):
+    for i, mlp in hooked_ffns(model):
 
         def pre_hook(module, args, layer=i):
             new = fn(layer, args[0])
             return None if new is None else (new,)
 
-        handles.append(mlp.down_proj.register_forward_pre_hook(pre_hook))
+        handles.append(part(mlp, "down").register_forward_pre_hook(pre_hook))
     try:
         yield
     finally:
@@ -58,7 +76,7 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
 def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
     """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
     handles = []
-    for i, mlp in enumerate(ffn_modules(model)):
+    for i, mlp in hooked_ffns(model):
         if hasattr(mlp, "gate_up_proj"):
 
             def fused(module, args, output, layer=i):
@@ -73,7 +91,7 @@ def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -
             def hook(module, args, output, layer=i, branch=name):
                 fn(layer, branch, output)
 
-            handles.append(getattr(mlp, f"{name}_proj").register_forward_hook(hook))
+            handles.append(part(mlp, name).register_forward_hook(hook))
     try:
         yield
     finally:
