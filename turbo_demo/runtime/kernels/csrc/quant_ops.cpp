@@ -142,45 +142,69 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
   return total;
 }
 
-// acc[0 : B * 32] += coef * dequantize(row), in fp32.
-inline void qaxpy(const QW& w, const uint8_t* row, const uint8_t* next, float coef, float* acc) {
+// acc[0 : B * 32] += sum_r coef[r] * dequantize(rows[r]) for the m <= 4 rows, in fp32: one
+// load and store of the accumulators per block for up to four rows (a row at a time, they
+// would cost as much as the row's own bytes).
+inline void qaxpy4(const QW& w, const uint8_t* const rows[4], const float coef[4], int m, float* acc) {
   const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
   for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
-    const uint8_t* blk = row + b * bb;
-    if (b % 2 == 0) prefetch(next + b * bb);
-    const float d = coef * half_at(blk);
-    if (w.fmt == kQ8) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
 #if defined(__AVX512F__)
-      const __m512 dv = _mm512_set1_ps(d);
-      for (int c = 0; c < kQBlock; c += 16) {
-        const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
-        _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(dv, qv, _mm512_loadu_ps(acc + c)));
+    __m512 a[2] = {_mm512_loadu_ps(acc), _mm512_loadu_ps(acc + 16)};
+    for (int r = 0; r < m; ++r) {
+      const uint8_t* blk = rows[r] + b * bb;
+      const __m512 dv = _mm512_set1_ps(coef[r] * half_at(blk));
+      if (w.fmt == kQ8) {
+        for (int half = 0; half < 2; ++half) {
+          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * half));
+          a[half] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), a[half]);
+        }
+      } else {
+        const __m512 mv = _mm512_set1_ps(coef[r] * half_at(blk + 2));
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)), mask = _mm_set1_epi8(15);
+        const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
+        for (int half = 0; half < 2; ++half) {
+          const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(halves[half]));
+          a[half] = _mm512_add_ps(_mm512_fmadd_ps(dv, qv, mv), a[half]);
+        }
       }
-#else
-#pragma omp simd
-      for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
-#endif
-    } else {
-      const float m = coef * half_at(blk + 2);
-#if defined(__AVX512F__)
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)), mask = _mm_set1_epi8(15);
-      const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
-      const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
-      for (int half = 0; half < 2; ++half) {
-        const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(halves[half]));
-        float* a = acc + 16 * half;
-        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_fmadd_ps(dv, qv, mv), _mm512_loadu_ps(a)));
-      }
-#else
-      uint8_t q[kQBlock];
-      unpack_q4(blk + 4, q);
-#pragma omp simd
-      for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + m;
-#endif
     }
+    _mm512_storeu_ps(acc, a[0]);
+    _mm512_storeu_ps(acc + 16, a[1]);
+#else
+    for (int r = 0; r < m; ++r) {
+      const uint8_t* blk = rows[r] + b * bb;
+      const float d = coef[r] * half_at(blk);
+      if (w.fmt == kQ8) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+#pragma omp simd
+        for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
+      } else {
+        const float mm = coef[r] * half_at(blk + 2);
+        uint8_t q[kQBlock];
+        unpack_q4(blk + 4, q);
+#pragma omp simd
+        for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + mm;
+      }
+    }
+#endif
   }
 }
+
+// Rows for qaxpy4, gathered four at a time.
+struct Pending {
+  const uint8_t* rows[4];
+  float coef[4];
+  int m = 0;
+  void add(const QW& w, const uint8_t* row, float c, float* acc) {
+    rows[m] = row;
+    coef[m++] = c;
+    if (m == 4) flush(w, acc);
+  }
+  void flush(const QW& w, float* acc) {
+    if (m) qaxpy4(w, rows, coef, m, acc);
+    m = 0;
+  }
+};
 
 void check_qweight(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
   TORCH_CHECK(fmt == kQ8 || fmt == kQ4, fn, ": unknown block format ", fmt);
@@ -226,8 +250,9 @@ void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<i
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const auto [j0, j1] = share(k, t, nt, 1);
     float* acc = partial.data() + static_cast<size_t>(t) * hp;
-    for (int64_t j = j0; j < j1; ++j)
-      qaxpy(wt, wt.row(rows[j]), wt.row(rows[std::min(j + 1, j1 - 1)]), coef[j], acc);
+    Pending pending;
+    for (int64_t j = j0; j < j1; ++j) pending.add(wt, wt.row(rows[j]), coef[j], acc);
+    pending.flush(wt, acc);
   }
   reduce(partial, threads, hp, wt.cols, y, static_cast<const T*>(nullptr));
 }
@@ -249,6 +274,7 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const auto [j0, j1] = share(k, t, nt, 1);
     float* acc = partial.data() + static_cast<size_t>(t) * hp;
+    Pending down;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n = pick(idx, j), nn = pick(idx, std::min(j + 1, j1 - 1));
       float a, hv;
@@ -273,8 +299,9 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
           ++counts[n];
         }
       }
-      if (hv != 0.f || dense) qaxpy(wd, wd.row(n), wd.row(nn), hv, acc);
+      if (hv != 0.f || dense) down.add(wd, wd.row(n), hv, acc);
     }
+    down.flush(wd, acc);
   }
   reduce(partial, threads, hp, wd.cols, y, add_to);
   return {up_rows, active};
