@@ -22,6 +22,7 @@ from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.model.generation import encode_prompt
 from turbo_demo.runtime import Kernels, open_runtime
 from turbo_demo.runtime.calibration import threshold_options
+from turbo_demo.runtime.moe import moe_shape
 from turbo_demo.runtime.stats import StepStats, pack_codes
 
 MAX_NEW_TOKENS = 256
@@ -107,6 +108,7 @@ class SideRecord:
     pieces: list[str] = field(default_factory=list)
     maps: list[bytes] = field(default_factory=list, repr=False)
     map_shape: tuple[int, int] = (0, 0)
+    moe: tuple[int, int, int] | None = None  # (experts, neurons per expert, experts per token)
 
     @property
     def median_step_s(self) -> float:
@@ -208,6 +210,7 @@ def side_steps(
             options = threshold_options(loaded.packed, loaded.tokenizer, settings.sparsity, context)
         runtime = open_runtime(loaded.packed, record.mode, kernels, options)
         record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
+        record.moe = moe_shape(loaded.packed)
         record.dtype = dtype_name(loaded.model.dtype)
         ids, record.rendered_prompt = encode_prompt(loaded.tokenizer, prompt, settings.system, settings.chat)
         if not ids:

@@ -105,6 +105,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                     speed = gr.Plot(label="Tokens/s")
                     memory = gr.Plot(label="Memory")
                 recall = gr.Plot(label="Predictor recall")
+                routing = gr.Plot(label="MoE routing", visible=False, elem_id="routing")  # MoE sides only
             show_inspect, inspect_outputs = page_inspector.inspector_tab(session)
             live_talk, talk_outputs, talk_buttons = page_talk.talk_tab()
             with gr.Tab("Neurons"):
@@ -139,6 +140,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 speed: view.speed,
                 memory: view.memory,
                 recall: view.recall,
+                routing: gr.Plot(value=view.routing, visible=view.routing is not None),
                 run_status: message,
             }
 

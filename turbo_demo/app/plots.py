@@ -108,11 +108,13 @@ def speed_figure(series: dict[str, list[float]]) -> go.Figure:
 
 
 def memory_figure(
-    rss_mb: float, weights_mb: dict[str, float], ffn_read_mb: dict[str, tuple[float, float]]
+    rss_mb: float, weights_mb: dict[str, float], ffn_read_mb: dict[str, tuple[float, float, float | None]]
 ) -> go.Figure:
-    """Left: process RSS and each side's weights (MB). Right: FFN MB read per token, vs dense.
+    """Left: process RSS and each side's weights (MB). Right: FFN MB read per token, vs dense
+    (for a MoE side: a dense FFN of all its experts) and, for MoE sides, vs a dense MoE.
 
-    weights_mb and ffn_read_mb are keyed by short side names ("left", "right").
+    weights_mb and ffn_read_mb ((read, dense, dense MoE or None)) are keyed by short side
+    names ("left", "right").
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Memory (MB)", "FFN weights read per token (MB)"))
     labels = ["process RSS"] + [f"{side} weights" for side in weights_mb]
@@ -128,6 +130,9 @@ def memory_figure(
     )
     sides = list(ffn_read_mb)
     fig.add_trace(go.Bar(x=sides, y=[ffn_read_mb[s][1] for s in sides], name="dense FFN", marker_color="#c7c7c7"), 1, 2)
+    if any(ffn_read_mb[s][2] for s in sides):  # a MoE side: what a dense MoE reads (router + k experts)
+        routed = [ffn_read_mb[s][2] or 0.0 for s in sides]
+        fig.add_trace(go.Bar(x=sides, y=routed, name="dense MoE", marker_color="#9edae5"), 1, 2)
     fig.add_trace(
         go.Bar(x=sides, y=[ffn_read_mb[s][0] for s in sides], name="actually read", marker_color=RIGHT_COLOR), 1, 2
     )
@@ -154,10 +159,13 @@ def recall_figure(recall: dict[str, list[float]]) -> go.Figure:
     return _layout(fig, title, "recall")
 
 
-def firing_figure(firing: list[list[float]], title: str, key: str) -> go.Figure:
+def firing_figure(firing: list[list[float]], title: str, key: str, blocks: int = 1) -> go.Figure:
     """Firing frequency (share of decode steps) per layer x neuron, neurons sorted hot to cold
-    within each layer."""
-    z = [sorted(row, reverse=True) for row in firing] or [[]]
+    within each layer, or within each of a layer's `blocks` equal runs of neurons (a MoE
+    layer's experts, left to right)."""
+    size = len(firing[0]) // blocks if firing else 0
+    z = [[v for b in range(blocks) for v in sorted(row[b * size : (b + 1) * size], reverse=True)] for row in firing]
+    z = z or [[]]
     hover = "layer %{y}, rank %{x}: fires in %{z:.0%} of the decode steps<extra></extra>"
     return layer_heatmap(
         z,

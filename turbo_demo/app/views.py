@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import psutil
 
-from turbo_demo.app import plots
+from turbo_demo.app import plots, plots_moe
 from turbo_demo.app.catalog import EMBEDDED
 from turbo_demo.app.compare import SideRecord, speedup
 from turbo_demo.paths import ASSETS, MODELS_DIR, read_json
+from turbo_demo.runtime.moe import routing_counts, routing_weights
 
 MB = 2**20
 
@@ -35,6 +36,11 @@ def side_markdown(rec: SideRecord) -> str:
             parts.append(f"first token {fmt_seconds(rec.first_token_s)}")
         if rec.mean_sparsity is not None:
             parts.append(f"FFN sparsity {rec.mean_sparsity:.1%}")
+        routed = mean_routed(rec)
+        if routed:  # a MoE side: its FFN bytes against a dense MoE's and a dense FFN's of all experts
+            read = sum(s.ffn_bytes for s in rec.steps) / len(rec.steps)
+            everything = rec.steps[-1].ffn_bytes_dense
+            parts.append(f"FFN bytes {read / routed:.0%} of the dense MoE's, {read / everything:.0%} of all experts'")
     if rec.notice:
         parts.append(f"_{rec.notice}_")
     return " · ".join(parts)
@@ -86,6 +92,25 @@ class CompareView:
     speed: go.Figure
     memory: go.Figure
     recall: go.Figure
+    routing: go.Figure | None = None  # MoE sides only
+
+
+def routing_view(sides: dict[str, SideRecord]) -> go.Figure | None:
+    """The routing figure of the MoE sides that have generated (None where neither is MoE)."""
+    shown = {}
+    for label, rec in sides.items():
+        if rec.moe and rec.steps:
+            experts, _, top_k = rec.moe
+            share = [[c / len(rec.steps) for c in row] for row in routing_counts(rec.steps, experts)]
+            shown[label] = {"now": routing_weights(rec.steps[-1], experts), "share": share, "top_k": top_k}
+    return plots_moe.routing_figure(shown) if shown else None
+
+
+def mean_routed(rec: SideRecord) -> float | None:
+    """A MoE side's mean FFN bytes per token of a dense MoE (router + the chosen experts in
+    full); None for dense FFNs."""
+    routed = [s.ffn_bytes_routed for s in rec.steps if s.ffn_bytes_routed is not None]
+    return sum(routed) / len(routed) if routed else None
 
 
 def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
@@ -95,7 +120,8 @@ def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
     for label, rec in (("left", left), ("right", right)):
         if rec.steps and rec.steps[-1].ffn_bytes_dense:
             mean_read = sum(s.ffn_bytes for s in rec.steps) / len(rec.steps)
-            ffn_read[label] = (mean_read / MB, rec.steps[-1].ffn_bytes_dense / MB)
+            routed = mean_routed(rec)
+            ffn_read[label] = (mean_read / MB, rec.steps[-1].ffn_bytes_dense / MB, routed and routed / MB)
     recall = {
         label: mean_per_layer([s.recall for s in rec.steps if s.recall is not None])
         for label, rec in sides.items()
@@ -122,6 +148,7 @@ def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
             ffn_read,
         ),
         recall=plots.recall_figure(recall),
+        routing=routing_view(sides),
     )
 
 
@@ -148,11 +175,10 @@ def neurons_view(left: SideRecord, right: SideRecord, hists: dict[str, dict]) ->
     figures = []
     for rec, key in ((left, "firing-left"), (right, "firing-right")):
         shares = firing_shares(rec)
-        figures.append(
-            None
-            if shares is None
-            else plots.firing_figure(shares, f"Neuron firing frequency over the decode steps: {side_label(rec)}", key)
-        )
+        experts = rec.moe[0] if rec.moe else 1  # a MoE side: each expert's neurons hot to cold
+        title = f"Neuron firing frequency over the decode steps: {side_label(rec)}"
+        title += f" (experts 0-{experts - 1} left to right)" if experts > 1 else ""
+        figures.append(None if shares is None else plots.firing_figure(shares, title, key, blocks=experts))
     return NeuronsView(figures[0], figures[1], plots.histogram_figure(hists) if hists else None)
 
 
