@@ -1,6 +1,7 @@
-"""The Gradio page: the only module that imports gradio. Handlers wire widgets to the plain
-functions of compare.py and views.py, and map each view's fields to components in one place
-(`show_compare`, `show_neurons`); `build_demo()` does no heavy work."""
+"""The Gradio page: with its tabs and API in page_*.py, the only modules that import gradio.
+Handlers wire widgets to the plain functions of compare.py and views.py, and map each view's
+fields to components in one place (`show_compare`, `show_neurons`); `build_demo()` does no
+heavy work."""
 
 import time
 from dataclasses import replace
@@ -8,13 +9,12 @@ from threading import Event
 
 import gradio as gr
 
-from turbo_demo.app import export, page_inspector, page_talk, page_teaching, teaching, views
+from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, run_compare
 from turbo_demo.app.menus import mode_choices, mode_help
 from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
-from turbo_demo.app.texts import ABOUT, COMPARE_DOC, EXAMPLES, INTRO, NEURONS
-from turbo_demo.choices import MODE_HELP
+from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO, NEURONS
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import Kernels
 
@@ -229,34 +229,6 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             yield {**show_compare(view, done), **show_neurons(neurons), **kept, **show_inspect(left, right, state)}
             yield live_talk(left, right)
 
-        def compare(
-            prompt: str,
-            left_model: str = DEFAULT_LEFT[0],
-            left_mode: str = DEFAULT_LEFT[1],
-            right_model: str = DEFAULT_RIGHT[0],
-            right_mode: str = DEFAULT_RIGHT[1],
-            max_new_tokens: int = 64,
-            temperature: float = 0.0,
-            seed: int = 0,
-            request: gr.Request = None,  # type: ignore[assignment]  # Gradio fills it in
-        ) -> dict:
-            left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
-            settings, stop = Settings(max_new_tokens, temperature, 1.0, seed), Event()
-            try:
-                ticket = queue.join(client_of(request))
-            except UserError as exc:
-                return {"error": str(exc)}
-            try:
-                for _ in queue.wait(ticket, stop):
-                    pass
-                for _ in run_compare(store, left, right, prompt, settings, stop, kernels, policy=policy):
-                    pass
-            except UserError as exc:
-                return {"error": str(exc)}
-            finally:
-                queue.leave(ticket)
-            return compare_summary(left, right)
-
         for box, menu, line, default in ((lm, lmode, lstatus, ldefault), (rm, rmode, rstatus, rdefault)):
             box.change(
                 lambda n, m, d=default: on_model_change(n, m, d), [box, menu], [menu, line], api_visibility="private"
@@ -288,6 +260,6 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             )
         for button in (stop, talk_buttons[1]):
             button.click(on_stop, [session], None, queue=False, api_visibility="private")
-        compare.__doc__ = COMPARE_DOC.format(models=", ".join(names), modes=", ".join(MODE_HELP))
+        compare = page_api.compare_endpoint(store, kernels, policy, queue, names)
         gr.api(compare, api_name="compare", concurrency_id="generate")
     return demo
