@@ -22,6 +22,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.quant:
+        from turbo_demo.offline.quant_eval import quant_quality
+
+        result = quant_quality(args.model_dir, tuple(args.quant.split(",")), max_tokens=min(args.max_tokens, 16384))
+        print(json.dumps(result) if args.json else "\n".join(json.dumps(row) for row in result["rows"]))
+        return
     from turbo_demo.offline.evaluate import evaluate_dir
 
     result = evaluate_dir(args.model_dir, args.text_file, args.max_tokens)
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--text-file", help="evaluate on this UTF-8 text instead of the held-out split")
     p.add_argument("--max-tokens", type=int, default=131072, help="tokens to score (default 131072)")
+    p.add_argument("--quant", help="int8,int4: the runtime's quality at these formats against float (<= 16384 tokens)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

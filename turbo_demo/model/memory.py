@@ -203,10 +203,27 @@ def measure_here(path: str, dtype: str) -> dict:
     return figures
 
 
-def measure_load(path: str | Path, dtype: str = "auto") -> dict:
+def measure_quantized_here(path: str, quant: str) -> dict:
+    """Peak RSS above the RSS before model/quantized.load_quantized(path, quant) (fresh process
+    only, as measure_load runs it), the pack's bytes (blocks and the float tensors kept) and
+    the largest float matrix (one layer's share of what streams through a load)."""
+    from turbo_demo.model.headers import read_headers
+    from turbo_demo.model.quantized import load_quantized
+
+    base = psutil.Process().memory_info().rss
+    packed = load_quantized(path, quant, torch.bfloat16)
+    load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    kept = sum(p.numel() * p.element_size() for p in packed.model.parameters() if not p.is_meta)
+    largest = max(t.nbytes for t in read_headers(Path(path)).values())
+    return {"quant": quant, "load": load, "quantized": packed.owned_bytes + kept, "largest_tensor": largest}
+
+
+def measure_load(path: str | Path, dtype: str = "auto", quant: str | None = None) -> dict:
     """measure_here in a fresh interpreter: {"weights", "copies", "load", "load_and_pack",
-    "all_weights_read"} in bytes, and "dtype"."""
+    "all_weights_read"} in bytes, and "dtype"; with quant, measure_quantized_here."""
     call = f"measure_here({str(path)!r}, {dtype!r})"
-    code = f"import json; from turbo_demo.model.memory import measure_here; print(json.dumps({call}))"
+    if quant is not None:
+        call = f"measure_quantized_here({str(path)!r}, {quant!r})"
+    code = f"import json; from turbo_demo.model.memory import *; print(json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

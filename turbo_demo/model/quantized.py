@@ -27,6 +27,8 @@ are, bit for bit). Its layout, also in the model card it writes (CARD):
                        metadata "turbo_demo_blocks": JSON {name: [format, columns]}
 """
 
+import ctypes
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -42,6 +44,26 @@ from turbo_demo.model.checkpoint import auto_dtype, check_model_dir, load_config
 from turbo_demo.model.headers import safetensors_files
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
 from turbo_demo.runtime.quant import FORMATS, QUANTS, TRANSPOSED, QWeight, format_of, quantize
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the float tensor just freed back to the OS (glibc's malloc_trim; elsewhere nothing).
+    glibc serves allocations below its adaptive mmap threshold (up to 32 MB) from its heap, and
+    a freed 30 MB tensor between long-lived blocks stays in the process: without this, a
+    streamed int8 load of a 1.57 GB bf16 checkpoint ended at 1.18 GB above its start instead
+    of the 0.90 GB it holds."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
 
 MODEL_TYPE = "turbosparse_quantized"
 SUFFIX = ".blocks"
@@ -119,6 +141,7 @@ def stream_quantized(path: Path, config, quant: str, dtype: torch.dtype):
                     continue
                 quantized[name] = quantize(t.t().contiguous() if name.endswith(TRANSPOSED) else t, fmt)
                 del t
+                release_freed_memory()
     return finish(model, config, small, quantized, path)
 
 

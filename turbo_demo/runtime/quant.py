@@ -126,7 +126,7 @@ def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
     return v.half().unsqueeze(-1).view(torch.uint8)
 
 
-def quantize(w: torch.Tensor, fmt: str, chunk_rows: int = 4096) -> QWeight:
+def quantize(w: torch.Tensor, fmt: str, chunk_rows: int = 1024) -> QWeight:
     """W (N, H) float -> QWeight, `chunk_rows` rows at a time (so that the fp32 temporaries stay
     a few MB above the result), with llama.cpp's reference rounding (quantize_row_q8_0_ref,
     quantize_row_q4_1_ref): the scale from fp32, stored as fp16."""
