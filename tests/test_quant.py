@@ -271,3 +271,20 @@ def test_quantize_save_load_is_bit_identical_and_transformers_refuses(untied_dir
     other = "int4" if fmt == "int8" else "int8"
     assert main(["generate", str(dst), "--quant", other, "--prompt", "def"]) == 2
     assert f"holds {fmt} weights" in capsys.readouterr().err
+
+
+def test_model_store_and_compare_load_a_side_quantized(untied_dir):
+    """The app's plain-function path for a per-side quantization menu: ModelStore.get(...,
+    quant=) holds one copy per (model, quantization), and a SideRecord's quant loads its side so."""
+    from turbo_demo.app.catalog import ModelStore
+    from turbo_demo.app.compare import Settings, SideRecord, run_compare
+
+    store = ModelStore(budget=10**10)
+    q8, plain = store.get(str(untied_dir), quant="int8"), store.get(str(untied_dir))
+    assert q8.packed.quant == "int8" and plain.packed.quant is None
+    assert store.get(str(untied_dir), quant="int8") is q8 and q8.weight_bytes < plain.weight_bytes
+    left, right = SideRecord(str(untied_dir), "dense"), SideRecord(str(untied_dir), "predictor", quant="int4")
+    for _ in run_compare(store, left, right, "def", Settings(max_new_tokens=3)):
+        pass
+    assert not left.error and not right.error, (left.error, right.error)
+    assert right.summary()["quant"] == "int4" and left.summary()["quant"] is None and len(right.token_ids) == 3

@@ -22,6 +22,7 @@ from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model
 from turbo_demo.model.generation import Generation, read_generation
 from turbo_demo.model.hub import fetch, is_hub_id
 from turbo_demo.model.memory import BUDGET_ENV, check_fits, default_budget, estimate
+from turbo_demo.model.quantized import load_quantized, stored_config, stored_quant
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
 
@@ -84,7 +85,8 @@ def model_modes(name_or_path: str, allowed: tuple[str, ...] | None = None) -> li
         if allowed is not None and name_or_path.strip() not in allowed:
             resolve(name_or_path, allowed)  # the allow-list's refusal
         return ["dense", "exact", "predictor", "threshold"]  # known once it is fetched, at Generate
-    return modes_for(load_config(resolve(name_or_path, allowed)))
+    path = resolve(name_or_path, allowed)
+    return modes_for(stored_config(path) if stored_quant(path) else load_config(path))
 
 
 def identity(path: Path) -> tuple:
@@ -110,7 +112,8 @@ class LoadedModel:
     @property
     def weight_bytes(self) -> int:
         """The model's weights and the copies the runtime's pack made of some of them."""
-        own = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # a quantized load's float matrices stay on the meta device: only its blocks exist
+        own = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
         return own + self.packed.owned_bytes
 
 
@@ -128,38 +131,46 @@ class ModelStore:
         """allowed: public mode's allow-list beyond the embedded models (None: any path)."""
         self.budget = default_budget() if budget is None else budget
         self.allowed = allowed
-        self._held: OrderedDict[Path, LoadedModel] = OrderedDict()  # least recently used first
-        # every pack loaded here and still referenced, by (real path, identity): a directory
-        # replaced on disk is another model
-        self._packs: weakref.WeakValueDictionary[tuple[Path, tuple], PackedModel] = weakref.WeakValueDictionary()
-        self._sizes: dict[tuple[Path, tuple], int] = {}  # estimated bytes of each pack in _packs
+        # by (real path, quantization): a model loaded at int8 is another copy than at bf16
+        self._held: OrderedDict[tuple[Path, str | None], LoadedModel] = OrderedDict()  # least recently used first
+        # every pack loaded here and still referenced, by (real path, quantization, identity): a
+        # directory replaced on disk is another model
+        self._packs: weakref.WeakValueDictionary[tuple, PackedModel] = weakref.WeakValueDictionary()
+        self._sizes: dict[tuple, int] = {}  # estimated bytes of each pack in _packs
         self._lock = threading.Lock()
 
     def used(self) -> int:
         """Estimated bytes of every pack loaded here and still referenced, held or not."""
         return sum(self._sizes[key] for key in list(self._packs))  # a copy: frees remove entries
 
-    def get(self, name_or_path: str, on_load: Callable[[str], None] | None = None) -> LoadedModel:
-        """The loaded model; on_load(message), when given, hears before a load starts."""
+    def get(
+        self, name_or_path: str, on_load: Callable[[str], None] | None = None, quant: str | None = None
+    ) -> LoadedModel:
+        """The loaded model, its matrices quantized at load in `quant` ("int8", "int4"; None: as
+        stored, a `quantize` checkpoint's blocks included); on_load(message), when given, hears
+        before a load starts."""
         path = resolve(name_or_path, self.allowed, on_load).resolve()  # aliases share one entry
+        quant = quant or stored_quant(path)
         with self._lock:
             now = identity(path)
-            loaded = self._held.get(path)
+            loaded = self._held.get((path, quant))
             if loaded is not None and loaded.identity != now:  # replaced on disk: load it afresh
-                del self._held[path]
+                del self._held[path, quant]
                 loaded = None
             if loaded is None:
-                packed = self._packs.get((path, now)) or self._load(name_or_path, path, now, on_load)
+                packed = self._packs.get((path, quant, now)) or self._load(name_or_path, path, now, on_load, quant)
                 tokenizer = load_tokenizer(path)
                 generation = read_generation(path, packed.model.config, tokenizer)
                 loaded = LoadedModel(name_or_path, path, packed, tokenizer, generation, now)
-            self._held[path] = loaded
-            self._held.move_to_end(path)
+            self._held[path, quant] = loaded
+            self._held.move_to_end((path, quant))
             return loaded
 
-    def _load(self, name_or_path: str, path: Path, ident: tuple, on_load) -> PackedModel:
+    def _load(self, name_or_path: str, path: Path, ident: tuple, on_load, quant: str | None = None) -> PackedModel:
         """Evict until the model fits, then load and pack it; a UserError when it cannot fit."""
-        need = estimate(path)
+        stored = stored_quant(path)
+        config = stored_config(path) if stored else None
+        need = estimate(path, None, config, None if stored else quant)
         check_fits(need, self.budget, f"is the model store's budget ({BUDGET_ENV} sets it, in GB)")
         while self._held and self.used() + need.total > self.budget:
             self._held.popitem(last=False)
@@ -167,7 +178,7 @@ class ModelStore:
         check_fits(need, self.budget - self.used(), "are free in the model store's budget: runs still use the rest")
         if on_load is not None:
             on_load(f"Loading {name_or_path}…")
-        packed = pack(load_model(path, need.dtype))
-        self._sizes = {k: self._sizes[k] for k in list(self._packs)} | {(path, ident): need.total}  # freed ones go
-        self._packs[path, ident] = packed
+        packed = load_quantized(path, quant, need.dtype) if quant else pack(load_model(path, need.dtype))
+        self._sizes = {k: self._sizes[k] for k in list(self._packs)} | {(path, quant, ident): need.total}
+        self._packs[path, quant, ident] = packed  # (freed ones left _sizes above)
         return packed

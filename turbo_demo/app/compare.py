@@ -89,6 +89,7 @@ class SideRecord:
     mode: str
     engine: str = ""
     dtype: str = ""
+    quant: str | None = None  # given: the model's matrices quantized at load ("int8", "int4")
     prompt_ids: list[int] = field(default_factory=list)
     rendered_prompt: str = ""  # the text the model read (its chat template applied, if any)
     token_ids: list[int] = field(default_factory=list)
@@ -147,6 +148,7 @@ class SideRecord:
             "mode": self.mode,
             "engine": self.engine,
             "dtype": self.dtype,
+            "quant": self.quant,
             "text": self.text,
             "tokens": len(self.token_ids),
             "tokens_per_s": round(self.tokens_per_s, 2),
@@ -199,7 +201,8 @@ def side_steps(
 ) -> Iterator[None]:
     """Run one side, updating `record` in place; yields once per generated token."""
     try:
-        loaded = store.get(record.model, on_progress)
+        loaded = store.get(record.model, on_progress, record.quant)
+        record.quant = loaded.packed.quant
         if stop.is_set():  # stopped while the model loaded
             return
         options = None
