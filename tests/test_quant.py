@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_model
 from turbo_demo.model import memory
-from turbo_demo.model.checkpoint import load_model, save_checkpoint
+from turbo_demo.model.checkpoint import load_model, load_tokenizer, save_checkpoint
 from turbo_demo.model.quantized import load_quantized
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
@@ -288,3 +288,24 @@ def test_model_store_and_compare_load_a_side_quantized(untied_dir):
         pass
     assert not left.error and not right.error, (left.error, right.error)
     assert right.summary()["quant"] == "int4" and left.summary()["quant"] is None and len(right.token_ids) == 3
+
+
+def test_int8_greedy_tokens_agree_with_float_on_the_embedded_model(backends):
+    """At int8, fed the float model's greedy continuation, every mode of the shipped dReLU model
+    picks the float model's next token at >= 95% of positions (eval --quant measured 99.6% in
+    dense and exact mode, 99.2% in predictor mode over 8 prompts x 32 tokens)."""
+    from turbo_demo.offline.quant_eval import continuations, forced, modes_of
+    from turbo_demo.paths import MODELS_DIR
+
+    path = MODELS_DIR / "turbosparse-drelu"
+    base = pack(load_model(path))
+    quantized = load_quantized(path, "int8", base.model.dtype)
+    kernels = backends[-1]
+    text = "import os\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description='"
+    ids = load_tokenizer(path)(text)["input_ids"]
+    prompts = [ids[:8], ids[:12], ids[4:16], ids[2:]]
+    assert modes_of(base) == ["dense", "exact", "predictor"]
+    for mode in modes_of(base):
+        reference = continuations(base, mode, prompts, 16, kernels)
+        assert forced(base, mode, prompts, reference, kernels) == 1.0
+        assert forced(quantized, mode, prompts, reference, kernels) >= 0.95, mode
