@@ -309,3 +309,40 @@ def test_int8_greedy_tokens_agree_with_float_on_the_embedded_model(backends):
         reference = continuations(base, mode, prompts, 16, kernels)
         assert forced(base, mode, prompts, reference, kernels) == 1.0
         assert forced(quantized, mode, prompts, reference, kernels) >= 0.95, mode
+
+
+def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
+    """The estimate before loading, from headers alone (no data): TurboSparse-Mistral-7B's
+    shapes (7.99B parameters with rank-1280 predictors) need 22.3 GB in bf16 and 9.6 GB at int8."""
+    import struct
+
+    from turbo_demo.errors import UserError
+    from turbo_demo.model.bamboo import BambooConfig
+
+    rank, shapes = 1280, {"model.embed_tokens.weight": [32064, 4096], "lm_head.weight": [32064, 4096]}
+    for i in range(32):
+        layer = f"model.layers.{i}."
+        for name, shape in (
+            ("self_attn.q_proj", [4096, 4096]), ("self_attn.k_proj", [1024, 4096]), ("self_attn.v_proj", [1024, 4096]),
+            ("self_attn.o_proj", [4096, 4096]), ("mlp.gate_proj", [14336, 4096]), ("mlp.up_proj", [14336, 4096]),
+            ("mlp.down_proj", [4096, 14336]), ("mlp.predictor.fc1", [rank, 4096]), ("mlp.predictor.fc2", [14336, rank]),
+        ):  # fmt: skip
+            shapes[f"{layer}{name}.weight"] = shape
+    header, offset = {}, 0
+    for name, (rows, cols) in shapes.items():
+        header[name] = {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [offset, offset + 2 * rows * cols]}
+        offset += 2 * rows * cols
+    blob = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+    config = BambooConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=32064, hidden_act="relu", predictor_rank=rank, max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    assert offset / 2 == pytest.approx(7.99e9, rel=0.002)
+    need = {q: memory.estimate(tmp_path, torch.bfloat16, None, q) for q in (None, "int8", "int4")}
+    assert [round(need[q].total / 1e9, 1) for q in need] == [22.3, 9.6, 6.4]
+    memory.check_fits(need["int8"], 16 * 10**9)
+    with pytest.raises(UserError, match=r"needs 22.3 GB \(16.0 GB of bfloat16 weights .* but 16.0 GB"):
+        memory.check_fits(need[None], 16 * 10**9)
