@@ -1,6 +1,7 @@
 """Model cards for the embedded checkpoints, written from the files the project's commands left
-in the checkpoint directory: training_log.json (train), eval.json (eval --json) and
-predictors.json (predictors --json). Nothing in a card is typed by hand."""
+in the checkpoint directory: training_log.json (train), eval.json (eval --json),
+predictors.json (predictors --json) and quant_eval.json (eval --quant --json). Nothing in a
+card is typed by hand."""
 
 import json
 from pathlib import Path
@@ -78,7 +79,44 @@ def card_text(path: Path) -> str:
             "```",
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + quant_lines(read_json(path / "quant_eval.json")))
+
+
+def quant_lines(q: dict | None) -> list[str]:
+    """The card's table of the runtime's quality at each block format (quant_eval.json)."""
+    if not q:
+        return []
+    base = q["rows"][0]["perplexity"]
+    modes = list(q["rows"][0]["agreement"])
+    head = "| weights | perplexity | FFN sparsity | predictor recall | predicted sparsity | " + " | ".join(
+        f"{m}: greedy agreement (free / forced)" for m in modes
+    )
+    lines = [
+        "## Quantized weights",
+        "",
+        f"`python -m turbo_demo eval DIR --quant int8,int4 --max-tokens {q['tokens']} --json` (lean runtime, "
+        f"{q['backend']} kernels, activations in {q['dtype']}; teacher-forced over {q['tokens']} held-out "
+        f"tokens in windows of {q['window']}; agreement with the float model over {q['prompts']} prompts x "
+        f"{q['new_tokens']} greedy tokens, see offline/quant_eval.py):",
+        "",
+        head + " |",
+        "|" + "---|" * (5 + len(modes)),
+    ]
+    for r in q["rows"]:
+
+        def share(v):
+            return "-" if v is None else f"{v:.1%}"
+
+        cells = [
+            r["weights"],
+            f"{r['perplexity']:.3f} ({r['perplexity'] / base - 1:+.2%})",
+            share(r["sparsity"]),
+            "-" if r["predictor_recall"] is None else f"{r['predictor_recall']:.4f}",
+            share(r["predicted_sparsity"]),
+            *(f"{r['agreement'][m]:.1%} / {r['forced_agreement'][m]:.1%}" for m in modes),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", "```json", json.dumps(q), "```", ""]
 
 
 def write_card(path: str) -> Path:
