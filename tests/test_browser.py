@@ -160,6 +160,18 @@ def test_the_talk_layout_opens_from_its_link_and_streams(page, app_url, request,
     page.goto(app_url)
 
 
+def test_a_side_quantized_at_load_runs_from_the_weights_menu(page):
+    page.locator("#right-quant input").click()
+    page.get_by_role("option", name="int8: blocks of 32, a scale each").click()
+    page.click("#generate")
+    page.wait_for_function(
+        "document.querySelector('#right-status')?.innerText.includes('int8 weights')", polling=100, timeout=180_000
+    )
+    page.wait_for_function("document.body.innerText.includes('Done.')", polling=100, timeout=120_000)
+    assert output_text(page, "right")
+    page.reload()
+
+
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory):
     """A random model big enough (~70M parameters) that 256 tokens take seconds, not a blink."""

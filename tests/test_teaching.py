@@ -252,3 +252,15 @@ def test_the_paper_table_quotes_our_own_files():
     predictor = next(r for r in bench["e2e"] if r["model"] == "7b-shape" and r["engine"] == "predictor")
     assert speed[1].startswith(f"{predictor['speedup_vs_dense']:.2f}x") and "bench --json" in speed[2]
     assert paper.paper_table().count("\n") == len(rows) + 1
+
+
+def test_quantized_sides_are_left_out_of_the_float_forwards():
+    """A side quantized at load has no float matrices: the plane and the histograms skip it."""
+    from turbo_demo.app.menus import AS_STORED, quant_of
+
+    ok = SideRecord("m", "dense", prompt_ids=[1], token_ids=[2])
+    quantized = SideRecord("m", "exact", quant="int8", prompt_ids=[1], token_ids=[2], engine="lean", dtype="bf16")
+    assert teaching.last_run(ok, quantized) == [("m", "m · dense", [1, 2])]
+    assert teaching.run_histograms(ModelStore(), quantized, SideRecord("x", "dense", error="no")) == {}
+    assert "int8 weights, bf16 activations" in views.side_markdown(quantized)
+    assert [quant_of(v) for v in (AS_STORED, None, "int8", "int4")] == [None, None, "int8", "int4"]

@@ -11,6 +11,18 @@ MODE_LABELS = {
     "threshold": "threshold: |gate| over a calibrated t",
 }
 
+AS_STORED = "stored"
+QUANT_CHOICES = [
+    ("as stored (bf16 / fp32)", AS_STORED),
+    ("int8: blocks of 32, a scale each", "int8"),
+    ("int4: blocks of 32, scale and minimum", "int4"),
+]
+
+
+def quant_of(value) -> str | None:
+    """A side's weights menu value as SideRecord.quant: None for the weights as stored."""
+    return None if value in (AS_STORED, None, "") else str(value)  # the store refuses others
+
 
 def mode_choices(name: str, allowed: tuple[str, ...] | None = None) -> tuple[list[tuple[str, str]], str]:
     """The modes a model offers as (label, mode) pairs, and an error line where it cannot be read."""

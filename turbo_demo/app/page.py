@@ -12,7 +12,7 @@ import gradio as gr
 from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, run_compare
-from turbo_demo.app.menus import mode_choices, mode_help
+from turbo_demo.app.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of
 from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
 from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO, NEURONS
 from turbo_demo.errors import UserError
@@ -85,11 +85,14 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                             values = [m for _, m in modes]
                             start = default_mode if default_mode in values else values[0]
                             mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode")
+                            quant = gr.Dropdown(
+                                QUANT_CHOICES, value=AS_STORED, label="Weights", elem_id=f"{side}-quant"
+                            )
                             explain = gr.Markdown(mode_help(start))
                             mode.change(mode_help, [mode], [explain], queue=False, api_visibility="private")
                             status = gr.Markdown(error, elem_id=f"{side}-status")
                             text = gr.Textbox(label="Output", lines=8, interactive=False, elem_id=f"{side}-text")
-                            sides[side] = (model, mode, status, text, default_mode)
+                            sides[side] = (model, mode, status, text, default_mode, quant)
                 headline = gr.Markdown(elem_id="headline")
                 run_status = gr.Markdown()
                 with gr.Row():
@@ -124,7 +127,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 gr.Markdown("#### Our decoding speed (`python -m turbo_demo bench --json`)\n" + views.bench_numbers())
                 gr.Plot(value=views.training_curve(), label="Training curve")
 
-        (lm, lmode, lstatus, ltext, ldefault), (rm, rmode, rstatus, rtext, rdefault) = sides["left"], sides["right"]
+        (lm, lmode, lstatus, ltext, ldefault, lquant), (rm, rmode, rstatus, rtext, rdefault, rquant) = sides.values()
 
         def show_compare(view: views.CompareView, message: str) -> dict:
             return {
@@ -166,6 +169,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             left_mode,
             right_model,
             right_mode,
+            left_quant,
+            right_quant,
             max_new_tokens,
             temperature,
             top_p,
@@ -180,7 +185,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             # the session's own dict, changed in place: a Stop clicked before the first update
             # (while queued, or while a model loads) finds this run's Event
             stop = state["stop"] = Event()
-            left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
+            left = SideRecord(left_model, left_mode, quant=quant_of(left_quant))
+            right = SideRecord(right_model, right_mode, quant=quant_of(right_quant))
             try:
                 settings = Settings(max_new_tokens, temperature, top_p, seed)
                 settings = replace(settings, chat=chat_format, system=system_prompt, sparsity=target_sparsity)
@@ -251,7 +257,23 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
         for button in (generate, talk_buttons[0]):
             button.click(
                 on_generate,
-                [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, chat, system, sparsity, session],
+                [
+                    prompt,
+                    lm,
+                    lmode,
+                    rm,
+                    rmode,
+                    lquant,
+                    rquant,
+                    max_new,
+                    temperature,
+                    top_p,
+                    seed,
+                    chat,
+                    system,
+                    sparsity,
+                    session,
+                ],
                 outputs,
                 # runs wait in the RunQueue, where Stop reaches them and each client has one place
                 concurrency_limit=CONCURRENT_HANDLERS,

@@ -47,7 +47,10 @@ def teaching_tab(store: ModelStore, session: gr.State, prompt: gr.Textbox) -> No
     def on_plane(state):
         last = (state or {}).get("last")
         if not last:
-            return "_Generate on the Compare tab first: the pairs come from the last run._", gr.skip()
+            return (
+                "_Generate on the Compare tab first (on float weights): the pairs come from the last run._",
+                gr.skip(),
+            )
         try:
             points = teaching.run_pairs(store, last)
         except UserError as exc:

@@ -60,8 +60,13 @@ def text_sweeps(store: ModelStore, text: str) -> tuple[dict[str, tuple[list[floa
 def last_run(left: SideRecord, right: SideRecord) -> list[tuple[str, str, list[int]]]:
     """(model, side label, prompt + generated ids) of each side that generated: all the plane
     needs of a run (a few hundred ints per side in the session's state)."""
-    sides = [r for r in (left, right) if not r.error and r.token_ids]
-    return [(r.model, side_label(r), r.prompt_ids + r.token_ids) for r in sides]
+    return [(r.model, side_label(r), r.prompt_ids + r.token_ids) for r in float_sides(left, right)]
+
+
+def float_sides(left: SideRecord, right: SideRecord) -> list[SideRecord]:
+    """The sides that generated on float weights: a side quantized at load has no float gate
+    and up matrices for the model's own forward to measure (they stay on the meta device)."""
+    return [r for r in (left, right) if not r.error and r.token_ids and not r.quant]
 
 
 @torch.no_grad()
@@ -85,8 +90,7 @@ def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> di
     """The Neurons tab's activation histograms of each side that generated, by side label."""
     return {
         side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
-        for rec in (left, right)
-        if not rec.error and rec.token_ids
+        for rec in float_sides(left, right)
     }
 
 

@@ -29,7 +29,8 @@ def side_markdown(rec: SideRecord) -> str:
     """One pane's status line: what runs, how fast, how sparse, and any notice or error."""
     if rec.error:
         return f"**{side_label(rec)}**: ⚠️ {rec.error}"
-    parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine, {rec.dtype})" if rec.engine else "")]
+    weights = f"{rec.quant} weights, {rec.dtype} activations" if rec.quant else rec.dtype
+    parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine, {weights})" if rec.engine else "")]
     if rec.steps:
         parts.append(f"{rec.tokens_per_s:,.1f} tokens/s (median step)")
         if rec.first_token_s is not None:
