@@ -267,4 +267,7 @@ def test_a_run_is_kept_as_a_zip_and_a_link(tiny_dirs):
         "max_new_tokens": 4, "temperature": 0.0, "top_p": 0.95, "seed": 7,
     }  # fmt: skip
     hostile = {"left": "/etc", "left_mode": "rm", "tokens": "nan", "seed": "1e30", "temperature": "0.5"}
-    assert export.settings_from_query(hostile, names) == {}
+    assert export.settings_from_query(hostile | {"right_quant": "int3"}, names) == {}
+    quantized = export.share_query(PROMPT, left.key, right.key, settings, (None, "int4"))
+    assert "left_quant" not in quantized
+    assert export.settings_from_query(dict(parse_qsl(quantized[1:])), names) == fields | {"right_quant": "int4"}

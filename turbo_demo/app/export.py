@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 import plotly.graph_objects as go
 
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary
-from turbo_demo.choices import MODES
+from turbo_demo.choices import MODES, QUANTS
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.stats import NEURON_CODES
 
@@ -95,10 +95,14 @@ def write_run_zip(left: SideRecord, right: SideRecord, settings: Settings, figur
     return str(path)
 
 
-def share_query(prompt: str, left: tuple[str, str], right: tuple[str, str], settings: Settings) -> str:
-    """The query string that reopens the page with this prompt, models, modes and settings."""
+def share_query(
+    prompt: str, left: tuple[str, str], right: tuple[str, str], settings: Settings, quants=(None, None)
+) -> str:
+    """The query string that reopens the page with this prompt, models, modes, weights (quants:
+    each side's quantization, None as stored) and settings."""
     values = {"prompt": prompt[:MAX_QUERY_PROMPT], "left": left[0], "left_mode": left[1], "right": right[0]}
     values["right_mode"] = right[1]
+    values |= {f"{side}_quant": q for side, q in zip(("left", "right"), quants) if q}
     values |= {key: getattr(settings, field) for key, field in QUERY_NUMBERS.items()}
     return "?" + urlencode(values)
 
@@ -114,6 +118,8 @@ def settings_from_query(params: dict[str, str], models: list[str]) -> dict:
             fields[key] = params[key]
         if params.get(f"{key}_mode") in MODES:
             fields[f"{key}_mode"] = params[f"{key}_mode"]
+        if params.get(f"{key}_quant") in QUANTS:
+            fields[f"{key}_quant"] = params[f"{key}_quant"]
     for key, field in QUERY_NUMBERS.items():
         try:
             value = float(params[key])

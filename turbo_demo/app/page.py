@@ -228,9 +228,10 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             neurons = views.neurons_view(left, right, teaching.run_histograms(store, left, right))
             view = views.compare_view(left, right)
             figures = {"heatmap-left": view.left_heatmap, "heatmap-right": view.right_heatmap, "speed": view.speed}
+            link = export.share_query(prompt, left.key, right.key, settings, (left.quant, right.quant))
             kept = {
                 download: gr.DownloadButton(value=export.write_run_zip(left, right, settings, figures), visible=True),
-                share: f"[Link to this run]({export.share_query(prompt, left.key, right.key, settings)})",
+                share: f"[Link to this run]({link})",
             }
             yield {**show_compare(view, done), **show_neurons(neurons), **kept, **show_inspect(left, right, state)}
             yield live_talk(left, right)
@@ -246,13 +247,14 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             """A shared link's prompt, models, modes and settings (query parameters), checked."""
             fields = export.settings_from_query(dict(request.query_params), names)
             widgets = {"prompt": prompt, "left": lm, "left_mode": lmode, "right": rm, "right_mode": rmode}
+            widgets |= {"left_quant": lquant, "right_quant": rquant}
             widgets |= {"max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed}
             talk = request.query_params.get("view") == page_talk.TALK_TAB  # the talk layout's link
             return {widget: fields.get(k, gr.skip()) for k, widget in widgets.items()} | {
                 tabs: gr.Tabs(selected=page_talk.TALK_TAB) if talk else gr.skip()
             }
 
-        linked = [prompt, lm, lmode, rm, rmode, max_new, temperature, top_p, seed, tabs]
+        linked = [prompt, lm, lmode, rm, rmode, lquant, rquant, max_new, temperature, top_p, seed, tabs]
         demo.load(on_load, None, linked, queue=False, api_visibility="private")
         for button in (generate, talk_buttons[0]):
             button.click(
