@@ -346,3 +346,20 @@ def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
     memory.check_fits(need["int8"], 16 * 10**9)
     with pytest.raises(UserError, match=r"needs 22.3 GB \(16.0 GB of bfloat16 weights .* but 16.0 GB"):
         memory.check_fits(need[None], 16 * 10**9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_quantized_attention_step_matches_torch(cpp_kernels, dtype):
+    g = torch.Generator().manual_seed(4)
+    h, nh, nkv, hd, max_len = 64, 4, 2, 16, 8
+    wq, wk, wv, wo = (quantize(torch.randn(n, m, generator=g) / m**0.5, "int8") for n, m in
+                      ((nh * hd, h), (nkv * hd, h), (nkv * hd, h), (h, nh * hd)))  # fmt: skip
+    x, ln_w = torch.randn(h, generator=g).to(dtype), torch.rand(h, generator=g).to(dtype) + 0.5
+    cos, sin = (torch.randn(max_len, hd, generator=g).to(dtype) for _ in range(2))
+    caches = [torch.randn(nkv, max_len, hd, generator=g).to(dtype) for _ in range(2)]
+    outs = []
+    for kernels in (cpp_kernels, REF):
+        kc, vc = (c.clone() for c in caches)
+        outs.append((kernels.attention_step(x, ln_w, 1e-5, wq, wk, wv, wo, kc, vc, cos, sin, 5, 1), kc, vc))
+    for got, ref in zip(outs[0], outs[1]):
+        torch.testing.assert_close(got, ref, **TOL[dtype])

@@ -177,9 +177,14 @@ class CppKernels(Kernels):
 
     def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras):
         if isinstance(wq, QWeight):
-            return super().attention_step(
-                x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
-            )
+            if any(e is not None for e in extras):  # biases, head norms: the reference's composition
+                return super().attention_step(
+                    x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
+                )
+            h = self.ops.rms_norm(x, ln_w, eps)
+            q, k, v = (self.matvec(w, h) for w in (wq, wk, wv))
+            out = self.ops.attend(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first)
+            return x + self.matvec(wo, out)
         # extras: bq, bk, bv, bo, q_norm, k_norm, positional as the reference names them
         return self.ops.attention_step(
             x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras

@@ -316,6 +316,33 @@ torch::Tensor attention_step(const torch::Tensor& x, const torch::Tensor& ln_w, 
   return y;
 }
 
+// The middle of attention_step, for projections computed elsewhere (the quantized kernels):
+// q (nh * hd,), k, v (nkv * hd,) in the caches' dtype -> decode_attention's output (nh * hd,).
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache,
+                     torch::Tensor& v_cache, const torch::Tensor& cos, const torch::Tensor& sin_signed, int64_t pos,
+                     int64_t first) {
+  const char* fn = "attend";
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, fn, ": float32 or bfloat16 only");
+  for (const torch::Tensor* t : {&q, &k, &v, &std::as_const(k_cache), &std::as_const(v_cache), &cos, &sin_signed})
+    check(*t, "a vector, cache or rotary table", dtype, fn);
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), fn, ": the caches must both be (nkv, max_len, hd)");
+  Shape s{0, k_cache.size(0), k_cache.size(2), k_cache.size(1), pos, first};
+  s.nh = q.numel() / s.hd;
+  TORCH_CHECK(s.hd % 2 == 0 && q.numel() == s.nh * s.hd && s.nh % s.nkv == 0 && k.numel() == s.nkv * s.hd &&
+                  v.numel() == s.nkv * s.hd && cos.dim() == 2 && cos.size(1) == s.hd &&
+                  sin_signed.sizes() == cos.sizes() && cos.size(0) >= s.max_len,
+              fn, ": shapes do not match the caches and rotary tables");
+  TORCH_CHECK(0 <= first && first <= pos && pos < s.max_len, fn, ": need 0 <= first <= pos < max_len");
+  auto out = torch::empty({s.nh * s.hd}, q.options());
+  by_dtype(q, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    attention_impl(ptr_of<T>(q), ptr_of<T>(k), ptr_of<T>(v), ptr_of<T>(k_cache), ptr_of<T>(v_cache),
+                   ptr_of<T>(cos) + pos * s.hd, ptr_of<T>(sin_signed) + pos * s.hd, ptr_of<T>(out), s);
+  });
+  return out;
+}
+
 std::tuple<torch::Tensor, int64_t> predict(const torch::Tensor& fc1, const torch::Tensor& fc2_t,
                                            const torch::Tensor& r, double threshold, int64_t budget) {
   const char* fn = "predict";
@@ -369,6 +396,9 @@ void register_decode_ops(pybind11::module& m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"), py::arg("pos"),
         py::arg("first"), py::arg("bq") = py::none(), py::arg("bk") = py::none(), py::arg("bv") = py::none(),
         py::arg("bo") = py::none(), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none());
+  m.def("attend", &attend, "decode_attention (reference.py) on projections computed elsewhere", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin_signed"),
+        py::arg("pos"), py::arg("first"));
   m.def("predict", &predict, "see Kernels.predict (reference.py)",
         py::arg("fc1"), py::arg("fc2_t"), py::arg("r"), py::arg("threshold"), py::arg("budget"));
 }
