@@ -95,51 +95,70 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// dequantize(row) . dequantize(Q8(x)) in fp32; prefetches `next`, the row read after this one.
-inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QAct& x) {
+// out[r] = dequantize(rows[r]) . dequantize(Q8(x)) in fp32 for R rows of one format and width,
+// in one pass over the blocks (x's block and scale loaded once for all R); prefetches next[r],
+// the rows read after these.
+template <int R>
+inline void qdot_rows(const QW& w, const uint8_t* const rows[R], const uint8_t* const next[R], const QAct& x,
+                      float out[R]) {
   const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
-  float total = 0.f;
+  float total[R] = {};
 #if defined(__AVX2__)
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // two chains: even, odd blocks
+  __m256 acc[R][2];  // two chains per row: even, odd blocks
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
 #endif
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * bb;
-    if (b % 2 == 0) prefetch(next + b * bb);
-    const float d = half_at(blk) * x.d[b];
     const int8_t* xq = x.q.data() + b * kQBlock;
 #if defined(__AVX2__)
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-    __m256i isum;
-    if (w.fmt == kQ8) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-      // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
-      isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-      const __m128i mask = _mm_set1_epi8(15);
-      const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-      isum = dot_u8s8(wv, xv);
-      total += half_at(blk + 2) * x.s[b];
-    }
-    acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[b & 1]);
-#else
-    int isum = 0;
-    if (w.fmt == kQ8) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-      for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
-    } else {
-      uint8_t q[kQBlock];
-      unpack_q4(blk + 4, q);
-      for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
-      total += half_at(blk + 2) * x.s[b];
-    }
-    total += d * static_cast<float>(isum);
 #endif
-  }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + b * bb;
+      if (b % 2 == 0) prefetch(next[r] + b * bb);
+      const float d = half_at(blk) * x.d[b];
 #if defined(__AVX2__)
-  total += hsum8(_mm256_add_ps(acc[0], acc[1]));
+      __m256i isum;
+      if (w.fmt == kQ8) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
+        isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+      } else {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+        const __m128i mask = _mm_set1_epi8(15);
+        const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+        isum = dot_u8s8(wv, xv);
+        total[r] += half_at(blk + 2) * x.s[b];
+      }
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[r][b & 1]);
+#else
+      int isum = 0;
+      if (w.fmt == kQ8) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
+      } else {
+        uint8_t q[kQBlock];
+        unpack_q4(blk + 4, q);
+        for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
+        total[r] += half_at(blk + 2) * x.s[b];
+      }
+      total[r] += d * static_cast<float>(isum);
 #endif
-  return total;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+#if defined(__AVX2__)
+    total[r] += hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+#endif
+    out[r] = total[r];
+  }
+}
+
+inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QAct& x) {
+  const uint8_t* rows[1] = {row};
+  const uint8_t* nexts[1] = {next};
+  float out[1];
+  qdot_rows<1>(w, rows, nexts, x, out);
+  return out[0];
 }
 
 // acc[0 : B * 32] += sum_r coef[r] * dequantize(rows[r]) for the m <= 4 rows, in fp32: one
@@ -278,9 +297,12 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n = pick(idx, j), nn = pick(idx, std::min(j + 1, j1 - 1));
       float a, hv;
-      if (dense) {
-        const float g = rounded<T>(qdot(wg, wg.row(n), wg.row(nn), x));
-        const float u = rounded<T>(qdot(wu, wu.row(n), wu.row(nn), x));
+      if (dense) {  // gate and up rows of one neuron in one pass (one format and width: q_ffn checks)
+        const uint8_t* rows[2] = {wg.row(n), wu.row(n)};
+        const uint8_t* next[2] = {wg.row(nn), wu.row(nn)};
+        float gu[2];
+        qdot_rows<2>(wg, rows, next, x, gu);
+        const float g = rounded<T>(gu[0]), u = rounded<T>(gu[1]);
         const float up = act_up ? rounded<T>(apply(act, u)) : u;
         a = rounded<T>(apply(act, g));
         hv = rounded<T>(a * up);
