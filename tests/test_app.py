@@ -205,6 +205,12 @@ def test_compare_endpoint_through_gradio_client(tiny_dirs):
             PROMPT, "/no/such/dir", "dense", str(tiny_dirs["drelu"]), "dense", 3, 0.0, 0, api_name="/compare"
         )
         assert "not found" in bad["left"]["error"] and bad["right"]["tokens"] == 3
+        args = (PROMPT, str(tiny_dirs["dense"]), "dense", str(tiny_dirs["drelu"]), "exact", 3, 0.0, 0)
+        quantized = client.predict(*args, "stored", "int8", api_name="/compare")
+        assert (quantized["left"]["quant"], quantized["right"]["quant"]) == (None, "int8")
+        assert quantized["right"]["tokens"] == 3
+        odd = client.predict(*args, "int3", "stored", api_name="/compare")
+        assert "int3" in odd["left"]["error"] and odd["right"]["tokens"] == 3
     finally:
         demo.close()
 

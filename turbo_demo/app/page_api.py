@@ -8,6 +8,7 @@ import gradio as gr
 
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.menus import AS_STORED, quant_of
 from turbo_demo.app.public import Policy, RunQueue, client_of
 from turbo_demo.app.texts import COMPARE_DOC
 from turbo_demo.choices import MODE_HELP
@@ -29,9 +30,12 @@ def compare_endpoint(
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         seed: int = 0,
+        left_quant: str = AS_STORED,
+        right_quant: str = AS_STORED,
         request: gr.Request = None,  # type: ignore[assignment]  # Gradio fills it in
     ) -> dict:
-        left, right = SideRecord(left_model, left_mode), SideRecord(right_model, right_mode)
+        left = SideRecord(left_model, left_mode, quant=quant_of(left_quant))
+        right = SideRecord(right_model, right_mode, quant=quant_of(right_quant))
         settings, stop = Settings(max_new_tokens, temperature, 1.0, seed), Event()
         try:
             ticket = queue.join(client_of(request))

@@ -64,7 +64,7 @@ def eval_of(folder: str) -> dict:
 
 
 def e2e_row(bench: dict, model: str, engine: str) -> dict:
-    rows = [r for r in bench.get("e2e", []) if r["model"] == model and r["engine"] == engine]
+    rows = [r for r in bench.get("e2e", []) if (r["model"], r["engine"], r.get("quant")) == (model, engine, None)]
     return rows[0] if rows else {}
 
 

@@ -57,6 +57,9 @@ Args:
     max_new_tokens: tokens to generate per model, 1 to 256
     temperature: 0 for greedy decoding, up to 2
     seed: the sampling seed, a whole number in [0, 2**63)
+    left_quant: the left model's weights: "stored" (as stored, the default), "int8" or "int4"
+        (quantized at load)
+    right_quant: as left_quant
 
 Returns:
     {{"left": summary, "right": summary, "speedup": right tokens/s over left}}, each summary
