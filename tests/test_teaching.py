@@ -267,3 +267,5 @@ def test_quantized_sides_are_left_out_of_the_float_forwards():
     assert teaching.run_histograms(ModelStore(), quantized, SideRecord("x", "dense", error="no")) == {}
     assert "int8 weights, bf16 activations" in views.side_markdown(quantized)
     assert [quant_of(v) for v in (AS_STORED, None, "int8", "int4")] == [None, None, "int8", "int4"]
+    with pytest.raises(UserError, match="unknown quantization 'int3'"):
+        ModelStore().get("/no/such/dir", quant=quant_of("int3"))  # refused before any path is read

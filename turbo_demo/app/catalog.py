@@ -22,7 +22,7 @@ from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model
 from turbo_demo.model.generation import Generation, read_generation
 from turbo_demo.model.hub import fetch, is_hub_id
 from turbo_demo.model.memory import BUDGET_ENV, check_fits, default_budget, estimate
-from turbo_demo.model.quantized import load_quantized, stored_config, stored_quant
+from turbo_demo.model.quantized import check_quant, load_quantized, stored_config, stored_quant
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
 
@@ -149,6 +149,8 @@ class ModelStore:
         """The loaded model, its matrices quantized at load in `quant` ("int8", "int4"; None: as
         stored, a `quantize` checkpoint's blocks included); on_load(message), when given, hears
         before a load starts."""
+        if quant is not None:
+            check_quant(quant)  # before anything is read: a menu or API value from outside
         path = resolve(name_or_path, self.allowed, on_load).resolve()  # aliases share one entry
         quant = quant or stored_quant(path)
         with self._lock:

@@ -20,6 +20,7 @@ BAD_TEXT = [None, 3, [], {}, "", " ", "\x00" * 10, "x" * 5000, float("nan")]
 BAD_NUMBERS = [None, "a", float("nan"), float("inf"), -float("inf"), -1, 2**70, 1e30, [], True]
 BAD_MODELS = ["/etc", "/root/.ssh", "~", "../", "assets/models/dense-swiglu/../dense-swiglu", "org/name", None, 7]
 BAD_MODES = ["turbo", "", None, "dense; rm -rf /", 3]
+BAD_QUANTS = ["int3", "fp8", "../int8", 7, [], "INT8"]
 
 
 def call_compare(url: str, args: list, timeout: float = 300) -> tuple[str, object]:
@@ -83,15 +84,17 @@ class Probe:
 
 def fuzz_args(models: tuple[str, str], case: int, rng: random.Random) -> list:
     """Case `case` of the fuzz: a valid call with one argument class broken (prompt, model,
-    mode or a number), in turn."""
-    args = ["def add(a, b):\n    return", models[0], "dense", models[1], "dense", 2, 0.0, 0]
-    kind = case % 4
+    mode, a number or a quantization), in turn."""
+    args = ["def add(a, b):\n    return", models[0], "dense", models[1], "dense", 2, 0.0, 0, "stored", "stored"]
+    kind = case % 5
     if kind == 0:
         args[0] = rng.choice(BAD_TEXT)
     elif kind == 1:
         args[rng.choice([1, 3])] = rng.choice(BAD_MODELS)
     elif kind == 2:
         args[rng.choice([2, 4])] = rng.choice(BAD_MODES)
+    elif kind == 3:
+        args[rng.choice([8, 9])] = rng.choice(BAD_QUANTS)
     else:
         args[rng.choice([5, 6, 7])] = rng.choice(BAD_NUMBERS)
     return args
@@ -114,7 +117,9 @@ def load(url: str, models: tuple[str, str], clients: int = 6, runs: int = 2, tok
         for _ in range(runs):
             start = time.monotonic()
             try:
-                event, data = call_compare(url, ["def f(x):", models[0], "dense", models[1], "dense", tokens, 0.0, 0])
+                event, data = call_compare(
+                    url, ["def f(x):", models[0], "dense", models[1], "dense", tokens, 0.0, 0, "stored", "stored"]
+                )
             except requests.RequestException:
                 event, data = "failed", None
             with lock:
