@@ -269,3 +269,27 @@ def test_quantized_sides_are_left_out_of_the_float_forwards():
     assert [quant_of(v) for v in (AS_STORED, None, "int8", "int4")] == [None, None, "int8", "int4"]
     with pytest.raises(UserError, match="unknown quantization 'int3'"):
         ModelStore().get("/no/such/dir", quant=quant_of("int3"))  # refused before any path is read
+
+
+def test_hooks_on_a_shared_model_take_turns():
+    """While one thread's hooks are on a model, another thread cannot attach its own or run the
+    unpruned baseline (the app's sessions share the model's modules)."""
+    import threading
+
+    from turbo_demo.model.hooks import HOOKS, on_ffn_activation, on_gate_up
+
+    model, inside, leave = tiny_model("drelu"), threading.Event(), threading.Event()
+
+    def hold():
+        with on_ffn_activation(model, lambda layer, h: None), on_gate_up(model, lambda *a: None):  # nested: re-entrant
+            inside.set()
+            leave.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    assert not HOOKS.acquire(blocking=False)
+    leave.set()
+    holder.join(10)
+    assert HOOKS.acquire(blocking=False)
+    HOOKS.release()

@@ -19,7 +19,7 @@ from turbo_demo.app.compare import SideRecord
 from turbo_demo.app.views import side_label
 from turbo_demo.model.activations import activation_histograms
 from turbo_demo.model.hooks import on_gate_up
-from turbo_demo.offline.evaluate import HOOKED, text_sweep
+from turbo_demo.offline.evaluate import text_sweep
 from turbo_demo.paths import MODELS_DIR, read_json
 
 # The paper's Table 3 (WikiText-2, the two ~300M models trained on 5B tokens; top-k by |h|)
@@ -78,7 +78,7 @@ def gate_up_pairs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     def on_pre(layer, branch, out):
         seen[branch].append(out.flatten().float())
 
-    with HOOKED, on_gate_up(model, on_pre):
+    with on_gate_up(model, on_pre):
         model(input_ids=torch.tensor([ids]), use_cache=False)
     return torch.cat(seen["gate"]), torch.cat(seen["up"])
 

@@ -6,9 +6,13 @@ h = act(W_gate x) * (W_up x) for SwiGLU, relu(W_gate x) * relu(W_up x) for dReLU
 pre-hook on down_proj therefore sees h for every FFN variant without touching its code. The
 gate and up projections are gate_proj and up_proj, or Phi-3's one gate_up_proj, whose output
 (..., 2I) is the gate's I values, then up's.
-Hooks live only inside the context managers below, which always remove them.
+Hooks live only inside the context managers below, which always remove them. A model's
+modules are shared (the app's sessions use one loaded copy), so each context holds HOOKS, one
+re-entrant lock, while its hooks are on: no thread's forward runs under another's hooks. A
+hook-free forward that must not (a baseline before pruning) holds it too.
 """
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -16,6 +20,8 @@ import torch
 from torch import nn
 
 from turbo_demo.errors import UserError
+
+HOOKS = threading.RLock()  # re-entrant: the histograms nest both contexts in one thread
 
 
 def ffn_modules(model: nn.Module) -> list[nn.Module]:
@@ -57,43 +63,45 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
 
     If fn returns a tensor, it replaces h as the input of down_proj (used for top-k pruning).
     """
-    handles = []
-    for i, mlp in hooked_ffns(model):
+    with HOOKS:
+        handles = []
+        for i, mlp in hooked_ffns(model):
 
-        def pre_hook(module, args, layer=i):
-            new = fn(layer, args[0])
-            return None if new is None else (new,)
+            def pre_hook(module, args, layer=i):
+                new = fn(layer, args[0])
+                return None if new is None else (new,)
 
-        handles.append(part(mlp, "down").register_forward_pre_hook(pre_hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+            handles.append(part(mlp, "down").register_forward_pre_hook(pre_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 @contextmanager
 def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
     """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
-    handles = []
-    for i, mlp in hooked_ffns(model):
-        if hasattr(mlp, "gate_up_proj"):
+    with HOOKS:
+        handles = []
+        for i, mlp in hooked_ffns(model):
+            if hasattr(mlp, "gate_up_proj"):
 
-            def fused(module, args, output, layer=i):
-                gate, up = output.chunk(2, dim=-1)
-                fn(layer, "gate", gate)
-                fn(layer, "up", up)
+                def fused(module, args, output, layer=i):
+                    gate, up = output.chunk(2, dim=-1)
+                    fn(layer, "gate", gate)
+                    fn(layer, "up", up)
 
-            handles.append(mlp.gate_up_proj.register_forward_hook(fused))
-            continue
-        for name in ("gate", "up"):
+                handles.append(mlp.gate_up_proj.register_forward_hook(fused))
+                continue
+            for name in ("gate", "up"):
 
-            def hook(module, args, output, layer=i, branch=name):
-                fn(layer, branch, output)
+                def hook(module, args, output, layer=i, branch=name):
+                    fn(layer, branch, output)
 
-            handles.append(part(mlp, name).register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+                handles.append(part(mlp, name).register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

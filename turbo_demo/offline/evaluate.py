@@ -9,7 +9,6 @@ sweep of a visitor's text is `text_sweep`: the same function on one short window
 """
 
 import math
-import threading
 from pathlib import Path
 
 import torch
@@ -17,15 +16,12 @@ import torch.nn.functional as F
 
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import load_model, load_tokenizer
-from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.model.hooks import HOOKS, on_ffn_activation
 from turbo_demo.offline import corpus
 
 TOPK_SPARSITIES = (0.5, 0.8, 0.9)
 SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TEXT_SWEEP_TOKENS = 512  # a visitor's text is scored on its first this many tokens at most
-# The hooks are on the (shared) model's modules: two pruned forwards at once would prune each
-# other's activations, so they take turns.
-HOOKED = threading.Lock()
 
 
 def keep_top(h: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -61,7 +57,7 @@ def mean_loss(model, tokens, seq_len: int, max_tokens: int, batch_size: int = 8)
 
 def topk_perplexity(model, tokens, seq_len: int, max_tokens: int, sparsity: float) -> float:
     """Perplexity with each layer's h pruned to its top (1 - sparsity) share by |h|, per token."""
-    with HOOKED, on_ffn_activation(model, lambda layer, h: keep_top(h, sparsity)):
+    with on_ffn_activation(model, lambda layer, h: keep_top(h, sparsity)):
         return math.exp(mean_loss(model, tokens, seq_len, max_tokens)[0])
 
 
@@ -84,7 +80,7 @@ def text_sweep(model, tokenizer, text: str, max_tokens: int = TEXT_SWEEP_TOKENS)
         raise UserError("the text gives fewer than 2 tokens: nothing to score")
     tokens = torch.tensor(ids, dtype=torch.int32)
     seq_len = len(ids) - 1
-    with HOOKED:
+    with HOOKS:  # the unpruned baseline: no other thread's pruning hooks meanwhile
         loss, n = mean_loss(model, tokens, seq_len, seq_len, batch_size=1)
     return {**sweep(model, tokens, seq_len, seq_len, loss), "tokens": n}
 
