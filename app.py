@@ -61,7 +61,7 @@ def main() -> None:
     from turbo_demo.app.catalog import ModelStore
     from turbo_demo.app.warm import warm_up
 
-    store = ModelStore()
+    store = ModelStore(allowed=policy.allowed)  # public mode: the store itself refuses other models
     demo = build_demo(store, kernels=kernels, policy=policy)
     # the default models loaded, packed and run once, so that a visitor's first run is timed warm
     print("Warming up the default models...", file=sys.stderr)

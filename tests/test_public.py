@@ -97,3 +97,18 @@ def test_a_replaced_directory_is_loaded_again_and_a_deleted_one_refused(tmp_path
     shutil.rmtree(path)
     with pytest.raises(UserError, match="not found"):
         store.get(str(path))
+
+
+def test_the_page_refuses_a_store_without_the_policys_allow_list():
+    """app.py builds the store before the page: a store made without the allow-list would load
+    any path a visitor sends, whatever the menus offer."""
+    from turbo_demo.app.catalog import ModelStore
+    from turbo_demo.app.page import build_demo
+    from turbo_demo.app.public import public_policy
+
+    policy = public_policy([])
+    with pytest.raises(ValueError, match="allow-list"):
+        build_demo(ModelStore(), policy=policy)
+    build_demo(ModelStore(allowed=policy.allowed), policy=policy)
+    with pytest.raises(UserError, match="offers only its listed models"):
+        ModelStore(allowed=policy.allowed).get("/etc")

@@ -28,6 +28,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
     """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference),
     within `policy`'s limits (default: local, any model path)."""
     store = store or ModelStore(allowed=policy.allowed)
+    if store.allowed != policy.allowed:  # the store, not the menus, is what keeps other paths out
+        raise ValueError(f"the model store's allow-list {store.allowed} is not the policy's {policy.allowed}")
     kernels = kernels or Kernels()
     queue = RunQueue(policy.runs_per_client)
     names = embedded_names() + list(policy.allowed or ())
