@@ -11,7 +11,7 @@ import math
 
 from turbo_demo.app.compare import SideRecord
 from turbo_demo.app.views import side_label
-from turbo_demo.runtime.stats import NEURON_CODES, unpack_codes
+from turbo_demo.runtime.stats import unpack_codes
 
 # What a session keeps for a 256-token run of the embedded models (4 layers x 1280 neurons:
 # 2 x 256 x 1,280 bytes of maps, and the pieces) stays under this (tests/test_inspector.py)
@@ -75,12 +75,3 @@ def grid(codes: list[int]) -> list[list[int | None]]:
     rows = math.ceil(len(codes) / cols)
     padded = codes + [None] * (rows * cols - len(codes))
     return [padded[r * cols : (r + 1) * cols] for r in range(rows)]
-
-
-def counts(codes: list[list[int]]) -> dict[str, int]:
-    """How many neurons (over all layers) carry each code, by NEURON_CODES name."""
-    totals = [0] * len(NEURON_CODES)
-    for layer in codes:
-        for c in layer:
-            totals[c] += 1
-    return dict(zip(NEURON_CODES, totals))

@@ -1,11 +1,12 @@
 """Plot builder of the token inspector: plain codes in, `go.Figure` out (as plots.py)."""
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from turbo_demo.app.inspector import counts, grid
+from turbo_demo.app.inspector import grid
 from turbo_demo.app.plots import _layout
-from turbo_demo.runtime.stats import NEURON_CODES
+from turbo_demo.runtime.stats import FIRED, NEURON_CODES
 
 # one colour per code (stats.NEURON_CODES): not fired, fired, computed with h = 0, missed
 CODE_COLORS = ("#eeeeee", "#1f4e9c", "#ff9f1c", "#d62728")
@@ -28,48 +29,41 @@ def neuron_maps_figure(panes: list[dict], step: int) -> go.Figure:
     layers = max((len(p["codes"]) for p in shown), default=0)
     if not layers:
         return _layout(go.Figure(), f"Token {step + 1}: no neuron map kept for it", "neuron-maps", height=200)
-    titles = []
-    for layer in range(layers):
-        for p in shown:
-            fired = sum(c == 1 for c in p["codes"][layer]) if layer < len(p["codes"]) else 0
-            titles.append(f"{p['label']} · layer {layer}: {fired} fired")
+    # numpy arrays: Plotly validates nested lists element by element, which cost ~0.2 s a
+    # figure at the embedded models' size, at every live update of the talk layout
+    codes = [np.array(p["codes"], dtype=float) for p in shown]  # (layers, neurons) per pane
+    titles = [
+        f"{p['label']} · layer {layer}: {int((c[layer] == FIRED).sum()) if layer < len(c) else 0} fired"
+        for layer in range(layers)
+        for p, c in zip(shown, codes)
+    ]
     fig = make_subplots(
         rows=layers, cols=len(shown), subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.3 / layers
     )
-    for col, p in enumerate(shown, start=1):
-        for layer, codes in enumerate(p["codes"], start=1):
-            cells = grid(codes)
-            width = len(cells[0])
-            ids = [[r * width + c if v is not None else None for c, v in enumerate(row)] for r, row in enumerate(cells)]
-            fig.add_trace(
-                go.Heatmap(
-                    z=cells,
-                    customdata=ids,
-                    zmin=0,
-                    zmax=3,
-                    colorscale=SCALE,
-                    showscale=False,
-                    xgap=1,
-                    ygap=1,
-                    hovertemplate="neuron %{customdata}<extra></extra>",
-                ),
-                layer,
-                col,
+    for col, pane in enumerate(codes, start=1):
+        for layer, row in enumerate(pane, start=1):
+            cells = np.array(grid(row.tolist()), dtype=float)  # the padding (None) becomes NaN
+            ids = np.arange(cells.size).reshape(cells.shape)  # the padding's are never shown (hoverongaps)
+            heat = go.Heatmap(
+                z=cells,
+                customdata=ids,
+                zmin=0,
+                zmax=3,
+                colorscale=SCALE,
+                showscale=False,
+                xgap=1,
+                ygap=1,
+                hoverongaps=False,
+                hovertemplate="neuron %{customdata}<extra></extra>",
             )
-            fig.update_xaxes(showticklabels=False, row=layer, col=col)
-            fig.update_yaxes(showticklabels=False, autorange="reversed", row=layer, col=col)
-    used = {name for p in shown for name, n in counts(p["codes"]).items() if n}
-    for name, color in zip(NEURON_CODES, CODE_COLORS):
-        if name in used:  # a legend entry per code that occurs
-            fig.add_trace(
-                go.Scatter(
-                    x=[None],
-                    y=[None],
-                    mode="markers",
-                    marker=dict(color=color, size=10, symbol="square"),
-                    name=LEGEND[name],
-                )
-            )
+            fig.add_trace(heat, layer, col)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    used = set(np.unique(np.concatenate([c.ravel() for c in codes])).astype(int))
+    for code, (name, color) in enumerate(zip(NEURON_CODES, CODE_COLORS)):
+        if code in used:  # a legend entry per code that occurs
+            marker = dict(color=color, size=10, symbol="square")
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=marker, name=LEGEND[name]))
     tokens = " vs ".join(f"{p['label']}: {p['token']!r} ({fmt(p['sparsity'])} sparse)" for p in panes)
     fig = _layout(fig, f"Token {step + 1}: {tokens}", "neuron-maps", height=140 + 190 * layers)
     # below the maps, anchored by its own top-left corner (a legend above them, anchored
