@@ -60,9 +60,9 @@ def step_rows(side: str, rec: SideRecord) -> list[list]:
 
 def side_dict(rec: SideRecord) -> dict:
     """A side's record as JSON: its fields, steps as StepStats.to_dict, maps in base64."""
-    fields = {k: v for k, v in asdict(replace(rec, steps=[], maps=[])).items() if k not in ("steps", "maps")}
+    fields = asdict(replace(rec, steps=[], maps=[]))  # emptied: asdict would deep-copy them
     maps = [base64.b64encode(m).decode() for m in rec.maps]
-    return {**fields, "steps": [s.to_dict() for s in rec.steps], "maps": maps}
+    return fields | {"steps": [s.to_dict() for s in rec.steps], "maps": maps}
 
 
 def run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: dict[str, go.Figure]) -> bytes:
