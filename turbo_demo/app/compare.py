@@ -8,6 +8,7 @@ goes on. A shared threading.Event stops both within one step. Models load inside
 """
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -115,11 +116,7 @@ class SideRecord:
     def median_step_s(self) -> float:
         """The median decode step's time: one stall (another process, a first call) cannot
         move it, as it moves a mean."""
-        times = sorted(s.time_s for s in self.steps)
-        if not times:
-            return 0.0
-        mid = len(times) // 2
-        return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+        return statistics.median(s.time_s for s in self.steps) if self.steps else 0.0
 
     @property
     def key(self) -> tuple[str, str]:

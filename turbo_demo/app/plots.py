@@ -3,6 +3,8 @@
 Every figure sets `uirevision` so that a viewer's zoom and pan survive live updates.
 """
 
+import statistics
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -54,18 +56,10 @@ def rolling(values: list[float], window: int = 5) -> list[float]:
 UNSTEADY = 2.0  # a step slower than this many times its side's median is not steady state
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def unsteady_steps(times: list[float], factor: float = UNSTEADY) -> list[int]:
     """Indices of the steps that took more than `factor` x the median step: stalls (another
     process on the CPU, a first call), not the model's steady speed."""
-    limit = factor * median(times)
+    limit = factor * statistics.median(times)
     return [i for i, t in enumerate(times) if t > limit]
 
 
@@ -95,7 +89,7 @@ def speed_figure(series: dict[str, list[float]]) -> go.Figure:
         )
         if not times:
             continue
-        fig.add_hline(y=1.0 / median(times), line=dict(color=color, dash="dot", width=1))
+        fig.add_hline(y=1.0 / statistics.median(times), line=dict(color=color, dash="dot", width=1))
         slow = unsteady_steps(times)
         marked += len(slow)
         for first, last in runs_of(slow):  # step i is drawn at x = i + 1
