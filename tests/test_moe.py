@@ -10,13 +10,12 @@ names) is the dense comparator.
 """
 
 import json
-import math
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_published import rms, rotate_half
+from test_published import layer_weights, reference_attention, rms
 
 from conftest import tiny_model
 from turbo_demo.app.catalog import ModelStore, model_modes
@@ -124,24 +123,12 @@ def reference_logits(state, ids: list[int], act=torch.relu, masked: bool = True)
     per token the router softmax(W_r n) in fp32, its top-2 renormalised, and the sum of
     w_e * w2_e(m_e * act(w1_e n) * g(w3_e n)) over the two (dReLU: act = g = relu; SwiGLU: act =
     silu, g = identity), m_e = round(sigmoid(fc2_e(relu(fc1_e n)))) where masked."""
-    T, hd = len(ids), H // HEADS
+    T = len(ids)
     x = state["model.embed_tokens.weight"][ids]
-    inv = 1.0 / (CONFIG["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
-    angles = torch.arange(T).float()[:, None] * inv
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     up = torch.relu if act is torch.relu else (lambda u: u)
     for i in range(LAYERS):
-        p = {k.removeprefix(f"model.layers.{i}.").removesuffix(".weight"): v for k, v in state.items()}.__getitem__
-        n = rms(x, p("input_layernorm"))
-        q = (n @ p("self_attn.q_proj").T).view(T, HEADS, hd).transpose(0, 1)
-        k = (n @ p("self_attn.k_proj").T).view(T, KV_HEADS, hd).transpose(0, 1)
-        v = (n @ p("self_attn.v_proj").T).view(T, KV_HEADS, hd).transpose(0, 1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)
-        attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
-        x = x + attn.transpose(0, 1).reshape(T, -1) @ p("self_attn.o_proj").T
+        p = layer_weights(state, i)
+        x = reference_attention(x, p, HEADS, KV_HEADS, CONFIG["rope_theta"])
         n = rms(x, p("post_attention_layernorm"))
         probs = torch.softmax((n @ p("block_sparse_moe.gate").T).float(), -1)
         top = probs.topk(TOP_K, dim=-1)

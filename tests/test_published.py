@@ -111,30 +111,40 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def layer_weights(state, i: int):
+    """Layer i's tensors by their name within the layer ("self_attn.q_proj", ...)."""
+    return {k.removeprefix(f"model.layers.{i}.").removesuffix(".weight"): v for k, v in state.items()}.__getitem__
+
+
+def reference_attention(x: torch.Tensor, p, heads: int, kv_heads: int, theta: float) -> torch.Tensor:
+    """x (T, H) plus Mistral's attention of it, from the formulas: RMSNorm, RoPE, grouped-query
+    attention, causal; p: layer_weights."""
+    T, hd = x.shape[0], x.shape[1] // heads
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
+    angles = torch.arange(T).float()[:, None] * inv
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    n = rms(x, p("input_layernorm"))
+    q = (n @ p("self_attn.q_proj").T).view(T, heads, hd).transpose(0, 1)
+    k = (n @ p("self_attn.k_proj").T).view(T, kv_heads, hd).transpose(0, 1)
+    v = (n @ p("self_attn.v_proj").T).view(T, kv_heads, hd).transpose(0, 1)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k, v = k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0)
+    scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)
+    attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+    return x + attn.transpose(0, 1).reshape(T, -1) @ p("self_attn.o_proj").T
+
+
 def reference_logits(state, ids: list[int], masked: bool = True) -> torch.Tensor:
     """The published forward of the whole sequence, from the formulas (fp32): Mistral attention
     (RoPE, grouped-query, causal) and the FFN y = W_down(round(sigmoid(fc2(relu(fc1 r)))) *
     relu(W_gate n) * relu(W_up n)), r the residual before post_attention_layernorm, n its norm;
     without the mask when masked is False. -> logits (T, VOCAB)."""
     c = CONFIG
-    nh, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"] // c["num_attention_heads"]
-    T = len(ids)
     x = state["model.embed_tokens.weight"][ids]
-    inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
-    angles = torch.arange(T).float()[:, None] * inv
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     for i in range(c["num_hidden_layers"]):
-        p = {k.removeprefix(f"model.layers.{i}.").removesuffix(".weight"): v for k, v in state.items()}.__getitem__
-        n = rms(x, p("input_layernorm"))
-        q = (n @ p("self_attn.q_proj").T).view(T, nh, hd).transpose(0, 1)
-        k = (n @ p("self_attn.k_proj").T).view(T, nkv, hd).transpose(0, 1)
-        v = (n @ p("self_attn.v_proj").T).view(T, nkv, hd).transpose(0, 1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)
-        attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
-        x = x + attn.transpose(0, 1).reshape(T, -1) @ p("self_attn.o_proj").T
+        p = layer_weights(state, i)
+        x = reference_attention(x, p, c["num_attention_heads"], c["num_key_value_heads"], c["rope_theta"])
         r, n = x, rms(x, p("post_attention_layernorm"))
         h = torch.relu(n @ p("mlp.gate_proj").T) * torch.relu(n @ p("mlp.up_proj").T)
         if masked:
