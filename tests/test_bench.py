@@ -1,12 +1,14 @@
 """The benchmark's machinery on tiny shapes: the JSON schema and sane numbers, no timing asserts."""
 
 import json
+import sys
 
 import pytest
 import torch
 
 from conftest import tiny_model
 from turbo_demo.bench import FFN_MODES, Settings, format_table, run_bench, settings_for
+from turbo_demo.bench.peers import all_peers
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
@@ -112,6 +114,7 @@ def test_missing_checkpoint_is_a_note(tmp_path):
 def test_settings_and_bad_names():
     assert settings_for(quick=True, dtype="fp32").dtype == torch.float32
     assert settings_for().stack_layers == 8
+    assert settings_for().peers and not settings_for(quick=True).peers and settings_for(quick=True, peers=True).peers
     with pytest.raises(UserError, match="unknown dtype"):
         settings_for(dtype="int4")
     with pytest.raises(UserError, match="unknown quantization"):
@@ -148,3 +151,33 @@ def test_cpp_backend_decodes_like_torch(dtype, cpp_kernels):
         if dtype == torch.float32:
             assert torch.equal(firing["cpp", mode], firing["torch", mode])
     torch.testing.assert_close(out["cpp", "exact"], out["cpp", "dense"], **tol)
+
+
+def test_missing_peers_are_notes(monkeypatch, tmp_path):
+    for name in ("llama_cpp", "torchao", "torchao.quantization"):
+        monkeypatch.setitem(sys.modules, name, None)
+    notes: list[str] = []
+    assert all_peers(tiny_model("drelu"), None, [1], 2, tmp_path, notes) == {}
+    assert any("pip install llama-cpp-python" in n for n in notes)
+    assert any("pip install torchao" in n for n in notes)
+
+
+def test_peers_decode_and_read_what_their_formats_store(tmp_path):
+    """llama.cpp at f16 / q8_0 / q4_0 on a GGUF of the weights and torchao int8 decode the
+    bench's tokens; their bytes per token follow their formats (torchao int4 needs rows of 128:
+    a note at this size)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("torchao")
+    model, notes = tiny_model("drelu").to(torch.bfloat16), []
+    peers = all_peers(model, None, [1], 3, tmp_path, notes)
+    assert set(peers) == {("llama.cpp", t) for t in ("f16", "q8_0", "q4_0")} | {("transformers+torchao", "int8")}
+    assert len(peers["llama.cpp", "q8_0"].run()) == 3
+    peers["transformers+torchao", "int8"].run()
+    size = {key: peer.bytes_per_token for key, peer in peers.items()}
+    # the LM head is the tied embedding (300 x 32); the layers' matrices come with it
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n) + 300 * 32
+    assert size["llama.cpp", "f16"] == 2 * weights
+    assert size["llama.cpp", "q8_0"] == weights * 34 // 32
+    assert size["llama.cpp", "q4_0"] < size["llama.cpp", "q8_0"]
+    assert size["transformers+torchao", "int8"] == pytest.approx(weights, rel=0.1)
+    assert any("int4 skipped" in n for n in notes)

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, MODE_HELP, MODES, QUANTS
+from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, GGUF_TYPES, MODE_HELP, MODES, QUANTS
 from turbo_demo.errors import UserError
 
 
@@ -89,6 +89,12 @@ def cmd_quantize(args) -> None:
     print(quantize_checkpoint(args.src, args.dst, args.quant, DTYPES.get(args.dtype)))
 
 
+def cmd_export_gguf(args) -> None:
+    from turbo_demo.model.gguf_export import export_gguf
+
+    print(export_gguf(args.src, args.dst, args.type))
+
+
 def cmd_bench(args) -> None:
     import torch
 
@@ -97,7 +103,7 @@ def cmd_bench(args) -> None:
     if args.bench_threads:
         torch.set_num_threads(args.bench_threads)
     quants = () if args.quant == "none" else tuple(args.quant.split(","))
-    result = run_bench(settings_for(args.quick, args.dtype, quants), backend=args.backend)
+    result = run_bench(settings_for(args.quick, args.dtype, quants, args.peers), backend=args.backend)
     print(json.dumps(result) if args.json else format_table(result))
 
 
@@ -195,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="of embeddings and norms (auto as generate)")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("export-gguf", help="write a dense Llama / Mistral checkpoint as a GGUF file for llama.cpp")
+    p.add_argument("src", help="a float checkpoint directory (dense SwiGLU, safetensors)")
+    p.add_argument("dst", help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=GGUF_TYPES, help="matrix type (default f16)")
+    p.set_defaults(func=cmd_export_gguf)
+
     p = sub.add_parser("bench", help="measure FFN and decoding speed per mode (tokens/s, bandwidth)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer rounds and layers: under a minute, noisier")
@@ -208,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weight dtype (default bf16)")
     p.add_argument("--quant", default="int8,int4", help="lean engines also on these block formats, or none")
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        help="llama.cpp (llama-cpp-python) and transformers+torchao rows on the same weights "
+        "(default: on, off with --quick; a missing package is a note)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", help="probe a running app (e.g. a deployed Space): fuzzed calls, then many clients")

@@ -215,12 +215,12 @@ def bench_numbers() -> str:
     if not bench:
         return "_No assets/bench.json yet: run `python -m turbo_demo bench --json`._"
     rows = [
-        f"| {e['model']} | {e.get('dtype', '?')} | {e['engine']} | {e['tokens_per_s']:,.1f} | "
-        f"{e.get('speedup_vs_dense', 0):.2f}x |"
+        f"| {e['model']} | {e.get('dtype', '?')} | {e.get('quant') or '-'} | {e['engine']} | "
+        f"{e['tokens_per_s']:,.1f} | {e.get('speedup_vs_dense', 0):.2f}x |"
         for e in bench.get("e2e", [])
     ]
     return (
-        "| model | dtype | engine | tokens/s | vs our dense |\n|---|---|---|---|---|\n"
+        "| model | dtype | weights | engine | tokens/s | vs our dense |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\n_Machine: {bench['machine'].get('cpu', '?')}, {bench['machine'].get('threads', '?')} threads._"
     )

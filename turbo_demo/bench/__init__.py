@@ -20,6 +20,8 @@
              and stats_share = the time to build one step's statistics (a LayerRecord per
              layer and the StepStats; the counts in them come from the kernels' own loops) /
              seconds per token, for the lean engines, whose statistics are always on
+             and, with Settings.peers, the peers on the same weights (bench/peers.py):
+             llama.cpp at f16, q8_0 and q4_0, and transformers+torchao at int8 and int4
 
 Fairness. Every number is a median over rounds in which the compared variants take turns, in an
 order that rotates each round, so that a slow spell of the machine hits them alike. Caches do

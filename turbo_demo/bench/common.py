@@ -44,21 +44,25 @@ class Settings:
     embedded_tokens: int = 48
     e2e_rounds: int = 5
     quants: tuple = ()  # block formats whose lean engines join the e2e rows (runtime/quant.py)
+    peers: bool = False  # llama.cpp and transformers+torchao on the same weights (bench/peers.py)
     # the MoE layer (bench/moe.py): experts of the first FFN shape, top-k, the in-expert sparsity
     moe_experts: int = 8
     moe_top_k: int = 2
     moe_sparsity: float = 0.85
 
 
-def settings_for(quick: bool = False, dtype: str = "bf16", quants: tuple = QUANTS) -> Settings:
+def settings_for(
+    quick: bool = False, dtype: str = "bf16", quants: tuple = QUANTS, peers: bool | None = None
+) -> Settings:
     """The full benchmark (a few minutes), or a quick one (under a minute, noisier); the e2e
-    rows in `dtype` and, for the lean engines, with each of `quants`."""
+    rows in `dtype` and, for the lean engines, with each of `quants`; with the peers where
+    `peers` (None: in the full benchmark only, since they add GGUF exports and quantized copies)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     unknown = [q for q in quants if q not in QUANTS]
     if unknown:
         raise UserError(f"unknown quantization {unknown[0]!r}; choose from {', '.join(QUANTS)}")
-    settings = Settings(dtype=DTYPES[dtype], quants=tuple(quants))
+    settings = Settings(dtype=DTYPES[dtype], quants=tuple(quants), peers=not quick if peers is None else peers)
     if quick:
         settings = replace(
             settings,

@@ -3,6 +3,7 @@ the shipped dReLU checkpoint (see the package docstring for the method)."""
 
 import statistics
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from turbo_demo.bench.common import Settings, randomize_, round_robin, timed
+from turbo_demo.bench.peers import Peer, all_peers
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, load_model
 from turbo_demo.runtime import LeanRuntime, PackedModel, pack
@@ -70,10 +72,13 @@ def bench_model(
     gbps: float,
     progress: bool,
     quants: tuple = (),
+    peers: dict[tuple, Peer] | None = None,
 ) -> list[dict]:
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt: transformers'
-    generate on the model as loaded, and the lean runtime on its pack of the model, as loaded
-    and quantized in each of `quants` (engine (mode, quant); quant None: as loaded)."""
+    generate on the model as loaded, the lean runtime on its pack of the model, as loaded
+    and quantized in each of `quants` (engine (mode, quant); quant None: as loaded), and the
+    `peers` (bench/peers.py), all in one round robin."""
+    peers = peers or {}
     packs = {None: pack(model), **{q: pack(model, q) for q in quants}}
     generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     modes = {"dense": {}, "exact": {}, **({"predictor": predictor} if predictor is not None else {})}
@@ -90,49 +95,56 @@ def bench_model(
     calls = {
         ("transformers", None): lambda: model.generate(torch.tensor([PROMPT]), generation_config=generation),
         **{key: lambda key=key: decode(key) for key in runtimes},
+        **{key: peer.run for key, peer in peers.items()},
     }
     bar = tqdm(total=s.e2e_rounds, desc=f"e2e {label}", file=sys.stderr, disable=not progress, leave=False)
     seconds = round_robin(calls, s.e2e_rounds, bar)
     bar.close()
     dense_ffn = runtimes["dense", None].dense_ffn_bytes
     stats_cost = {key: stats_seconds(runtime) for key, runtime in runtimes.items()}
+
+    def row(key: tuple, step_bytes: float, sparsity: float | None, stats_cost: float | None) -> dict:
+        per_token = seconds[key] / tokens
+        return {
+            "model": label,
+            "dtype": dtype_name(model.dtype),
+            "quant": key[1],
+            "engine": key[0],
+            "tokens_per_s": 1 / per_token,
+            "sparsity": sparsity,
+            "bytes_per_token": step_bytes,
+            # the tokens/s the read bandwidth allows at these bytes per token
+            "limit_tokens_per_s": gbps * 1e9 / step_bytes,
+            "bandwidth_share": step_bytes / (gbps * 1e9) / per_token,
+            "speedup_vs_dense": seconds["dense", None] / seconds[key],
+            "stats_share": None if stats_cost is None else stats_cost / per_token,
+        }
+
     results = []
     for quant in packs:
-        for engine in ENGINES:
+        if quant is None:
+            results.append(row(("transformers", None), other_bytes(packs[None]) + dense_ffn, None, None))
+        for engine in ENGINES[1:]:
             key = (engine, quant)
-            if key not in seconds:
-                continue
-            per_token = seconds[key] / tokens
-            if engine == "transformers":
-                ffn_bytes, sparsity, stats_share = dense_ffn, None, None
-            else:
+            if key in runtimes:
                 ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[key])
                 sparsity = 1 - statistics.mean(c for st in steps[key] for c in st.computed_share)
-                stats_share = stats_cost[key] / per_token
-            step_bytes = other_bytes(packs[quant]) + ffn_bytes
-            results.append(
-                {
-                    "model": label,
-                    "dtype": dtype_name(model.dtype),
-                    "quant": quant,
-                    "engine": engine,
-                    "tokens_per_s": 1 / per_token,
-                    "sparsity": sparsity,
-                    "bytes_per_token": step_bytes,
-                    # the tokens/s the read bandwidth allows at these bytes per token
-                    "limit_tokens_per_s": gbps * 1e9 / step_bytes,
-                    "bandwidth_share": step_bytes / (gbps * 1e9) / per_token,
-                    "speedup_vs_dense": seconds["dense", None] / seconds[key],
-                    "stats_share": stats_share,
-                }
-            )
-    return results
+                results.append(row(key, other_bytes(packs[quant]) + ffn_bytes, sparsity, stats_cost[key]))
+    return results + [row(key, peer.bytes_per_token, None, None) for key, peer in peers.items()]
 
 
 def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="turbo-demo-gguf-") as tmp:  # the peers' GGUF files
+        return bench_models(s, kernels, gbps, notes, progress, Path(tmp))
+
+
+def bench_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool, tmp: Path) -> list[dict]:
+    stack = random_stack(s)
+    peers = all_peers(stack, None, PROMPT, s.stack_tokens, tmp / "7b-shape", notes) if s.peers else None
     results = bench_model(
-        "7b-shape", random_stack(s), {"budget": s.stack_budget}, s.stack_tokens, s, kernels, gbps, progress, s.quants
+        "7b-shape", stack, {"budget": s.stack_budget}, s.stack_tokens, s, kernels, gbps, progress, s.quants, peers
     )
+    del stack, peers  # the 7b-shape weights and the peers' copies, before the next model loads
     notes.append(
         f"7b-shape: {s.stack_layers} layers of Mistral-7B's shape, random weights, "
         f"predictor rank {s.rank} computing {s.stack_budget:.0%} of the neurons"
@@ -144,9 +156,13 @@ def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], prog
     for dtype in dict.fromkeys((s.dtype, app_dtype)):
         model = load_model(s.embedded, dtype)
         predictor = {} if model.config.predictor_rank else None
-        quants = s.quants if dtype == s.dtype else ()  # quantized rows in the benchmark's dtype only
+        in_bench_dtype = dtype == s.dtype  # quantized rows and the peers in the benchmark's dtype only
+        quants = s.quants if in_bench_dtype else ()
+        peers = None
+        if s.peers and in_bench_dtype:
+            peers = all_peers(model, Path(s.embedded), PROMPT, s.embedded_tokens, tmp / "embedded", notes)
         results += bench_model(
-            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, quants
+            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, quants, peers
         )
     if predictor is None:
         notes.append(

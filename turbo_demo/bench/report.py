@@ -37,14 +37,14 @@ def format_table(result: dict) -> str:
     lines += [
         "",
         "Decoding, batch 1",
-        f"{'model':<16}{'dtype':<10}{'weights':<9}{'engine':<14}{'tokens/s':>10}{'limit':>10}{'sparsity':>10}"
+        f"{'model':<16}{'dtype':<10}{'weights':<9}{'engine':<22}{'tokens/s':>10}{'limit':>10}{'sparsity':>10}"
         f"{'bandwidth':>11}{'vs dense':>10}{'stats':>8}",
     ]
     for e in result["e2e"]:
         sparsity = "-" if e["sparsity"] is None else f"{e['sparsity']:.2f}"
         stats = "-" if e["stats_share"] is None else f"{e['stats_share']:.1%}"
         lines.append(
-            f"{e['model']:<16}{e['dtype']:<10}{e.get('quant') or '-':<9}{e['engine']:<14}{e['tokens_per_s']:>10.2f}"
+            f"{e['model']:<16}{e['dtype']:<10}{e.get('quant') or '-':<9}{e['engine']:<22}{e['tokens_per_s']:>10.2f}"
             f"{e.get('limit_tokens_per_s', 0):>10.1f}{sparsity:>10}"
             f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}"
         )
