@@ -11,6 +11,7 @@ trained on tokens of the training split. Each layer's threshold is then lowered 
 recall (share of truly active neurons predicted active) reaches `target_recall` on held-out
 tokens. Predictors are stored as `model.layers.{l}.mlp.predictor.fc1/fc2` (the published
 TurboSparse layout) with `predictor_rank` and per-layer `predictor_threshold` in config.json.
+A TurboSparse-Mixtral model gets one predictor per expert instead (moe_predictors.py).
 """
 
 import math
@@ -28,6 +29,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.model.bamboo import BambooForCausalLM, BambooPredictor
 from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
 from turbo_demo.model.hooks import on_ffn_activation
+from turbo_demo.model.mixtral import TurboSparseMixtralForCausalLM
 from turbo_demo.offline import corpus
 
 SEQ_LEN = 256  # tokens per sequence of the collected activations
@@ -128,12 +130,18 @@ def train_predictors(
     model = load_model(model_dir)
     if isinstance(rank, list) and len(rank) != model.config.num_hidden_layers:
         raise UserError(f"--rank lists {len(rank)} ranks for {model.config.num_hidden_layers} layers")
+    tokenizer = load_tokenizer(model_dir)
+    if isinstance(model, TurboSparseMixtralForCausalLM):
+        from turbo_demo.offline.moe_predictors import train_expert_predictors  # builds on this module
+
+        return train_expert_predictors(
+            model, tokenizer, model_dir, rank, train_tokens, val_tokens, steps, target_recall, seed, stored_dtype
+        )
     if not isinstance(model, BambooForCausalLM):
         raise UserError(
             f"predictors need a dReLU (bamboo) model whose neurons are exactly zero; "
             f"{model_dir} is a {type(model).__name__}"
         )
-    tokenizer = load_tokenizer(model_dir)
     r_train, y_train = collect(model, corpus.encode_split(tokenizer, "train"), train_tokens)
     r_val, y_val = collect(model, corpus.encode_split(tokenizer, "heldout"), val_tokens)
     layers = []
