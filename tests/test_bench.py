@@ -29,6 +29,7 @@ def tiny_settings(embedded) -> Settings:
         stack_tokens=2,
         embedded=embedded,
         embedded_tokens=3,
+        embedded_moe=None,  # test_moe_bench.py decodes MoE checkpoints
         e2e_rounds=2,
         quants=("int8",),
     )

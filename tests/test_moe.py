@@ -118,11 +118,12 @@ def mixtral(tmp_path_factory, tokenizer):
     return path, write_layout(path, tokenizer, config, predictors=False)
 
 
-def reference_logits(state, ids: list[int], act=torch.relu, masked: bool = True) -> torch.Tensor:
+def reference_logits(state, ids: list[int], act=torch.relu, masked: bool = True, trace=None) -> torch.Tensor:
     """The published forward from the formulas (fp32) -> logits (T, V): Mistral attention, then
     per token the router softmax(W_r n) in fp32, its top-2 renormalised, and the sum of
     w_e * w2_e(m_e * act(w1_e n) * g(w3_e n)) over the two (dReLU: act = g = relu; SwiGLU: act =
-    silu, g = identity), m_e = round(sigmoid(fc2_e(relu(fc1_e n)))) where masked."""
+    silu, g = identity), m_e = round(sigmoid(fc2_e(relu(fc1_e n)))) where masked. With a list
+    as trace, (layer, expert, h) is appended for every routed (token, expert) pair."""
     T = len(ids)
     x = state["model.embed_tokens.weight"][ids]
     up = torch.relu if act is torch.relu else (lambda u: u)
@@ -141,6 +142,8 @@ def reference_logits(state, ids: list[int], act=torch.relu, masked: bool = True)
                 if masked:
                     score = torch.relu(n[t] @ p(ex + "predictor.fc1").T) @ p(ex + "predictor.fc2").T
                     h = h * torch.round(torch.sigmoid(score))
+                if trace is not None:
+                    trace.append((i, e, h))
                 y[t] += w * (h @ p(ex + "w2").T)
         x = x + y
     return rms(x, state["model.norm.weight"]) @ state["lm_head.weight"].T
@@ -359,5 +362,20 @@ def test_the_activation_hooks_watch_every_expert(published, mixtral):
     assert all(zeros > 0.5 for _, _, zeros in seen)  # relu * relu, then the mask
     histograms = activation_histograms(model, PROMPT)
     assert histograms["combined"]["total"] == LAYERS * TOP_K * len(PROMPT) * INTER  # every routed token
-    with pytest.raises(UserError, match="no gated FFN"):
-        activation_histograms(load_model(mixtral[0]), PROMPT)  # fused experts: no modules to hook
+    fused = activation_histograms(load_model(mixtral[0]), PROMPT)  # recomputed from the fused weights
+    assert fused["combined"]["total"] == fused["gate"]["total"] == LAYERS * TOP_K * len(PROMPT) * INTER
+
+
+def test_fused_mixtral_experts_are_watched_and_pruned_by_the_formula(mixtral):
+    """transformers' Mixtral stores its experts fused: the hooks recompute h = silu(gate) * up per
+    routed token; returning h unchanged keeps the logits, pruning it changes them."""
+    model = load_model(mixtral[0])
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with on_ffn_activation(model, lambda layer, h: h.clone()):
+            same = model(ids).logits
+        with on_ffn_activation(model, lambda layer, h: torch.zeros_like(h)):
+            pruned = model(ids).logits
+    torch.testing.assert_close(same, plain)
+    assert (pruned - plain).abs().max() > 1e-3

@@ -1,10 +1,13 @@
 """The MoE rows of the benchmark on a tiny Mixtral-shaped layer: schema and the bytes each variant
-reads (no timing asserts), and the shaped activity they rest on."""
+reads (no timing asserts), and the shaped activity they rest on; the decoding rows of MoE
+checkpoints (tiny ones in the published layout)."""
 
 import pytest
 import torch
+from test_moe import CONFIG, write_layout
 
 from turbo_demo.bench import Settings, format_table
+from turbo_demo.bench.e2e import bench_moe_models
 from turbo_demo.bench.moe import MOE_MODES, bench_moe, random_moe, shape_experts
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import ExactMode
@@ -45,3 +48,30 @@ def test_moe_rows_say_what_each_variant_reads(backends):
     result = {"machine": {"cpu": "?", "threads": 1, "torch": "?", "backend": "torch", "dtype": "bf16"}}
     result["machine"].update(read_gbps=10.0, read_method="?")
     assert "MoE layer step" in format_table({**result, "ffn": [], "moe": rows, "e2e": [], "notes": []})
+
+
+def test_moe_checkpoints_decode_in_the_engines_their_configs_allow(tmp_path, tokenizer):
+    dense, sparse = tmp_path / "moe-dense", tmp_path / "moe-drelu"
+    mixtral = {**CONFIG, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu"}
+    write_layout(dense, tokenizer, mixtral, predictors=False)
+    write_layout(sparse, tokenizer, CONFIG, predictors=True)
+    settings = Settings(embedded_moe=(dense, sparse, tmp_path / "nowhere"), embedded_tokens=3, e2e_rounds=2)
+    notes = []
+    rows = bench_moe_models(settings, Kernels(), 10.0, notes, progress=False)
+    assert [(r["model"], r["engine"]) for r in rows] == [
+        ("embedded-moe-dense", "transformers"),
+        ("embedded-moe-dense", "dense"),
+        ("embedded-moe-drelu", "transformers"),
+        ("embedded-moe-drelu", "dense"),
+        ("embedded-moe-drelu", "exact"),
+        ("embedded-moe-drelu", "predictor"),
+    ]
+    by = {(r["model"], r["engine"]): r for r in rows}
+    for model in ("embedded-moe-dense", "embedded-moe-drelu"):
+        assert by[model, "dense"]["sparsity"] == pytest.approx(0.75)  # 6 of 8 experts never read
+        # transformers' experts, like dense mode, read the chosen experts only
+        assert by[model, "transformers"]["bytes_per_token"] == pytest.approx(by[model, "dense"]["bytes_per_token"])
+    sparse = {engine: by["embedded-moe-drelu", engine] for engine in ("dense", "exact", "predictor")}
+    assert sparse["exact"]["sparsity"] > 0.75
+    assert sparse["predictor"]["bytes_per_token"] < sparse["dense"]["bytes_per_token"]
+    assert any("embedded-nowhere skipped" in n for n in notes) and any("8 experts, top-2" in n for n in notes)

@@ -66,7 +66,8 @@ def test_bad_input_gives_one_clear_line(capsys, tmp_path, tiny_dirs):
     assert code == 2 and err[-1] == f"error: text file not found: {tmp_path / 'nope.txt'}"
 
     code, err = run_cli(capsys, "train", "--preset", "swish", "--out", str(tmp_path / "x"))
-    assert code == 2 and err == ["error: unknown preset 'swish'; choose one of dense, drelu, relufy"]
+    presets = "dense, drelu, relufy, moe-dense, moe-drelu"
+    assert code == 2 and err == [f"error: unknown preset 'swish'; choose one of {presets}"]
 
     for flag, value, message in (
         ("--target-recall", "0", "--target-recall must be in (0, 1], got 0.0"),

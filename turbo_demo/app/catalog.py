@@ -30,6 +30,8 @@ EMBEDDED = {
     "Dense SwiGLU": "dense-swiglu",
     "TurboSparse dReLU": "turbosparse-drelu",
     "ReLUfied dReLU": "turbosparse-relufied",
+    "Dense MoE": "moe-dense-swiglu",
+    "TurboSparse MoE": "moe-turbosparse-drelu",
 }
 DEFAULT_LEFT = ("Dense SwiGLU", "dense")
 DEFAULT_RIGHT = ("TurboSparse dReLU", "predictor")

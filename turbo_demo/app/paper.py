@@ -56,7 +56,7 @@ PAPER_SPEEDUPS = {"i7-12700K": 2.08, "i9-14900HX": 2.11}
 PAPER_SPARSITY = 0.9
 # ... and of TurboSparse-Mixtral-47B (INT4) over llama.cpp's dense Mixtral, CPU only
 PAPER_MOE_SPEEDUPS = {"i7-12700K": 2.81, "i9-14900HX": 2.32}
-NO_MOE = "– (no embedded MoE model: not trained here yet)"
+NO_MOE = "– (no eval.json next to the embedded MoE pair)"
 
 
 def eval_of(folder: str) -> dict:
@@ -121,8 +121,27 @@ def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
                 "`python -m turbo_demo bench --json`",
             )
         )
+    moe_ev = eval_of(EMBEDDED["TurboSparse MoE"]).get("moe")
+    dense_moe = eval_of(EMBEDDED["Dense MoE"])
+    idle = NO_MOE
+    if moe_ev:
+        idle = (
+            f"{moe_ev['expert_sparsity']:.0%} -> {moe_ev['total_sparsity_mean']:.1%} (embedded dReLU MoE, "
+            f"{moe_ev['experts']} experts, top-{moe_ev['top_k']}"
+            + (
+                f"; perplexity {eval_of(EMBEDDED['TurboSparse MoE'])['perplexity']:.2f} vs dense MoE "
+                f"{dense_moe['perplexity']:.2f})"
+                if dense_moe
+                else ")"
+            )
+        )
     rows.append(
-        ("MoE: idle neurons per layer, routing -> with dReLU", "75% -> 97% (TurboSparse-Mixtral-47B)", NO_MOE, "–")
+        (
+            "MoE: idle neurons per layer, routing -> with dReLU",
+            "75% -> 97% (TurboSparse-Mixtral-47B)",
+            idle,
+            ev if moe_ev else "–",
+        )
     )
     moe = {r["mode"]: r for r in bench.get("moe", [])}
     ours = "– (no MoE rows in assets/bench.json yet)"

@@ -194,7 +194,7 @@ def about_numbers() -> str:
         if ev:
             topk = ev["topk_perplexity"]
             rows.append(
-                f"| {name} | {how} | {ev['perplexity']:.2f} | {ev['sparsity']['mean']:.1%} | "
+                f"| {name} | {how} | {ev['perplexity']:.2f} | {sparsity_cell(ev)} | "
                 f"{topk['0.5']:.2f} / {topk['0.8']:.2f} / {topk['0.9']:.2f} |"
             )
     if not rows:
@@ -205,8 +205,18 @@ def about_numbers() -> str:
     )
     return (
         head + "\n".join(rows) + "\n\n_The L1 penalty (ProSparse-style) raises sparsity beyond plain "
-        "dReLU; README gives plain dReLU's numbers from the same budget._"
+        "dReLU; README gives plain dReLU's numbers from the same budget. A MoE model's FFN sparsity "
+        "counts all its experts' neurons (routing leaves 6 of 8 experts idle); inside the chosen experts "
+        "in brackets._"
     )
+
+
+def sparsity_cell(ev: dict) -> str:
+    """FFN sparsity of one eval.json: over all experts' neurons for a MoE model (in-expert after)."""
+    moe = ev.get("moe")
+    if moe:
+        return f"{moe['total_sparsity_mean']:.1%} ({ev['sparsity']['mean']:.1%} in-expert)"
+    return f"{ev['sparsity']['mean']:.1%}"
 
 
 def bench_numbers() -> str:

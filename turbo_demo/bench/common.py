@@ -25,6 +25,7 @@ MISTRAL_7B = {
     "vocab_size": 32000,
 }
 EMBEDDED = MODELS_DIR / "turbosparse-drelu"
+EMBEDDED_MOE = (MODELS_DIR / "moe-dense-swiglu", MODELS_DIR / "moe-turbosparse-drelu")  # (dense, dReLU)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Settings:
     stack_tokens: int = 6
     embedded: Path | None = EMBEDDED
     embedded_tokens: int = 48
+    embedded_moe: tuple[Path, ...] | None = EMBEDDED_MOE  # MoE checkpoints decoded like the embedded one
     e2e_rounds: int = 5
     quants: tuple = ()  # block formats whose lean engines join the e2e rows (runtime/quant.py)
     peers: bool = False  # llama.cpp and transformers+torchao on the same weights (bench/peers.py)

@@ -81,7 +81,8 @@ def bench_model(
     peers = peers or {}
     packs = {None: pack(model), **{q: pack(model, q) for q in quants}}
     generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    modes = {"dense": {}, "exact": {}, **({"predictor": predictor} if predictor is not None else {})}
+    exact = {"exact": {}} if model.config.hidden_act == "relu" else {}  # a SwiGLU model has no exact mode
+    modes = {"dense": {}, **exact, **({"predictor": predictor} if predictor is not None else {})}
     runtimes = {
         (mode, quant): LeanRuntime(packed, mode, kernels, **options)
         for quant, packed in packs.items()
@@ -100,7 +101,8 @@ def bench_model(
     bar = tqdm(total=s.e2e_rounds, desc=f"e2e {label}", file=sys.stderr, disable=not progress, leave=False)
     seconds = round_robin(calls, s.e2e_rounds, bar)
     bar.close()
-    dense_ffn = runtimes["dense", None].dense_ffn_bytes
+    # what transformers reads of the FFN: all of it, or in a MoE model the chosen experts' (as dense mode)
+    dense_ffn = statistics.mean(st.ffn_bytes for st in steps["dense", None])
     stats_cost = {key: stats_seconds(runtime) for key, runtime in runtimes.items()}
 
     def row(key: tuple, step_bytes: float, sparsity: float | None, stats_cost: float | None) -> dict:
@@ -172,4 +174,24 @@ def bench_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], p
     notes.append(
         f"embedded-drelu: in {dtype_name(s.dtype)} and in {dtype_name(app_dtype)}, the dtype the app runs it in"
     )
+    return results + bench_moe_models(s, kernels, gbps, notes, progress)
+
+
+def bench_moe_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:
+    """The embedded MoE checkpoints (s.embedded_moe), each in its own round robin, in the app's
+    dtype: transformers' generate and the lean engines its config allows (exact for dReLU
+    experts, predictor where they carry predictors). Rows are labelled embedded-<folder>."""
+    results = []
+    for path in s.embedded_moe or ():
+        label = f"embedded-{Path(path).name}"
+        if not (Path(path) / "config.json").is_file():
+            notes.append(f"{label} skipped: no checkpoint at {path}")
+            continue
+        model = load_model(path)
+        predictor = {} if getattr(model.config, "predictor_rank", None) else None
+        results += bench_model(label, model, predictor, s.embedded_tokens, s, kernels, gbps, progress)
+        notes.append(
+            f"{label}: {model.config.num_local_experts} experts, top-{model.config.num_experts_per_tok}, "
+            f"in {dtype_name(model.dtype)} (as the app loads it); bytes_per_token counts the chosen experts' rows"
+        )
     return results

@@ -5,7 +5,11 @@ TurboSparse-Mixtral model, of each expert's w2, for the tokens routed to it):
 h = act(W_gate x) * (W_up x) for SwiGLU, relu(W_gate x) * relu(W_up x) for dReLU. A forward
 pre-hook on down_proj therefore sees h for every FFN variant without touching its code. The
 gate and up projections are gate_proj and up_proj, or Phi-3's one gate_up_proj, whose output
-(..., 2I) is the gate's I values, then up's.
+(..., 2I) is the gate's I values, then up's. transformers' Mixtral stores its experts fused
+(MixtralExperts: gate_up_proj (E, 2I, H), down_proj (E, H, I)) with no module per expert: there a
+forward hook on the experts recomputes each chosen expert's gate, up and h from those weights by
+the same formulas, hands them to fn, and (only where fn replaces an h) returns the output
+rebuilt from them.
 Hooks live only inside the context managers below, which always remove them. A model's
 modules are shared (the app's sessions use one loaded copy), so each context holds HOOKS, one
 re-entrant lock, while its hooks are on: no thread's forward runs under another's hooks. A
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from turbo_demo.errors import UserError
@@ -46,6 +51,68 @@ def hooked_ffns(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return list(enumerate(ffn_modules(model)))
 
 
+def fused_experts(model: nn.Module) -> list[nn.Module] | None:
+    """Every layer's fused experts module (transformers' MixtralExperts), or None if not fused."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    experts = [getattr(getattr(layer, "mlp", None), "experts", None) for layer in layers]
+    if layers and all(isinstance(getattr(e, "gate_up_proj", None), nn.Parameter) for e in experts):
+        return experts  # type: ignore[return-value]
+    return None
+
+
+def _down_hook(layer: int, fn: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """A forward pre-hook for down_proj: fn(layer, h), whose tensor (if any) replaces h."""
+
+    def pre_hook(module, args):
+        new = fn(layer, args[0])
+        return None if new is None else (new,)
+
+    return pre_hook
+
+
+def _routed(module, args):
+    """(expert, tokens, slots, gate, up) for each expert MixtralExperts(x (N, H), top_k_index
+    (N, k), top_k_weights (N, k)) runs: gate and up (n_e, I) over the tokens routed to it."""
+    x, index = args[0], args[1]
+    for e in index.unique().tolist():
+        token, slot = torch.where(index == e)
+        gate, up = F.linear(x[token], module.gate_up_proj[e]).chunk(2, dim=-1)
+        yield e, token, slot, gate, up
+
+
+def _fused_hook(layer: int, fn: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """A forward hook for MixtralExperts: fn(layer, h_e) for each chosen expert e, with
+    h_e = act(gate) * up over its routed tokens; the output rebuilt where fn replaced one."""
+
+    def hook(module, args, output):
+        parts, replaced = [], False
+        for e, token, slot, gate, up in _routed(module, args):
+            h = module.act_fn(gate) * up
+            new = fn(layer, h)
+            replaced |= new is not None
+            parts.append((e, token, slot, h if new is None else new))
+        if not replaced:
+            return None
+        out = torch.zeros_like(args[0])
+        for e, token, slot, h in parts:
+            y = F.linear(h, module.down_proj[e]) * args[2][token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    return hook
+
+
+def _fused_gate_up_hook(layer: int, fn: Callable[[int, str, torch.Tensor], None]):
+    """A forward hook for MixtralExperts: fn(layer, "gate" | "up", pre-activation) per expert."""
+
+    def hook(module, args, output):
+        for _, _, _, gate, up in _routed(module, args):
+            fn(layer, "gate", gate)
+            fn(layer, "up", up)
+
+    return hook
+
+
 def part(ffn: nn.Module, kind: str) -> nn.Module:
     """An FFN's "gate", "up" or "down" projection, by HF's names or Mixtral's (w1, w3, w2)."""
     hf, mixtral = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}[kind]
@@ -64,14 +131,11 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
     If fn returns a tensor, it replaces h as the input of down_proj (used for top-k pruning).
     """
     with HOOKS:
-        handles = []
-        for i, mlp in hooked_ffns(model):
-
-            def pre_hook(module, args, layer=i):
-                new = fn(layer, args[0])
-                return None if new is None else (new,)
-
-            handles.append(part(mlp, "down").register_forward_pre_hook(pre_hook))
+        fused = fused_experts(model)
+        if fused is not None:
+            handles = [experts.register_forward_hook(_fused_hook(i, fn)) for i, experts in enumerate(fused)]
+        else:
+            handles = [part(mlp, "down").register_forward_pre_hook(_down_hook(i, fn)) for i, mlp in hooked_ffns(model)]
         try:
             yield
         finally:
@@ -83,8 +147,9 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
 def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
     """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
     with HOOKS:
-        handles = []
-        for i, mlp in hooked_ffns(model):
+        fused = fused_experts(model)
+        handles = [e.register_forward_hook(_fused_gate_up_hook(i, fn)) for i, e in enumerate(fused or [])]
+        for i, mlp in [] if fused else hooked_ffns(model):
             if hasattr(mlp, "gate_up_proj"):
 
                 def fused(module, args, output, layer=i):

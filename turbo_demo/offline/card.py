@@ -14,6 +14,9 @@ HOW = {
     "drelu": "A TurboSparse-style dReLU model (bamboo), trained from scratch with the same shape, "
     "data order and budget as the dense model",
     "relufy": "The dense SwiGLU model ReLUfied: its SwiGLU swapped for dReLU, then trained further",
+    "moe-dense": "A dense mixture-of-experts model (Mixtral: SwiGLU experts, top-2 of 8), trained from scratch",
+    "moe-drelu": "A TurboSparse-Mixtral-style model (dReLU experts, top-2 of 8, a predictor per expert), "
+    "trained from scratch with the same shape, data order and budget as the dense MoE",
 }
 
 
@@ -42,7 +45,7 @@ def card_text(path: Path) -> str:
         "## Training",
         "",
         f"- Architecture: {log['architecture']}, hidden {shape['hidden_size']}, FFN "
-        f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
+        f"{shape['intermediate_size']}{experts_text(shape)}, {shape['num_hidden_layers']} layers, "
         f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} KV), vocabulary "
         f"{shape['vocab_size']} (byte-level BPE trained on the same corpus), activation `{log['hidden_act']}`.",
         "- Data: the Python standard library's own sources (code, docstrings, pydoc topics), "
@@ -50,7 +53,12 @@ def card_text(path: Path) -> str:
         f"- {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens ({final['tokens']:,} tokens), "
         f"AdamW (0.9, 0.95), peak LR {s['lr']:g}, cosine to {s['min_lr']:g}, seed {s['seed']}, "
         f"{final['elapsed_s'] / 60:.0f} minutes on {log.get('threads', 1)} CPU thread(s).",
-        f"- Reproduce: `python -m turbo_demo --threads 1 train --preset {log['preset']}"
+        *(
+            [f"- Load balancing: Mixtral's auxiliary loss at weight {s['router_loss']:g}."]
+            if s.get("router_loss")
+            else []
+        ),
+        f"- Reproduce: `python -m turbo_demo --threads {log.get('threads', 1)} train --preset {log['preset']}"
         + (f" --l1 {s['l1']:g}" if log["preset"] == "drelu" and s["l1"] == 0 else "")
         + " --out DIR`.",
         "",
@@ -62,6 +70,7 @@ def card_text(path: Path) -> str:
         json.dumps(ev),
         "```",
         "",
+        *moe_lines(ev.get("moe")),
     ]
     pred = read_json(path / "predictors.json")
     if pred:
@@ -80,6 +89,36 @@ def card_text(path: Path) -> str:
             "",
         ]
     return "\n".join(lines + quant_lines(read_json(path / "quant_eval.json")))
+
+
+def experts_text(shape: dict) -> str:
+    if "num_local_experts" not in shape:
+        return ""
+    return f" per expert, {shape['num_local_experts']} experts (top-{shape['num_experts_per_tok']} routing)"
+
+
+def moe_lines(moe: dict | None) -> list[str]:
+    """The card's per-layer table of expert-level, in-expert and total sparsity (eval.json's moe)."""
+    if not moe:
+        return []
+    k, e = moe["top_k"], moe["experts"]
+    lines = [
+        "### Sparsity per layer",
+        "",
+        f"Expert-level: top-{k} of {e} leaves {moe['expert_sparsity']:.0%} of a layer's experts idle per token. "
+        "In-expert: exactly-zero h inside the chosen experts. Total: share of all the layer's neurons idle, "
+        f"1 - ({k}/{e}) * (1 - in-expert). Expert share: how often each expert was chosen.",
+        "",
+        "| layer | expert-level | in-expert | total | expert share (min / max) |",
+        "|---|---|---|---|---|",
+    ]
+    for i, (inside, total, share) in enumerate(
+        zip(moe["in_expert_sparsity"], moe["total_sparsity"], moe["expert_share"])
+    ):
+        lines.append(
+            f"| {i} | {moe['expert_sparsity']:.1%} | {inside:.1%} | {total:.1%} | {min(share):.1%} / {max(share):.1%} |"
+        )
+    return [*lines, f"| mean | | | {moe['total_sparsity_mean']:.1%} | |", ""]
 
 
 def quant_lines(q: dict | None) -> list[str]:

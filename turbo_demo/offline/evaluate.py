@@ -6,9 +6,13 @@ per token, keep only the (1 - k) share of neurons with the largest |h|, zero the
 The sweep (`eval` writes it as "topk_sweep") runs the same top-k perplexity at every sparsity
 of SWEEP_SPARSITIES; at 0 nothing is pruned, so its perplexity is the model's own. The app's
 sweep of a visitor's text is `text_sweep`: the same function on one short window.
+A mixture-of-experts model is scored as its dReLU (or SwiGLU) experts alone, without predictor
+masks; its sparsity is per routed token (moe_eval.py adds the routing), and "with_predictors"
+is the published forward's loss, masks included.
 """
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import load_model, load_tokenizer
 from turbo_demo.model.hooks import HOOKS, on_ffn_activation
 from turbo_demo.offline import corpus
+from turbo_demo.offline.moe_eval import counting_routes, is_moe, masked_experts, moe_summary, unmasked
 
 TOPK_SPARSITIES = (0.5, 0.8, 0.9)
 SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -97,7 +102,8 @@ def evaluate(
         zeros[layer] = zeros.get(layer, 0) + (h == 0).sum().item()
         seen[layer] = seen.get(layer, 0) + h.numel()
 
-    with on_ffn_activation(model, count_zeros):
+    routing = counting_routes(model) if is_moe(model) else nullcontext()
+    with on_ffn_activation(model, count_zeros), routing as counts:
         loss, n = mean_loss(model, tokens, seq_len, max_tokens)
     per_layer = [zeros[i] / seen[i] for i in sorted(zeros)]
     curve = sweep(model, tokens, seq_len, max_tokens, loss, SWEEP_SPARSITIES if with_sweep else TOPK_SPARSITIES)
@@ -110,11 +116,17 @@ def evaluate(
         "sparsity": {"mean": round(sum(per_layer) / len(per_layer), 4), "per_layer": [round(s, 4) for s in per_layer]},
         "topk_perplexity": topk,
         **({"topk_sweep": curve} if with_sweep else {}),
+        **({"moe": moe_summary(model.config, per_layer, counts)} if counts is not None else {}),
     }
 
 
 def evaluate_dir(model_dir: str, text_file: str | None = None, max_tokens: int = 131072) -> dict:
     model = load_model(model_dir)
     tokens, source = eval_tokens(load_tokenizer(model_dir), text_file)
-    result = evaluate(model, tokens, max_tokens=max_tokens, with_sweep=True)
+    masks = bool(masked_experts(model))
+    with unmasked(model):
+        result = evaluate(model, tokens, max_tokens=max_tokens, with_sweep=True)
+    if masks:
+        loss, _ = mean_loss(model, tokens, min(256, len(tokens) - 1), max_tokens)
+        result["with_predictors"] = {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 4)}
     return {"model": str(model_dir), "text": source, **result}

@@ -167,11 +167,16 @@ def train_predictors(
 
 
 def save_weights_in_place(model, path: Path, dtype) -> None:
-    """Rewrite config.json and the weights of `path` in `dtype`, never leaving a half-written file."""
+    """Rewrite config.json and the weights of `path` in `dtype`, never leaving a half-written file;
+    weight files of the old layout that the new one does not have (other shards, an index) go."""
     dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype else torch.float16
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         model.to(dtype).save_pretrained(tmp)
         model.to(torch.float32)
-        for name in os.listdir(tmp):
+        written = set(os.listdir(tmp))
+        for name in written:
             os.replace(Path(tmp) / name, path / name)
+    for old in [*path.glob("*.safetensors"), *path.glob("*.safetensors.index.json")]:
+        if old.name not in written:
+            old.unlink()
     shutil.rmtree(path / "__pycache__", ignore_errors=True)
