@@ -13,7 +13,7 @@ from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import ExactMode
 from turbo_demo.runtime.moe import MoEMode
 
-TINY = Settings(ffn_shapes=((32, 128),), rank=8, ffn_rounds=2, moe_sparsity=0.75)
+TINY = Settings(ffn_shapes=((32, 128),), rank=8, ffn_rounds=2, moe_sparsity=0.75, moe_layers=2)
 
 
 def test_shaped_activity_is_the_wanted_share_of_the_chosen_experts():
@@ -32,11 +32,13 @@ def test_moe_rows_say_what_each_variant_reads(backends):
         by_mode = {r["mode"]: r for r in rows}
         for r in rows:
             assert set(r) == {
-                "shape", "mode", "in_expert_sparsity", "ms", "bytes", "limit_ms", "speedup", "speedup_vs_transformers",
+                "shape", "layers", "mode", "in_expert_sparsity", "ms", "bytes", "limit_ms", "speedup",
+                "speedup_vs_transformers",
             }  # fmt: skip
-            assert r["shape"] == "8x32x128 top-2" and r["ms"] > 0
+            assert r["shape"] == "8x32x128 top-2" and r["layers"] == 2 and r["ms"] > 0
             assert r["limit_ms"] == pytest.approx(r["bytes"] / 10e9 * 1e3)
         row, router = 32 * 2, 8 * 32 * 2  # bf16 bytes of one neuron's row, of the router
+        by_mode = {m: r | {"bytes": r["bytes"] / 2} for m, r in by_mode.items()}  # per layer of the two
         assert by_mode["transformers"]["bytes"] == by_mode["dense"]["bytes"] == router + 2 * 3 * 128 * row
         # exact: every gate row, then up and down of the 25% active; predictor: fc1, the fc2 rows of
         # its non-zero hidden units (of 8), and gate, up, down of the 25% it picks
@@ -47,7 +49,7 @@ def test_moe_rows_say_what_each_variant_reads(backends):
         assert by_mode["dense"]["speedup"] == 1.0 and by_mode["transformers"]["speedup_vs_transformers"] == 1.0
     result = {"machine": {"cpu": "?", "threads": 1, "torch": "?", "backend": "torch", "dtype": "bf16"}}
     result["machine"].update(read_gbps=10.0, read_method="?")
-    assert "MoE layer step" in format_table({**result, "ffn": [], "moe": rows, "e2e": [], "notes": []})
+    assert "MoE step through the stack" in format_table({**result, "ffn": [], "moe": rows, "e2e": [], "notes": []})
 
 
 def test_moe_checkpoints_decode_in_the_engines_their_configs_allow(tmp_path, tokenizer):

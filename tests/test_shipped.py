@@ -131,3 +131,17 @@ def test_the_shipped_moe_pair_meets_the_moe_targets_in_its_eval_json():
     assert sparse["moe"]["total_sparsity_mean"] >= 0.95 and min(sparse["moe"]["total_sparsity"]) > 0.9
     assert sparse["loss"] <= 1.03 * dense["loss"] and sparse["with_predictors"]["loss"] <= 1.03 * dense["loss"]
     assert dense["tokens"] == sparse["tokens"] == 131072
+
+
+def test_the_compare_engine_runs_the_embedded_moe_pair_by_its_menu_names():
+    from turbo_demo.app.catalog import ModelStore, embedded_names
+    from turbo_demo.app.compare import Settings, SideRecord, run_compare
+
+    assert {"Dense MoE", "TurboSparse MoE"} <= set(embedded_names())
+    left, right = SideRecord("Dense MoE", "dense"), SideRecord("TurboSparse MoE", "predictor")
+    for _ in run_compare(ModelStore(), left, right, "def add(a, b):", Settings(max_new_tokens=6, temperature=0.0)):
+        pass
+    assert not left.error and not right.error, (left.error, right.error)
+    assert len(left.steps) == len(right.steps) == 6
+    assert all(s.ffn_bytes == s.ffn_bytes_routed for s in left.steps)  # the dense MoE reads its 2 experts
+    assert all(s.ffn_bytes < 0.5 * s.ffn_bytes_routed for s in right.steps)

@@ -255,7 +255,7 @@ def test_the_paper_table_quotes_our_own_files():
     moe_ev = json.loads((SHIPPED / "moe-turbosparse-drelu" / "eval.json").read_text())["moe"]
     idle = rows["MoE: idle neurons per layer, routing -> with dReLU"]
     assert idle[1].startswith(f"75% -> {moe_ev['total_sparsity_mean']:.1%}") and "eval" in idle[2]
-    moe = {"mode": "predictor", "shape": "8x4x8 top-2", "in_expert_sparsity": 0.85, "speedup": 4.8}
+    moe = {"mode": "predictor", "shape": "8x4x8 top-2", "layers": 3, "in_expert_sparsity": 0.85, "speedup": 4.8}
     last = paper.paper_rows(bench | {"moe": [moe | {"speedup_vs_transformers": 9.0}]})[-1]
     assert last[0] == "MoE CPU decoding speed-up" and last[2].startswith("4.80x our dense MoE, 9.0x")
 

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an embedded model (dense, drelu or relufy preset)")
-    p.add_argument("--preset", required=True, help="dense | drelu | relufy")
+    p = sub.add_parser("train", help="train an embedded model (dense, drelu, relufy, moe-dense or moe-drelu preset)")
+    p.add_argument("--preset", required=True, help="dense | drelu | relufy | moe-dense | moe-drelu")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--l1", type=float, help="L1 penalty on the FFN activation (0 = plain dReLU)")
@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predictors", help="train per-layer activation predictors into a dReLU checkpoint")
+    p = sub.add_parser(
+        "predictors", help="train activation predictors into a dReLU checkpoint (per layer; per expert in a MoE)"
+    )
     p.add_argument("model_dir")
     p.add_argument(
         "--rank",

@@ -149,7 +149,7 @@ def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
         p = moe["predictor"]
         ours = (
             f"{p['speedup']:.2f}x our dense MoE, {p['speedup_vs_transformers']:.1f}x transformers' "
-            f"(one {p['shape']} layer, {p['in_expert_sparsity']:.0%} in-expert sparsity)"
+            f"({p['layers']} random {p['shape']} layer(s), {p['in_expert_sparsity']:.0%} in-expert sparsity)"
         )
     paper = ", ".join(f"{v:.2f}x ({m})" for m, v in PAPER_MOE_SPEEDUPS.items())
     rows.append(

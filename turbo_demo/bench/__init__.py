@@ -7,7 +7,7 @@
              forward (PyTorch's GEMVs, HF's weight layout) as the reference users start from;
              speedup = dense ms / mode ms and speedup_vs_transformers = transformers ms /
              mode ms, at the same shape and sparsity
-    moe      ms of one MoE layer step (batch 1) at Mixtral's shape: transformers' Mixtral MoE
+    moe      ms of one MoE step (batch 1) through a few layers of Mixtral's shape: transformers' MoE
              block, our dense MoE, exact and predictor at 85% in-expert sparsity, beside the
              bytes each reads and their time at the read bandwidth (limit_ms; bench/moe.py)
     e2e      tokens/s of decoding per engine: transformers' model.generate, and the lean Runtime
@@ -79,7 +79,8 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         del buf
         e2e = bench_e2e(s, kernels, gbps, notes, progress)
     notes.append(
-        f"moe: one MoE layer of {s.moe_experts} experts of {s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
+        f"moe: {s.moe_layers} MoE layer(s) per step, each of {s.moe_experts} experts of "
+        f"{s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
         f"{s.moe_top_k}, random weights, {s.moe_sparsity:.0%} in-expert sparsity, predictor rank {s.rank} per expert"
     )
     return {"machine": machine, "ffn": ffn, "moe": moe, "e2e": e2e, "notes": notes}

@@ -51,6 +51,7 @@ class Settings:
     moe_experts: int = 8
     moe_top_k: int = 2
     moe_sparsity: float = 0.85
+    moe_layers: int = 3  # the stack one MoE step runs through (2.8 GB of bf16 experts each at Mixtral's shape)
 
 
 def settings_for(
@@ -70,6 +71,7 @@ def settings_for(
             settings,
             ffn_rounds=3,
             stack_layers=2,
+            moe_layers=1,
             stack_tokens=3,
             embedded_tokens=16,
             e2e_rounds=2,

@@ -1,7 +1,8 @@
-"""One MoE layer step (batch 1) at Mixtral's shape: transformers' Mixtral MoE block, and our MoE
-modes at the paper's in-expert sparsity, on random weights.
+"""One MoE step (batch 1) through a stack of `moe_layers` MoE layers at Mixtral's shape:
+transformers' Mixtral MoE block, and our MoE modes at the paper's in-expert sparsity, on random
+weights.
 
-The layer: E experts of the first FFN shape (hidden, intermediate) (4096 x 14336 by default:
+Each layer: E experts of the first FFN shape (hidden, intermediate) (4096 x 14336 by default:
 Mixtral-8x7B's), top-k routing, a router and per-expert predictors of rank `rank`. Variants:
 
     transformers  MixtralSparseMoeBlock's own forward (fused gate_up_proj / down_proj, SwiGLU)
@@ -12,9 +13,11 @@ Mixtral-8x7B's), top-k routing, a router and per-expert predictors of rank `rank
 
 Our modes read the same tensors as the transformers block (W_gate and W_up as row views of its
 gate_up_proj; W_down transposed once, as the pack does). Before each timed step the activity is
-shaped for that variant (rows of the chosen experts' W_gate and W_up negated, as bench/ffn.py
-does) and the `read_bytes` buffer is read, so that every step starts with its weights out of
-the caches. limit_ms is the step's bytes read / read bandwidth: the time a step cannot beat.
+shaped for that variant in every layer (rows of the chosen experts' W_gate and W_up negated, as
+bench/ffn.py does) and the `read_bytes` buffer is read, so that every step starts with its
+weights out of the caches. Every layer of the stack gets the step's one input x (random layers:
+chaining outputs would only rescale it). ms and bytes are the whole stack's; limit_ms is the
+step's bytes read / read bandwidth: the time a step cannot beat.
 """
 
 import statistics
@@ -76,35 +79,38 @@ def shape_experts(kernels: Kernels, w: MoEWeights, x: torch.Tensor, share: float
         ffn.wu.mul_(1.0 - 2.0 * flip_up.to(ffn.wu.dtype)[:, None])
 
 
-def timed_step(mode: MoEMode, x: torch.Tensor) -> tuple[float, int]:
-    """(seconds, bytes read) of one MoE mode step on x."""
+def timed_steps(stack: list[MoEMode], x: torch.Tensor) -> tuple[float, int]:
+    """(seconds, bytes read) of one MoE mode step on x in every layer of the stack."""
     start = time.perf_counter()
-    _, record = mode.step(x, x)
-    return time.perf_counter() - start, record.bytes
+    records = [mode.step(x, x)[1] for mode in stack]
+    return time.perf_counter() - start, sum(r.bytes for r in records)
 
 
 def bench_moe(s: Settings, kernels: Kernels, flush: torch.Tensor, gbps: float, progress: bool) -> list[dict]:
-    """One MoE layer step per variant, `ffn_rounds` rounds in rotating order (see the docstring)."""
-    block, w = random_moe(s)
+    """One step through the MoE stack per variant, `ffn_rounds` rounds in rotating order (see the
+    docstring)."""
+    layers = [random_moe(s) for _ in range(s.moe_layers)]
     share = 1 - s.moe_sparsity
     modes = {
-        "dense": MoEMode(w, DenseMode, kernels),
-        "exact": MoEMode(w, ExactMode, kernels),
-        "predictor": MoEMode(w, PredictorMode, kernels, PredictorOptions(budget=share)),
+        "dense": [MoEMode(w, DenseMode, kernels) for _, w in layers],
+        "exact": [MoEMode(w, ExactMode, kernels) for _, w in layers],
+        "predictor": [MoEMode(w, PredictorMode, kernels, PredictorOptions(budget=share)) for _, w in layers],
     }
     gen = torch.Generator().manual_seed(0)
     times, nbytes = defaultdict(list), defaultdict(list)
     bar = tqdm(total=s.ffn_rounds, desc="moe", file=sys.stderr, disable=not progress, leave=False)
     with torch.inference_mode():
         for rnd in range(-1, s.ffn_rounds):  # round -1: untimed first calls
-            x = torch.randn(w.router.size(1), generator=gen).to(s.dtype)
+            x = torch.randn(layers[0][1].router.size(1), generator=gen).to(s.dtype)
             for mode in rotated(MOE_MODES, rnd):
-                shape_experts(kernels, w, x, 1.0 if mode == "predictor" else share, gen)
+                for _, w in layers:
+                    shape_experts(kernels, w, x, 1.0 if mode == "predictor" else share, gen)
                 flush.sum()
                 if mode == "transformers":
-                    seconds, read = timed(block, x.view(1, 1, -1)), w.routed_bytes
+                    seconds = timed(lambda x=x: [block(x.view(1, 1, -1)) for block, _ in layers])
+                    read = sum(w.routed_bytes for _, w in layers)
                 else:
-                    seconds, read = timed_step(modes[mode], x)
+                    seconds, read = timed_steps(modes[mode], x)
                 if rnd >= 0:
                     times[mode].append(seconds)
                     nbytes[mode].append(read)
@@ -118,6 +124,7 @@ def bench_moe(s: Settings, kernels: Kernels, flush: torch.Tensor, gbps: float, p
         results.append(
             {
                 "shape": f"{s.moe_experts}x{hidden}x{inter} top-{s.moe_top_k}",
+                "layers": s.moe_layers,
                 "mode": mode,
                 "in_expert_sparsity": None if mode in ("transformers", "dense") else s.moe_sparsity,
                 "ms": seconds * 1e3,

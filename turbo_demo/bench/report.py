@@ -26,12 +26,12 @@ def format_table(result: dict) -> str:
         )
     lines += [
         "",
-        "MoE layer step, batch 1: ms (speed-up vs our dense MoE, vs transformers), bytes read and their limit",
+        "MoE step through the stack, batch 1: ms (vs our dense MoE, vs transformers), bytes read and their limit",
     ]
     for e in result.get("moe", ()):
         sparsity = "-" if e["in_expert_sparsity"] is None else f"{e['in_expert_sparsity']:.2f}"
         lines.append(
-            f"{e['shape']:<24}{e['mode']:<14}{sparsity:>6}{e['ms']:>10.2f} ms{e['speedup']:>8.2f}x"
+            f"{e['layers']} x {e['shape']:<22}{e['mode']:<14}{sparsity:>6}{e['ms']:>10.2f} ms{e['speedup']:>8.2f}x"
             f"{e['speedup_vs_transformers']:>8.2f}x{e['bytes'] / 1e6:>10.1f} MB{e['limit_ms']:>9.2f} ms"
         )
     lines += [
