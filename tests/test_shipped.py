@@ -96,19 +96,18 @@ def test_shipped_moe_predictors_meet_the_target_their_json_reports():
     predictors.json's numbers (experts with at least 500 such tokens: the rest are too few to
     compare after fp16 storage)."""
     from turbo_demo.offline import corpus
+    from turbo_demo.offline.moe_eval import unmasked
     from turbo_demo.offline.moe_predictors import collect_experts
     from turbo_demo.offline.predictors import choice_stats
 
     path = SHIPPED / "moe-turbosparse-drelu"
     report = json.loads((path / "predictors.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    experts = [list(layer.mlp.experts) for layer in model.model.layers]
-    predictors = {(i, e): x.predictor for i, group in enumerate(experts) for e, x in enumerate(group)}
-    for group in experts:
-        for expert in group:
-            expert.predictor = None  # the labels are the unmasked experts' h
     tokens = corpus.encode_split(AutoTokenizer.from_pretrained(path), "heldout")
-    xs, ys = collect_experts(model, tokens, report["val_tokens"])
+    with unmasked(model):  # the labels are the unmasked experts' h
+        xs, ys = collect_experts(model, tokens, report["val_tokens"])
+    layers = model.model.layers
+    predictors = {(i, e): x.predictor for i, layer in enumerate(layers) for e, x in enumerate(layer.mlp.experts)}
     checked = 0
     for expected in report["experts"]:
         key = (expected["layer"], expected["expert"])

@@ -121,16 +121,15 @@ def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
                 "`python -m turbo_demo bench --json`",
             )
         )
-    moe_ev = eval_of(EMBEDDED["TurboSparse MoE"]).get("moe")
-    dense_moe = eval_of(EMBEDDED["Dense MoE"])
+    sparse_moe, dense_moe = eval_of(EMBEDDED["TurboSparse MoE"]), eval_of(EMBEDDED["Dense MoE"])
+    moe_ev = sparse_moe.get("moe")
     idle = NO_MOE
     if moe_ev:
         idle = (
             f"{moe_ev['expert_sparsity']:.0%} -> {moe_ev['total_sparsity_mean']:.1%} (embedded dReLU MoE, "
             f"{moe_ev['experts']} experts, top-{moe_ev['top_k']}"
             + (
-                f"; perplexity {eval_of(EMBEDDED['TurboSparse MoE'])['perplexity']:.2f} vs dense MoE "
-                f"{dense_moe['perplexity']:.2f})"
+                f"; perplexity {sparse_moe['perplexity']:.2f} vs dense MoE {dense_moe['perplexity']:.2f})"
                 if dense_moe
                 else ")"
             )

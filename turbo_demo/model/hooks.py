@@ -113,6 +113,24 @@ def _fused_gate_up_hook(layer: int, fn: Callable[[int, str, torch.Tensor], None]
     return hook
 
 
+def _gate_up_handles(layer: int, mlp: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -> list:
+    """Forward hooks calling fn(layer, "gate" | "up", output) on one FFN's projections (Phi-3's
+    fused gate_up_proj: its output split in two)."""
+    if hasattr(mlp, "gate_up_proj"):
+
+        def split(module, args, output):
+            gate, up = output.chunk(2, dim=-1)
+            fn(layer, "gate", gate)
+            fn(layer, "up", up)
+
+        return [mlp.gate_up_proj.register_forward_hook(split)]
+
+    def hook(branch: str):
+        return lambda module, args, output: fn(layer, branch, output)
+
+    return [part(mlp, b).register_forward_hook(hook(b)) for b in ("gate", "up")]
+
+
 def part(ffn: nn.Module, kind: str) -> nn.Module:
     """An FFN's "gate", "up" or "down" projection, by HF's names or Mixtral's (w1, w3, w2)."""
     hf, mixtral = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}[kind]
@@ -148,23 +166,10 @@ def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -
     """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
     with HOOKS:
         fused = fused_experts(model)
-        handles = [e.register_forward_hook(_fused_gate_up_hook(i, fn)) for i, e in enumerate(fused or [])]
-        for i, mlp in [] if fused else hooked_ffns(model):
-            if hasattr(mlp, "gate_up_proj"):
-
-                def fused(module, args, output, layer=i):
-                    gate, up = output.chunk(2, dim=-1)
-                    fn(layer, "gate", gate)
-                    fn(layer, "up", up)
-
-                handles.append(mlp.gate_up_proj.register_forward_hook(fused))
-                continue
-            for name in ("gate", "up"):
-
-                def hook(module, args, output, layer=i, branch=name):
-                    fn(layer, branch, output)
-
-                handles.append(part(mlp, name).register_forward_hook(hook))
+        if fused is not None:
+            handles = [e.register_forward_hook(_fused_gate_up_hook(i, fn)) for i, e in enumerate(fused)]
+        else:
+            handles = [h for i, mlp in hooked_ffns(model) for h in _gate_up_handles(i, mlp, fn)]
         try:
             yield
         finally:

@@ -70,12 +70,13 @@ def unmasked(model):
 def moe_summary(config, in_expert: list[float], counts: list[list[int]]) -> dict:
     """eval.json's "moe" entry from per-layer in-expert sparsity and routing counts."""
     k, e = config.num_experts_per_tok, config.num_local_experts
+    total = [1 - k / e * (1 - s) for s in in_expert]
     return {
         "experts": e,
         "top_k": k,
         "expert_sparsity": round(1 - k / e, 4),
         "in_expert_sparsity": [round(s, 4) for s in in_expert],
-        "total_sparsity": [round(1 - k / e * (1 - s), 4) for s in in_expert],
-        "total_sparsity_mean": round(sum(1 - k / e * (1 - s) for s in in_expert) / len(in_expert), 4),
+        "total_sparsity": [round(t, 4) for t in total],
+        "total_sparsity_mean": round(sum(total) / len(total), 4),
         "expert_share": [[round(c / max(1, sum(row)), 4) for c in row] for row in counts],
     }

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from turbo_demo.model.hooks import HOOKS, part
 from turbo_demo.offline import corpus
-from turbo_demo.offline.predictors import SEQ_LEN, calibrate, save_weights_in_place, train_layer
+from turbo_demo.offline.moe_eval import masked_experts
+from turbo_demo.offline.predictors import SEQ_LEN, calibrate, hook_input, save_weights_in_place, train_layer
 
 
 def experts_of(model) -> list[list]:
@@ -38,26 +39,13 @@ def collect_experts(model, tokens: torch.Tensor, n_tokens: int):
     with HOOKS, ExitStack() as stack:
         for i, group in enumerate(experts_of(model)):
             for e, expert in enumerate(group):
-                stack.enter_context(_pre_hook(expert, lambda x, k=(i, e): xs.setdefault(k, []).append(x.float())))
+                stack.enter_context(hook_input(expert, lambda x, k=(i, e): xs.setdefault(k, []).append(x.float())))
                 stack.enter_context(
-                    _pre_hook(part(expert, "down"), lambda h, k=(i, e): labels.setdefault(k, []).append(h != 0))
+                    hook_input(part(expert, "down"), lambda h, k=(i, e): labels.setdefault(k, []).append(h != 0))
                 )
         for x, _ in tqdm(list(corpus.sequential_batches(tokens, 8, SEQ_LEN, n_tokens)), desc="collect"):
             model(input_ids=x, use_cache=False)
     return {k: torch.cat(v) for k, v in xs.items()}, {k: torch.cat(v) for k, v in labels.items()}
-
-
-class _pre_hook:
-    """Context manager: fn(first input) before every call of `module`, removed on exit."""
-
-    def __init__(self, module, fn):
-        self.module, self.fn = module, fn
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_pre_hook(lambda m, args: self.fn(args[0]))
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def train_expert_predictors(
@@ -75,9 +63,8 @@ def train_expert_predictors(
     """Train, calibrate and store a predictor for every expert; per-expert statistics.
     rank: one for every expert, or one per layer (all of a layer's experts share it)."""
     groups = experts_of(model)
-    for group in groups:
-        for expert in group:
-            expert.predictor = None  # read the dReLU experts themselves, unmasked
+    for expert in masked_experts(model):
+        expert.predictor = None  # read the dReLU experts themselves, unmasked; new ones follow
     x_train, y_train = collect_experts(model, corpus.encode_split(tokenizer, "train"), train_tokens)
     x_val, y_val = collect_experts(model, corpus.encode_split(tokenizer, "heldout"), val_tokens)
     ranks, thresholds, experts = [], [], []

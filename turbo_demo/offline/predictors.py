@@ -42,7 +42,7 @@ def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = SEQ_LEN):
     with ExitStack() as stack:
         for i, layer in enumerate(model.model.layers):
             stack.enter_context(
-                _hook_input(layer.post_attention_layernorm, lambda r, i=i: rs.setdefault(i, []).append(r.flatten(0, 1)))
+                hook_input(layer.post_attention_layernorm, lambda r, i=i: rs.setdefault(i, []).append(r.flatten(0, 1)))
             )
         stack.enter_context(
             on_ffn_activation(model, lambda i, h: labels.setdefault(i, []).append((h != 0).flatten(0, 1)))
@@ -52,7 +52,7 @@ def collect(model, tokens: torch.Tensor, n_tokens: int, seq_len: int = SEQ_LEN):
     return ([torch.cat(rs[i]).float() for i in sorted(rs)], [torch.cat(labels[i]) for i in sorted(labels)])
 
 
-class _hook_input:
+class hook_input:
     """Context manager: fn(input) for every call of `module`, removed on exit."""
 
     def __init__(self, module, fn):

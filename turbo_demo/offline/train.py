@@ -156,8 +156,9 @@ def train_step(model, opt, x, y, l1: float, router_loss: float = 0.0) -> tuple[f
     """One optimizer step on (x, y) with an L1 weight; returns (cross-entropy, FFN sparsity).
 
     Sparsity here is the share of exactly-zero h over all layers, tokens and neurons (in a MoE
-    model, over the tokens each expert was routed); None where the FFN cannot be watched
-    (transformers' Mixtral stores its SwiGLU experts fused, and SwiGLU is never exactly zero).
+    model, over the tokens each expert was routed); None for transformers' Mixtral, which is not
+    watched: its experts are fused, so watching them recomputes every expert (model/hooks.py),
+    and SwiGLU is never exactly zero.
     """
     penalties, zeros = [], []
 
