@@ -35,6 +35,7 @@ from turbo_demo.bench.common import Settings, randomize_, rotated, timed
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions
 from turbo_demo.runtime.moe import MoEMode, MoEWeights, expert_weights, route
+from turbo_demo.runtime.packing import Quantizer
 
 MOE_MODES = ("transformers", "dense", "exact", "predictor")
 
@@ -60,7 +61,9 @@ def random_moe(s: Settings) -> tuple[MixtralSparseMoeBlock, MoEWeights]:
     experts = [
         replace(e, act="relu", drelu=True, fc1=fc1, fc2_t=fc2_t, threshold=0.0)
         for e, fc1, fc2_t in zip(
-            expert_weights(block.experts, config), predictors[: s.moe_experts], predictors[s.moe_experts :]
+            expert_weights(block.experts, config, Quantizer(), "experts."),
+            predictors[: s.moe_experts],
+            predictors[s.moe_experts :],
         )
     ]
     return block.eval(), MoEWeights(block.gate.weight.detach(), experts, s.moe_top_k)

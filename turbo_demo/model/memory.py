@@ -100,13 +100,16 @@ def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None, qu
     if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in tensors:
         tensors.pop("lm_head.weight", None)  # one matrix, whatever the file holds
     if tensors and quant is not None:
-        from turbo_demo.runtime.quant import block_nbytes, format_of, packed_shape  # torch only: cheap
+        from turbo_demo.runtime.quant import block_nbytes, checkpoint_matrices, format_of, packed_shape  # torch only
 
         def size(name: str, t) -> int:
-            fmt = format_of(name, quant) if len(t.shape) == 2 and t.dtype in FLOAT_DTYPES else None
-            if fmt is not None:
-                return block_nbytes(packed_shape(name, t.shape), fmt)
-            return t.numel * itemsize if t.dtype in FLOAT_DTYPES else t.nbytes
+            if t.dtype not in FLOAT_DTYPES:
+                return t.nbytes
+            total = 0
+            for part, m in checkpoint_matrices(name, torch.empty(t.shape, device="meta")):  # fused experts: each
+                fmt = format_of(part, quant) if m.dim() == 2 else None
+                total += m.numel() * itemsize if fmt is None else block_nbytes(packed_shape(part, m.shape), fmt)
+            return total
 
         weights = sum(size(name, t) for name, t in tensors.items())
         embed = tensors.get("model.embed_tokens.weight")

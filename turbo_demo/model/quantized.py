@@ -5,7 +5,8 @@
 
 The model is built on the meta device; the tensors are read one at a time (pread, as
 checkpoint.converted_state_dict): each matrix that `quant.format_of` names is quantized at once
-(W_down and the predictors' fc2 transposed first, into the neuron-major layout the pack keeps)
+(W_down, a MoE expert's w2 and the predictors' fc2 transposed first, into the neuron-major
+layout the pack keeps; experts stored fused split into one matrix each, quant.checkpoint_matrices)
 and its float tensor dropped; the rest (embeddings, norms, biases) is converted to the load
 dtype and assigned to the model. So the peak during a load is the quantized model plus one
 float tensor and its quantization's temporaries, never the float model.
@@ -22,8 +23,10 @@ are, bit for bit). Its layout, also in the model card it writes (CARD):
                        "block": 32, "base_config": the source's config}}: an architecture plain
                        transformers does not know, so that it refuses to load the directory
                        instead of filling the missing matrices with random values
-    model.safetensors  the matrices as uint8 "<HF parameter name>.blocks" (N, B * block bytes),
-                       W_down and fc2 neuron-major (transposed); embeddings and norms as loaded;
+    model.safetensors  the matrices as uint8 "<parameter name>.blocks" (N, B * block bytes),
+                       W_down, w2 and fc2 neuron-major (transposed), a MoE layer's experts one
+                       matrix each (mlp.experts.{e}.w1 / w2 / w3); embeddings, norms and
+                       routers as loaded;
                        metadata "turbo_demo_blocks": JSON {name: [format, columns]}
 """
 
@@ -43,7 +46,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import auto_dtype, check_model_dir, load_config
 from turbo_demo.model.headers import safetensors_files
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
-from turbo_demo.runtime.quant import FORMATS, QUANTS, TRANSPOSED, QWeight, format_of, quantize
+from turbo_demo.runtime.quant import FORMATS, QUANTS, TRANSPOSED, QWeight, checkpoint_matrices, format_of, quantize
 
 
 @functools.cache
@@ -110,7 +113,9 @@ def finish(model, config, small: dict, quantized: dict, path: Path):
     model.load_state_dict(small, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in quantized]
+    # a quantized matrix stays on the meta device (Mixtral's fused experts: one per expert)
+    covered = {n for n, p in model.named_parameters() if all(m in quantized for m, _ in checkpoint_matrices(n, p))}
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in covered]
     if missing:
         raise UserError(f"{path} lacks {len(missing)} weights the model needs, such as {missing[0]}")
     return model.eval(), quantized
@@ -133,14 +138,15 @@ def stream_quantized(path: Path, config, quant: str, dtype: torch.dtype):
     small: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(file, framework="pt", backend="pread") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                t = f.get_tensor(name)
-                fmt = format_of(name, quant) if t.dim() == 2 and t.is_floating_point() else None
-                if fmt is None:
-                    small[name] = t.to(dtype) if t.is_floating_point() else t
-                    continue
-                quantized[name] = quantize(t.t().contiguous() if name.endswith(TRANSPOSED) else t, fmt)
-                del t
+            for stored in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = f.get_tensor(stored)
+                for name, m in checkpoint_matrices(stored, t):
+                    fmt = format_of(name, quant) if m.dim() == 2 and m.is_floating_point() else None
+                    if fmt is None:
+                        small[name] = m.to(dtype) if m.is_floating_point() else m
+                    else:
+                        quantized[name] = quantize(m.t().contiguous() if name.endswith(TRANSPOSED) else m, fmt)
+                del t, m
                 release_freed_memory()
     return finish(model, config, small, quantized, path)
 
@@ -188,10 +194,11 @@ transformers refuses it (model type `turbosparse_quantized`).
 Layout: config.json holds the source's config under `turbo_demo_quantized.base_config`;
 model.safetensors holds each quantized matrix as uint8 `<parameter>.blocks` (one row per
 neuron: W_gate, W_up, attention and the LM head as HF stores them (out, in), W_down and the
-predictors' fc2 transposed), in blocks of 32 values: int8 = fp16 scale d + 32 int8 q
+predictors' fc2 transposed; a MoE layer's experts as `mlp.experts.{{e}}.w1` (gate), `w3` (up)
+and `w2` (down, transposed)), in blocks of 32 values: int8 = fp16 scale d + 32 int8 q
 (w = d q, llama.cpp's Q8_0), int4 = fp16 d + fp16 m + 16 bytes of nibbles (value j in the low
 nibble of byte j, value j + 16 in its high nibble; w = d q + m, llama.cpp's Q4_1); the rest
-(embeddings, norms) as loaded. The safetensors metadata `turbo_demo_blocks` gives each
+(embeddings, norms, MoE routers) as loaded. The safetensors metadata `turbo_demo_blocks` gives each
 matrix's format and column count.
 """
 
@@ -224,20 +231,17 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quant: str, dtype: tor
 
 
 def packed_blocks(packed: PackedModel) -> dict[str, QWeight]:
-    """Every QWeight of a (non-fused) pack by its HF parameter name."""
+    """Every QWeight of a (non-fused) pack by its parameter name (checkpoint_matrices' names)."""
     lean = packed.lean
     out = {"lm_head.weight": lean.lm_head}
     for i, (a, f) in enumerate(zip(lean.attention, packed.ffns)):
         for short, w in (("q_proj", a.wq), ("k_proj", a.wk), ("v_proj", a.wv), ("o_proj", a.wo)):
             out[f"model.layers.{i}.self_attn.{short}.weight"] = w
-        parts = {
-            "gate_proj": f.wg,
-            "up_proj": f.wu,
-            "down_proj": f.wd_t,
-            "predictor.fc1": f.fc1,
-            "predictor.fc2": f.fc2_t,
-        }
-        out.update({f"model.layers.{i}.mlp.{short}.weight": w for short, w in parts.items() if w is not None})
+        names = ("w1", "w3", "w2") if hasattr(f, "experts") else ("gate_proj", "up_proj", "down_proj")
+        ffns = {f"experts.{e}.": x for e, x in enumerate(f.experts)} if hasattr(f, "experts") else {"": f}
+        for sub, x in ffns.items():
+            parts = dict(zip(names, (x.wg, x.wu, x.wd_t))) | {"predictor.fc1": x.fc1, "predictor.fc2": x.fc2_t}
+            out.update({f"model.layers.{i}.mlp.{sub}{short}.weight": w for short, w in parts.items() if w is not None})
     if not all(isinstance(w, QWeight) for w in out.values()):
         raise UserError("only fully quantized packs can be written")
     return out

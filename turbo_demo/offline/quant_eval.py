@@ -31,11 +31,12 @@ from turbo_demo.model.quantized import load_quantized
 from turbo_demo.offline.evaluate import eval_tokens
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels, load_kernels
+from turbo_demo.runtime.packing import ffn_parts
 
 
 def modes_of(packed) -> list[str]:
     """The modes the model runs in: dense, and exact / predictor where it can."""
-    w = packed.ffns[0]
+    w = ffn_parts(packed.ffns)[0]  # a MoE layer's: its first expert's
     return ["dense"] + (["exact"] if w.act == "relu" else []) + (["predictor"] if w.fc1 is not None else [])
 
 

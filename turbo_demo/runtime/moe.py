@@ -16,8 +16,9 @@ experts' neurons, so top-2 of 8 computes at most 25% of them, and dReLU skips mo
 Per layer, the record also says which experts were chosen, with their weights, and each chosen
 expert's own record (computed, active, bytes, recall).
 
-`pack_moe(model)` packs transformers' Mixtral (experts fused as gate_up_proj (E, 2I, H) and
-down_proj (E, H, I), SwiGLU) and TurboSparse-Mixtral (experts[e].w1 / w2 / w3, dReLU, predictors).
+`pack_moe(model, q)` packs transformers' Mixtral (experts fused as gate_up_proj (E, 2I, H) and
+down_proj (E, H, I), SwiGLU) and TurboSparse-Mixtral (experts[e].w1 / w2 / w3, dReLU, predictors),
+the experts' matrices block-quantized where the pack is (the router stays as loaded).
 """
 
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import plus
 from turbo_demo.runtime.modes import Mode
-from turbo_demo.runtime.packing import FFNWeights, nbytes, neuron_major
+from turbo_demo.runtime.packing import FFNWeights, Quantizer, nbytes, neuron_major
 from turbo_demo.runtime.stats import LayerRecord
 
 
@@ -155,42 +156,55 @@ def is_moe(model) -> bool:
     return bool(layers) and all(hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts") for layer in layers)
 
 
-def expert_ffn(expert: Any, act: str) -> FFNWeights:
-    """A TurboSparse-Mixtral expert's weights: w1 the gate, w3 up, w2 down; dReLU, its predictor."""
+def expert_ffn(expert: Any, act: str, q: Quantizer, prefix: str) -> FFNWeights:
+    """A TurboSparse-Mixtral expert's weights: w1 the gate, w3 up, w2 down; dReLU, its predictor;
+    each matrix as `q` keeps it, by its name `prefix` + w1.weight etc."""
     predictor = expert.predictor
     return FFNWeights(
-        wg=expert.w1.weight.detach(),
-        wu=expert.w3.weight.detach(),
-        wd_t=neuron_major(expert.w2),
+        wg=q(f"{prefix}w1.weight", expert.w1.weight.detach()),
+        wu=q(f"{prefix}w3.weight", expert.w3.weight.detach()),
+        wd_t=q(f"{prefix}w2.weight", neuron_major(expert.w2)),
         act=act,
         drelu=True,
-        fc1=None if predictor is None else predictor.fc1.weight.detach(),
-        fc2_t=None if predictor is None else neuron_major(predictor.fc2),
+        fc1=None if predictor is None else q(f"{prefix}predictor.fc1.weight", predictor.fc1.weight.detach()),
+        fc2_t=None if predictor is None else q(f"{prefix}predictor.fc2.weight", neuron_major(predictor.fc2)),
         threshold=None if predictor is None else expert.threshold,
     )
 
 
-def expert_weights(experts: Any, config) -> list[FFNWeights]:
-    """FFNWeights per expert, from TurboSparse-Mixtral's ModuleList or Mixtral's fused tensors."""
+def expert_weights(experts: Any, config, q: Quantizer, prefix: str) -> list[FFNWeights]:
+    """FFNWeights per expert, from TurboSparse-Mixtral's ModuleList or Mixtral's fused tensors,
+    each matrix named as quant.checkpoint_matrices names it (`prefix` {e}.w1.weight etc.)."""
     if isinstance(experts, torch.nn.ModuleList):
-        return [expert_ffn(e, config.hidden_act) for e in experts]
+        return [expert_ffn(e, config.hidden_act, q, f"{prefix}{i}.") for i, e in enumerate(experts)]
     # transformers' Mixtral: gate_up_proj (E, 2I, H), gate rows first; down_proj (E, H, I)
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     weights = []
     for e in range(gate_up.size(0)):
         wg, wu = gate_up[e].chunk(2, dim=0)
-        weights.append(FFNWeights(wg, wu, down[e].t().contiguous(), act=config.hidden_act, drelu=False))
+        weights.append(
+            FFNWeights(
+                q(f"{prefix}{e}.w1.weight", wg),
+                q(f"{prefix}{e}.w3.weight", wu),
+                q(f"{prefix}{e}.w2.weight", down[e].t().contiguous()),
+                act=config.hidden_act,
+                drelu=False,
+            )
+        )
     return weights
 
 
-def pack_moe(model) -> list[MoEWeights]:
-    """The MoE layers' weights of a Mixtral or TurboSparse-Mixtral model (which is left as is)."""
-    config = model.config
+def pack_moe(model, q: Quantizer | None = None) -> list[MoEWeights]:
+    """The MoE layers' weights of a Mixtral or TurboSparse-Mixtral model (which is left as is);
+    the routers stay as loaded, the experts' matrices as `q` keeps them."""
+    config, q = model.config, q or Quantizer()
     return [
         MoEWeights(
-            layer.mlp.gate.weight.detach(), expert_weights(layer.mlp.experts, config), config.num_experts_per_tok
+            layer.mlp.gate.weight.detach(),
+            expert_weights(layer.mlp.experts, config, q, f"model.layers.{i}.mlp.experts."),
+            config.num_experts_per_tok,
         )
-        for layer in model.model.layers
+        for i, layer in enumerate(model.model.layers)
     ]
 
 

@@ -266,11 +266,9 @@ def pack(model, quant: str | None = None, quantized: dict[str, QWeight] | None =
     q = Quantizer(quant, quantized)
     from turbo_demo.runtime.moe import is_moe, pack_moe  # moe.py builds on this module
 
-    if quant is not None and is_moe(model):
-        raise UserError(f"quantized weights ({quant}) are not implemented for MoE layers: load it without quantization")
     try:
         if is_moe(model):
-            ffns: list = pack_moe(model)
+            ffns: list = pack_moe(model, q)
         else:
             ffns = [pack_ffn(mlp, model.config, i, q) for i, mlp in enumerate(ffn_modules(model))]
     except UserError:

@@ -72,8 +72,9 @@ FORMATS = {
 }
 
 
-# Stored (out, in) by HF, kept neuron-major (in, out) by the pack: quantized transposed.
-TRANSPOSED = ("mlp.down_proj.weight", "mlp.predictor.fc2.weight")
+# Stored (out, in) by HF, kept neuron-major (in, out) by the pack: quantized transposed (W_down,
+# a MoE expert's w2, and every predictor's fc2).
+TRANSPOSED = ("mlp.down_proj.weight", ".w2.weight", "predictor.fc2.weight")
 
 
 def packed_shape(name: str, shape) -> tuple[int, int]:
@@ -84,12 +85,13 @@ def packed_shape(name: str, shape) -> tuple[int, int]:
 
 def role_of(name: str) -> str | None:
     """Which kind of matrix a parameter is ("ffn", "attention", "predictor", "lm_head"), or None
-    for what stays as loaded (embeddings, norms, biases)."""
-    if not name.endswith(".weight") or "norm" in name.rsplit(".", 2)[-2]:
+    for what stays as loaded (embeddings, norms, biases, and a MoE layer's router `mlp.gate`,
+    a few rows whose softmax picks the experts)."""
+    if not name.endswith(".weight") or "norm" in name.rsplit(".", 2)[-2] or name.endswith(".mlp.gate.weight"):
         return None
     if name == "lm_head.weight":
         return "lm_head"
-    for part, role in ((".mlp.predictor.", "predictor"), (".mlp.", "ffn"), (".self_attn.", "attention")):
+    for part, role in ((".predictor.", "predictor"), (".mlp.", "ffn"), (".self_attn.", "attention")):
         if part in name:
             return role
     return None
@@ -99,6 +101,25 @@ def format_of(name: str, quant: str) -> str | None:
     """The block format of parameter `name` in a `quant` pack, None where it stays as loaded."""
     role = role_of(name)
     return None if role is None else FORMATS[quant][role]
+
+
+def checkpoint_matrices(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor under the names a pack quantizes by: the module tree's (Mixtral's
+    `block_sparse_moe` is `mlp`), and one (out, in) matrix per expert where transformers stores
+    a layer's experts fused, as views:
+
+        mlp.experts.gate_up_proj (E, 2I, H)  -> mlp.experts.{e}.w1.weight (I, H), w3 (I, H)
+        mlp.experts.down_proj (E, H, I)      -> mlp.experts.{e}.w2.weight (H, I)
+
+    (the published per-expert names, w1 the gate, w3 up, w2 down). t may be on the meta device."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    prefix, _, last = name.rpartition(".")
+    if t.dim() != 3 or not prefix.endswith(".mlp.experts") or last not in ("gate_up_proj", "down_proj"):
+        return [(name, t)]
+    if last == "down_proj":
+        return [(f"{prefix}.{e}.w2.weight", t[e]) for e in range(t.size(0))]
+    gates_ups = (t[e].chunk(2, dim=0) for e in range(t.size(0)))  # gate rows first
+    return [(f"{prefix}.{e}.{w}.weight", m) for e, pair in enumerate(gates_ups) for w, m in zip(("w1", "w3"), pair)]
 
 
 def split_rows(w, sizes: list[int]) -> list:
