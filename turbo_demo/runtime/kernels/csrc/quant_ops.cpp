@@ -93,107 +93,118 @@ inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+using DotAcc = __m256;  // a dot product's partial sums
+inline DotAcc dot_zero() { return _mm256_setzero_ps(); }
+inline float dot_sum(DotAcc a, DotAcc b) { return hsum8(_mm256_add_ps(a, b)); }
+#else
+using DotAcc = float;
+inline DotAcc dot_zero() { return 0.f; }
+inline float dot_sum(DotAcc a, DotAcc b) { return a + b; }
 #endif
 
-// out[r] = dequantize(rows[r]) . dequantize(Q8(x)) in fp32 for R rows of one format and width,
-// in one pass over the blocks (x's block and scale loaded once for all R); prefetches next[r],
-// the rows read after these.
-template <int R>
-inline void qdot_rows(const QW& w, const uint8_t* const rows[R], const uint8_t* const next[R], const QAct& x,
-                      float out[R]) {
-  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
-  float total[R] = {};
+// One block's dot product, added to acc (its scaled integer sum) and mins (int4's m_w d_x sum(q_x)).
+template <int FMT>
+inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc, float& mins) {
+  const float d = half_at(blk) * x.d[b];
+  const int8_t* xq = x.q.data() + b * kQBlock;
 #if defined(__AVX2__)
-  __m256 acc[R][2];  // two chains per row: even, odd blocks
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-#endif
-  for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* xq = x.q.data() + b * kQBlock;
-#if defined(__AVX2__)
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-#endif
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + b * bb;
-      if (b % 2 == 0) prefetch(next[r] + b * bb);
-      const float d = half_at(blk) * x.d[b];
-#if defined(__AVX2__)
-      __m256i isum;
-      if (w.fmt == kQ8) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
-        isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-      } else {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-        const __m128i mask = _mm_set1_epi8(15);
-        const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-        isum = dot_u8s8(wv, xv);
-        total[r] += half_at(blk + 2) * x.s[b];
-      }
-      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[r][b & 1]);
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  __m256i isum;
+  if constexpr (FMT == kQ8) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
+    isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    isum = dot_u8s8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15)), xv);
+  }
+  acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
 #else
-      int isum = 0;
-      if (w.fmt == kQ8) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-        for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
-      } else {
-        uint8_t q[kQBlock];
-        unpack_q4(blk + 4, q);
-        for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
-        total[r] += half_at(blk + 2) * x.s[b];
-      }
-      total[r] += d * static_cast<float>(isum);
-#endif
-    }
+  int isum = 0;
+  if constexpr (FMT == kQ8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
+  } else {
+    uint8_t q[kQBlock];
+    unpack_q4(blk + 4, q);
+    for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
   }
-  for (int r = 0; r < R; ++r) {
-#if defined(__AVX2__)
-    total[r] += hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+  acc += d * static_cast<float>(isum);
 #endif
-    out[r] = total[r];
+  if constexpr (FMT == kQ4) mins += half_at(blk + 2) * x.s[b];
+}
+
+// dequantize(row) . dequantize(Q8(x)) in fp32 for one row of format FMT: even and odd blocks in
+// two chains of accumulators (a block's sums need not wait for the previous block's); prefetches
+// next, the row read after this one.
+template <int FMT>
+inline float qdot_fmt(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
+  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
+  DotAcc acc0 = dot_zero(), acc1 = dot_zero();
+  float mins0 = 0.f, mins1 = 0.f;
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    prefetch(next + b * bb);
+    qdot_block<FMT>(row + b * bb, x, b, acc0, mins0);
+    qdot_block<FMT>(row + (b + 1) * bb, x, b + 1, acc1, mins1);
   }
+  if (b < nb) qdot_block<FMT>(row + b * bb, x, b, acc0, mins0);
+  return (mins0 + mins1) + dot_sum(acc0, acc1);
 }
 
 inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QAct& x) {
-  const uint8_t* rows[1] = {row};
-  const uint8_t* nexts[1] = {next};
-  float out[1];
-  qdot_rows<1>(w, rows, nexts, x, out);
-  return out[0];
+  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock;
+  return w.fmt == kQ8 ? qdot_fmt<kQ8>(nb, row, next, x) : qdot_fmt<kQ4>(nb, row, next, x);
 }
 
-// acc[0 : B * 32] += sum_r coef[r] * dequantize(rows[r]) for the m <= 4 rows, in fp32: one
-// load and store of the accumulators per block for up to four rows (a row at a time, they
-// would cost as much as the row's own bytes).
-inline void qaxpy4(const QW& w, const uint8_t* const rows[4], const float coef[4], int m, float* acc) {
-  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock, bb = block_bytes(w.fmt);
+constexpr int kGroup = 8;  // rows per pass of qaxpy over the accumulators
+
+// acc[0 : B * 32] += sum_{r < M} coef[r] * dequantize(rows[r]) for M <= kGroup rows of format FMT,
+// in fp32: one load and store of the accumulators per block for all M rows (a row at a time,
+// they would cost as much as the row's own bytes); prefetches next[r], the rows read after
+// these, where next is given.
+template <int FMT, int M>
+inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
+                        float* acc) {
+  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
   for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
 #if defined(__AVX512F__)
-    __m512 a[2] = {_mm512_loadu_ps(acc), _mm512_loadu_ps(acc + 16)};
-    for (int r = 0; r < m; ++r) {
+    __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
+    float mins = 0.f;  // int4: sum_r coef[r] * m_r, the same for the block's 32 values
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
+      if (next && b % 2 == 0) prefetch(next[r] + b * bb);
       const __m512 dv = _mm512_set1_ps(coef[r] * half_at(blk));
-      if (w.fmt == kQ8) {
-        for (int half = 0; half < 2; ++half) {
-          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * half));
-          a[half] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), a[half]);
-        }
+      __m128i lo, hi;
+      if constexpr (FMT == kQ8) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        lo = _mm256_castsi256_si128(q);
+        hi = _mm256_extracti128_si256(q, 1);
+        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), a0);
+        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), a1);
       } else {
-        const __m512 mv = _mm512_set1_ps(coef[r] * half_at(blk + 2));
+        mins += coef[r] * half_at(blk + 2);
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)), mask = _mm_set1_epi8(15);
-        const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
-        for (int half = 0; half < 2; ++half) {
-          const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(halves[half]));
-          a[half] = _mm512_add_ps(_mm512_fmadd_ps(dv, qv, mv), a[half]);
-        }
+        lo = _mm_and_si128(raw, mask);
+        hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), a0);
+        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), a1);
       }
     }
-    _mm512_storeu_ps(acc, a[0]);
-    _mm512_storeu_ps(acc + 16, a[1]);
+    if constexpr (FMT == kQ4) {
+      a0 = _mm512_add_ps(a0, _mm512_set1_ps(mins));
+      a1 = _mm512_add_ps(a1, _mm512_set1_ps(mins));
+    }
+    _mm512_storeu_ps(acc, a0);
+    _mm512_storeu_ps(acc + 16, a1);
 #else
-    for (int r = 0; r < m; ++r) {
+    for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
+      if (next && b % 2 == 0) prefetch(next[r] + b * bb);
       const float d = coef[r] * half_at(blk);
-      if (w.fmt == kQ8) {
+      if constexpr (FMT == kQ8) {
         const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
 #pragma omp simd
         for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
@@ -209,21 +220,37 @@ inline void qaxpy4(const QW& w, const uint8_t* const rows[4], const float coef[4
   }
 }
 
-// Rows for qaxpy4, gathered four at a time.
-struct Pending {
-  const uint8_t* rows[4];
-  float coef[4];
-  int m = 0;
-  void add(const QW& w, const uint8_t* row, float c, float* acc) {
-    rows[m] = row;
-    coef[m++] = c;
-    if (m == 4) flush(w, acc);
+template <int FMT, int M = kGroup>
+inline void qaxpy_m(int m, int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
+                    float* acc) {
+  if constexpr (M > 0) {
+    if (m == M) return qaxpy_group<FMT, M>(nb, rows, coef, next, acc);
+    qaxpy_m<FMT, M - 1>(m, nb, rows, coef, next, acc);
   }
-  void flush(const QW& w, float* acc) {
-    if (m) qaxpy4(w, rows, coef, m, acc);
-    m = 0;
+}
+
+// acc += sum_r coef[r] * dequantize(rows[r]) for m <= kGroup rows of w (see qaxpy_group).
+inline void qaxpy(const QW& w, const uint8_t* const rows[], const float coef[], int m, const uint8_t* const* next,
+                  float* acc) {
+  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock;
+  if (w.fmt == kQ8)
+    qaxpy_m<kQ8>(m, nb, rows, coef, next, acc);
+  else
+    qaxpy_m<kQ4>(m, nb, rows, coef, next, acc);
+}
+
+// acc += sum_j coef[j] * dequantize(rows[j]) over a list of rows of w, kGroup rows per pass,
+// each pass prefetching the next pass's rows.
+inline void qaxpy_list(const QW& w, const std::vector<const uint8_t*>& rows, const std::vector<float>& coef,
+                       float* acc) {
+  const int64_t k = static_cast<int64_t>(rows.size());
+  for (int64_t j = 0; j < k; j += kGroup) {
+    const int m = static_cast<int>(std::min<int64_t>(kGroup, k - j));
+    const uint8_t* next[kGroup];
+    for (int r = 0; r < kGroup; ++r) next[r] = rows[std::min(j + kGroup + r, k - 1)];
+    qaxpy(w, rows.data() + j, coef.data() + j, m, next, acc);
   }
-};
+}
 
 void check_qweight(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
   TORCH_CHECK(fmt == kQ8 || fmt == kQ4, fn, ": unknown block format ", fmt);
@@ -258,7 +285,7 @@ void reduce(const std::vector<float>& partial, int threads, int64_t hp, int64_t 
   }
 }
 
-// y (h,) = sum_j coef_j Wt[pick(j)] over the k rows with coef_j != 0, threads over rows.
+// y (h,) = sum_j coef_j Wt[rows_j] over the k given rows, threads over rows.
 template <typename T>
 void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<int64_t>& rows, T* y) {
   const int64_t k = static_cast<int64_t>(rows.size()), hp = (wt.cols + kQBlock - 1) / kQBlock * kQBlock;
@@ -268,18 +295,19 @@ void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<i
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const auto [j0, j1] = share(k, t, nt, 1);
-    float* acc = partial.data() + static_cast<size_t>(t) * hp;
-    Pending pending;
-    for (int64_t j = j0; j < j1; ++j) pending.add(wt, wt.row(rows[j]), coef[j], acc);
-    pending.flush(wt, acc);
+    std::vector<const uint8_t*> mine;
+    for (int64_t j = j0; j < j1; ++j) mine.push_back(wt.row(rows[j]));
+    qaxpy_list(wt, mine, std::vector<float>(coef.begin() + j0, coef.begin() + j1),
+               partial.data() + static_cast<size_t>(t) * hp);
   }
   reduce(partial, threads, hp, wt.cols, y, static_cast<const T*>(nullptr));
 }
 
-// One FFN step over the candidates (idx (k,), or every neuron), in one parallel region: per
-// neuron its gate row (unless a_given), its up row where the gate value is non-zero (every one
-// when dense), and its down row where h is non-zero (every one when dense), summed into the
-// thread's fp32 partial y. Returns (up rows read, active).
+// One FFN step over the candidates (idx (k,), or every neuron), in one parallel region, each
+// thread over its share of them in three passes, each streaming one matrix's rows (interleaved,
+// the three streams read slower): the gate rows (unless a_given), the up rows where the gate
+// value is non-zero (every one when dense), the down rows where h is non-zero (every one when
+// dense), summed into the thread's fp32 partial y. Returns (up rows read, active).
 template <typename T>
 std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, const QAct& x, const T* a_given,
                                       const int64_t* idx, int64_t k, Act act, bool act_up, bool dense, T* y,
@@ -292,27 +320,31 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const auto [j0, j1] = share(k, t, nt, 1);
-    float* acc = partial.data() + static_cast<size_t>(t) * hp;
-    Pending down;
+    std::vector<float> gate(j1 - j0);  // dense: W_gate x; else a = relu(W_gate x)
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n = pick(idx, j), nn = pick(idx, std::min(j + 1, j1 - 1));
-      float a, hv;
-      if (dense) {  // gate and up rows of one neuron in one pass (one format and width: q_ffn checks)
-        const uint8_t* rows[2] = {wg.row(n), wu.row(n)};
-        const uint8_t* next[2] = {wg.row(nn), wu.row(nn)};
-        float gu[2];
-        qdot_rows<2>(wg, rows, next, x, gu);
-        const float g = rounded<T>(gu[0]), u = rounded<T>(gu[1]);
-        const float up = act_up ? rounded<T>(apply(act, u)) : u;
-        a = rounded<T>(apply(act, g));
-        hv = rounded<T>(a * up);
-        ++up_rows;
+      if (a_given)
+        gate[j - j0] = to_f32(a_given[j]);
+      else {
+        const float g = rounded<T>(qdot(wg, wg.row(n), wg.row(nn), x));
+        gate[j - j0] = dense ? g : std::max(g, 0.f);
+      }
+    }
+    std::vector<int64_t> up;  // the candidates whose up row is read
+    for (int64_t j = j0; j < j1; ++j)
+      if (dense || gate[j - j0] != 0.f) up.push_back(j);
+    std::vector<const uint8_t*> down;
+    std::vector<float> hs;
+    const int64_t m = static_cast<int64_t>(up.size());
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t j = up[i], n = pick(idx, j), nn = pick(idx, up[std::min(i + 1, m - 1)]);
+      const float u = rounded<T>(qdot(wu, wu.row(n), wu.row(nn), x));
+      float hv;
+      if (dense) {
+        const float a = rounded<T>(apply(act, gate[j - j0]));
+        hv = rounded<T>(a * (act_up ? rounded<T>(apply(act, u)) : u));
       } else {
-        a = a_given ? to_f32(a_given[j]) : std::max(rounded<T>(qdot(wg, wg.row(n), wg.row(nn), x)), 0.f);
-        if (a == 0.f) continue;
-        ++up_rows;
-        const float u = rounded<T>(qdot(wu, wu.row(n), wu.row(nn), x));
-        hv = rounded<T>(a * (act_up ? std::max(u, 0.f) : u));
+        hv = rounded<T>(gate[j - j0] * (act_up ? std::max(u, 0.f) : u));
       }
       if (hv != 0.f) {
         ++active;
@@ -321,9 +353,13 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
           ++counts[n];
         }
       }
-      if (hv != 0.f || dense) down.add(wd, wd.row(n), hv, acc);
+      if (hv != 0.f || dense) {
+        down.push_back(wd.row(n));
+        hs.push_back(hv);
+      }
     }
-    down.flush(wd, acc);
+    up_rows += m;
+    qaxpy_list(wd, down, hs, partial.data() + static_cast<size_t>(t) * hp);
   }
   reduce(partial, threads, hp, wd.cols, y, add_to);
   return {up_rows, active};
@@ -425,15 +461,18 @@ std::tuple<torch::Tensor, int64_t> q_predict(const torch::Tensor& fc1, int64_t f
   by_dtype(r, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     const QAct ra = quantize_act(ptr_of<T>(r), h);
+    std::vector<float> all(w1.rows);
+    const int threads = threads_for<uint8_t>(w1.rows * w1.row_bytes);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < w1.rows; ++j)
+      all[j] = std::max(rounded<T>(qdot(w1, w1.row(j), w1.row(std::min(j + 1, w1.rows - 1)), ra)), 0.f);
     std::vector<float> z;
     std::vector<int64_t> rows;
-    for (int64_t j = 0; j < w1.rows; ++j) {
-      const float v = std::max(rounded<T>(qdot(w1, w1.row(j), w1.row(std::min(j + 1, w1.rows - 1)), ra)), 0.f);
-      if (v != 0.f) {
-        z.push_back(v);
+    for (int64_t j = 0; j < w1.rows; ++j)
+      if (all[j] != 0.f) {
+        z.push_back(all[j]);
         rows.push_back(j);
       }
-    }
     live = static_cast<int64_t>(rows.size());
     axpy_rows(w2, z, rows, ptr_of<T>(score));  // the rows with z_j = 0 add nothing: not read
   });
