@@ -43,10 +43,17 @@ struct QW {
 };
 
 // x quantized per block: q (B * 32,) int8, d (B,) the scales, s (B,) d * sum(q) (int4's min term).
+// With AVX-512 VNNI, pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
+// b+1 16-31], the order of two int4 blocks' nibbles unpacked into one 512-bit register.
 struct QAct {
   std::vector<int8_t> q;
   std::vector<float> d, s;
+  std::vector<int8_t> pairs;
 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TD_Q4_PAIRS 1
+#endif
 
 template <typename T>
 QAct quantize_act(const T* x, int64_t h) {
@@ -66,6 +73,15 @@ QAct quantize_act(const T* x, int64_t h) {
     a.d[b] = d;
     a.s[b] = d * static_cast<float>(sum);
   }
+#if defined(TD_Q4_PAIRS)
+  a.pairs.assign(nb * kQBlock, 0);
+  for (int64_t b = 0; b + 1 < nb; b += 2)
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 16; ++j) {
+        a.pairs[b * kQBlock + 32 * half + j] = a.q[b * kQBlock + 16 * half + j];
+        a.pairs[b * kQBlock + 32 * half + 16 + j] = a.q[(b + 1) * kQBlock + 16 * half + j];
+      }
+#endif
   return a;
 }
 
@@ -135,12 +151,50 @@ inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc
   if constexpr (FMT == kQ4) mins += half_at(blk + 2) * x.s[b];
 }
 
+#if defined(TD_Q4_PAIRS)
+// Two int4 blocks (b, b + 1) in one 512-bit dot product, added to acc and mins as qdot_block.
+inline void q4_pair(const uint8_t* blk, const QAct& x, int64_t b, __m512& acc, float& mins) {
+  constexpr int64_t bb = 4 + kQBlock / 2;
+  const __m256i mask = _mm256_set1_epi8(15);
+  const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + bb + 4),
+                                          reinterpret_cast<const __m128i*>(blk + 4));
+  const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, mask)),
+                                        _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), 1);
+  const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(x.pairs.data() + b * kQBlock));
+  // lanes 0-3 and 8-11 hold block b's sums, 4-7 and 12-15 block b + 1's
+  const __m512 d = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(half_at(blk) * x.d[b]),
+                                        _mm512_set1_ps(half_at(blk + bb) * x.d[b + 1]));
+  acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), acc);
+  mins += half_at(blk + 2) * x.s[b] + half_at(blk + bb + 2) * x.s[b + 1];
+}
+
+// qdot_fmt<kQ4> four blocks at a time, in two chains of pairs; the last nb % 4 blocks as qdot_block.
+inline float qdot_q4_pairs(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
+  constexpr int64_t bb = 4 + kQBlock / 2;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  float mins0 = 0.f, mins1 = 0.f;
+  int64_t b = 0;
+  for (; b + 3 < nb; b += 4) {
+    prefetch(next + b * bb);
+    prefetch(next + b * bb + 64);
+    q4_pair(row + b * bb, x, b, acc0, mins0);
+    q4_pair(row + (b + 2) * bb, x, b + 2, acc1, mins1);
+  }
+  DotAcc tail = dot_zero();
+  for (; b < nb; ++b) qdot_block<kQ4>(row + b * bb, x, b, tail, mins0);
+  return (mins0 + mins1) + _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + dot_sum(tail, dot_zero());
+}
+#endif
+
 // dequantize(row) . dequantize(Q8(x)) in fp32 for one row of format FMT: even and odd blocks in
 // two chains of accumulators (a block's sums need not wait for the previous block's); prefetches
 // next, the row read after this one.
 template <int FMT>
 inline float qdot_fmt(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
   constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
+#if defined(TD_Q4_PAIRS)
+  if constexpr (FMT == kQ4) return qdot_q4_pairs(nb, row, next, x);
+#endif
   DotAcc acc0 = dot_zero(), acc1 = dot_zero();
   float mins0 = 0.f, mins1 = 0.f;
   int64_t b = 0;
