@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_moe import CONFIG, PROMPT, write_layout
+from test_quant import fed_agreement
 
 from turbo_demo.cli import main
 from turbo_demo.model import memory
@@ -128,16 +129,5 @@ def test_quantize_save_load_moe_is_bit_identical(published, tmp_path, fmt, capsy
 def test_int8_greedy_tokens_agree_with_float_on_the_embedded_moe_pair(backends, name):
     """At int8, fed the float model's greedy continuation, every mode of the shipped MoE pair
     picks the float model's next token at >= 95% of positions."""
-    from turbo_demo.offline.quant_eval import continuations, forced, modes_of
-    from turbo_demo.paths import MODELS_DIR
-
-    path = MODELS_DIR / name
-    base = pack(load_model(path))
-    quantized = load_quantized(path, "int8", base.model.dtype)
-    kernels = backends[-1]
-    text = "import os\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description='"
-    ids = load_tokenizer(path)(text)["input_ids"]
-    prompts = [ids[:8], ids[:12], ids[4:16], ids[2:]]
-    for mode in modes_of(base):
-        reference = continuations(base, mode, prompts, 16, kernels)
-        assert forced(quantized, mode, prompts, reference, kernels) >= 0.95, mode
+    shares = fed_agreement(name, backends[-1])
+    assert shares and all(int8_share >= 0.95 for _, int8_share in shares.values()), shares

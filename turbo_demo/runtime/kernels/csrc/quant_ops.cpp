@@ -43,7 +43,7 @@ struct QW {
 };
 
 // x quantized per block: q (B * 32,) int8, d (B,) the scales, s (B,) d * sum(q) (int4's min term).
-// With AVX-512 VNNI, pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
+// With AVX-512 VNNI, for int4 weights (fmt), pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
 // b+1 16-31], the order of two int4 blocks' nibbles unpacked into one 512-bit register.
 struct QAct {
   std::vector<int8_t> q;
@@ -56,7 +56,7 @@ struct QAct {
 #endif
 
 template <typename T>
-QAct quantize_act(const T* x, int64_t h) {
+QAct quantize_act(const T* x, int64_t h, [[maybe_unused]] int fmt) {
   const int64_t nb = (h + kQBlock - 1) / kQBlock;
   QAct a{std::vector<int8_t>(nb * kQBlock, 0), std::vector<float>(nb), std::vector<float>(nb)};
   for (int64_t b = 0; b < nb; ++b) {
@@ -74,6 +74,7 @@ QAct quantize_act(const T* x, int64_t h) {
     a.s[b] = d * static_cast<float>(sum);
   }
 #if defined(TD_Q4_PAIRS)
+  if (fmt != kQ4) return a;  // only int4 rows read the pairs
   a.pairs.assign(nb * kQBlock, 0);
   for (int64_t b = 0; b + 1 < nb; b += 2)
     for (int half = 0; half < 2; ++half)
@@ -434,7 +435,7 @@ torch::Tensor q_dot(const torch::Tensor& w, int64_t fmt, int64_t cols, const tor
   auto y = torch::empty({k}, x.options());
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    const QAct xa = quantize_act(ptr_of<T>(x), cols);
+    const QAct xa = quantize_act(ptr_of<T>(x), cols, qw.fmt);
     T* yp = ptr_of<T>(y);
     const int threads = threads_for<uint8_t>(k * qw.row_bytes);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
@@ -493,7 +494,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> q_ffn(const torch::Tensor& wg, const
   std::pair<int64_t, int64_t> rows_active;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    const QAct xa = quantize_act(ptr_of<T>(x), cols);
+    const QAct xa = quantize_act(ptr_of<T>(x), cols, g.fmt);
     rows_active = qffn_impl(g, u, d, xa, a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr),
                             idx ? idx->data_ptr<int64_t>() : nullptr, k, act, act_up, dense, ptr_of<T>(y),
                             add_to ? ptr_of<T>(*add_to) : static_cast<const T*>(nullptr), cp);
@@ -514,7 +515,7 @@ std::tuple<torch::Tensor, int64_t> q_predict(const torch::Tensor& fc1, int64_t f
   int64_t live = 0;
   by_dtype(r, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    const QAct ra = quantize_act(ptr_of<T>(r), h);
+    const QAct ra = quantize_act(ptr_of<T>(r), h, w1.fmt);
     std::vector<float> all(w1.rows);
     const int threads = threads_for<uint8_t>(w1.rows * w1.row_bytes);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
