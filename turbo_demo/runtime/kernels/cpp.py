@@ -26,7 +26,7 @@ from turbo_demo.runtime.quant import QWeight
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp", "quant_ops.cpp")]
-HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h")]
+HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_NOTICE = "Building the C++ sparse kernels (first time only, about a minute)..."
 
@@ -111,7 +111,7 @@ class CppKernels(Kernels):
     """The C++ kernels: the reference's contracts, computed without gathered copies, in fp32
     sums, one call per fused step. Their tensors must be on the CPU. Block-quantized weights
     (QWeight) go to the q_* kernels (quant_ops.cpp); the attention step on them is the
-    reference's composition of this class's kernels."""
+    reference's composition of this class's kernels (q, k and v in one call)."""
 
     name = "cpp"
     devices = ("cpu",)
@@ -133,6 +133,12 @@ class CppKernels(Kernels):
         if isinstance(w, QWeight):
             return self.ops.q_dot(w.data, w.code, w.cols, x)
         return self.ops.matvec(w, x)
+
+    def matvecs(self, ws, x):
+        """[matvec(w, x) for w in ws]; QWeights of one format in one call (x quantized once)."""
+        if all(isinstance(w, QWeight) for w in ws) and len({(w.code, w.cols) for w in ws}) == 1:
+            return self.ops.q_matvecs([w.data for w in ws], ws[0].code, ws[0].cols, x)
+        return [self.matvec(w, x) for w in ws]
 
     def vecmat(self, h, wt):
         if isinstance(wt, QWeight):
@@ -182,7 +188,7 @@ class CppKernels(Kernels):
                     x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
                 )
             h = self.ops.rms_norm(x, ln_w, eps)
-            q, k, v = (self.matvec(w, h) for w in (wq, wk, wv))
+            q, k, v = self.matvecs((wq, wk, wv), h)
             out = self.ops.attend(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first)
             return x + self.matvec(wo, out)
         # extras: bq, bk, bv, bo, q_norm, k_norm, positional as the reference names them

@@ -10,302 +10,12 @@
 // match the reference up to fp32 summation order; values are rounded to the activations' dtype T
 // (fp32 or bf16) where the reference's tensor operations store them.
 
-#include "act.h"
-#include "gemv.h"
+#include "quant_blocks.h"
 
-#include <cmath>
 #include <optional>
 #include <string>
 
 namespace {
-
-constexpr int64_t kQBlock = 32;
-enum Fmt { kQ8 = 0, kQ4 = 1 };
-
-inline int64_t block_bytes(int fmt) { return fmt == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2; }
-
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, sizeof bits);
-#if defined(__F16C__)
-  return _cvtsh_ss(bits);
-#else
-  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-#endif
-}
-
-// A quantized weight: rows of `row_bytes` bytes (blocks), `cols` values each.
-struct QW {
-  const uint8_t* data;
-  int64_t rows, row_bytes, cols;
-  int fmt;
-  const uint8_t* row(int64_t i) const { return data + i * row_bytes; }
-};
-
-// x quantized per block: q (B * 32,) int8, d (B,) the scales, s (B,) d * sum(q) (int4's min term).
-// With AVX-512 VNNI, for int4 weights (fmt), pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
-// b+1 16-31], the order of two int4 blocks' nibbles unpacked into one 512-bit register.
-struct QAct {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int8_t> pairs;
-};
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define TD_Q4_PAIRS 1
-#endif
-
-template <typename T>
-QAct quantize_act(const T* x, int64_t h, [[maybe_unused]] int fmt) {
-  const int64_t nb = (h + kQBlock - 1) / kQBlock;
-  QAct a{std::vector<int8_t>(nb * kQBlock, 0), std::vector<float>(nb), std::vector<float>(nb)};
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t c0 = b * kQBlock, c1 = std::min(h, c0 + kQBlock);
-    float amax = 0.f;
-    for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(to_f32(x[c])));
-    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    int sum = 0;
-    for (int64_t c = c0; c < c1; ++c) {
-      const float v = std::min(127.f, std::max(-127.f, std::nearbyint(to_f32(x[c]) * inv)));
-      a.q[c] = static_cast<int8_t>(v);
-      sum += a.q[c];
-    }
-    a.d[b] = d;
-    a.s[b] = d * static_cast<float>(sum);
-  }
-#if defined(TD_Q4_PAIRS)
-  if (fmt != kQ4) return a;  // only int4 rows read the pairs
-  a.pairs.assign(nb * kQBlock, 0);
-  for (int64_t b = 0; b + 1 < nb; b += 2)
-    for (int half = 0; half < 2; ++half)
-      for (int j = 0; j < 16; ++j) {
-        a.pairs[b * kQBlock + 32 * half + j] = a.q[b * kQBlock + 16 * half + j];
-        a.pairs[b * kQBlock + 32 * half + 16 + j] = a.q[(b + 1) * kQBlock + 16 * half + j];
-      }
-#endif
-  return a;
-}
-
-// The 32 values of an int4 block's nibbles as bytes 0..15: value j at byte j.
-inline void unpack_q4(const uint8_t* nibbles, uint8_t* out) {
-  for (int j = 0; j < 16; ++j) {
-    out[j] = nibbles[j] & 15;
-    out[j + 16] = nibbles[j] >> 4;
-  }
-}
-
-#if defined(__AVX2__)
-// The eight int32 partial sums of 32 products u8 * s8 (u < 128 or u <= 15: no int16 overflow).
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-using DotAcc = __m256;  // a dot product's partial sums
-inline DotAcc dot_zero() { return _mm256_setzero_ps(); }
-inline float dot_sum(DotAcc a, DotAcc b) { return hsum8(_mm256_add_ps(a, b)); }
-#else
-using DotAcc = float;
-inline DotAcc dot_zero() { return 0.f; }
-inline float dot_sum(DotAcc a, DotAcc b) { return a + b; }
-#endif
-
-// One block's dot product, added to acc (its scaled integer sum) and mins (int4's m_w d_x sum(q_x)).
-template <int FMT>
-inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc, float& mins) {
-  const float d = half_at(blk) * x.d[b];
-  const int8_t* xq = x.q.data() + b * kQBlock;
-#if defined(__AVX2__)
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  __m256i isum;
-  if constexpr (FMT == kQ8) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
-    isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-  } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-    isum = dot_u8s8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15)), xv);
-  }
-  acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
-#else
-  int isum = 0;
-  if constexpr (FMT == kQ8) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-    for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
-  } else {
-    uint8_t q[kQBlock];
-    unpack_q4(blk + 4, q);
-    for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
-  }
-  acc += d * static_cast<float>(isum);
-#endif
-  if constexpr (FMT == kQ4) mins += half_at(blk + 2) * x.s[b];
-}
-
-#if defined(TD_Q4_PAIRS)
-// Two int4 blocks (b, b + 1) in one 512-bit dot product, added to acc and mins as qdot_block.
-inline void q4_pair(const uint8_t* blk, const QAct& x, int64_t b, __m512& acc, float& mins) {
-  constexpr int64_t bb = 4 + kQBlock / 2;
-  const __m256i mask = _mm256_set1_epi8(15);
-  const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + bb + 4),
-                                          reinterpret_cast<const __m128i*>(blk + 4));
-  const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, mask)),
-                                        _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), 1);
-  const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(x.pairs.data() + b * kQBlock));
-  // lanes 0-3 and 8-11 hold block b's sums, 4-7 and 12-15 block b + 1's
-  const __m512 d = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(half_at(blk) * x.d[b]),
-                                        _mm512_set1_ps(half_at(blk + bb) * x.d[b + 1]));
-  acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), acc);
-  mins += half_at(blk + 2) * x.s[b] + half_at(blk + bb + 2) * x.s[b + 1];
-}
-
-// qdot_fmt<kQ4> four blocks at a time, in two chains of pairs; the last nb % 4 blocks as qdot_block.
-inline float qdot_q4_pairs(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
-  constexpr int64_t bb = 4 + kQBlock / 2;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  float mins0 = 0.f, mins1 = 0.f;
-  int64_t b = 0;
-  for (; b + 3 < nb; b += 4) {
-    prefetch(next + b * bb);
-    prefetch(next + b * bb + 64);
-    q4_pair(row + b * bb, x, b, acc0, mins0);
-    q4_pair(row + (b + 2) * bb, x, b + 2, acc1, mins1);
-  }
-  DotAcc tail = dot_zero();
-  for (; b < nb; ++b) qdot_block<kQ4>(row + b * bb, x, b, tail, mins0);
-  return (mins0 + mins1) + _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + dot_sum(tail, dot_zero());
-}
-#endif
-
-// dequantize(row) . dequantize(Q8(x)) in fp32 for one row of format FMT: even and odd blocks in
-// two chains of accumulators (a block's sums need not wait for the previous block's); prefetches
-// next, the row read after this one.
-template <int FMT>
-inline float qdot_fmt(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
-  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
-#if defined(TD_Q4_PAIRS)
-  if constexpr (FMT == kQ4) return qdot_q4_pairs(nb, row, next, x);
-#endif
-  DotAcc acc0 = dot_zero(), acc1 = dot_zero();
-  float mins0 = 0.f, mins1 = 0.f;
-  int64_t b = 0;
-  for (; b + 1 < nb; b += 2) {
-    prefetch(next + b * bb);
-    qdot_block<FMT>(row + b * bb, x, b, acc0, mins0);
-    qdot_block<FMT>(row + (b + 1) * bb, x, b + 1, acc1, mins1);
-  }
-  if (b < nb) qdot_block<FMT>(row + b * bb, x, b, acc0, mins0);
-  return (mins0 + mins1) + dot_sum(acc0, acc1);
-}
-
-inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QAct& x) {
-  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock;
-  return w.fmt == kQ8 ? qdot_fmt<kQ8>(nb, row, next, x) : qdot_fmt<kQ4>(nb, row, next, x);
-}
-
-constexpr int kGroup = 8;  // rows per pass of qaxpy over the accumulators
-
-// acc[0 : B * 32] += sum_{r < M} coef[r] * dequantize(rows[r]) for M <= kGroup rows of format FMT,
-// in fp32: one load and store of the accumulators per block for all M rows (a row at a time,
-// they would cost as much as the row's own bytes); prefetches next[r], the rows read after
-// these, where next is given.
-template <int FMT, int M>
-inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
-                        float* acc) {
-  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
-  for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
-    float mins = 0.f;  // int4: sum_r coef[r] * m_r, the same for the block's 32 values
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      const uint8_t* blk = rows[r] + b * bb;
-      if (next && b % 2 == 0) prefetch(next[r] + b * bb);
-      const __m512 dv = _mm512_set1_ps(coef[r] * half_at(blk));
-      __m128i lo, hi;
-      if constexpr (FMT == kQ8) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        lo = _mm256_castsi256_si128(q);
-        hi = _mm256_extracti128_si256(q, 1);
-        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), a0);
-        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), a1);
-      } else {
-        mins += coef[r] * half_at(blk + 2);
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)), mask = _mm_set1_epi8(15);
-        lo = _mm_and_si128(raw, mask);
-        hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), a0);
-        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), a1);
-      }
-    }
-    if constexpr (FMT == kQ4) {
-      a0 = _mm512_add_ps(a0, _mm512_set1_ps(mins));
-      a1 = _mm512_add_ps(a1, _mm512_set1_ps(mins));
-    }
-    _mm512_storeu_ps(acc, a0);
-    _mm512_storeu_ps(acc + 16, a1);
-#else
-    for (int r = 0; r < M; ++r) {
-      const uint8_t* blk = rows[r] + b * bb;
-      if (next && b % 2 == 0) prefetch(next[r] + b * bb);
-      const float d = coef[r] * half_at(blk);
-      if constexpr (FMT == kQ8) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-#pragma omp simd
-        for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
-      } else {
-        const float mm = coef[r] * half_at(blk + 2);
-        uint8_t q[kQBlock];
-        unpack_q4(blk + 4, q);
-#pragma omp simd
-        for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + mm;
-      }
-    }
-#endif
-  }
-}
-
-template <int FMT, int M = kGroup>
-inline void qaxpy_m(int m, int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
-                    float* acc) {
-  if constexpr (M > 0) {
-    if (m == M) return qaxpy_group<FMT, M>(nb, rows, coef, next, acc);
-    qaxpy_m<FMT, M - 1>(m, nb, rows, coef, next, acc);
-  }
-}
-
-// acc += sum_r coef[r] * dequantize(rows[r]) for m <= kGroup rows of w (see qaxpy_group).
-inline void qaxpy(const QW& w, const uint8_t* const rows[], const float coef[], int m, const uint8_t* const* next,
-                  float* acc) {
-  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock;
-  if (w.fmt == kQ8)
-    qaxpy_m<kQ8>(m, nb, rows, coef, next, acc);
-  else
-    qaxpy_m<kQ4>(m, nb, rows, coef, next, acc);
-}
-
-// acc += sum_j coef[j] * dequantize(rows[j]) over a list of rows of w, kGroup rows per pass,
-// each pass prefetching the next pass's rows.
-inline void qaxpy_list(const QW& w, const std::vector<const uint8_t*>& rows, const std::vector<float>& coef,
-                       float* acc) {
-  const int64_t k = static_cast<int64_t>(rows.size());
-  for (int64_t j = 0; j < k; j += kGroup) {
-    const int m = static_cast<int>(std::min<int64_t>(kGroup, k - j));
-    const uint8_t* next[kGroup];
-    for (int r = 0; r < kGroup; ++r) next[r] = rows[std::min(j + kGroup + r, k - 1)];
-    qaxpy(w, rows.data() + j, coef.data() + j, m, next, acc);
-  }
-}
 
 void check_qweight(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
   TORCH_CHECK(fmt == kQ8 || fmt == kQ4, fn, ": unknown block format ", fmt);
@@ -444,6 +154,40 @@ torch::Tensor q_dot(const torch::Tensor& w, int64_t fmt, int64_t cols, const tor
   return y;
 }
 
+// q_dot of several weights on one x (attention's q, k and v): x quantized once, the rows of all
+// the weights in one parallel region (one wake-up of the threads instead of one per weight).
+std::vector<torch::Tensor> q_matvecs(const std::vector<torch::Tensor>& ws, int64_t fmt, int64_t cols,
+                                     const torch::Tensor& x) {
+  check_act(x, cols, "x", "q_matvecs");
+  std::vector<const uint8_t*> rows;  // every row of every weight, in order
+  std::vector<int64_t> ends;         // where each weight's rows end in `rows`
+  int64_t row_bytes = 0;
+  for (const auto& w : ws) {
+    const QW qw = qw_of(w, fmt, cols, "q_matvecs");
+    for (int64_t i = 0; i < qw.rows; ++i) rows.push_back(qw.row(i));
+    ends.push_back(static_cast<int64_t>(rows.size()));
+    row_bytes = qw.row_bytes;
+  }
+  const QW shape{nullptr, 0, row_bytes, cols, static_cast<int>(fmt)};
+  const int64_t k = static_cast<int64_t>(rows.size());
+  std::vector<torch::Tensor> ys;
+  by_dtype(x, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    const QAct xa = quantize_act(ptr_of<T>(x), cols, shape.fmt);
+    std::vector<T> all(k);
+    const int threads = threads_for<uint8_t>(k * row_bytes);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < k; ++j) store(&all[j], qdot(shape, rows[j], rows[std::min(j + 1, k - 1)], xa));
+    for (size_t m = 0; m < ends.size(); ++m) {
+      const int64_t j0 = m ? ends[m - 1] : 0;
+      auto y = torch::empty({ends[m] - j0}, x.options());
+      std::copy(all.begin() + j0, all.begin() + ends[m], ptr_of<T>(y));
+      ys.push_back(y);
+    }
+  });
+  return ys;
+}
+
 torch::Tensor q_axpy(const torch::Tensor& wt, int64_t fmt, int64_t cols, const torch::Tensor& hv,
                      const std::optional<torch::Tensor>& idx) {
   const QW qw = qw_of(wt, fmt, cols, "q_axpy");
@@ -538,6 +282,8 @@ std::tuple<torch::Tensor, int64_t> q_predict(const torch::Tensor& fc1, int64_t f
 void register_quant_ops(pybind11::module& m) {
   m.def("q_dot", &q_dot, "see Kernels.rows_dot / matvec on a QWeight (reference.py)", py::arg("w"),
         py::arg("fmt"), py::arg("cols"), py::arg("x"), py::arg("idx") = py::none());
+  m.def("q_matvecs", &q_matvecs, "q_dot (matvec) of each of several QWeights on one x", py::arg("ws"),
+        py::arg("fmt"), py::arg("cols"), py::arg("x"));
   m.def("q_axpy", &q_axpy, "see Kernels.rows_axpy / vecmat on a QWeight (reference.py)", py::arg("wt"),
         py::arg("fmt"), py::arg("cols"), py::arg("h"), py::arg("idx") = py::none());
   m.def("q_ffn", &q_ffn, "see Kernels.ffn_dense / ffn_exact / up_down on QWeights (reference.py)", py::arg("wg"),
