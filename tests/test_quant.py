@@ -356,11 +356,13 @@ def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
         memory.check_fits(need[None], 16 * 10**9)
 
 
+@pytest.mark.parametrize("fmt", QUANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpp_quantized_attention_step_matches_torch(cpp_kernels, dtype):
+def test_cpp_quantized_attention_step_matches_torch(cpp_kernels, dtype, fmt):
+    """q, k and v in one q_matvecs call; h of 5 blocks: one group of int4 pairs and a tail block."""
     g = torch.Generator().manual_seed(4)
-    h, nh, nkv, hd, max_len = 64, 4, 2, 16, 8
-    wq, wk, wv, wo = (quantize(torch.randn(n, m, generator=g) / m**0.5, "int8") for n, m in
+    h, nh, nkv, hd, max_len = 160, 4, 2, 16, 8
+    wq, wk, wv, wo = (quantize(torch.randn(n, m, generator=g) / m**0.5, fmt) for n, m in
                       ((nh * hd, h), (nkv * hd, h), (nkv * hd, h), (h, nh * hd)))  # fmt: skip
     x, ln_w = torch.randn(h, generator=g).to(dtype), torch.rand(h, generator=g).to(dtype) + 0.5
     cos, sin = (torch.randn(max_len, hd, generator=g).to(dtype) for _ in range(2))
@@ -371,3 +373,15 @@ def test_cpp_quantized_attention_step_matches_torch(cpp_kernels, dtype):
         outs.append((kernels.attention_step(x, ln_w, 1e-5, wq, wk, wv, wo, kc, vc, cos, sin, 5, 1), kc, vc))
     for got, ref in zip(outs[0], outs[1]):
         torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_matvecs_match_one_matvec_each(cpp_kernels, dtype):
+    """One call for weights of one format; mixed formats fall back to one matvec each."""
+    ws = [qcase(n, 203, fmt, dtype, 1, seed=n)[0] for n, fmt in ((97, "int4"), (33, "int4"), (1, "int4"), (64, "int8"))]
+    x = qcase(1, 203, "int8", dtype, 1, seed=9)[1]
+    for group in (ws[:3], ws):
+        got = cpp_kernels.matvecs(group, x)
+        assert len(got) == len(group)
+        for y, w in zip(got, group):
+            torch.testing.assert_close(y, REF.matvec(w, x), **TOL[dtype])
