@@ -36,15 +36,16 @@ struct QW {
   const uint8_t* row(int64_t i) const { return data + i * row_bytes; }
 };
 
-// x quantized per block: q (B * 32,) int8, d (B,) the scales, s (B,) d * sum(q) (int4's min term).
-// With AVX-512 VNNI, for int4 weights (fmt), pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
-// b+1 16-31], the order of two int4 blocks' nibbles unpacked into one 512-bit register; ds: (d, s) per
-// block interleaved, the order of an int4 block's (d, m) header.
+// x quantized per block: q (B * 32,) int8 and ds (2B,) each block's scale d and s = d * sum(q)
+// (int4's min term), interleaved in the order of an int4 block's (d, m) header. With AVX-512 VNNI,
+// for int4 weights (fmt), pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
+// b+1 16-31], the order of two int4 blocks' nibbles unpacked into one 512-bit register.
 struct QAct {
   std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int8_t> pairs;
   std::vector<float> ds;
+  std::vector<int8_t> pairs;
+  float d(int64_t b) const { return ds[2 * b]; }
+  float s(int64_t b) const { return ds[2 * b + 1]; }
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -54,7 +55,7 @@ struct QAct {
 template <typename T>
 QAct quantize_act(const T* x, int64_t h, [[maybe_unused]] int fmt) {
   const int64_t nb = (h + kQBlock - 1) / kQBlock;
-  QAct a{std::vector<int8_t>(nb * kQBlock, 0), std::vector<float>(nb), std::vector<float>(nb)};
+  QAct a{std::vector<int8_t>(nb * kQBlock, 0), std::vector<float>(2 * nb)};
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t c0 = b * kQBlock, c1 = std::min(h, c0 + kQBlock);
     float amax = 0.f;
@@ -66,17 +67,12 @@ QAct quantize_act(const T* x, int64_t h, [[maybe_unused]] int fmt) {
       a.q[c] = static_cast<int8_t>(v);
       sum += a.q[c];
     }
-    a.d[b] = d;
-    a.s[b] = d * static_cast<float>(sum);
+    a.ds[2 * b] = d;
+    a.ds[2 * b + 1] = d * static_cast<float>(sum);
   }
 #if defined(TD_Q4_PAIRS)
   if (fmt != kQ4) return a;  // only int4 rows read the pairs
   a.pairs.assign(nb * kQBlock, 0);
-  a.ds.resize(2 * nb);
-  for (int64_t b = 0; b < nb; ++b) {
-    a.ds[2 * b] = a.d[b];
-    a.ds[2 * b + 1] = a.s[b];
-  }
   for (int64_t b = 0; b + 1 < nb; b += 2)
     for (int half = 0; half < 2; ++half)
       for (int j = 0; j < 16; ++j) {
@@ -124,7 +120,7 @@ inline float dot_sum(DotAcc a, DotAcc b) { return a + b; }
 // One block's dot product, added to acc (its scaled integer sum) and mins (int4's m_w d_x sum(q_x)).
 template <int FMT>
 inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc, float& mins) {
-  const float d = half_at(blk) * x.d[b];
+  const float d = half_at(blk) * x.d(b);
   const int8_t* xq = x.q.data() + b * kQBlock;
 #if defined(__AVX2__)
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
@@ -150,7 +146,7 @@ inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc
   }
   acc += d * static_cast<float>(isum);
 #endif
-  if constexpr (FMT == kQ4) mins += half_at(blk + 2) * x.s[b];
+  if constexpr (FMT == kQ4) mins += half_at(blk + 2) * x.s(b);
 }
 
 #if defined(TD_Q4_PAIRS)

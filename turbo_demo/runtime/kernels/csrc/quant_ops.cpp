@@ -160,31 +160,27 @@ torch::Tensor q_dot(const torch::Tensor& w, int64_t fmt, int64_t cols, const tor
 std::vector<torch::Tensor> q_matvecs(const std::vector<torch::Tensor>& ws, int64_t fmt, int64_t cols,
                                      const torch::Tensor& x) {
   check_act(x, cols, "x", "q_matvecs");
-  std::vector<const uint8_t*> rows;  // every row of every weight, in order
-  std::vector<int64_t> ends;         // where each weight's rows end in `rows`
-  int64_t row_bytes = 0;
-  for (const auto& w : ws) {
-    const QW qw = qw_of(w, fmt, cols, "q_matvecs");
-    for (int64_t i = 0; i < qw.rows; ++i) rows.push_back(qw.row(i));
-    ends.push_back(static_cast<int64_t>(rows.size()));
-    row_bytes = qw.row_bytes;
-  }
-  const QW shape{nullptr, 0, row_bytes, cols, static_cast<int>(fmt)};
-  const int64_t k = static_cast<int64_t>(rows.size());
+  std::vector<QW> qws;  // one format and width (qw_of checks each), so qws[0] describes every row
   std::vector<torch::Tensor> ys;
+  for (const auto& w : ws) {
+    qws.push_back(qw_of(w, fmt, cols, "q_matvecs"));
+    ys.push_back(torch::empty({qws.back().rows}, x.options()));
+  }
+  if (qws.empty()) return ys;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    const QAct xa = quantize_act(ptr_of<T>(x), cols, shape.fmt);
-    std::vector<T> all(k);
-    const int threads = threads_for<uint8_t>(k * row_bytes);
+    std::vector<const uint8_t*> rows;  // every row of every weight, in order, and where its result goes
+    std::vector<T*> outs;
+    for (size_t m = 0; m < qws.size(); ++m)
+      for (int64_t i = 0; i < qws[m].rows; ++i) {
+        rows.push_back(qws[m].row(i));
+        outs.push_back(ptr_of<T>(ys[m]) + i);
+      }
+    const QAct xa = quantize_act(ptr_of<T>(x), cols, qws[0].fmt);
+    const int64_t k = static_cast<int64_t>(rows.size());
+    const int threads = threads_for<uint8_t>(k * qws[0].row_bytes);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t j = 0; j < k; ++j) store(&all[j], qdot(shape, rows[j], rows[std::min(j + 1, k - 1)], xa));
-    for (size_t m = 0; m < ends.size(); ++m) {
-      const int64_t j0 = m ? ends[m - 1] : 0;
-      auto y = torch::empty({ends[m] - j0}, x.options());
-      std::copy(all.begin() + j0, all.begin() + ends[m], ptr_of<T>(y));
-      ys.push_back(y);
-    }
+    for (int64_t j = 0; j < k; ++j) store(outs[j], qdot(qws[0], rows[j], rows[std::min(j + 1, k - 1)], xa));
   });
   return ys;
 }
