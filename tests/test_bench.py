@@ -26,6 +26,7 @@ def tiny_settings(embedded) -> Settings:
         rank=8,
         stack=TINY_STACK,
         stack_layers=1,
+        stack_ranks=(8,),
         stack_tokens=2,
         embedded=embedded,
         embedded_tokens=3,
@@ -43,7 +44,7 @@ def positive(v) -> bool:
 def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     result = run_bench(tiny_settings(tiny_dirs["drelu"]), backend=backend, progress=False)
     assert json.loads(json.dumps(result)) == result
-    assert set(result) == {"machine", "ffn", "moe", "e2e", "notes"}
+    assert set(result) == {"machine", "ffn", "moe", "e2e", "prefill", "request", "notes"}
     machine = result["machine"]
     assert set(machine) == {"cpu", "threads", "torch", "backend", "dtype", "read_gbps", "read_method"}
     assert machine["backend"] in ("cpp", "torch") and positive(machine["read_gbps"])
@@ -90,7 +91,9 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
             "bandwidth_share",
             "speedup_vs_dense",
             "stats_share",
+            "predictor_ranks",
         }
+        assert e["predictor_ranks"] == ([8] if (e["model"], e["engine"]) == ("7b-shape", "predictor") else None)
         assert all(positive(e[k]) for k in ("tokens_per_s", "bandwidth_share", "speedup_vs_dense"))
         assert (e["sparsity"] is None) == (e["engine"] == "transformers")
         assert (e["stats_share"] is None) == (e["engine"] == "transformers")
@@ -102,6 +105,18 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     bf16, int8 = (by_engine["7b-shape", q, "dense"]["bytes_per_token"] for q in (None, "int8"))
     assert int8 == pytest.approx(bf16 * 34 / 64, rel=0.01)
     assert "FFN step" in format_table(result) and "embedded-drelu" in format_table(result)
+    # the prompt phases: each (mode, quant) of the 7b-shape stack, no peers (not asked for)
+    keys = {(e["engine"], e["quant"]) for e in result["request"]}
+    assert keys == {(mode, quant) for mode in ("dense", "predictor") for quant in (None, "int8")}
+    assert {(e["engine"], e["quant"], e["prompt_tokens"]) for e in result["prefill"]} == {
+        (*key, n) for key in keys for n in (32, 512)
+    }
+    for e in result["prefill"]:
+        assert e["tokens_per_s"] == pytest.approx(e["prompt_tokens"] / e["seconds"])
+        assert e["vs_llama_cpp"] is None and positive(e["vs_decode"])
+    for e in result["request"]:
+        assert 0 < e["ttft_s"] < e["total_s"] and positive(e["decode_tokens_per_s"])
+    assert "Prefill" in format_table(result) and "Request" in format_table(result)
 
 
 def test_missing_checkpoint_is_a_note(tmp_path):
@@ -182,3 +197,34 @@ def test_peers_decode_and_read_what_their_formats_store(tmp_path):
     assert size["llama.cpp", "q4_0"] < size["llama.cpp", "q8_0"]
     assert size["transformers+torchao", "int8"] == pytest.approx(weights, rel=0.1)
     assert any("int4 skipped" in n for n in notes)
+
+
+def test_phase_rows_arithmetic_from_crafted_timings(monkeypatch):
+    """The prefill and request rows' derived numbers, from timings chosen here: tokens/s, the
+    ratio to llama.cpp at the same precision and to the same engine's decode rate."""
+    from turbo_demo.bench import phases
+    from turbo_demo.bench.peers import Peer
+
+    packed = pack(tiny_model("drelu"))
+    peer = Peer(run=lambda: None, bytes_per_token=1, llama_cpp=object())  # never called: timings are crafted
+    crafted = {
+        "request": {("dense", None): (0.5, 6.8), ("llama.cpp", None): (0.25, 2.35)},
+        32: {("dense", None): (0.4,), ("llama.cpp", None): (0.8,)},
+        512: {("dense", None): (2.0,), ("llama.cpp", None): (5.0,)},
+    }
+    calls = iter(crafted.values())
+    monkeypatch.setattr(phases, "timed_rounds", lambda fns, rounds, bar: next(calls))
+    rows = phases.bench_phases(
+        "tiny", {None: packed}, {"dense": {}}, None, Settings(), Kernels(), False, {("llama.cpp", "f16"): peer}
+    )
+    request = {r["engine"]: r for r in rows if r["phase"] == "request"}
+    assert request["dense"]["decode_tokens_per_s"] == pytest.approx(63 / 6.3)  # 63 tokens after the first
+    assert request["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(63 / 2.1)
+    assert request["dense"]["ttft_s"] == 0.5 and request["dense"]["total_s"] == 6.8
+    prefill = {(r["engine"], r["prompt_tokens"]): r for r in rows if r["phase"] == "prefill"}
+    assert prefill["dense", 32]["tokens_per_s"] == pytest.approx(80.0)
+    assert prefill["dense", 32]["vs_llama_cpp"] == pytest.approx(2.0)
+    assert prefill["dense", 512]["vs_llama_cpp"] == pytest.approx(2.5)
+    assert prefill["dense", 512]["vs_decode"] == pytest.approx(256 / 10)
+    assert prefill["llama.cpp", 512]["vs_llama_cpp"] is None
+    assert prefill["llama.cpp", 512]["peer_type"] == "f16" and prefill["dense", 512]["peer_type"] is None

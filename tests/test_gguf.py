@@ -12,7 +12,7 @@ import torch
 
 from conftest import SHIPPED, TINY
 from turbo_demo.bench.e2e import other_bytes
-from turbo_demo.bench.peers import gguf_step_bytes, llama_cpp_decoder
+from turbo_demo.bench.peers import LlamaCpp, gguf_step_bytes
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import load_model
@@ -195,4 +195,4 @@ def test_llama_cpp_runs_the_f16_file_as_transformers_runs_the_checkpoint(tmp_pat
     # greedy decoding, through the bench's llama.cpp decoder: the prefix that transformers
     # generates before it stops at the end-of-text token
     hf = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
-    assert llama_cpp_decoder(tmp_path / "m.gguf", ids, 12, threads=torch.get_num_threads())()[: len(hf)] == hf
+    assert LlamaCpp(tmp_path / "m.gguf", torch.get_num_threads(), 128).generate(ids, 12)[: len(hf)] == hf

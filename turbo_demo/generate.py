@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 from turbo_demo.errors import UserError
 
@@ -73,7 +74,9 @@ def generate(args) -> None:
             print(f"note: {note}: greedy decoding is used instead", file=sys.stderr)
         if args.show_prompt:
             print(rendered, file=sys.stderr)
+    runtime.warm_up()  # untimed, before the first token's clock starts
     steps, ids, shown = [], [], ""
+    start, first_token_s = time.perf_counter(), None
     for stats in runtime.generate(
         prompt_ids,
         max_new,
@@ -84,6 +87,7 @@ def generate(args) -> None:
         vocab=generation.vocab,
         audit=args.audit,
     ):
+        first_token_s = first_token_s or time.perf_counter() - start
         steps.append(stats)
         ids.append(stats.token)
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -93,7 +97,8 @@ def generate(args) -> None:
     seconds = sum(s.time_s for s in steps)
     if not args.json:
         print(
-            f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, mode {args.mode}, "
+            f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, first token {first_token_s:.2f} s "
+            f"(prefill {runtime.prefill_s:.2f} s), mode {args.mode}, "
             f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}"
             f"{f', {quant} weights' if quant else ''}]",
             file=sys.stderr,
@@ -119,6 +124,10 @@ def generate(args) -> None:
                 "token_ids": ids,
                 "text": shown,
                 "tokens_per_s": len(ids) / seconds,
+                # the prompt but its last token, and the call's start to its first new token
+                "prefill_s": runtime.prefill_s,
+                "first_token_s": first_token_s,
+                "warm_up_s": runtime.warm_up_s,
                 "steps": [s.to_dict() for s in steps],
                 "firing_counts": runtime.firing_counts(),
             }

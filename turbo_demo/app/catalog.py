@@ -2,26 +2,29 @@
 in public mode only the embedded ones and an allow-list.
 
 A `ModelStore` loads each model once, packs the runtime's weights for it once, and shares both
-read-only between runs and visitors; every run builds its own runtime (KV cache, FFN modes,
-firing counts) on top of them. The same model on both sides, in two modes, is one copy of the
+read-only between runs and visitors. Each loaded model keeps its warm runtimes (KV cache, FFN
+modes, firing counts: app/pool.py), built and warmed once per mode, options and kernels and
+lent to one run at a time. The same model on both sides, in two modes, is one copy of the
 weights. The store keeps what it holds within a memory budget, evicting the least recently used
-model, and refuses a model that cannot fit before loading any of it.
+model (its warm runtimes with it), and refuses a model that cannot fit before loading any of it.
 """
 
 import gc
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from turbo_demo.app.pool import RuntimePool
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
 from turbo_demo.model.generation import Generation, read_generation
 from turbo_demo.model.hub import fetch, is_hub_id
-from turbo_demo.model.memory import BUDGET_ENV, check_fits, default_budget, estimate
+from turbo_demo.model.memory import BUDGET_ENV, Estimate, check_fits, default_budget, estimate
 from turbo_demo.model.quantized import check_quant, load_quantized, stored_config, stored_quant
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
@@ -106,6 +109,11 @@ class LoadedModel:
     tokenizer: Any
     generation: Generation
     identity: tuple = ()
+    runtime_bytes: int = 0  # what one runtime holds beyond the pack (its KV cache, estimated)
+    runtimes: RuntimePool = field(init=False, repr=False, compare=False)  # its warm runtimes
+
+    def __post_init__(self):
+        self.runtimes = RuntimePool(self.packed, self.runtime_bytes)
 
     @property
     def model(self):
@@ -124,9 +132,10 @@ class ModelStore:
     models within a memory budget (bytes; None: memory.default_budget) and evicting the least
     recently used.
 
-    Eviction drops the store's reference only: a run still using an evicted model keeps its pack
-    (model and copies) alive (Python refcounts), so the pack still counts against the budget,
-    and asking for the model again wraps that same pack instead of loading a second copy.
+    Eviction drops the store's reference and the model's idle warm runtimes: a run still using
+    an evicted model keeps its pack (model and copies) alive (Python refcounts), so the pack
+    still counts against the budget, and asking for the model again wraps that same pack (with
+    a new, empty pool of runtimes) instead of loading a second copy.
     """
 
     def __init__(self, budget: int | None = None, allowed: tuple[str, ...] | None = None):
@@ -138,12 +147,14 @@ class ModelStore:
         # every pack loaded here and still referenced, by (real path, quantization, identity): a
         # directory replaced on disk is another model
         self._packs: weakref.WeakValueDictionary[tuple, PackedModel] = weakref.WeakValueDictionary()
-        self._sizes: dict[tuple, int] = {}  # estimated bytes of each pack in _packs
+        self._sizes: dict[tuple, Estimate] = {}  # the estimate of each pack in _packs
         self._lock = threading.Lock()
 
     def used(self) -> int:
-        """Estimated bytes of every pack loaded here and still referenced, held or not."""
-        return sum(self._sizes[key] for key in list(self._packs))  # a copy: frees remove entries
+        """Estimated bytes of every pack loaded here and still referenced, held or not (each
+        estimate counts one runtime), and of the held models' further idle warm runtimes."""
+        packs = sum(self._sizes[key].total for key in list(self._packs))  # a copy: frees remove entries
+        return packs + sum(loaded.runtimes.extra_bytes for loaded in list(self._held.values()))
 
     def get(
         self, name_or_path: str, on_load: Callable[[str], None] | None = None, quant: str | None = None
@@ -151,24 +162,40 @@ class ModelStore:
         """The loaded model, its matrices quantized at load in `quant` ("int8", "int4"; None: as
         stored, a `quantize` checkpoint's blocks included); on_load(message), when given, hears
         before a load starts."""
+        return self.load(name_or_path, on_load, quant)[0]
+
+    def load(
+        self, name_or_path: str, on_load: Callable[[str], None] | None = None, quant: str | None = None
+    ) -> tuple[LoadedModel, float]:
+        """As `get`, and the seconds this call spent loading the model or waiting for another
+        call's load of it: 0.0 where the store held it and no load was under way."""
+        start = time.perf_counter()
         if quant is not None:
             check_quant(quant)  # before anything is read: a menu or API value from outside
         path = resolve(name_or_path, self.allowed, on_load).resolve()  # aliases share one entry
         quant = quant or stored_quant(path)
-        with self._lock:
+        waited = not self._lock.acquire(blocking=False)  # another call holds it: a load, maybe
+        if waited:
+            self._lock.acquire()
+        try:
             now = identity(path)
             loaded = self._held.get((path, quant))
             if loaded is not None and loaded.identity != now:  # replaced on disk: load it afresh
                 del self._held[path, quant]
+                loaded.runtimes.close()
                 loaded = None
             if loaded is None:
                 packed = self._packs.get((path, quant, now)) or self._load(name_or_path, path, now, on_load, quant)
                 tokenizer = load_tokenizer(path)
                 generation = read_generation(path, packed.model.config, tokenizer)
-                loaded = LoadedModel(name_or_path, path, packed, tokenizer, generation, now)
+                kv = self._sizes[path, quant, now].kv_cache
+                loaded = LoadedModel(name_or_path, path, packed, tokenizer, generation, now, kv)
+                waited = True  # this call read it from disk (or wrapped a pack a run still held)
             self._held[path, quant] = loaded
             self._held.move_to_end((path, quant))
-            return loaded
+        finally:
+            self._lock.release()
+        return loaded, (time.perf_counter() - start) if waited else 0.0
 
     def _load(self, name_or_path: str, path: Path, ident: tuple, on_load, quant: str | None = None) -> PackedModel:
         """Evict until the model fits, then load and pack it; a UserError when it cannot fit."""
@@ -177,12 +204,12 @@ class ModelStore:
         need = estimate(path, None, config, None if stored else quant)
         check_fits(need, self.budget, f"is the model store's budget ({BUDGET_ENV} sets it, in GB)")
         while self._held and self.used() + need.total > self.budget:
-            self._held.popitem(last=False)
+            self._held.popitem(last=False)[1].runtimes.close()
             gc.collect()  # a model's reference cycles would otherwise keep it (and its bytes) a while
         check_fits(need, self.budget - self.used(), "are free in the model store's budget: runs still use the rest")
         if on_load is not None:
             on_load(f"Loading {name_or_path}…")
         packed = load_quantized(path, quant, need.dtype) if quant else pack(load_model(path, need.dtype))
-        self._sizes = {k: self._sizes[k] for k in list(self._packs)} | {(path, quant, ident): need.total}
+        self._sizes = {k: self._sizes[k] for k in list(self._packs)} | {(path, quant, ident): need}
         self._packs[path, quant, ident] = packed  # (freed ones left _sizes above)
         return packed

@@ -4,7 +4,8 @@ Fairness: the two generators are stepped alternately (as FastChat's arena does),
 one model computes at any time and each step is timed alone inside its runtime. A side that
 fails (unknown model, broken directory, unsupported mode) records its error and the other side
 goes on. A shared threading.Event stops both within one step. Models load inside the engine
-(once per store), telling `on_progress(message)`; the kernels are the ones chosen at start.
+(once per store), telling `on_progress(message)`; the kernels are the ones chosen at start. Each
+side borrows a warm runtime from its model's pool (app/pool.py) and times each phase it waits for.
 """
 
 import math
@@ -21,7 +22,7 @@ from turbo_demo.app.public import LOCAL, Policy
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.model.generation import encode_prompt
-from turbo_demo.runtime import Kernels, open_runtime
+from turbo_demo.runtime import Kernels
 from turbo_demo.runtime.calibration import threshold_options
 from turbo_demo.runtime.moe import moe_shape
 from turbo_demo.runtime.stats import StepStats, pack_codes
@@ -102,8 +103,11 @@ class SideRecord:
     error: str = ""
     # per layer and neuron: in how many decode steps it fired (the runtime's own counts)
     firing_counts: list[list[int]] = field(default_factory=list)
-    # from the call of the runtime's generate (warmed up before) to its first token: the
-    # prefill and the first step, as a visitor waits for it; None until a token came
+    # the phases a visitor waits for: load (0.0: the store held the model), warm-up (0.0: a warm
+    # runtime was idle), prefill (the prompt but its last token), first token (from generate's call)
+    load_s: float = 0.0
+    warm_up_s: float = 0.0
+    prefill_s: float | None = None
     first_token_s: float | None = None
     # the token inspector's: each token's text piece, and each step's neuron codes packed
     # (stats.pack_codes, map_shape = (layers, neurons)) up to MAX_MAP_BYTES per side
@@ -150,6 +154,9 @@ class SideRecord:
             "tokens": len(self.token_ids),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "mean_tokens_per_s": round(self.mean_tokens_per_s, 2),
+            "load_s": round(self.load_s, 4),
+            "warm_up_s": round(self.warm_up_s, 4),
+            "prefill_s": None if self.prefill_s is None else round(self.prefill_s, 4),
             "first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
             "mean_sparsity": None if self.mean_sparsity is None else round(self.mean_sparsity, 4),
             "peak_rss_mb": round(self.peak_rss / 2**20, 1),
@@ -196,9 +203,9 @@ def side_steps(
     on_progress: Callable[[str], None] | None,
     policy: Policy,
 ) -> Iterator[None]:
-    """Run one side, updating `record` in place; yields once per generated token."""
+    """Run one side on a runtime lent by its model's pool, updating `record` in place; yields once per token."""
     try:
-        loaded = store.get(record.model, on_progress, record.quant)
+        loaded, record.load_s = store.load(record.model, on_progress, record.quant)
         record.quant = loaded.packed.quant
         if stop.is_set():  # stopped while the model loaded
             return
@@ -208,45 +215,45 @@ def side_steps(
                 on_progress(f"Calibrating {record.model}'s thresholds for {settings.sparsity:.0%} sparsity…")
             context = getattr(loaded.model.config, "max_position_embeddings", 512)
             options = threshold_options(loaded.packed, loaded.tokenizer, settings.sparsity, context)
-        runtime = open_runtime(loaded.packed, record.mode, kernels, options)
-        record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
-        record.moe = moe_shape(loaded.packed)
-        record.dtype = dtype_name(loaded.model.dtype)
-        ids, record.rendered_prompt = encode_prompt(loaded.tokenizer, prompt, settings.system, settings.chat)
-        if not ids:
-            raise UserError("the prompt gives no tokens for this model's tokenizer")
-        record.prompt_ids, truncated = fit_prompt(ids, runtime.max_len, settings.max_new_tokens)
-        add_notice(record, truncated)
-        for note in loaded.generation.notes:
-            add_notice(record, f"{note}: the app uses the Temperature slider")
-        process = psutil.Process()
-        runtime.warm_up()  # untimed, and before the first token's clock starts
-        started = time.perf_counter()
-        for stats in runtime.generate(
-            record.prompt_ids,
-            settings.max_new_tokens,
-            settings.temperature,
-            settings.top_p,
-            settings.seed,
-            stop=stop,
-            stop_ids=loaded.generation.stop_ids,
-            vocab=loaded.generation.vocab,
-            audit=settings.audit,
-            codes=True,
-        ):
-            if record.first_token_s is None:
-                record.first_token_s = time.perf_counter() - started
-            record.steps.append(stats)
-            record.token_ids.append(stats.token)
-            keep_codes(record, stats)
-            text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
-            # a token that completes a character replaces the "\ufffd" its first bytes decoded to
-            kept = record.text if text.startswith(record.text) else record.text.rstrip("\ufffd")
-            record.pieces.append(text[len(kept) :])
-            record.text = text
-            record.peak_rss = max(record.peak_rss, process.memory_info().rss)
-            yield
-        record.firing_counts = runtime.firing_counts()
+        with loaded.runtimes.checkout(record.mode, kernels, options) as lease:
+            runtime, record.warm_up_s = lease.runtime, lease.warm_up_s  # warmed before any clock starts
+            record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
+            record.moe, record.dtype = moe_shape(loaded.packed), dtype_name(loaded.model.dtype)
+            ids, record.rendered_prompt = encode_prompt(loaded.tokenizer, prompt, settings.system, settings.chat)
+            if not ids:
+                raise UserError("the prompt gives no tokens for this model's tokenizer")
+            record.prompt_ids, truncated = fit_prompt(ids, runtime.max_len, settings.max_new_tokens)
+            add_notice(record, truncated)
+            for note in loaded.generation.notes:
+                add_notice(record, f"{note}: the app uses the Temperature slider")
+            process = psutil.Process()
+            started = time.perf_counter()
+            for stats in runtime.generate(
+                record.prompt_ids,
+                settings.max_new_tokens,
+                settings.temperature,
+                settings.top_p,
+                settings.seed,
+                stop=stop,
+                stop_ids=loaded.generation.stop_ids,
+                vocab=loaded.generation.vocab,
+                audit=settings.audit,
+                codes=True,
+            ):
+                if record.first_token_s is None:
+                    record.first_token_s = time.perf_counter() - started
+                    record.prefill_s = runtime.prefill_s
+                record.steps.append(stats)
+                record.token_ids.append(stats.token)
+                keep_codes(record, stats)
+                text = loaded.tokenizer.decode(record.token_ids, skip_special_tokens=True)
+                # a token that completes a character replaces the "\ufffd" its first bytes decoded to
+                kept = record.text if text.startswith(record.text) else record.text.rstrip("\ufffd")
+                record.pieces.append(text[len(kept) :])
+                record.text = text
+                record.peak_rss = max(record.peak_rss, process.memory_info().rss)
+                yield
+            record.firing_counts = runtime.firing_counts()
     except Exception as exc:  # one side's failure must never take the other side down
         record.error = policy.error_line(exc, record.model)
 

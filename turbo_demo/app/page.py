@@ -8,6 +8,7 @@ from dataclasses import replace
 from threading import Event
 
 import gradio as gr
+import torch
 
 from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
@@ -24,13 +25,16 @@ UPDATES_PER_SECOND = 4
 CONCURRENT_HANDLERS = 16
 
 
-def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL) -> gr.Blocks:
+def build_demo(
+    store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL, threads: int | None = None
+) -> gr.Blocks:
     """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference),
-    within `policy`'s limits (default: local, any model path)."""
+    within `policy`'s limits (default: local, any model path); `threads`: the decode threads
+    chosen at start, which the headline shows (default: torch's current count)."""
     store = store or ModelStore(allowed=policy.allowed)
     if store.allowed != policy.allowed:  # the store, not the menus, is what keeps other paths out
         raise ValueError(f"the model store's allow-list {store.allowed} is not the policy's {policy.allowed}")
-    kernels = kernels or Kernels()
+    kernels, threads = kernels or Kernels(), threads or torch.get_num_threads()
     queue = RunQueue(policy.runs_per_client)
     names = embedded_names() + list(policy.allowed or ())
 
@@ -219,7 +223,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 for _ in rounds:
                     if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                         last = time.monotonic()
-                        yield {**show_compare(views.compare_view(left, right), "Generating…"), **live_talk(left, right)}
+                        view = views.compare_view(left, right, threads)
+                        yield {**show_compare(view, "Generating…"), **live_talk(left, right)}
             except UserError as exc:
                 yield {run_status: f"⚠️ {exc}"}
                 return
@@ -228,7 +233,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             done = "Stopped." if stop.is_set() else "Done."
             state["last"] = teaching.last_run(left, right)  # the Why dReLU tab's (gate, up) pairs
             neurons = views.neurons_view(left, right, teaching.run_histograms(store, left, right))
-            view = views.compare_view(left, right)
+            view = views.compare_view(left, right, threads)
             figures = {"heatmap-left": view.left_heatmap, "heatmap-right": view.right_heatmap, "speed": view.speed}
             link = export.share_query(prompt, left.key, right.key, settings, (left.quant, right.quant))
             kept = {

@@ -26,15 +26,19 @@ def side_label(rec: SideRecord) -> str:
 
 
 def side_markdown(rec: SideRecord) -> str:
-    """One pane's status line: what runs, how fast, how sparse, and any notice or error."""
+    """One pane's status line: what runs, where its visitor's time went (load, warm-up, prefill,
+    first token, then decode speed), how sparse, and any notice or error."""
     if rec.error:
         return f"**{side_label(rec)}**: ⚠️ {rec.error}"
     weights = f"{rec.quant} weights, {rec.dtype} activations" if rec.quant else rec.dtype
     parts = [f"**{side_label(rec)}**" + (f" ({rec.engine} engine, {weights})" if rec.engine else "")]
     if rec.steps:
-        parts.append(f"{rec.tokens_per_s:,.1f} tokens/s (median step)")
+        parts += [f"load {fmt_seconds(rec.load_s)}", f"warm-up {fmt_seconds(rec.warm_up_s)}"]
+        if rec.prefill_s is not None:
+            parts.append(f"prefill {fmt_seconds(rec.prefill_s)}")
         if rec.first_token_s is not None:
             parts.append(f"first token {fmt_seconds(rec.first_token_s)}")
+        parts.append(f"{rec.tokens_per_s:,.1f} tokens/s (median step)")
         if rec.mean_sparsity is not None:
             parts.append(f"FFN sparsity {rec.mean_sparsity:.1%}")
         routed = mean_routed(rec)
@@ -47,9 +51,10 @@ def side_markdown(rec: SideRecord) -> str:
     return " · ".join(parts)
 
 
-def headline(left: SideRecord, right: SideRecord) -> str:
-    """The numbers above the plots: tokens/s each (1 / median step), speed-up, time to first
-    token (prefill included, apart from the speed), mean sparsity, peak RSS."""
+def headline(left: SideRecord, right: SideRecord, threads: int | None = None) -> str:
+    """The numbers above the plots: tokens/s each (1 / median step), speed-up (decode against
+    decode), time to first token (prefill included, apart from the speed), mean sparsity, peak
+    RSS, and the decode threads the process runs with (`threads`, where given)."""
     ratio = speedup(left, right)
     peak = max(left.peak_rss, right.peak_rss) / MB
     cells = [
@@ -60,6 +65,8 @@ def headline(left: SideRecord, right: SideRecord) -> str:
         f"**Sparsity** {fmt_share(left.mean_sparsity)} vs {fmt_share(right.mean_sparsity)}",
         f"**Peak RSS** {peak:,.0f} MB" if peak else "**Peak RSS** –",
     ]
+    if threads:
+        cells.append(f"**Threads** {threads} decode thread{'s' if threads > 1 else ''}")
     return " &nbsp;|&nbsp; ".join(cells)
 
 
@@ -70,6 +77,8 @@ def fmt_share(value: float | None) -> str:
 def fmt_seconds(value: float | None) -> str:
     if value is None:
         return "–"
+    if value == 0:  # a phase this request did not wait for (a model held, a runtime warm)
+        return "0 s"
     return f"{value * 1000:,.1f} ms" if value < 1 else f"{value:,.2f} s"
 
 
@@ -114,8 +123,9 @@ def mean_routed(rec: SideRecord) -> float | None:
     return sum(routed) / len(routed) if routed else None
 
 
-def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
-    """Texts, status lines, headline and figures for the Compare tab, from the two records."""
+def compare_view(left: SideRecord, right: SideRecord, threads: int | None = None) -> CompareView:
+    """Texts, status lines, headline and figures for the Compare tab, from the two records and
+    the process's decode threads (the headline says them, where given)."""
     sides = {side_label(r): r for r in (left, right)}
     ffn_read = {}
     for label, rec in (("left", left), ("right", right)):
@@ -135,7 +145,7 @@ def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
         right_prompt=right.rendered_prompt,
         left_status=side_markdown(left),
         right_status=side_markdown(right),
-        headline=headline(left, right),
+        headline=headline(left, right, threads),
         left_heatmap=plots.activity_heatmap(
             [s.active_share for s in left.steps], f"Active FFN neurons: {side_label(left)}", "heat-left"
         ),

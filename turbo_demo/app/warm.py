@@ -3,7 +3,9 @@
 `warm_up(store, kernels)` loads and packs the default models (the store keeps them), then runs
 one short compare and the Neurons tab's dense forward on them, untimed and thrown away: the
 process's first calls (thread pools, GEMM kernels, tokenizers, the allocator's first blocks,
-the weights' first reads) happen here rather than in the first Generate.
+the weights' first reads) happen here rather than in the first Generate. The compare's two
+runtimes, warm, stay in their models' pools (app/pool.py): the page's default compare borrows
+them, so that its first visitor's load and warm-up read 0 s.
 """
 
 from threading import Event

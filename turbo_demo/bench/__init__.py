@@ -22,6 +22,10 @@
              seconds per token, for the lean engines, whose statistics are always on
              and, with Settings.peers, the peers on the same weights (bench/peers.py):
              llama.cpp at f16, q8_0 and q4_0, and transformers+torchao at int8 and int4
+    prefill  tokens/s of a prompt's prefill (32 and 512 tokens) per mode and precision on the
+             7b-shape stack, beside llama.cpp's at the same precision (bench/phases.py)
+    request  a 32-token prompt and 64 new tokens: time to the first token, decode tokens/s and
+             the total, ours and llama.cpp's (bench/phases.py)
 
 Fairness. Every number is a median over rounds in which the compared variants take turns, in an
 order that rotates each round, so that a slow spell of the machine hits them alike. Caches do
@@ -77,10 +81,18 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         ffn = bench_ffn(s, kernels, buf, progress)
         moe = bench_moe(s, kernels, buf, gbps, progress)
         del buf
-        e2e = bench_e2e(s, kernels, gbps, notes, progress)
+        e2e, phases = bench_e2e(s, kernels, gbps, notes, progress)
     notes.append(
         f"moe: {s.moe_layers} MoE layer(s) per step, each of {s.moe_experts} experts of "
         f"{s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
         f"{s.moe_top_k}, random weights, {s.moe_sparsity:.0%} in-expert sparsity, predictor rank {s.rank} per expert"
     )
-    return {"machine": machine, "ffn": ffn, "moe": moe, "e2e": e2e, "notes": notes}
+    return {
+        "machine": machine,
+        "ffn": ffn,
+        "moe": moe,
+        "e2e": e2e,
+        "prefill": [r for r in phases if r["phase"] == "prefill"],
+        "request": [r for r in phases if r["phase"] == "request"],
+        "notes": notes,
+    }

@@ -36,9 +36,10 @@ class Settings:
     sparsities: tuple = (0.5, 0.8, 0.9, 0.95, 0.97)
     ffn_rounds: int = 9
     working_set: int = 768 << 20  # bytes of FFN weights cycled through: more than the caches hold
-    rank: int = 256  # predictor rank, FFN and 7b-shape stack alike
+    rank: int = 256  # predictor rank of the FFN rows (the 7b-shape stack has the published ranks)
     stack: dict = field(default_factory=lambda: dict(MISTRAL_7B))
     stack_layers: int = 8
+    stack_ranks: tuple | None = None  # the stack's predictor rank per layer (None: published_ranks)
     stack_budget: float = 0.1  # the 7b-shape predictor computes this share of neurons
     stack_tokens: int = 6
     embedded: Path | None = EMBEDDED
@@ -52,6 +53,14 @@ class Settings:
     moe_top_k: int = 2
     moe_sparsity: float = 0.85
     moe_layers: int = 3  # the stack one MoE step runs through (2.8 GB of bf16 experts each at Mixtral's shape)
+
+
+def published_ranks(layers: int) -> list[int]:
+    """Per-layer predictor ranks in TurboSparse-Mistral-7B's published range: 1536 at layer 0
+    falling linearly to 1024 at the last of 32 layers (mean 1280; the published checkpoint's
+    parameter count gives a mean of about 1.27k, its tensor shapes the rest), sampled evenly
+    for a stack of fewer layers, in multiples of 32."""
+    return [round((1536 - 512 * (32 * i // layers) / 31) / 32) * 32 for i in range(layers)]
 
 
 def settings_for(

@@ -11,8 +11,9 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from turbo_demo.bench.common import Settings, randomize_, round_robin, timed
-from turbo_demo.bench.peers import Peer, all_peers
+from turbo_demo.bench.common import Settings, published_ranks, randomize_, round_robin, timed
+from turbo_demo.bench.peers import LLAMA_CPP_CONTEXT, Peer, all_peers
+from turbo_demo.bench.phases import bench_phases
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, load_model
 from turbo_demo.runtime import LeanRuntime, PackedModel, pack
@@ -25,12 +26,13 @@ PROMPT = [1]  # one token, so that every engine decodes every new token with a o
 
 
 def random_stack(s: Settings) -> BambooForCausalLM:
-    """The 7b-shape model: Mistral-7B's layer shapes, `stack_layers` layers, random weights."""
+    """The 7b-shape model: Mistral-7B's layer shapes, `stack_layers` layers at the published
+    predictor ranks, random weights."""
     config = BambooConfig(
         **s.stack,
         num_hidden_layers=s.stack_layers,
-        predictor_rank=s.rank,
-        max_position_embeddings=256,
+        predictor_rank=list(s.stack_ranks or published_ranks(s.stack_layers)),
+        max_position_embeddings=LLAMA_CPP_CONTEXT,
         sliding_window=None,
         tie_word_embeddings=False,
     )
@@ -73,13 +75,15 @@ def bench_model(
     progress: bool,
     quants: tuple = (),
     peers: dict[tuple, Peer] | None = None,
+    packs: dict | None = None,
 ) -> list[dict]:
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt: transformers'
     generate on the model as loaded, the lean runtime on its pack of the model, as loaded
-    and quantized in each of `quants` (engine (mode, quant); quant None: as loaded), and the
-    `peers` (bench/peers.py), all in one round robin."""
+    and quantized in each of `quants` (engine (mode, quant); quant None: as loaded; `packs`
+    when the caller made them), and the `peers` (bench/peers.py), all in one round robin."""
     peers = peers or {}
-    packs = {None: pack(model), **{q: pack(model, q) for q in quants}}
+    packs = packs or {None: pack(model), **{q: pack(model, q) for q in quants}}
+    ranks = model.config.predictor_rank if predictor is not None else None
     generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     exact = {"exact": {}} if model.config.hidden_act == "relu" else {}  # a SwiGLU model has no exact mode
     modes = {"dense": {}, **exact, **({"predictor": predictor} if predictor is not None else {})}
@@ -120,6 +124,7 @@ def bench_model(
             "bandwidth_share": step_bytes / (gbps * 1e9) / per_token,
             "speedup_vs_dense": seconds["dense", None] / seconds[key],
             "stats_share": None if stats_cost is None else stats_cost / per_token,
+            "predictor_ranks": ranks if key[0] == "predictor" else None,
         }
 
     results = []
@@ -135,25 +140,35 @@ def bench_model(
     return results + [row(key, peer.bytes_per_token, None, None) for key, peer in peers.items()]
 
 
-def bench_e2e(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:
+def bench_e2e(
+    s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool
+) -> tuple[list[dict], list[dict]]:
+    """(the decoding rows, the 7b-shape stack's prompt-phase rows: bench/phases.py)."""
     with tempfile.TemporaryDirectory(prefix="turbo-demo-gguf-") as tmp:  # the peers' GGUF files
         return bench_models(s, kernels, gbps, notes, progress, Path(tmp))
 
 
-def bench_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool, tmp: Path) -> list[dict]:
+def bench_models(
+    s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool, tmp: Path
+) -> tuple[list[dict], list[dict]]:
     stack = random_stack(s)
     peers = all_peers(stack, None, PROMPT, s.stack_tokens, tmp / "7b-shape", notes) if s.peers else None
+    packs = {None: pack(stack), **{q: pack(stack, q) for q in s.quants}}
+    predictor = {"budget": s.stack_budget}
     results = bench_model(
-        "7b-shape", stack, {"budget": s.stack_budget}, s.stack_tokens, s, kernels, gbps, progress, s.quants, peers
+        "7b-shape", stack, predictor, s.stack_tokens, s, kernels, gbps, progress, s.quants, peers, packs
     )
-    del stack, peers  # the 7b-shape weights and the peers' copies, before the next model loads
+    ranks = stack.config.predictor_rank
+    phases = bench_phases("7b-shape", packs, {"dense": {}, "predictor": predictor}, ranks, s, kernels, progress, peers)
+    del stack, peers, packs  # the 7b-shape weights and the peers' copies, before the next model loads
     notes.append(
         f"7b-shape: {s.stack_layers} layers of Mistral-7B's shape, random weights, "
-        f"predictor rank {s.rank} computing {s.stack_budget:.0%} of the neurons"
+        f"predictor ranks {ranks}{'' if s.stack_ranks else ' (the published range)'} computing "
+        f"{s.stack_budget:.0%} of the neurons"
     )
     if s.embedded is None or not (Path(s.embedded) / "config.json").is_file():
         notes.append(f"embedded-drelu skipped: no checkpoint at {s.embedded}")
-        return results
+        return results, phases
     app_dtype = auto_dtype(Path(s.embedded), load_config(s.embedded))  # as the app loads it
     for dtype in dict.fromkeys((s.dtype, app_dtype)):
         model = load_model(s.embedded, dtype)
@@ -174,7 +189,7 @@ def bench_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], p
     notes.append(
         f"embedded-drelu: in {dtype_name(s.dtype)} and in {dtype_name(app_dtype)}, the dtype the app runs it in"
     )
-    return results + bench_moe_models(s, kernels, gbps, notes, progress)
+    return results + bench_moe_models(s, kernels, gbps, notes, progress), phases
 
 
 def bench_moe_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:

@@ -33,16 +33,11 @@ from turbo_demo.choices import GGUF_TYPES
 from turbo_demo.model.gguf_export import byte_tokenizer, write_gguf
 
 TORCHAO_GROUP = 128
+LLAMA_CPP_CONTEXT = 1024  # positions: the bench's longest prompt (512) and its new tokens
 LLAMA_CPP_NOTE = (
     "llama.cpp: dense decoding of the same weights as GGUF (export-gguf's writer) through llama-cpp-python, "
     "{threads} threads; on dReLU weights it computes SwiGLU (same matrices, same bytes read)"
 )
-
-
-@dataclass
-class Peer:
-    run: Callable[[], object]  # decodes the bench's tokens after its prompt
-    bytes_per_token: int
 
 
 def note_once(notes: list[str], note: str) -> None:
@@ -67,27 +62,50 @@ def gguf_step_bytes(path: Path) -> int:
     return sum(matrices.values()) + (0 if "output.weight" in matrices else embedding)
 
 
-def llama_cpp_decoder(
-    path: Path, prompt: list[int], tokens: int, threads: int, n_ctx: int = 128
-) -> Callable[[], list[int]]:
-    """Greedy decoding of `tokens` tokens after `prompt` with llama.cpp, one llama_decode per
-    token, in a context of `n_ctx` positions (at most the model's, or llama.cpp warns)."""
-    import llama_cpp
+class LlamaCpp:
+    """A GGUF file loaded in llama.cpp: n_threads for decoding and batches alike, prompts of up
+    to `n_batch` tokens evaluated as one batch, `n_ctx` positions (at most the model's, or
+    llama.cpp warns)."""
 
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    n_vocab = llm.n_vocab()
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int = 512):
+        import llama_cpp
 
-    def run() -> list[int]:
-        llm.reset()  # the next eval overwrites the KV cache from position 0
-        out, step = [], list(prompt)
-        for _ in range(tokens):
-            llm.eval(step)
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
-            step = [int(logits.argmax())]
-            out += step
+        self.llm = llama_cpp.Llama(
+            str(path),
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_batch,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self.n_vocab = self.llm.n_vocab()
+        self.get_logits = llama_cpp.llama_get_logits
+
+    def next_token(self, ids: list[int]) -> int:
+        """Evaluate ids after the cache's tokens; the greedy next token."""
+        self.llm.eval(ids)
+        return int(np.ctypeslib.as_array(self.get_logits(self.llm.ctx), shape=(self.n_vocab,)).argmax())
+
+    def prefill(self, ids: list[int]) -> None:
+        """The prompt ids from position 0, as one batch (the cache's old tokens are overwritten)."""
+        self.llm.reset()
+        self.next_token(ids)
+
+    def generate(self, prompt: list[int], tokens: int) -> list[int]:
+        """Greedy decoding of `tokens` tokens after `prompt`, one llama_decode per new token."""
+        self.llm.reset()
+        out = [self.next_token(prompt)]
+        while len(out) < tokens:
+            out.append(self.next_token(out[-1:]))
         return out
 
-    return run
+
+@dataclass
+class Peer:
+    run: Callable[[], object]  # decodes the bench's tokens after its prompt
+    bytes_per_token: int
+    llama_cpp: LlamaCpp | None = None  # llama.cpp's model, for the prompt phases (bench/phases.py)
 
 
 def llama_cpp_peers(model, tokenizer: dict, prompt, tokens: int, tmp: Path, notes: list[str]) -> dict:
@@ -100,11 +118,12 @@ def llama_cpp_peers(model, tokenizer: dict, prompt, tokens: int, tmp: Path, note
         return {}
     state = model.state_dict()
     shapes = {name: tuple(t.shape) for name, t in state.items()}
-    threads, n_ctx = torch.get_num_threads(), min(256, model.config.max_position_embeddings)
+    threads, n_ctx = torch.get_num_threads(), min(LLAMA_CPP_CONTEXT, model.config.max_position_embeddings)
     peers = {}
     for qtype in GGUF_TYPES:
         path = write_gguf(tmp / f"{qtype}.gguf", model.config, shapes, state.__getitem__, tokenizer, qtype)
-        peers["llama.cpp", qtype] = Peer(llama_cpp_decoder(path, prompt, tokens, threads, n_ctx), gguf_step_bytes(path))
+        llm = LlamaCpp(path, threads, n_ctx)
+        peers["llama.cpp", qtype] = Peer(lambda llm=llm: llm.generate(prompt, tokens), gguf_step_bytes(path), llm)
     note_once(notes, LLAMA_CPP_NOTE.format(threads=threads))
     return peers
 

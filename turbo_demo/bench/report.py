@@ -48,5 +48,18 @@ def format_table(result: dict) -> str:
             f"{e.get('limit_tokens_per_s', 0):>10.1f}{sparsity:>10}"
             f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}"
         )
+    lines += ["", "Prefill (the prompt as one batch): tokens/s, vs llama.cpp at the same precision, vs our decode"]
+    for e in result.get("prefill", ()):
+        peer = "-" if e["vs_llama_cpp"] is None else f"{e['vs_llama_cpp']:.2f}x"
+        lines.append(
+            f"{e['model']:<16}{e.get('quant') or e['dtype']:<9}{e['engine']:<12}{e['prompt_tokens']:>5} tokens"
+            f"{e['tokens_per_s']:>10.1f}{peer:>9}{e['vs_decode']:>8.1f}x"
+        )
+    lines += ["", "Request (prompt, then new tokens): time to first token, decode tokens/s, total"]
+    for e in result.get("request", ()):
+        lines.append(
+            f"{e['model']:<16}{e.get('quant') or e['dtype']:<9}{e['engine']:<12}{e['prompt_tokens']:>4} + "
+            f"{e['new_tokens']:<4}{e['ttft_s']:>9.2f} s{e['decode_tokens_per_s']:>10.2f}{e['total_s']:>9.2f} s"
+        )
     lines += [""] + [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -66,6 +66,7 @@ class Decoder:
         self.firing = torch.zeros((len(packed.ffns), n), dtype=torch.int32, device=device)
         self.dense_ffn_bytes = sum(w.dense_bytes for w in packed.ffns)
         self.warm = False
+        self.warm_up_s = 0.0  # the warm-up's seconds (0 until it ran)
         self.prefill_s = 0.0  # the last generation's prefill, in seconds
 
     def reset(self) -> None:
@@ -86,7 +87,8 @@ class Decoder:
         """Prefill a throwaway prompt and run `steps` decode steps and samples (greedy and
         nucleus), untimed, so that no timed step pays a first call. The modes' own state (a
         threshold calibrated on a prefill) is restored, the firing counts zeroed: the next
-        generation starts as if this never ran."""
+        generation starts as if this never ran. Its time is kept in `warm_up_s`."""
+        start = time.perf_counter()
         # a MoE layer's state is in its experts' modes
         leaves = [m for mode in self.modes for m in getattr(mode, "experts", (mode,))]
         saved = [dict(vars(mode)) for mode in leaves]
@@ -106,6 +108,7 @@ class Decoder:
         self.firing.zero_()
         self.reset()
         self.warm = True
+        self.warm_up_s = time.perf_counter() - start
 
     def generate(
         self,

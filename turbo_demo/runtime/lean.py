@@ -28,7 +28,6 @@ from turbo_demo.runtime.decoder import Decoder
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import rope
 from turbo_demo.runtime.packing import PackedModel
-from turbo_demo.runtime.quant import linear
 from turbo_demo.runtime.stats import LayerRecord
 
 # The KV cache is preallocated for this many positions at most: a 32k-context checkpoint must
@@ -79,7 +78,7 @@ class LeanRuntime(Decoder):
 
     def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Prefill from position 0: x (T, H) -> attention output (T, H); fills the cache."""
-        w, T = self.w.attention[i], x.size(0)
+        w, T, linear = self.w.attention[i], x.size(0), self.kernels.linear
         h = self.kernels.rms_norm(x, w.norm, self.eps)
         q = linear(h, w.wq, w.bq).view(T, self.n_heads, self.head_dim)
         k = linear(h, w.wk, w.bk).view(T, self.n_kv, self.head_dim)

@@ -30,7 +30,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import ACTS, count_firing, plus
 from turbo_demo.runtime.packing import FFNWeights
-from turbo_demo.runtime.quant import linear, row_bytes, times, weight_bytes
+from turbo_demo.runtime.quant import row_bytes, weight_bytes
 from turbo_demo.runtime.stats import LayerRecord
 
 
@@ -96,11 +96,12 @@ class Mode:
         w = self.w
         if x.dim() == 1:
             return self.act(self.kernels.matvec(w.wg, x)) * self.up(self.kernels.matvec(w.wu, x))
-        return self.act(linear(x, w.wg)) * self.up(linear(x, w.wu))
+        k = self.kernels
+        return self.act(k.linear(x, w.wg)) * self.up(k.linear(x, w.wu))
 
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The dense FFN of x (..., T, H) -> (..., T, H); r, the residual, is for the predictor."""
-        return times(self.dense_h(x), self.w.wd_t)
+        return self.kernels.times(self.dense_h(x), self.w.wd_t)
 
     def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
         raise NotImplementedError
@@ -195,12 +196,13 @@ class PredictorMode(Mode):
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The published forward on the prompt: h of x (..., T, H) masked, per token, to the
         neurons the predictor picks for its residual r (..., T, H), as `step` picks them."""
-        score = times(torch.relu(linear(r, self.fc1)), self.fc2_t)  # (..., T, I)
+        k = self.kernels
+        score = k.times(torch.relu(k.linear(r, self.fc1)), self.fc2_t)  # (..., T, I)
         if self.budget:
             mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(self.budget).indices, True)
         else:
             mask = score > self.threshold
-        return times(self.dense_h(x) * mask, self.w.wd_t)
+        return k.times(self.dense_h(x) * mask, self.w.wd_t)
 
     def predictor_bytes(self, rows: int) -> int:
         """Predictor bytes a choice reads: fc1, and the `rows` rows of fc2_t with z_j != 0."""
@@ -233,7 +235,7 @@ class ThresholdMode(Mode):
         target quantile of |act(W_gate x)| over the prompt's tokens and neurons."""
         target = self.options.sparsity
         if target is not None:
-            a = self.act(linear(x, self.w.wg)).abs().flatten().float()
+            a = self.act(self.kernels.linear(x, self.w.wg)).abs().flatten().float()
             self.threshold = float(torch.quantile(a[:1_000_000], target)) if target > 0 else 0.0
         return super().prefill(x, r)
 

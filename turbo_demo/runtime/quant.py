@@ -210,22 +210,6 @@ def q_rows_axpy(wt: QWeight, h: torch.Tensor, idx: torch.Tensor | None = None) -
     return (h.float() @ dequantize(wt, idx)).to(h.dtype)
 
 
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., H) @ W.T (+ b) for W (N, H) a tensor (F.linear) or a QWeight (whose product
-    quantizes x per block, as a decode step's dot products do) -> (..., N) in x's dtype."""
-    if isinstance(w, QWeight):
-        y = (quantize_activation(x) @ dequantize(w).t()).to(x.dtype)
-        return y if b is None else y + b
-    return torch.nn.functional.linear(x, w, b)
-
-
-def times(h: torch.Tensor, wt) -> torch.Tensor:
-    """h (..., N) @ Wt for Wt (N, H) a tensor or a QWeight -> (..., H) in h's dtype."""
-    if isinstance(wt, QWeight):
-        return (h.float() @ dequantize(wt)).to(h.dtype)
-    return h @ wt
-
-
 def block_nbytes(shape, fmt: str) -> int:
     """Bytes of an (N, H) matrix quantized in `fmt`."""
     n, h = shape

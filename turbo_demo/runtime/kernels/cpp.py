@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from turbo_demo.errors import UserError
 from turbo_demo.paths import cache_dir
@@ -25,7 +26,9 @@ from turbo_demo.runtime.kernels.reference import Kernels
 from turbo_demo.runtime.quant import QWeight
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp", "quant_ops.cpp")]
+SOURCES = [
+    CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp", "quant_ops.cpp", "prefill_ops.cpp")
+]
 HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_NOTICE = "Building the C++ sparse kernels (first time only, about a minute)..."
@@ -177,6 +180,17 @@ class CppKernels(Kernels):
             y, up_rows, active = self.up_down(wu, wd_t, x, idx, None, relu_up, wg, add_to, counts)
             return y, idx, rows, up_rows, active
         return self.ops.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to, counts)
+
+    def linear(self, x, w, b=None):
+        if not isinstance(w, QWeight):
+            return F.linear(x, w, b)
+        y = self.ops.q_linear(x.contiguous(), w.data, w.code, w.cols)
+        return y if b is None else y + b
+
+    def times(self, h, wt):
+        if not isinstance(wt, QWeight):
+            return h @ wt
+        return self.ops.q_times(h.contiguous(), wt.data, wt.code, wt.cols)
 
     def rms_norm(self, x, w, eps):
         return self.ops.rms_norm(x, w, eps)

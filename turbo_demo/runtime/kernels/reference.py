@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from turbo_demo.runtime.quant import QWeight, Weight, q_rows_axpy, q_rows_dot
+from turbo_demo.runtime.quant import QWeight, Weight, dequantize, q_rows_axpy, q_rows_dot, quantize_activation
 
 # Named as transformers' ACT2FN names them: "gelu" is the erf form, "gelu_pytorch_tanh" (Gemma)
 # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
@@ -169,6 +169,22 @@ class Kernels:
         if counts is not None:
             counts += h != 0
         return plus(self.vecmat(h, wd_t), add_to), idx, rows, int(torch.count_nonzero(a)), int(torch.count_nonzero(h))
+
+    def linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., H) @ W.T (+ b): W (N, H) -> (..., N), a prompt's batched product (prefill).
+        On a QWeight each token's row is matvec's: x quantized per block, then the dequantized
+        rows' dot products in fp32, rounded to x's dtype."""
+        if isinstance(w, QWeight):
+            y = (quantize_activation(x) @ dequantize(w).t()).to(x.dtype)
+            return plus(y, b)
+        return F.linear(x, w, b)
+
+    def times(self, h: torch.Tensor, wt: Weight) -> torch.Tensor:
+        """h (..., N) @ Wt: Wt (N, H) -> (..., H), a prompt's batched product; on a QWeight each
+        token's row is vecmat's (h unquantized, fp32 sums, rounded to h's dtype)."""
+        if isinstance(wt, QWeight):
+            return (h.float() @ dequantize(wt)).to(h.dtype)
+        return h @ wt
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """w * x / sqrt(mean(x^2) + eps) over the last dim of x (..., H), normalised in fp32 and

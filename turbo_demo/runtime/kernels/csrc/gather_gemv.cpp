@@ -62,6 +62,7 @@ torch::Tensor vecmat(const torch::Tensor& hv, const torch::Tensor& wt) {
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: norms, attention, selection
 void register_ffn_ops(pybind11::module& m);     // ffn_ops.cpp: whole FFN steps
 void register_quant_ops(pybind11::module& m);   // quant_ops.cpp: the same on block-quantized weights
+void register_prefill_ops(pybind11::module& m); // prefill_ops.cpp: quantized tiles for a prompt's GEMMs
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU decode kernels: gather-GEMV for sparse FFNs, their dense forms, fused decode ops";
@@ -74,4 +75,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   register_ffn_ops(m);
   register_quant_ops(m);
+  register_prefill_ops(m);
 }
