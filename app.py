@@ -4,7 +4,8 @@ Host and port default to Gradio's usual environment variables (GRADIO_SERVER_NAM
 GRADIO_SERVER_PORT), else 127.0.0.1:7860. Analytics stay off unless the environment turns them on.
 The decode kernels and threads are chosen here, before the page serves anyone: by default every
 core this process may use but one, which is left to the web server's own threads (an OpenMP team
-that shares its cores with them waits at every barrier). Public mode (on where Spaces sets
+that shares its cores with them waits at every barrier); a prompt's prefill, which comes before any
+token streams, runs on every core. Public mode (on where Spaces sets
 SPACE_ID, or with --public; turbo_demo/app/public.py) serves only the embedded models and those
 named with --allow-model, within its limits, and refuses uploads.
 """
@@ -21,8 +22,9 @@ from turbo_demo.errors import UserError
 PUBLIC_SESSIONS = 256
 THREADS_HELP = (
     "decode threads (torch's and the C++ kernels' OpenMP team; OMP_NUM_THREADS is set to it); default: "
+    "OMP_NUM_THREADS where set, else "
     "the cores this process may use but one, at least 1, so that the web server's own threads keep a "
-    "core (here: {default} of {cores})"
+    "core (here: {default} of {cores}); a prompt's prefill runs on every core"
 )
 
 
@@ -70,7 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    threads = args.threads or serving_threads(cores)
+    # --threads, else the environment's OMP_NUM_THREADS where it is a number, else the policy
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    threads = args.threads or (int(env) if env.isdigit() and int(env) > 0 else serving_threads(cores))
     # before torch starts OpenMP: the Gradio worker threads that decode start with this count too
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # imported after parsing, so that --help answers at once
@@ -81,14 +85,15 @@ def main() -> None:
     from turbo_demo.runtime.kernels import cpp, load_kernels
 
     try:
-        kernels = load_kernels(args.kernels, on_build=cpp.announce_build)
+        # a prompt's forward is compute-bound and comes before any token streams: every core
+        kernels = load_kernels(args.kernels, on_build=cpp.announce_build, prefill_threads=cores)
     except UserError as exc:
         sys.exit(f"error: {exc}")
     print(f"Decode kernels: {kernels.name}", file=sys.stderr)
     torch.set_num_threads(threads)  # once, before the warm-up: the C++ kernels read at::get_num_threads()
     shared = "one left to the web server" if cores > 1 else "the one core, shared with the web server"
-    why = "--threads" if args.threads else f"{shared}; --threads sets it"
-    print(f"Decode threads: {threads} of {cores} cores ({why})", file=sys.stderr)
+    why = "--threads" if args.threads else "OMP_NUM_THREADS" if env.isdigit() else f"{shared}; --threads sets it"
+    print(f"Decode threads: {threads} of {cores} cores ({why}); prefill threads: {cores}", file=sys.stderr)
     policy = policy_from(args.public, args.allow_model)
     if policy.public:
         print(f"Public mode: {policy.describe()}", file=sys.stderr)

@@ -8,6 +8,7 @@ that parsing the command line and --help import neither.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from turbo_demo.choices import BACKEND_CHOICES, DTYPE_CHOICES, GGUF_TYPES, MODE_HELP, MODES, QUANTS
 from turbo_demo.errors import UserError
@@ -103,6 +104,13 @@ def cmd_bench(args) -> None:
     if args.bench_threads:
         torch.set_num_threads(args.bench_threads)
     quants = () if args.quant == "none" else tuple(args.quant.split(","))
+    if args.full:
+        from turbo_demo.bench.full import run_full
+
+        keep = Path(args.full_dir) if args.full_dir else None
+        result = run_full(quants[0] if quants else "int8", args.backend, keep, "turbo_demo.app.warm:time_compare")
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return
     result = run_bench(settings_for(args.quick, args.dtype, quants, args.peers), backend=args.backend)
     print(json.dumps(result) if args.json else format_table(result))
 
@@ -228,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="llama.cpp (llama-cpp-python) and transformers+torchao rows on the same weights "
         "(default: on, off with --quick; a missing package is a note)",
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="instead: the whole request at the paper's scale, on a 32-layer random checkpoint in "
+        "TurboSparse-Mistral-7B's published layout (writes 16 GB to a temporary folder, needs ~10 GB of "
+        "memory at int8, about 15 minutes on 2 cores; the first of --quant): load, peak RSS against the "
+        "estimate, prefill, a request, and the app's compare (bench/full.py)",
+    )
+    p.add_argument("--full-dir", metavar="DIR", help="with --full: write the checkpoint here and keep it (reused)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", help="probe a running app (e.g. a deployed Space): fuzzed calls, then many clients")

@@ -6,8 +6,13 @@ process's first calls (thread pools, GEMM kernels, tokenizers, the allocator's f
 the weights' first reads) happen here rather than in the first Generate. The compare's two
 runtimes, warm, stay in their models' pools (app/pool.py): the page's default compare borrows
 them, so that its first visitor's load and warm-up read 0 s.
+
+`time_compare(path, quant, kernels)` times a warm compare of one model dense against predictor,
+as `bench --full` asks at the paper's scale: the engine's seconds beyond the sides' own prefill
+and decode steps.
 """
 
+import time
 from threading import Event
 
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
@@ -36,3 +41,25 @@ def warm_up(
         if not rec.error and rec.token_ids:
             activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
     return [rec.error for rec in sides]
+
+
+def time_compare(path: str, quant: str | None, kernels: Kernels, tokens: int = WARM_TOKENS) -> dict:
+    """A compare of the model at `path` (in `quant`) dense against predictor, `tokens` new tokens,
+    greedy, run twice on one store: the first loads and warms it, the second is timed. Returns
+    its wall seconds, the sides' own prefill and decode steps' seconds, and the rest (`engine_s`:
+    statistics, the recall audit, neuron maps, detokenizing, alternating the sides)."""
+    store, settings = ModelStore(), Settings(max_new_tokens=tokens, temperature=0.0)
+    for _ in range(2):
+        sides = SideRecord(path, "dense", quant=quant), SideRecord(path, "predictor", quant=quant)
+        start = time.perf_counter()
+        for _ in run_compare(store, *sides, EXAMPLES[0], settings, Event(), kernels):
+            pass
+        wall = time.perf_counter() - start
+    own = sum((rec.prefill_s or 0.0) + sum(s.time_s for s in rec.steps) for rec in sides)
+    return {
+        "new_tokens": tokens,
+        "wall_s": wall,
+        "sides_prefill_and_decode_s": own,
+        "engine_s": wall - own,
+        "sides": {rec.mode: rec.summary() for rec in sides},
+    }

@@ -10,6 +10,7 @@ per layer), `reset()`, and its per-layer modes; the runtime owns the firing coun
 
 import time
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from threading import Event
 
 import torch
@@ -34,6 +35,21 @@ def sample(kernels: Kernels, logits: torch.Tensor, temperature: float, top_p: fl
         return kernels.argmax(logits)
     u = float(torch.rand((), generator=gen, dtype=torch.float64))
     return kernels.sample_top_p(logits.float(), temperature, top_p, u)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's (and so the C++ kernels') threads in the calling thread for the block, then back;
+    None: unchanged. OpenMP's thread count is a setting of the calling thread."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Decoder:
@@ -95,7 +111,8 @@ class Decoder:
         vocab = self.packed.model.config.vocab_size
         ids = [i % vocab for i in range(min(WARM_UP_PROMPT, max(1, self.max_len - steps - 1)))]
         gen = torch.Generator().manual_seed(0)
-        logits = self.prefill(torch.tensor(ids)) if len(ids) > 1 else None
+        with torch_threads(self.kernels.prefill_threads):
+            logits = self.prefill(torch.tensor(ids)) if len(ids) > 1 else None
         token = ids[-1]
         for step in range(steps):
             logits, records = self.decode(token)
@@ -129,7 +146,8 @@ class Decoder:
         vocab: only ids below it are ever sampled (logits[:vocab]): an embedding padded beyond
         the tokenizer's ids has rows no text decodes to (None: every row).
 
-        The prompt but its last token is prefilled (the modes' prefill); every new token comes from
+        The prompt but its last token is prefilled (the modes' prefill, on the kernels'
+        prefill_threads where they name a number); every new token comes from
         a decode step in the runtime's mode, timed alone (decode + sample). The recall audit,
         when on, runs after the timer stops so that it never counts as decoding time; so does,
         with `codes`, each step's per-neuron codes (StepStats.codes, stats.NEURON_CODES). A runtime
@@ -145,7 +163,8 @@ class Decoder:
         self.firing.zero_()
         start = time.perf_counter()
         if len(prompt_ids) > 1:
-            self.prefill(torch.tensor(prompt_ids[:-1]))
+            with torch_threads(self.kernels.prefill_threads):
+                self.prefill(torch.tensor(prompt_ids[:-1]))
         else:
             self.reset()
         self.prefill_s = time.perf_counter() - start

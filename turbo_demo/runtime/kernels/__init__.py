@@ -26,10 +26,22 @@ def _cpp_build() -> tuple[object, UserError | None]:
         return None, exc
 
 
-def load_kernels(choice: str = "auto", on_build: Callable[[], None] | None = None, device: str = "cpu") -> Kernels:
+def load_kernels(
+    choice: str = "auto",
+    on_build: Callable[[], None] | None = None,
+    device: str = "cpu",
+    prefill_threads: int | None = None,
+) -> Kernels:
     """The kernels for `choice`: "torch", "cpp" (UserError where they cannot be built) or "auto"
     (cpp where it builds and runs on `device`'s type, else torch). on_build(), when given, is
-    called before a build that is not yet on disk, so that the caller can say why it waits."""
+    called before a build that is not yet on disk, so that the caller can say why it waits.
+    prefill_threads: the threads a prompt's forward runs on (None: the caller's torch threads)."""
+    kernels = _load(choice, on_build, device)
+    kernels.prefill_threads = prefill_threads
+    return kernels
+
+
+def _load(choice: str, on_build: Callable[[], None] | None, device: str) -> Kernels:
     if choice not in BACKEND_CHOICES:
         raise UserError(f"unknown kernel backend {choice!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     if choice == "torch" or (choice == "auto" and device not in CppKernels.devices):

@@ -79,6 +79,9 @@ class Kernels:
 
     name = "torch"
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # threads for a prompt's forward (compute-bound GEMMs), where it differs from the decode
+    # steps' (the calling thread's torch threads, which a server keeps below its core count)
+    prefill_threads: int | None = None
 
     def rows_dot(self, w: Weight, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """y_j = W[idx_j] . x: W (N, H), x (H,), idx (k,) int64 -> y (k,); reads only rows idx."""

@@ -1,0 +1,203 @@
+"""`bench --full`: the whole request at the paper's scale, never in CI (it writes 16 GB of shards
+and needs about 10 GB of memory for int8).
+
+A random checkpoint in TurboSparse-Mistral-7B's published layout (the shared reference's
+published-formats.md: bamboo, 32 layers of 4096 x 14336, 32 / 8 heads, vocab 32064, a config
+with no predictor rank, predictor ranks per layer from the tensor shapes, bf16 shards with an
+index) is written to a temporary folder, then measured in a fresh process, so that its peak RSS
+is the load's own:
+
+    load     seconds to load it quantized at load (`quant`), peak RSS above the process's start
+             against memory.estimate's total for it
+    prefill  tokens/s of prompts of PREFILL_TOKENS tokens, dense and predictor (budget 0.1)
+    request  a REQUEST_PROMPT-token prompt and REQUEST_TOKENS new tokens: TTFT, decode tokens/s
+    compare  the app's engine (run_compare on a ModelStore, runtimes warm) dense against
+             predictor on that model, COMPARE_TOKENS new tokens: its wall seconds beside what the
+             two sides' own prefill and decode steps took (the rest is the engine's: statistics,
+             the recall audit, the neuron maps, detokenizing)
+
+The weights are random: their predictors do not predict anything, so predictor mode computes the
+`budget` share of neurons with the highest scores, the speed the published model's 90% sparsity
+gives, not its quality.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from turbo_demo.bench.common import MISTRAL_7B, published_ranks
+from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_PROMPT, REQUEST_TOKENS, ours_request, prompt_ids
+
+LAYERS = 32
+VOCAB = 32064
+BUDGET = 0.1
+COMPARE_TOKENS = 16
+LAYERS_PER_SHARD = 4
+CONFIG = {  # as published (published-formats.md), no predictor rank or threshold
+    "architectures": ["BambooForCausalLM"],
+    "model_type": "bamboo",
+    "hidden_act": "relu",
+    "hidden_size": MISTRAL_7B["hidden_size"],
+    "intermediate_size": MISTRAL_7B["intermediate_size"],
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": MISTRAL_7B["num_attention_heads"],
+    "num_key_value_heads": MISTRAL_7B["num_key_value_heads"],
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "max_position_embeddings": 32768,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "transformers_version": "4.41.0",
+}
+
+
+def layer_tensors(i: int, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Layer i's tensors under the published names, random N(0, 0.02) bf16, unit norms."""
+    h, n = CONFIG["hidden_size"], CONFIG["intermediate_size"]
+    kv = h // CONFIG["num_attention_heads"] * CONFIG["num_key_value_heads"]
+    shapes = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (n, h),
+        "mlp.up_proj": (n, h),
+        "mlp.down_proj": (h, n),
+        "mlp.predictor.fc1": (rank, h),
+        "mlp.predictor.fc2": (n, rank),
+    }
+    out = {f"model.layers.{i}.{name}.weight": random_bf16(shape, gen) for name, shape in shapes.items()}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"model.layers.{i}.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    return out
+
+
+def random_bf16(shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape).normal_(0, 0.02, generator=gen).to(torch.bfloat16)
+
+
+def write_published_7b(path: Path, progress=print) -> Path:
+    """The checkpoint (see the module docstring) in `path`, a shard of LAYERS_PER_SHARD layers at
+    a time (memory holds one shard), with a byte-level tokenizer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from turbo_demo.model.gguf_export import byte_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    gen = torch.Generator().manual_seed(0)
+    ranks = published_ranks(LAYERS)
+    shards = [range(s, min(LAYERS, s + LAYERS_PER_SHARD)) for s in range(0, LAYERS, LAYERS_PER_SHARD)]
+    weight_map, total = {}, 0
+    for k, layers in enumerate(shards):
+        tensors = {name: t for i in layers for name, t in layer_tensors(i, ranks[i], gen).items()}
+        if k == 0:
+            tensors["model.embed_tokens.weight"] = random_bf16((VOCAB, CONFIG["hidden_size"]), gen)
+        if k == len(shards) - 1:
+            tensors["lm_head.weight"] = random_bf16((VOCAB, CONFIG["hidden_size"]), gen)
+            tensors["model.norm.weight"] = torch.ones(CONFIG["hidden_size"], dtype=torch.bfloat16)
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, path / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+        total += sum(t.nbytes for t in tensors.values())
+        progress(f"wrote {file} ({total / 1e9:.1f} GB so far)")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    tokenizer = Tokenizer.from_str(json.dumps(byte_tokenizer()))
+    eos = "<|endoftext|>"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, pad_token=eos).save_pretrained(
+        path
+    )
+    return path
+
+
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def measure(path: str, quant: str, backend: str, also: str | None = None) -> dict:
+    """Every measurement of the module docstring on the checkpoint at `path`, in this process
+    (a fresh one: the peak RSS is ru_maxrss, this process's lifetime peak). also: "module:function",
+    called last as function(path, quant, kernels) with the model freed, its result under "compare"
+    (the CLI passes the app's compare timing, which this layer does not import)."""
+    import gc
+    import importlib
+
+    import psutil
+
+    from turbo_demo.model.memory import estimate
+    from turbo_demo.model.quantized import load_quantized
+    from turbo_demo.runtime import LeanRuntime, load_kernels
+    from turbo_demo.runtime.kernels import cpp
+
+    kernels = load_kernels(backend, cpp.announce_build)
+    need = estimate(path, torch.bfloat16, None, quant)
+    base = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    packed = load_quantized(path, quant, torch.bfloat16)
+    load_s = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    result = {
+        "model": "published-7b",
+        "layers": LAYERS,
+        "quant": quant,
+        "threads": torch.get_num_threads(),
+        "predictor_ranks": published_ranks(LAYERS),
+        "budget": BUDGET,
+        "load": {"seconds": load_s, "peak_rss": peak, "estimate": need.total, "peak_vs_estimate": peak / need.total},
+        "warm_up_s": {},
+        "prefill": [],
+        "request": [],
+    }
+    for mode, options in (("dense", {}), ("predictor", {"budget": BUDGET})):
+        runtime = LeanRuntime(packed, mode, kernels, **options)
+        result["warm_up_s"][mode] = seconds(runtime.warm_up)
+        for n in PREFILL_TOKENS:
+            ids = torch.tensor(prompt_ids(n, VOCAB))
+            s = min(seconds(runtime.prefill, ids) for _ in range(2))
+            result["prefill"].append({"engine": mode, "prompt_tokens": n, "seconds": s, "tokens_per_s": n / s})
+        ttft, total = ours_request(runtime, prompt_ids(REQUEST_PROMPT, VOCAB), REQUEST_TOKENS)
+        result["request"].append(
+            {"engine": mode, "prompt_tokens": REQUEST_PROMPT, "new_tokens": REQUEST_TOKENS, "ttft_s": ttft,
+             "decode_tokens_per_s": (REQUEST_TOKENS - 1) / (total - ttft), "total_s": total}
+        )  # fmt: skip
+    del runtime, packed
+    gc.collect()
+    if also:
+        module, function = also.split(":")
+        result["compare"] = getattr(importlib.import_module(module), function)(path, quant, kernels)
+    return result
+
+
+def run_full(quant: str = "int8", backend: str = "auto", keep: Path | None = None, also: str | None = None) -> dict:
+    """Write the checkpoint (into `keep`, where it is reused if already there; else a temporary
+    folder, removed afterwards) and measure it in a fresh process (`measure`)."""
+    with tempfile.TemporaryDirectory(prefix="turbo-demo-7b-") as tmp:
+        path = keep or Path(tmp) / "published-7b"
+        if not (path / "model.safetensors.index.json").is_file():
+            start = time.perf_counter()
+            write_published_7b(path, lambda m: print(m, file=sys.stderr, flush=True))
+            print(f"checkpoint written in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        code = (
+            "import json; from turbo_demo.bench.full import measure; "
+            f"print(json.dumps(measure({str(path)!r}, {quant!r}, {backend!r}, {also!r})))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"the measuring process failed (exit {out.returncode}); its stderr is above")
+        return json.loads(out.stdout.strip().splitlines()[-1])
