@@ -99,14 +99,21 @@ def rotated(items, turn: int) -> list:
     return [items[(i + turn) % len(items)] for i in range(len(items))]
 
 
+# An untimed pause before each timed call: a peer's worker threads (llama.cpp's thread pool,
+# OpenMP's team after our kernels) spin-wait for more work for a while after a call returns,
+# on the cores the next variant's clock is running on.
+SETTLE_S = 0.05
+
+
 def round_robin(calls: dict, rounds: int, bar) -> dict[str, float]:
     """Median seconds per call of each callable: one untimed warm-up call each, then `rounds`
-    rounds that call each once, in an order rotating every round."""
+    rounds that call each once (after SETTLE_S), in an order rotating every round."""
     for fn in calls.values():
         fn()
     times = defaultdict(list)
     for turn in range(rounds):
         for name in rotated(list(calls), turn):
+            time.sleep(SETTLE_S)
             times[name].append(timed(calls[name]))
         bar.update()
     return {name: statistics.median(t) for name, t in times.items()}

@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from turbo_demo.bench.common import Settings, rotated
+from turbo_demo.bench.common import SETTLE_S, Settings, rotated
 from turbo_demo.bench.peers import Peer
 from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.runtime import LeanRuntime, PackedModel
@@ -43,13 +43,14 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 
 def timed_rounds(calls: dict, rounds: int, bar) -> dict:
-    """Each call's results over `rounds` rounds in a rotating order, after one untimed call each;
-    a call returns a tuple of seconds."""
+    """Each call's results over `rounds` rounds in a rotating order (after SETTLE_S each), after
+    one untimed call each; a call returns a tuple of seconds."""
     for fn in calls.values():
         fn()
     results = defaultdict(list)
     for turn in range(rounds):
         for key in rotated(list(calls), turn):
+            time.sleep(SETTLE_S)
             results[key].append(calls[key]())
         bar.update()
     return {key: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for key, rs in results.items()}

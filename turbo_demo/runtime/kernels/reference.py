@@ -183,10 +183,12 @@ class Kernels:
         return F.linear(x, w, b)
 
     def times(self, h: torch.Tensor, wt: Weight) -> torch.Tensor:
-        """h (..., N) @ Wt: Wt (N, H) -> (..., H), a prompt's batched product; on a QWeight each
-        token's row is vecmat's (h unquantized, fp32 sums, rounded to h's dtype)."""
+        """h (..., N) @ Wt: Wt (N, H) -> (..., H), a prompt's batched product. On a QWeight, h
+        unquantized times the block values rounded to h's dtype (fp32: vecmat's exact values;
+        bf16: rounded to nearest-even, for the CPU's bf16 dot products), fp32 sums, the result
+        rounded to h's dtype."""
         if isinstance(wt, QWeight):
-            return (h.float() @ dequantize(wt)).to(h.dtype)
+            return (h.float() @ dequantize(wt).to(h.dtype).float()).to(h.dtype)
         return h @ wt
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
