@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, SHIPPED
-from test_app import free_port
+from turbo_demo.app.probe import free_port, running_app
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -42,17 +42,13 @@ def ensure_chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def app_url(tmp_path_factory):
+    """`python app.py` itself, as a visitor meets it (its thread policy, its warm-up before it
+    serves, its kernels), on 127.0.0.1; stopped when the module's tests end."""
     if not (SHIPPED / "turbosparse-drelu" / "config.json").is_file():
         pytest.fail("the embedded models are missing from assets/models")
-    from turbo_demo.app.page import build_demo
-    from turbo_demo.runtime import load_kernels
-
-    demo = build_demo(kernels=load_kernels("auto"))  # as app.py does
-    port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with running_app(free_port(), tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -240,12 +240,14 @@ def test_streamed_load_equals_quantizing_the_loaded_model(untied_dir, fmt):
 def test_generate_quant_json(untied_dir, capsys):
     from turbo_demo.cli import main
 
-    assert (
-        main(["generate", str(untied_dir), "--quant", "int8", "--prompt", "def", "--max-new-tokens", "4", "--json"])
-        == 0
-    )
+    args = ["generate", str(untied_dir), "--quant", "int8", "--prompt", "def add(a, b):", "--max-new-tokens", "4"]
+    assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["quant"] == "int8" and len(out["token_ids"]) == 4
+    # the phases: the prompt but its last token prefilled, then the first token's own step
+    assert len(out["prompt_ids"]) > 1 and out["warm_up_s"] > 0
+    assert 0 < out["prefill_s"] < out["first_token_s"]
+    assert out["first_token_s"] >= out["prefill_s"] + out["steps"][0]["time_s"]
 
 
 @pytest.mark.parametrize("fmt", QUANTS)

@@ -104,6 +104,11 @@ def cmd_bench(args) -> None:
     if args.bench_threads:
         torch.set_num_threads(args.bench_threads)
     quants = () if args.quant == "none" else tuple(args.quant.split(","))
+    if args.served:
+        from turbo_demo.app.probe import served_and_in_process
+
+        print(json.dumps(served_and_in_process(args.backend, args.served)))
+        return
     if args.full:
         from turbo_demo.bench.full import run_full
 
@@ -245,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate, prefill, a request, and the app's compare (bench/full.py)",
     )
     p.add_argument("--full-dir", metavar="DIR", help="with --full: write the checkpoint here and keep it (reused)")
+    p.add_argument(
+        "--served",
+        type=int,
+        metavar="RUNS",
+        help="instead: the default compare's speed-up as `python app.py` serves it (started on 127.0.0.1) "
+        "and in this process, RUNS calls each, as JSON",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", help="probe a running app (e.g. a deployed Space): fuzzed calls, then many clients")

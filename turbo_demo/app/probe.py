@@ -4,15 +4,25 @@
     call_compare(url, args)         one raw call to the compare endpoint -> (event, data)
     fuzz(url, models, n, seed)      n seeded malformed calls -> counts by outcome
     load(url, models, clients, runs) clients x runs concurrent calls -> counts and latencies
+    running_app(port, log)          `python app.py` started on 127.0.0.1, stopped after
+    default_compares(url, runs)     the page's default compare, as its API serves it
+    served_and_in_process(backend, runs)   its speed-up served (app.py started here) and in-process
 """
 
 import json
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
@@ -131,3 +141,74 @@ def load(url: str, models: tuple[str, str], clients: int = 6, runs: int = 2, tok
     for t in threads:
         t.join()
     return probe
+
+
+APP = Path(__file__).resolve().parents[2] / "app.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_app(port: int, log: Path, *args: str, timeout: float = 300) -> Iterator[str]:
+    """`python app.py --port PORT ARGS` as a visitor meets it (its thread policy, its warm-up
+    before it serves), its output into `log`; yields its URL once it answers, stops it after.
+    A RuntimeError with the log's tail where it exits or does not answer within `timeout`
+    seconds (a first start builds the kernels: about a minute)."""
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(APP), "--port", str(port), *args], cwd=APP.parent, stdout=out, stderr=subprocess.STDOUT
+        )
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=5)
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"app.py did not serve: {log.read_text()[-2000:]}") from None
+                    time.sleep(1)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def default_compares(url: str, runs: int = 4) -> list[dict]:
+    """The JSON summaries of `runs` calls of the compare endpoint with the prompt only (every
+    other parameter the page's default), one after another, through gradio_client as README
+    shows it."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    return [client.predict("def f(x):", api_name="/compare") for _ in range(runs)]
+
+
+def served_and_in_process(backend: str, runs: int) -> dict:
+    """The default compare's speed-up as `python app.py` serves it (started here on 127.0.0.1,
+    its own thread policy) and in this process (this command's threads), `runs` calls each."""
+    import tempfile
+
+    import torch
+
+    from turbo_demo.app.warm import default_compares as in_process
+    from turbo_demo.runtime.kernels import cpp, load_kernels
+
+    with (
+        tempfile.TemporaryDirectory(prefix="turbo-demo-served-") as tmp,
+        running_app(free_port(), Path(tmp) / "app.log", "--kernels", backend) as url,
+    ):
+        served = default_compares(url, runs)
+    kernels = load_kernels(backend, cpp.announce_build)
+    here = in_process(kernels, runs)
+    return {
+        "served": [s.get("speedup") for s in served],
+        "in_process": [s.get("speedup") for s in here],
+        "in_process_threads": torch.get_num_threads(),
+        "served_summaries": served,
+        "in_process_summaries": here,
+    }

@@ -10,7 +10,8 @@ is the load's own:
     load     seconds to load it quantized at load (`quant`), peak RSS above the process's start
              against memory.estimate's total for it
     prefill  tokens/s of prompts of PREFILL_TOKENS tokens, dense and predictor (budget 0.1)
-    request  a REQUEST_PROMPT-token prompt and REQUEST_TOKENS new tokens: TTFT, decode tokens/s
+    request  a REQUEST_PROMPT-token prompt and REQUEST_TOKENS new tokens: TTFT, decode tokens/s,
+             decoding on this process's threads and on one (app.py's choice on 2 cores)
     compare  the app's engine (run_compare on a ModelStore, runtimes warm) dense against
              predictor on that model, COMPARE_TOKENS new tokens: its wall seconds beside what the
              two sides' own prefill and decode steps took (the rest is the engine's: statistics,
@@ -62,10 +63,10 @@ CONFIG = {  # as published (published-formats.md), no predictor rank or threshol
 }
 
 
-def layer_tensors(i: int, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def layer_tensors(config: dict, i: int, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Layer i's tensors under the published names, random N(0, 0.02) bf16, unit norms."""
-    h, n = CONFIG["hidden_size"], CONFIG["intermediate_size"]
-    kv = h // CONFIG["num_attention_heads"] * CONFIG["num_key_value_heads"]
+    h, n = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     shapes = {
         "self_attn.q_proj": (h, h),
         "self_attn.k_proj": (kv, h),
@@ -87,28 +88,30 @@ def random_bf16(shape: tuple, gen: torch.Generator) -> torch.Tensor:
     return torch.empty(shape).normal_(0, 0.02, generator=gen).to(torch.bfloat16)
 
 
-def write_published_7b(path: Path, progress=print) -> Path:
-    """The checkpoint (see the module docstring) in `path`, a shard of LAYERS_PER_SHARD layers at
-    a time (memory holds one shard), with a byte-level tokenizer."""
+def write_published(path: Path, config: dict = CONFIG, progress=print) -> Path:
+    """The checkpoint (see the module docstring; other sizes with another `config`) in `path`, a
+    shard of LAYERS_PER_SHARD layers at a time (memory holds one shard), predictor ranks
+    published_ranks(layers), a byte-level tokenizer."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from turbo_demo.model.gguf_export import byte_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(CONFIG))
+    (path / "config.json").write_text(json.dumps(config))
     gen = torch.Generator().manual_seed(0)
-    ranks = published_ranks(LAYERS)
-    shards = [range(s, min(LAYERS, s + LAYERS_PER_SHARD)) for s in range(0, LAYERS, LAYERS_PER_SHARD)]
+    n, hidden, vocab = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
+    ranks = published_ranks(n)
+    shards = [range(s, min(n, s + LAYERS_PER_SHARD)) for s in range(0, n, LAYERS_PER_SHARD)]
     weight_map, total = {}, 0
     for k, layers in enumerate(shards):
-        tensors = {name: t for i in layers for name, t in layer_tensors(i, ranks[i], gen).items()}
+        tensors = {name: t for i in layers for name, t in layer_tensors(config, i, ranks[i], gen).items()}
         if k == 0:
-            tensors["model.embed_tokens.weight"] = random_bf16((VOCAB, CONFIG["hidden_size"]), gen)
+            tensors["model.embed_tokens.weight"] = random_bf16((vocab, hidden), gen)
         if k == len(shards) - 1:
-            tensors["lm_head.weight"] = random_bf16((VOCAB, CONFIG["hidden_size"]), gen)
-            tensors["model.norm.weight"] = torch.ones(CONFIG["hidden_size"], dtype=torch.bfloat16)
+            tensors["lm_head.weight"] = random_bf16((vocab, hidden), gen)
+            tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(tensors, path / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, file)
@@ -116,8 +119,12 @@ def write_published_7b(path: Path, progress=print) -> Path:
         progress(f"wrote {file} ({total / 1e9:.1f} GB so far)")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    tokenizer = Tokenizer.from_str(json.dumps(byte_tokenizer()))
+    byte_level = byte_tokenizer()["model"]  # the 256 byte symbols, as the bench's GGUF files have
+    tokenizer = Tokenizer(models.BPE(vocab=byte_level["vocab"], merges=[tuple(m) for m in byte_level["merges"]]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
     eos = "<|endoftext|>"
+    tokenizer.add_special_tokens([eos])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, pad_token=eos).save_pretrained(
         path
     )
@@ -143,21 +150,24 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
     from turbo_demo.model.memory import estimate
     from turbo_demo.model.quantized import load_quantized
     from turbo_demo.runtime import LeanRuntime, load_kernels
+    from turbo_demo.runtime.decoder import torch_threads
     from turbo_demo.runtime.kernels import cpp
 
-    kernels = load_kernels(backend, cpp.announce_build)
+    kernels = load_kernels(backend, cpp.announce_build, prefill_threads=torch.get_num_threads())
     need = estimate(path, torch.bfloat16, None, quant)
     base = psutil.Process().memory_info().rss
     start = time.perf_counter()
     packed = load_quantized(path, quant, torch.bfloat16)
     load_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    config = packed.model.config
+    vocab = config.vocab_size
     result = {
-        "model": "published-7b",
-        "layers": LAYERS,
+        "model": "published-7b" if config.num_hidden_layers == LAYERS else f"published-{config.num_hidden_layers}",
+        "layers": config.num_hidden_layers,
         "quant": quant,
         "threads": torch.get_num_threads(),
-        "predictor_ranks": published_ranks(LAYERS),
+        "predictor_ranks": [config.rank_of(i) for i in range(config.num_hidden_layers)],
         "budget": BUDGET,
         "load": {"seconds": load_s, "peak_rss": peak, "estimate": need.total, "peak_vs_estimate": peak / need.total},
         "warm_up_s": {},
@@ -168,14 +178,19 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
         runtime = LeanRuntime(packed, mode, kernels, **options)
         result["warm_up_s"][mode] = seconds(runtime.warm_up)
         for n in PREFILL_TOKENS:
-            ids = torch.tensor(prompt_ids(n, VOCAB))
+            ids = torch.tensor(prompt_ids(n, vocab))
             s = min(seconds(runtime.prefill, ids) for _ in range(2))
             result["prefill"].append({"engine": mode, "prompt_tokens": n, "seconds": s, "tokens_per_s": n / s})
-        ttft, total = ours_request(runtime, prompt_ids(REQUEST_PROMPT, VOCAB), REQUEST_TOKENS)
-        result["request"].append(
-            {"engine": mode, "prompt_tokens": REQUEST_PROMPT, "new_tokens": REQUEST_TOKENS, "ttft_s": ttft,
-             "decode_tokens_per_s": (REQUEST_TOKENS - 1) / (total - ttft), "total_s": total}
-        )  # fmt: skip
+        # at this process's threads, and decoding on one (app.py's policy on a 2-core machine:
+        # the other core is the web server's; the prompt still runs on every core)
+        for threads in dict.fromkeys((torch.get_num_threads(), 1)):
+            with torch_threads(threads):
+                ttft, total = ours_request(runtime, prompt_ids(REQUEST_PROMPT, vocab), REQUEST_TOKENS)
+            rate = (REQUEST_TOKENS - 1) / (total - ttft)
+            result["request"].append(
+                {"engine": mode, "decode_threads": threads, "prompt_tokens": REQUEST_PROMPT,
+                 "new_tokens": REQUEST_TOKENS, "ttft_s": ttft, "decode_tokens_per_s": rate, "total_s": total}
+            )  # fmt: skip
     del runtime, packed
     gc.collect()
     if also:
@@ -191,7 +206,7 @@ def run_full(quant: str = "int8", backend: str = "auto", keep: Path | None = Non
         path = keep or Path(tmp) / "published-7b"
         if not (path / "model.safetensors.index.json").is_file():
             start = time.perf_counter()
-            write_published_7b(path, lambda m: print(m, file=sys.stderr, flush=True))
+            write_published(path, CONFIG, lambda m: print(m, file=sys.stderr, flush=True))
             print(f"checkpoint written in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         code = (
             "import json; from turbo_demo.bench.full import measure; "

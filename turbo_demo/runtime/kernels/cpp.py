@@ -27,7 +27,15 @@ from turbo_demo.runtime.quant import QWeight
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [
-    CSRC / name for name in ("gather_gemv.cpp", "decode_ops.cpp", "ffn_ops.cpp", "quant_ops.cpp", "prefill_ops.cpp")
+    CSRC / name
+    for name in (
+        "gather_gemv.cpp",
+        "decode_ops.cpp",
+        "ffn_ops.cpp",
+        "quant_ops.cpp",
+        "prefill_linear.cpp",
+        "prefill_times.cpp",
+    )
 ]
 HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]

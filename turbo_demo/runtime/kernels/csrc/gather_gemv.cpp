@@ -62,7 +62,8 @@ torch::Tensor vecmat(const torch::Tensor& hv, const torch::Tensor& wt) {
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: norms, attention, selection
 void register_ffn_ops(pybind11::module& m);     // ffn_ops.cpp: whole FFN steps
 void register_quant_ops(pybind11::module& m);   // quant_ops.cpp: the same on block-quantized weights
-void register_prefill_ops(pybind11::module& m); // prefill_ops.cpp: quantized tiles for a prompt's GEMMs
+void register_prefill_linear(pybind11::module& m);  // prefill_linear.cpp: a prompt's x W^T on blocks
+void register_prefill_times(pybind11::module& m);   // prefill_times.cpp: a prompt's h Wt on blocks
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU decode kernels: gather-GEMV for sparse FFNs, their dense forms, fused decode ops";
@@ -75,5 +76,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   register_ffn_ops(m);
   register_quant_ops(m);
-  register_prefill_ops(m);
+  register_prefill_linear(m);
+  register_prefill_times(m);
 }

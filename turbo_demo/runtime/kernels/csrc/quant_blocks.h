@@ -316,4 +316,28 @@ inline void qaxpy_list(const QW& w, const std::vector<const uint8_t*>& rows, con
   }
 }
 
+// A QWeight's tensor checked (format, layout, row bytes for `cols` values) and described; fn
+// names the kernel in the error.
+inline void check_qweight(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
+  TORCH_CHECK(fmt == kQ8 || fmt == kQ4, fn, ": unknown block format ", fmt);
+  TORCH_CHECK(data.device().is_cpu() && data.dim() == 2 && data.scalar_type() == at::kByte && data.is_contiguous(), fn,
+              ": a quantized weight must be a contiguous 2-D CPU uint8 tensor");
+  TORCH_CHECK(data.size(1) == (cols + kQBlock - 1) / kQBlock * block_bytes(fmt), fn, ": ", data.size(1),
+              " bytes per row do not hold ", cols, " values in this format");
+}
+
+inline QW qw_of(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
+  check_qweight(data, fmt, cols, fn);
+  return {data.data_ptr<uint8_t>(), data.size(0), data.size(1), cols, static_cast<int>(fmt)};
+}
+
+// A prompt's activations x (..., n), contiguous, fp32 or bf16 -> the number of its rows (tokens).
+inline int64_t tokens_of(const torch::Tensor& x, int64_t n, const char* fn) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, fn, ": x must be a contiguous CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, fn,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(-1) == n, fn, ": x has ", x.size(-1), " values per token, the weight takes ", n);
+  return x.numel() / n;
+}
+
 }  // namespace

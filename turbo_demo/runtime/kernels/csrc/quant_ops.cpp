@@ -18,19 +18,6 @@
 
 namespace {
 
-void check_qweight(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
-  TORCH_CHECK(fmt == kQ8 || fmt == kQ4, fn, ": unknown block format ", fmt);
-  TORCH_CHECK(data.device().is_cpu() && data.dim() == 2 && data.scalar_type() == at::kByte && data.is_contiguous(), fn,
-              ": a quantized weight must be a contiguous 2-D CPU uint8 tensor");
-  TORCH_CHECK(data.size(1) == (cols + kQBlock - 1) / kQBlock * block_bytes(fmt), fn, ": ", data.size(1),
-              " bytes per row do not hold ", cols, " values in this format");
-}
-
-QW qw_of(const torch::Tensor& data, int64_t fmt, int64_t cols, const char* fn) {
-  check_qweight(data, fmt, cols, fn);
-  return {data.data_ptr<uint8_t>(), data.size(0), data.size(1), cols, static_cast<int>(fmt)};
-}
-
 void check_act(const torch::Tensor& x, int64_t size, const char* name, const char* fn) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, fn, ": ", name,
               " must be float32 or bfloat16, got ", x.scalar_type());
