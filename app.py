@@ -101,7 +101,7 @@ def main() -> None:
     from turbo_demo.app.warm import warm_up
 
     store = ModelStore(allowed=policy.allowed)  # public mode: the store itself refuses other models
-    demo = build_demo(store, kernels=kernels, policy=policy, threads=threads)
+    demo = build_demo(store, kernels=kernels, policy=policy)
     # the default models loaded, packed and run once, their runtimes kept warm in the store, so
     # that a visitor's first run waits for no load or warm-up and is timed warm
     print("Warming up the default models...", file=sys.stderr)

@@ -63,7 +63,9 @@ def test_a_second_request_borrows_the_first_ones_warm_runtime(tiny_dirs, warm_up
         assert (b.load_s, b.warm_up_s) == (0.0, 0.0)
         assert b.token_ids == a.token_ids and b.firing_counts == a.firing_counts  # reused as if new
         assert b.prefill_s is not None and b.first_token_s >= b.prefill_s >= 0.0
-    assert "**Threads** 1 decode thread" in views.compare_view(*second, threads=1).headline
+    threads = [rec.threads for rec in second]
+    assert threads == [torch.get_num_threads()] * 2  # tiny steps: the caller's threads, not more
+    assert f"**Decode threads** {threads[0]} vs {threads[1]}" in views.compare_view(*second).headline
 
 
 def test_runtimes_lent_at_once_are_distinct_and_the_pool_is_bounded(tiny_dirs, warm_ups):
@@ -175,10 +177,11 @@ def test_the_phases_are_in_the_summary_and_the_status_line():
     cold = SideRecord("b", "dense", load_s=61.0, warm_up_s=23.4, prefill_s=6.6, first_token_s=7.0, steps=rec.steps)
     assert "load 61.00 s · warm-up 23.40 s · prefill 6.60 s" in views.side_markdown(cold)
     assert compare_summary(rec, cold)["right"]["warm_up_s"] == 23.4
-    headline = views.headline(cold, rec, threads=1)
+    headline = views.headline(cold, rec)
     assert "**Speed-up** ×1.00" in headline and "**First token** 7.00 s vs 1.25 s" in headline
-    assert "1 decode thread" in headline and "2 decode threads" in views.headline(cold, rec, 2)
-    assert "decode thread" not in views.headline(cold, rec)
+    assert "Decode threads" not in headline  # no runtime ran: nobody chose threads
+    cold.threads, rec.threads = 2, 1
+    assert "**Decode threads** 2 vs 1" in views.headline(cold, rec)
 
 
 def test_app_chooses_its_decode_threads_for_a_server():
@@ -193,3 +196,27 @@ def test_app_chooses_its_decode_threads_for_a_server():
     assert "--threads N" in flat and "use but one" in flat and "web server" in flat
     refused = subprocess.run([sys.executable, "app.py", "--threads", "0"], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "--threads must be at least 1" in refused.stderr
+
+
+@pytest.mark.parametrize("long_step_s", [0.0, float("inf")])
+def test_the_warm_up_gives_long_steps_every_core_and_short_ones_the_callers_threads(monkeypatch, long_step_s):
+    """A step as long as a 7B model's is bound by memory bandwidth: it runs on the kernels'
+    prefill_threads (every core); a short one on the caller's (a server's share); the caller's
+    threads are left as they were either way."""
+    from turbo_demo.runtime import LeanRuntime, pack
+    from turbo_demo.runtime import decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "LONG_STEP_S", long_step_s)
+    kernels = Kernels()
+    caller = torch.get_num_threads()
+    kernels.prefill_threads = caller + 1
+    runtime = LeanRuntime(pack(tiny_model("drelu")), "dense", kernels)
+    seen = []
+    decode = runtime.decode
+    monkeypatch.setattr(runtime, "decode", lambda token: (seen.append(torch.get_num_threads()), decode(token))[1])
+    runtime.warm_up()
+    expected = caller + 1 if long_step_s == 0.0 else caller
+    assert runtime.decode_threads == (caller + 1 if long_step_s == 0.0 else None) and runtime.threads == expected
+    seen.clear()
+    assert len(list(runtime.generate([1, 2, 3], 3))) == 3
+    assert seen == [expected] * 3 and torch.get_num_threads() == caller

@@ -103,8 +103,9 @@ class SideRecord:
     error: str = ""
     # per layer and neuron: in how many decode steps it fired (the runtime's own counts)
     firing_counts: list[list[int]] = field(default_factory=list)
-    # the phases a visitor waits for: load (0.0: the store held the model), warm-up (0.0: a warm
-    # runtime was idle), prefill (the prompt but its last token), first token (from generate's call)
+    # what a visitor waits for: load (0.0: the store held the model), warm-up (0.0: a warm runtime
+    # was idle), prefill (the prompt but its last token), first token; its decode steps' threads
+    threads: int = 0
     load_s: float = 0.0
     warm_up_s: float = 0.0
     prefill_s: float | None = None
@@ -217,7 +218,7 @@ def side_steps(
             options = threshold_options(loaded.packed, loaded.tokenizer, settings.sparsity, context)
         with loaded.runtimes.checkout(record.mode, kernels, options) as lease:
             runtime, record.warm_up_s = lease.runtime, lease.warm_up_s  # warmed before any clock starts
-            record.engine, record.weight_bytes = runtime.engine, loaded.weight_bytes
+            record.engine, record.weight_bytes, record.threads = runtime.engine, loaded.weight_bytes, runtime.threads
             record.moe, record.dtype = moe_shape(loaded.packed), dtype_name(loaded.model.dtype)
             ids, record.rendered_prompt = encode_prompt(loaded.tokenizer, prompt, settings.system, settings.chat)
             if not ids:

@@ -8,7 +8,6 @@ from dataclasses import replace
 from threading import Event
 
 import gradio as gr
-import torch
 
 from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
@@ -25,16 +24,13 @@ UPDATES_PER_SECOND = 4
 CONCURRENT_HANDLERS = 16
 
 
-def build_demo(
-    store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL, threads: int | None = None
-) -> gr.Blocks:
+def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, policy: Policy = LOCAL) -> gr.Blocks:
     """The app on `kernels` (chosen and built before, at start; default: the PyTorch reference),
-    within `policy`'s limits (default: local, any model path); `threads`: the decode threads
-    chosen at start, which the headline shows (default: torch's current count)."""
+    within `policy`'s limits (default: local, any model path)."""
     store = store or ModelStore(allowed=policy.allowed)
     if store.allowed != policy.allowed:  # the store, not the menus, is what keeps other paths out
         raise ValueError(f"the model store's allow-list {store.allowed} is not the policy's {policy.allowed}")
-    kernels, threads = kernels or Kernels(), threads or torch.get_num_threads()
+    kernels = kernels or Kernels()
     queue = RunQueue(policy.runs_per_client)
     names = embedded_names() + list(policy.allowed or ())
 
@@ -223,7 +219,7 @@ def build_demo(
                 for _ in rounds:
                     if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                         last = time.monotonic()
-                        view = views.compare_view(left, right, threads)
+                        view = views.compare_view(left, right)
                         yield {**show_compare(view, "Generating…"), **live_talk(left, right)}
             except UserError as exc:
                 yield {run_status: f"⚠️ {exc}"}
@@ -233,15 +229,22 @@ def build_demo(
             done = "Stopped." if stop.is_set() else "Done."
             state["last"] = teaching.last_run(left, right)  # the Why dReLU tab's (gate, up) pairs
             neurons = views.neurons_view(left, right, teaching.run_histograms(store, left, right))
-            view = views.compare_view(left, right, threads)
+            view = views.compare_view(left, right)
             figures = {"heatmap-left": view.left_heatmap, "heatmap-right": view.right_heatmap, "speed": view.speed}
             link = export.share_query(prompt, left.key, right.key, settings, (left.quant, right.quant))
             kept = {
                 download: gr.DownloadButton(value=export.write_run_zip(left, right, settings, figures), visible=True),
                 share: f"[Link to this run]({link})",
             }
-            yield {**show_compare(view, done), **show_neurons(neurons), **kept, **show_inspect(left, right, state)}
-            yield live_talk(left, right)
+            # one update: with the talk view in a second yield right after this one, the download
+            # button stayed hidden in about half of the browser test's runs (Gradio 6)
+            yield {
+                **show_compare(view, done),
+                **show_neurons(neurons),
+                **kept,
+                **show_inspect(left, right, state),
+                **live_talk(left, right),
+            }
 
         for box, menu, line, default in ((lm, lmode, lstatus, ldefault), (rm, rmode, rstatus, rdefault)):
             box.change(

@@ -63,8 +63,8 @@ def eval_of(folder: str) -> dict:
     return read_json(MODELS_DIR / folder / "eval.json") or {}
 
 
-def e2e_row(bench: dict, model: str, engine: str) -> dict:
-    rows = [r for r in bench.get("e2e", []) if (r["model"], r["engine"], r.get("quant")) == (model, engine, None)]
+def e2e_row(bench: dict, model: str, engine: str, quant: str | None = None) -> dict:
+    rows = [r for r in bench.get("e2e", []) if (r["model"], r["engine"], r.get("quant")) == (model, engine, quant)]
     return rows[0] if rows else {}
 
 
@@ -108,16 +108,21 @@ def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
             )
         )
     pred, hf = e2e_row(bench, "7b-shape", "predictor"), e2e_row(bench, "7b-shape", "transformers")
+    llama = e2e_row(bench, "7b-shape", "llama.cpp", "f16")
     if pred:
         paper = ", ".join(f"{v:.2f}x ({m})" for m, v in PAPER_SPEEDUPS.items())
         ours = f"{pred['speedup_vs_dense']:.2f}x over our dense at {pred['sparsity']:.0%} sparsity"
+        if llama:
+            ours += f", {pred['tokens_per_s'] / llama['tokens_per_s']:.2f}x over llama.cpp F16 dense"
         if hf:
             ours += f", {pred['tokens_per_s'] / hf['tokens_per_s']:.1f}x over transformers"
+        ranks = pred.get("predictor_ranks")
+        at = f", predictor ranks {min(ranks)}-{max(ranks)}" if ranks else ""
         rows.append(
             (
                 "CPU decoding speed-up, batch 1, 7B shape",
                 f"{paper} over llama.cpp dense, FP16",
-                ours + " (8 random layers)",
+                ours + f" (8 random layers{at}, bf16)",
                 "`python -m turbo_demo bench --json`",
             )
         )

@@ -51,10 +51,10 @@ def side_markdown(rec: SideRecord) -> str:
     return " · ".join(parts)
 
 
-def headline(left: SideRecord, right: SideRecord, threads: int | None = None) -> str:
+def headline(left: SideRecord, right: SideRecord) -> str:
     """The numbers above the plots: tokens/s each (1 / median step), speed-up (decode against
     decode), time to first token (prefill included, apart from the speed), mean sparsity, peak
-    RSS, and the decode threads the process runs with (`threads`, where given)."""
+    RSS, and each side's decode threads (the runtime's warm-up chose them: runtime/decoder.py)."""
     ratio = speedup(left, right)
     peak = max(left.peak_rss, right.peak_rss) / MB
     cells = [
@@ -65,8 +65,8 @@ def headline(left: SideRecord, right: SideRecord, threads: int | None = None) ->
         f"**Sparsity** {fmt_share(left.mean_sparsity)} vs {fmt_share(right.mean_sparsity)}",
         f"**Peak RSS** {peak:,.0f} MB" if peak else "**Peak RSS** –",
     ]
-    if threads:
-        cells.append(f"**Threads** {threads} decode thread{'s' if threads > 1 else ''}")
+    if left.threads or right.threads:
+        cells.append(f"**Decode threads** {left.threads or '–'} vs {right.threads or '–'}")
     return " &nbsp;|&nbsp; ".join(cells)
 
 
@@ -123,9 +123,8 @@ def mean_routed(rec: SideRecord) -> float | None:
     return sum(routed) / len(routed) if routed else None
 
 
-def compare_view(left: SideRecord, right: SideRecord, threads: int | None = None) -> CompareView:
-    """Texts, status lines, headline and figures for the Compare tab, from the two records and
-    the process's decode threads (the headline says them, where given)."""
+def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
+    """Texts, status lines, headline and figures for the Compare tab, from the two records."""
     sides = {side_label(r): r for r in (left, right)}
     ffn_read = {}
     for label, rec in (("left", left), ("right", right)):
@@ -145,7 +144,7 @@ def compare_view(left: SideRecord, right: SideRecord, threads: int | None = None
         right_prompt=right.rendered_prompt,
         left_status=side_markdown(left),
         right_status=side_markdown(right),
-        headline=headline(left, right, threads),
+        headline=headline(left, right),
         left_heatmap=plots.activity_heatmap(
             [s.active_share for s in left.steps], f"Active FFN neurons: {side_label(left)}", "heat-left"
         ),

@@ -8,6 +8,7 @@ An engine gives `prefill(ids) -> logits`, `decode(token) -> (logits, records)` (
 per layer), `reset()`, and its per-layer modes; the runtime owns the firing counts (L, I).
 """
 
+import statistics
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,12 @@ from turbo_demo.runtime.stats import LayerRecord, StepStats, neuron_codes
 # weights' first reads from the page cache) cost more than any later call.
 WARM_UP_STEPS = 4
 WARM_UP_PROMPT = 8  # tokens of the throwaway prompt (ids 0..7)
+# A decode step at least this long streams its weights at the memory's pace, which fewer cores
+# reach less of (a 7B step at int8: 27% slower on one core of two than on both, 40% in predictor
+# mode, `bench --full`), while a web server sharing the cores takes a few milliseconds per token:
+# such a step runs on every core (kernels.prefill_threads). Shorter steps keep the caller's
+# threads, which a server keeps below its core count (app.py).
+LONG_STEP_S = 0.02
 
 
 def sample(kernels: Kernels, logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -83,6 +90,7 @@ class Decoder:
         self.dense_ffn_bytes = sum(w.dense_bytes for w in packed.ffns)
         self.warm = False
         self.warm_up_s = 0.0  # the warm-up's seconds (0 until it ran)
+        self.decode_threads: int | None = None  # chosen by the warm-up (None: the caller's threads)
         self.prefill_s = 0.0  # the last generation's prefill, in seconds
 
     def reset(self) -> None:
@@ -94,6 +102,11 @@ class Decoder:
     def decode(self, token: int) -> tuple[torch.Tensor, list[LayerRecord]]:
         raise NotImplementedError
 
+    @property
+    def threads(self) -> int:
+        """The threads its decode steps run on."""
+        return self.decode_threads or torch.get_num_threads()
+
     def firing_counts(self) -> list[list[int]]:
         """Per layer and neuron: in how many decode steps of the last generation the neuron fired
         (h != 0 among the neurons its mode computed)."""
@@ -103,7 +116,8 @@ class Decoder:
         """Prefill a throwaway prompt and run `steps` decode steps and samples (greedy and
         nucleus), untimed, so that no timed step pays a first call. The modes' own state (a
         threshold calibrated on a prefill) is restored, the firing counts zeroed: the next
-        generation starts as if this never ran. Its time is kept in `warm_up_s`."""
+        generation starts as if this never ran. Its time is kept in `warm_up_s`, and its steps'
+        median time chooses `decode_threads` (LONG_STEP_S)."""
         start = time.perf_counter()
         # a MoE layer's state is in its experts' modes
         leaves = [m for mode in self.modes for m in getattr(mode, "experts", (mode,))]
@@ -113,13 +127,19 @@ class Decoder:
         gen = torch.Generator().manual_seed(0)
         with torch_threads(self.kernels.prefill_threads):
             logits = self.prefill(torch.tensor(ids)) if len(ids) > 1 else None
-        token = ids[-1]
+        token, step_s = ids[-1], []
         for step in range(steps):
+            begin = time.perf_counter()
             logits, records = self.decode(token)
+            step_s.append(time.perf_counter() - begin)
             token = sample(self.kernels, logits, 0.7 if step % 2 else 0.0, 0.95, gen)
             for mode, record in zip(self.modes, records):
                 mode.recall(record)
         del logits
+        every_core = self.kernels.prefill_threads
+        if step_s and every_core and every_core > torch.get_num_threads():
+            # the first step pays first calls: the later ones decide
+            self.decode_threads = every_core if statistics.median(step_s[1:] or step_s) >= LONG_STEP_S else None
         for mode, state in zip(leaves, saved):
             vars(mode).update(state)
         self.firing.zero_()
@@ -147,8 +167,9 @@ class Decoder:
         the tokenizer's ids has rows no text decodes to (None: every row).
 
         The prompt but its last token is prefilled (the modes' prefill, on the kernels'
-        prefill_threads where they name a number); every new token comes from
-        a decode step in the runtime's mode, timed alone (decode + sample). The recall audit,
+        prefill_threads where they name a number); every new token comes from a decode step in
+        the runtime's mode (on `decode_threads` where the warm-up chose them), timed alone
+        (decode + sample). The recall audit,
         when on, runs after the timer stops so that it never counts as decoding time; so does,
         with `codes`, each step's per-neuron codes (StepStats.codes, stats.NEURON_CODES). A runtime
         that has not run yet first warms up (`warm_up` untimed steps; 0: never); `prefill_s`
@@ -173,8 +194,9 @@ class Decoder:
         for step in range(max_new_tokens):
             before = self.firing.clone() if codes else None
             start = time.perf_counter()
-            logits, records = self.decode(token)
-            token = sample(self.kernels, logits[:vocab], temperature, top_p, gen)
+            with torch_threads(self.decode_threads):
+                logits, records = self.decode(token)
+                token = sample(self.kernels, logits[:vocab], temperature, top_p, gen)
             elapsed = time.perf_counter() - start
             truly = [mode.truly_active(record) for mode, record in zip(self.modes, records)] if audit else None
             for mode, record, active in zip(self.modes, records, truly or ()):
