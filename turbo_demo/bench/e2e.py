@@ -64,6 +64,11 @@ def other_bytes(packed: PackedModel) -> int:
     return weight_bytes(lean.lm_head) + sum(weight_bytes(w) for a in lean.attention for w in (a.wq, a.wk, a.wv, a.wo))
 
 
+def packs_of(model, quants: tuple = ()) -> dict:
+    """{None: the model's pack as loaded, quant: its pack in each block format of `quants`}."""
+    return {None: pack(model), **{q: pack(model, q) for q in quants}}
+
+
 def bench_model(
     label: str,
     model,
@@ -73,16 +78,15 @@ def bench_model(
     kernels: Kernels,
     gbps: float,
     progress: bool,
-    quants: tuple = (),
-    peers: dict[tuple, Peer] | None = None,
     packs: dict | None = None,
+    peers: dict[tuple, Peer] | None = None,
 ) -> list[dict]:
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt: transformers'
-    generate on the model as loaded, the lean runtime on its pack of the model, as loaded
-    and quantized in each of `quants` (engine (mode, quant); quant None: as loaded; `packs`
-    when the caller made them), and the `peers` (bench/peers.py), all in one round robin."""
+    generate on the model as loaded, the lean runtime on each of `packs` (packs_of: the model
+    as loaded, None: only that, and quantized; engine (mode, quant)), and the `peers`
+    (bench/peers.py), all in one round robin."""
     peers = peers or {}
-    packs = packs or {None: pack(model), **{q: pack(model, q) for q in quants}}
+    packs = packs or packs_of(model)
     ranks = model.config.predictor_rank if predictor is not None else None
     generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     exact = {"exact": {}} if model.config.hidden_act == "relu" else {}  # a SwiGLU model has no exact mode
@@ -153,11 +157,9 @@ def bench_models(
 ) -> tuple[list[dict], list[dict]]:
     stack = random_stack(s)
     peers = all_peers(stack, None, PROMPT, s.stack_tokens, tmp / "7b-shape", notes) if s.peers else None
-    packs = {None: pack(stack), **{q: pack(stack, q) for q in s.quants}}
+    packs = packs_of(stack, s.quants)
     predictor = {"budget": s.stack_budget}
-    results = bench_model(
-        "7b-shape", stack, predictor, s.stack_tokens, s, kernels, gbps, progress, s.quants, peers, packs
-    )
+    results = bench_model("7b-shape", stack, predictor, s.stack_tokens, s, kernels, gbps, progress, packs, peers)
     ranks = stack.config.predictor_rank
     phases = bench_phases("7b-shape", packs, {"dense": {}, "predictor": predictor}, ranks, s, kernels, progress, peers)
     del stack, peers, packs  # the 7b-shape weights and the peers' copies, before the next model loads
@@ -178,8 +180,9 @@ def bench_models(
         peers = None
         if s.peers and in_bench_dtype:
             peers = all_peers(model, Path(s.embedded), PROMPT, s.embedded_tokens, tmp / "embedded", notes)
+        packs = packs_of(model, quants)
         results += bench_model(
-            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, quants, peers
+            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, packs, peers
         )
     if predictor is None:
         notes.append(
