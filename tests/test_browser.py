@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, SHIPPED
-from turbo_demo.app.probe import free_port, running_app
+from turbo_demo.app.probe import default_compares, free_port, running_app
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -203,3 +203,13 @@ def test_stop_ends_a_long_run(page, slow_model_dir):
     page.wait_for_function("document.body.innerText.includes('Stopped.')", polling=100, timeout=60_000)
     status = page.inner_text("#right-status")
     assert "stopped" in status and str(slow_model_dir) in status
+
+
+def test_the_api_serves_the_default_compare_warm(app_url):
+    """The compare endpoint with the prompt only, as README shows it and `bench --served` calls
+    it: a speed-up, and no load or warm-up paid (app.py warmed the default pair before serving)."""
+    (summary,) = default_compares(app_url, 1)
+    assert summary["speedup"] > 0 and not summary["left"]["error"] and not summary["right"]["error"]
+    for side in ("left", "right"):
+        assert summary[side]["load_s"] == 0 and summary[side]["warm_up_s"] == 0
+        assert 0 < summary[side]["prefill_s"] < summary[side]["first_token_s"]

@@ -220,3 +220,13 @@ def test_the_warm_up_gives_long_steps_every_core_and_short_ones_the_callers_thre
     seen.clear()
     assert len(list(runtime.generate([1, 2, 3], 3))) == 3
     assert seen == [expected] * 3 and torch.get_num_threads() == caller
+
+
+def test_the_in_process_default_compare_is_warm_from_its_first_run():
+    """warm.default_compares, the in-process half of `bench --served`: warmed as app.py warms
+    the store, so its first summary already pays no load or warm-up."""
+    from turbo_demo.app.warm import default_compares
+
+    (summary,) = default_compares(Kernels(), 1)
+    assert summary["speedup"] > 0
+    assert all(summary[side]["load_s"] == 0 and summary[side]["warm_up_s"] == 0 for side in ("left", "right"))
