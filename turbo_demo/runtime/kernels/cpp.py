@@ -7,14 +7,18 @@
 
 The build is compiled with -march=native, so the cache is keyed by the CPU's flags and the
 sources' hash (and torch's version): a cache carried to another CPU, or left by older sources,
-is never loaded. Importing this module never compiles anything.
+is never loaded. A finished build is imported without ninja, and one process builds at a time
+under a lock that dies with it (compile_module). Importing this module never compiles anything.
 """
 
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +43,7 @@ SOURCES = [
 ]
 HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
+LOCK_FILE = "build.lock"  # flock'd by the process that builds (torch's own lock file is "lock")
 BUILD_NOTICE = "Building the C++ sparse kernels (first time only, about a minute)..."
 
 
@@ -89,6 +94,69 @@ def first_error_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+@contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on `directory`'s build that dies with its holder: flock, which the OS
+    drops when the process ends (SIGTERM and SIGKILL included), where torch's own lock file
+    stays behind and makes every later start wait forever. A process that has to wait says so."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process at a time is the user's to keep
+        yield
+        return
+    with open(directory / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"Waiting for another process's build of the C++ kernels ({directory})...", file=sys.stderr, flush=True
+            )
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def import_built(name: str, so: Path):
+    """The extension module `name` at `so`, imported as torch imports the builds it makes."""
+    spec = importlib.util.spec_from_file_location(name, so)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {so}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_module(name: str, sources: list[Path], directory: Path, verbose: bool = False):
+    """The extension `name` built from `sources` in `directory` and imported. A finished build is
+    imported without ninja: its name is the hash of its sources (build_key), so a checkout at
+    another path does not rebuild it. Anything else in the directory is what a killed or failed
+    build left (objects cut short, torch's lock file), cleared before building afresh."""
+    # imported here: torch.utils.cpp_extension pulls in setuptools, which only a build needs
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    so = directory / f"{name}.so"
+    with build_lock(directory):
+        if so.is_file():
+            try:
+                return import_built(name, so)
+            except ImportError:  # a link cut short (a killed build, a full disk): build again
+                pass
+        for path in directory.iterdir():
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+
+
 def build(verbose: bool = False):
     """The compiled extension module (about a minute the first time on a machine, then cached)."""
     compiler = os.environ.get("CXX", "c++")
@@ -97,21 +165,9 @@ def build(verbose: bool = False):
             f"cannot build the C++ kernels: no C++ compiler ({compiler!r} is not on PATH); "
             "install g++ or use the torch backend"
         )
-    # imported here: torch.utils.cpp_extension pulls in setuptools, which only a build needs
-    from torch.utils import cpp_extension
-
     name = module_name()  # hashes the sources: once per build
-    directory = build_dir(name)
-    directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=verbose,
-        )
+        return compile_module(name, SOURCES, build_dir(name), verbose)
     except Exception as exc:  # compiler, ninja and linker failures
         raise UserError(
             f"cannot build the C++ kernels with {compiler!r}: {first_error_line(exc)}; use the torch backend"
