@@ -177,8 +177,9 @@ def build(verbose: bool = False):
 class CppKernels(Kernels):
     """The C++ kernels: the reference's contracts, computed without gathered copies, in fp32
     sums, one call per fused step. Their tensors must be on the CPU. Block-quantized weights
-    (QWeight) go to the q_* kernels (quant_ops.cpp); the attention step on them is the
-    reference's composition of this class's kernels (q, k and v in one call)."""
+    (QWeight) go to the q_* kernels (quant_ops.cpp; a prompt's products, linear and times, to
+    prefill_linear.cpp and prefill_times.cpp); the attention step on them is the reference's
+    composition of this class's kernels (q, k and v in one call)."""
 
     name = "cpp"
     devices = ("cpu",)
