@@ -78,45 +78,43 @@ def test_a_run_records_its_time_to_first_token(tiny_dirs):
         assert rec.summary()["first_token_s"] == round(rec.first_token_s, 4)
 
 
-# A fresh process does what app.py does (kernels, store, warm_up), then compares the default
-# models RUNS times; one thread, so that another process on a 2-core machine costs a step a
-# time slice rather than an OpenMP barrier's wait (which is what makes 2-thread steps bimodal).
+# A fresh process does what app.py does (kernels, store, warm_up), then runs the default compare
+# once: its first visitor must pay no load and no warm-up, and get the runtimes app.py warmed.
+# Whether that first run's speed-up is the true one is a timing question, which tests do not
+# ask: `python -m turbo_demo bench --served 4` reports the first call after a start beside the
+# next three.
 COLD_START = textwrap.dedent(
     """
-    import json, torch
-    torch.set_num_threads(1)
+    import json
     from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-    from turbo_demo.app.compare import Settings, SideRecord, run_compare, speedup
+    from turbo_demo.app.compare import Settings, SideRecord, run_compare
     from turbo_demo.app.texts import EXAMPLES
     from turbo_demo.app.warm import warm_up
     from turbo_demo.runtime.kernels import load_kernels
     kernels, store = load_kernels("auto"), ModelStore()
     errors = warm_up(store, kernels)
-    ratios, settings = [], Settings(max_new_tokens=96, temperature=0.0)
-    for _ in range(4):
-        left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
-        for _ in run_compare(store, left, right, EXAMPLES[0], settings, kernels=kernels):
-            pass
-        ratios.append(speedup(left, right))
-    print(json.dumps({"errors": errors, "ratios": ratios, "kernels": kernels.name}))
+    warmed = [id(r) for name, _ in (DEFAULT_LEFT, DEFAULT_RIGHT) for r in store.get(name).runtimes.idle()]
+    left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
+    lent = []
+    for _ in run_compare(store, left, right, EXAMPLES[0], Settings(max_new_tokens=16), kernels=kernels):
+        if not lent:  # both sides hold their runtimes now: none is idle
+            lent = [store.get(name).runtimes.idle() for name, _ in (DEFAULT_LEFT, DEFAULT_RIGHT)]
+    after = [id(r) for name, _ in (DEFAULT_LEFT, DEFAULT_RIGHT) for r in store.get(name).runtimes.idle()]
+    phases = [(rec.load_s, rec.warm_up_s, rec.error, len(rec.steps) > 0) for rec in (left, right)]
+    print(json.dumps({"errors": errors, "phases": phases, "lent": [len(x) for x in lent], "same": after == warmed}))
     """
 )
-# The issue's first run read x0.80 where later ones read ~1.5x. On this shared 2-core machine
-# the later runs of one process themselves spread (1.8x to 3.4x seen in one process, other
-# engineers' jobs running), so the first headline must lie within the later runs' range,
-# widened by this factor on either side: a cold first run as in the issue falls far outside.
-COLD_TOLERANCE = 1.25
 
 
 @pytest.mark.skipif(len(embedded_names()) < 2, reason="the embedded models are not in this checkout")
-def test_first_compare_after_a_cold_start_agrees_with_later_ones():
+def test_first_compare_after_a_start_runs_on_the_runtimes_warmed_before_it():
     out = subprocess.run(
         [sys.executable, "-c", COLD_START], cwd=REPO, capture_output=True, text=True, timeout=600, check=True
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == ["", ""]
-    first, *later = result["ratios"]
-    assert min(later) / COLD_TOLERANCE <= first <= max(later) * COLD_TOLERANCE, result
+    assert result["phases"] == [[0.0, 0.0, "", True]] * 2  # tokens, and no load, no warm-up, no error
+    assert result["lent"] == [0, 0] and result["same"]  # the warmed runtimes, lent and given back
 
 
 # The sweep (item 3): eval's numbers, the visitor's text, the figure.
