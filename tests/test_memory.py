@@ -3,7 +3,6 @@
 import gc
 import json
 import struct
-import time
 
 import pytest
 import torch
@@ -44,10 +43,8 @@ def test_a_checkpoint_claiming_more_than_the_machine_is_refused_before_any_alloc
 
     monkeypatch.setattr(checkpoint.AutoModelForCausalLM, "from_pretrained", never)
     monkeypatch.setattr(checkpoint, "converted_state_dict", never)
-    start = time.perf_counter()
     with pytest.raises(UserError, match=r"^huge needs 2\d\.\d TB \(2\d\.\d TB of float32 weights .* are available$"):
-        load_model(path)
-    assert time.perf_counter() - start < 1.0
+        load_model(path)  # refused from the headers: `never` shows that no load began
     with pytest.raises(UserError, match=r"needs .* but 1.0 GB is the model store's budget"):
         ModelStore(budget=10**9).get(str(path), on_load=never)
 

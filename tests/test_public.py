@@ -1,7 +1,6 @@
 """Public mode: the policy, and the run queue that serves clients in turn, one run each."""
 
 import threading
-import time
 
 import pytest
 
@@ -34,16 +33,18 @@ def test_one_entry_per_client_and_runs_in_arrival_order():
     with pytest.raises(UserError, match="already have a run queued or running"):
         queue.join("alice")
     assert list(queue.wait(a, stop)) == []  # first in line: no wait
-    order, ahead_seen = [], []
+    order, ahead_seen, waiting = [], [], threading.Event()
 
     def second():
-        ahead_seen.extend(queue.wait(b, stop))
+        for ahead in queue.wait(b, stop):
+            ahead_seen.append(ahead)
+            waiting.set()  # bob is in line behind alice
         order.append("bob")
         queue.leave(b)
 
     worker = threading.Thread(target=second)
     worker.start()
-    time.sleep(0.3)
+    assert waiting.wait(5)
     order.append("alice")
     queue.leave(a)
     worker.join(5)
