@@ -71,6 +71,11 @@ def write_published(path):
     fields = {k: v for k, v in CONFIG.items() if k not in ("architectures", "auto_map", "model_type", "torch_dtype")}
     model = BambooForCausalLM(BambooConfig(**fields, predictor_rank=RANKS, initializer_range=0.08))
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    # norm weights away from 1 (a trained model's are): then the predictor's input, the residual
+    # r rather than its norm, decides the mask (with unit weights both give the same signs)
+    norms = torch.Generator().manual_seed(1)
+    for name in [k for k in state if k.endswith("norm.weight")]:
+        state[name] = (torch.rand(state[name].shape, generator=norms) * 1.5 + 0.25).to(torch.bfloat16)
     # padded rows that would win an unrestricted argmax, as an untrained padding row may
     state["lm_head.weight"][TOKENIZER_IDS:] = 4 * state["lm_head.weight"][: VOCAB - TOKENIZER_IDS]
     names = sorted(state)
