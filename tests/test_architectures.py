@@ -46,12 +46,15 @@ ARCHITECTURES = {
     ),
 }  # fmt: skip
 IDS = [5, 17, 3, 99, 250, 42, 7, 8, 120, 33, 61, 2, 9, 14, 200, 150]
+QK_SCALE = 12.0  # q and k weights at std 0.24 instead of 0.02: attention scores of a few units
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def arch(request, tmp_path_factory):
     """(name, model loaded through load_model, the engine expected): random weights, with the
-    norms and biases that start at 0 or 1 made random too, so that each one is tested."""
+    norms and biases that start at 0 or 1 made random too, so that each one is tested, and
+    queries and keys large enough that attention is far from uniform (HF's init gives scores
+    near 0, under which RoPE's angles, windows and masks hardly change the logits)."""
     name = request.param
     config_class, fields, engine = ARCHITECTURES[name]
     torch.manual_seed(0)
@@ -61,6 +64,8 @@ def arch(request, tmp_path_factory):
         for param_name, p in model.named_parameters():
             if "norm" in param_name or param_name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.3)
+            elif any(part in param_name for part in ("q_proj", "k_proj", "qkv_proj")):
+                p.mul_(QK_SCALE)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
     return name, load_model(path, dtype=torch.float32), engine
