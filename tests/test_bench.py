@@ -228,3 +228,29 @@ def test_phase_rows_arithmetic_from_crafted_timings(monkeypatch):
     assert prefill["dense", 512]["vs_decode"] == pytest.approx(256 / 10)
     assert prefill["llama.cpp", 512]["vs_llama_cpp"] is None
     assert prefill["llama.cpp", 512]["peer_type"] == "f16" and prefill["dense", 512]["peer_type"] is None
+
+
+def test_decode_rows_arithmetic_from_crafted_timings(monkeypatch):
+    """The e2e rows' derived numbers from timings chosen here: tokens/s, the ratio to our dense,
+    the tokens/s the bandwidth allows at the row's bytes, and the share of it reached."""
+    from turbo_demo.bench import e2e
+
+    real = e2e.round_robin
+    crafted = {("transformers", None): 2.0, ("dense", None): 0.5, ("exact", None): 0.25}
+
+    def timings(calls, rounds, bar):
+        real(calls, 1, bar)  # every engine decodes once: the rows' bytes and sparsity are real
+        return {key: crafted[key] for key in calls}
+
+    monkeypatch.setattr(e2e, "round_robin", timings)
+    settings = tiny_settings(None)
+    model = tiny_model("drelu")
+    rows = {r["engine"]: r for r in e2e.bench_model("tiny", model, None, 4, settings, Kernels(), 10.0, False)}
+    assert set(rows) == {"transformers", "dense", "exact"}
+    for engine, seconds in (("transformers", 2.0), ("dense", 0.5), ("exact", 0.25)):
+        row = rows[engine]
+        assert row["tokens_per_s"] == pytest.approx(4 / seconds)
+        assert row["speedup_vs_dense"] == pytest.approx(0.5 / seconds)
+        assert row["limit_tokens_per_s"] == pytest.approx(10.0e9 / row["bytes_per_token"])
+        assert row["bandwidth_share"] == pytest.approx(row["bytes_per_token"] / 10.0e9 / (seconds / 4))
+    assert rows["exact"]["bytes_per_token"] < rows["dense"]["bytes_per_token"]  # it skips rows
