@@ -185,29 +185,49 @@ def test_every_mode_runs_quantized_on_both_backends(backends, fmt):
         assert t == tokens["torch", "dense" if mode in ("dense", "exact", "threshold") else mode]
 
 
-def test_int8_exact_equals_dense_and_the_dequantized_model(backends):
+def quantized_reference(model, fmt: str):
+    """The model as a quantized runtime computes it, in transformers' own forward: each matrix
+    replaced by its dequantized blocks, and the input of each linear layer but the down
+    projection (whose row sums read h unquantized) quantized per block to Q8_0 first."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:  # W_down in blocks of its neuron-major rows
+                p.copy_(dequantize(quantize(p.t(), fmt)).t() if "down_proj" in name else dequantize(quantize(p, fmt)))
+        # a tied LM head is quantized, its embedding (a lookup) is not: untie them
+        model.lm_head.weight = torch.nn.Parameter(dequantize(quantize(model.lm_head.weight, fmt)))
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("down_proj"):
+            module.register_forward_pre_hook(lambda _, args: (quantize_activation(args[0]),))
+    return model
+
+
+def test_int8_exact_equals_dense_and_the_quantized_formula(backends):
     """exact == dense at int8 (the same rows, the same arithmetic), and the int8 runtime's
-    logits are those of the model with its matrices replaced by their dequantized values, up to
-    the rounding of the activations (x quantized per block)."""
+    logits are those of transformers' forward on the dequantized weights with the activations
+    quantized where the kernels quantize them (quantized_reference), up to fp32 summation order
+    and a Q8 rounding an order flips (1e-3 of the logits' scale). W_down 20% off fails it."""
     model = tiny_model("drelu", seed=2)
     packed = pack(model, "int8")
-    dequantized = tiny_model("drelu", seed=2)
+    ids = torch.tensor([3, 17, 42, 7])
     with torch.no_grad():
-        for name, p in dequantized.named_parameters():
-            fmt = "int8" if p.dim() == 2 and "embed" not in name else None
-            if fmt:
-                p.copy_(dequantize(quantize(p, fmt)))
-    plain = pack(dequantized)
+        expected = quantized_reference(tiny_model("drelu", seed=2), "int8")(ids[None]).logits[0, -1]
+    tol = dict(atol=1e-3 * float(expected.abs().max()), rtol=0.0)
     for kernels in backends:
         logits = {}
         for mode in ("dense", "exact"):
             runtime = LeanRuntime(packed, mode, kernels)
-            runtime.prefill(torch.tensor([3, 17, 42]))
-            logits[mode] = runtime.decode(7)[0]
+            runtime.prefill(ids[:-1])
+            logits[mode] = runtime.decode(int(ids[-1]))[0]
         torch.testing.assert_close(logits["exact"], logits["dense"], atol=1e-5, rtol=1e-5)
-        ref = LeanRuntime(plain, "dense", kernels)
-        ref.prefill(torch.tensor([3, 17, 42]))
-        torch.testing.assert_close(logits["dense"], ref.decode(7)[0], atol=0.05, rtol=0.05)
+        torch.testing.assert_close(logits["dense"], expected, **tol)
+    wrong = tiny_model("drelu", seed=2)
+    with torch.no_grad():
+        for layer in wrong.model.layers:
+            layer.mlp.down_proj.weight.mul_(0.8)
+    runtime = LeanRuntime(pack(wrong, "int8"), "dense", backends[0])
+    runtime.prefill(ids[:-1])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(runtime.decode(int(ids[-1]))[0], expected, **tol)
 
 
 @pytest.fixture(scope="module")
