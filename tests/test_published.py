@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from turbo_demo.app.catalog import ModelStore, model_modes
 from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.bench.full import CONFIG as PUBLISHED
 from turbo_demo.cli import main
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
@@ -35,31 +36,14 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-CONFIG = {  # as published, but small; no predictor rank or threshold
-    "architectures": ["BambooForCausalLM"],
-    "auto_map": {
-        "AutoConfig": "configuration_bamboo.BambooConfig",
-        "AutoModel": "modeling_bamboo.BambooModel",
-        "AutoModelForCausalLM": "modeling_bamboo.BambooForCausalLM",
-    },
-    "model_type": "bamboo",
-    "hidden_act": "relu",
+CONFIG = {  # as published (bench --full writes it at full size), but small
+    **PUBLISHED,
     "hidden_size": 64,
     "intermediate_size": 192,
     "num_hidden_layers": len(RANKS),
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 10000.0,
-    "sliding_window": 4096,
-    "max_position_embeddings": 32768,
     "vocab_size": VOCAB,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "transformers_version": "4.41.0",
 }
 
 

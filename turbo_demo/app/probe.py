@@ -26,6 +26,8 @@ from pathlib import Path
 
 import requests
 
+from turbo_demo.app.texts import API_PROMPT
+
 BAD_TEXT = [None, 3, [], {}, "", " ", "\x00" * 10, "x" * 5000, float("nan")]
 BAD_NUMBERS = [None, "a", float("nan"), float("inf"), -float("inf"), -1, 2**70, 1e30, [], True]
 BAD_MODELS = ["/etc", "/root/.ssh", "~", "../", "assets/models/dense-swiglu/../dense-swiglu", "org/name", None, 7]
@@ -185,7 +187,7 @@ def default_compares(url: str, runs: int = 4) -> list[dict]:
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    return [client.predict("def f(x):", api_name="/compare") for _ in range(runs)]
+    return [client.predict(API_PROMPT, api_name="/compare") for _ in range(runs)]
 
 
 def served_and_in_process(backend: str, runs: int) -> dict:

@@ -1,5 +1,8 @@
 """The words of the page: its examples, introduction and About tab."""
 
+# The prompt of `bench --served`'s calls of the compare endpoint, served and in-process alike
+# (README's gradio_client example sends the same)
+API_PROMPT = "def f(x):"
 EXAMPLES = [
     "def fibonacci(n):\n    ",
     'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',

@@ -7,7 +7,7 @@ the weights' first reads) happen here rather than in the first Generate. The com
 runtimes, warm, stay in their models' pools (app/pool.py): the page's default compare borrows
 them, so that its first visitor's load and warm-up read 0 s.
 
-`default_compares(kernels, runs)` runs the compare endpoint's default (prompt "def f(x):", 64
+`default_compares(kernels, runs)` runs the compare endpoint's default (texts.API_PROMPT, 64
 greedy tokens) in this process, the counterpart of probe.default_compares on a served app.
 `time_compare(path, quant, kernels)` times a warm compare of one model dense against predictor,
 as `bench --full` asks at the paper's scale: the engine's seconds beyond the sides' own prefill
@@ -19,7 +19,7 @@ from threading import Event
 
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary, run_compare
-from turbo_demo.app.texts import EXAMPLES
+from turbo_demo.app.texts import API_PROMPT, EXAMPLES
 from turbo_demo.model.activations import activation_histograms
 from turbo_demo.runtime import Kernels
 
@@ -68,14 +68,14 @@ def time_compare(path: str, quant: str | None, kernels: Kernels, tokens: int = W
 
 
 def default_compares(kernels: Kernels, runs: int = 4) -> list[dict]:
-    """The compare endpoint's default run (page_api.compare with the prompt "def f(x):" only),
+    """The compare endpoint's default run (page_api.compare with API_PROMPT only),
     `runs` times in this process on a store warmed as app.py warms it: its JSON summaries."""
     store = ModelStore()
     warm_up(store, kernels)
     summaries = []
     for _ in range(runs):
         left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
-        for _ in run_compare(store, left, right, "def f(x):", Settings(64, 0.0, 1.0, 0), Event(), kernels):
+        for _ in run_compare(store, left, right, API_PROMPT, Settings(64, 0.0, 1.0, 0), Event(), kernels):
             pass
         summaries.append(compare_summary(left, right))
     return summaries

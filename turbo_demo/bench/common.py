@@ -105,18 +105,25 @@ def rotated(items, turn: int) -> list:
 SETTLE_S = 0.05
 
 
-def round_robin(calls: dict, rounds: int, bar) -> dict[str, float]:
-    """Median seconds per call of each callable: one untimed warm-up call each, then `rounds`
-    rounds that call each once (after SETTLE_S), in an order rotating every round."""
+def timed_rounds(calls: dict, rounds: int, bar) -> dict:
+    """Each call's results, medians over `rounds` rounds: one untimed warm-up call each, then
+    rounds that call each once (after SETTLE_S), in an order rotating every round; a call
+    returns a tuple of seconds, and each of its items gets its own median."""
     for fn in calls.values():
         fn()
-    times = defaultdict(list)
+    results = defaultdict(list)
     for turn in range(rounds):
-        for name in rotated(list(calls), turn):
+        for key in rotated(list(calls), turn):
             time.sleep(SETTLE_S)
-            times[name].append(timed(calls[name]))
+            results[key].append(calls[key]())
         bar.update()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {key: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for key, rs in results.items()}
+
+
+def round_robin(calls: dict, rounds: int, bar) -> dict[str, float]:
+    """Median seconds per call of each callable (timed_rounds of their run times)."""
+    runs = {name: lambda fn=fn: (timed(fn),) for name, fn in calls.items()}
+    return {name: seconds for name, (seconds,) in timed_rounds(runs, rounds, bar).items()}
 
 
 def nbytes(t: torch.Tensor) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from turbo_demo.bench.common import MISTRAL_7B, published_ranks
-from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_PROMPT, REQUEST_TOKENS, ours_request, prompt_ids
+from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_PROMPT, REQUEST_TOKENS, prompt_ids, request_seconds
 
 LAYERS = 32
 VOCAB = 32064
@@ -42,6 +42,11 @@ COMPARE_TOKENS = 16
 LAYERS_PER_SHARD = 4
 CONFIG = {  # as published (published-formats.md), no predictor rank or threshold
     "architectures": ["BambooForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_bamboo.BambooConfig",
+        "AutoModel": "modeling_bamboo.BambooModel",
+        "AutoModelForCausalLM": "modeling_bamboo.BambooForCausalLM",
+    },
     "model_type": "bamboo",
     "hidden_act": "relu",
     "hidden_size": MISTRAL_7B["hidden_size"],
@@ -185,7 +190,9 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
         # the other core is the web server's; the prompt still runs on every core)
         for threads in dict.fromkeys((torch.get_num_threads(), 1)):
             with torch_threads(threads):
-                ttft, total = ours_request(runtime, prompt_ids(REQUEST_PROMPT, vocab), REQUEST_TOKENS)
+                ttft, total = request_seconds(
+                    runtime.generate(prompt_ids(REQUEST_PROMPT, vocab), REQUEST_TOKENS, warm_up=0)
+                )
             rate = (REQUEST_TOKENS - 1) / (total - ttft)
             result["request"].append(
                 {"engine": mode, "decode_threads": threads, "prompt_tokens": REQUEST_PROMPT,

@@ -20,7 +20,7 @@ group of TORCHAO_GROUP.
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,13 +92,18 @@ class LlamaCpp:
         self.llm.reset()
         self.next_token(ids)
 
-    def generate(self, prompt: list[int], tokens: int) -> list[int]:
-        """Greedy decoding of `tokens` tokens after `prompt`, one llama_decode per new token."""
+    def tokens(self, prompt: list[int], tokens: int) -> Iterator[int]:
+        """Greedy decoding of `tokens` tokens after `prompt` (one batch from position 0), one
+        llama_decode per new token, each yielded as it comes."""
         self.llm.reset()
-        out = [self.next_token(prompt)]
-        while len(out) < tokens:
-            out.append(self.next_token(out[-1:]))
-        return out
+        token = self.next_token(prompt)
+        yield token
+        for _ in range(tokens - 1):
+            token = self.next_token([token])
+            yield token
+
+    def generate(self, prompt: list[int], tokens: int) -> list[int]:
+        return list(self.tokens(prompt, tokens))
 
 
 @dataclass

@@ -16,15 +16,14 @@
 Each is a median over rounds in which the variants take turns in a rotating order (common.py).
 """
 
-import statistics
 import sys
 import time
-from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
 
-from turbo_demo.bench.common import SETTLE_S, Settings, rotated
+from turbo_demo.bench.common import Settings, timed, timed_rounds
 from turbo_demo.bench.peers import Peer
 from turbo_demo.model.checkpoint import dtype_name
 from turbo_demo.runtime import LeanRuntime, PackedModel
@@ -42,43 +41,13 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return [(7 * i + 1) % vocab for i in range(n)]
 
 
-def timed_rounds(calls: dict, rounds: int, bar) -> dict:
-    """Each call's results over `rounds` rounds in a rotating order (after SETTLE_S each), after
-    one untimed call each; a call returns a tuple of seconds."""
-    for fn in calls.values():
-        fn()
-    results = defaultdict(list)
-    for turn in range(rounds):
-        for key in rotated(list(calls), turn):
-            time.sleep(SETTLE_S)
-            results[key].append(calls[key]())
-        bar.update()
-    return {key: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for key, rs in results.items()}
-
-
-def ours_request(runtime: LeanRuntime, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """(seconds to the first new token, seconds in all) of one generate() call."""
+def request_seconds(tokens: Iterator) -> tuple[float, float]:
+    """(seconds to the first new token, seconds in all) of a request: iterating `tokens`, its
+    new tokens as they come (a generator, which starts its work at the first one)."""
     start, first = time.perf_counter(), None
-    for _ in runtime.generate(prompt, tokens, warm_up=0):
+    for _ in tokens:
         first = first or time.perf_counter() - start
     return first, time.perf_counter() - start
-
-
-def peer_request(peer: Peer, prompt: list[int], tokens: int) -> tuple[float, float]:
-    llm = peer.llama_cpp
-    start = time.perf_counter()
-    llm.llm.reset()
-    out = [llm.next_token(prompt)]
-    first = time.perf_counter() - start
-    while len(out) < tokens:
-        out.append(llm.next_token(out[-1:]))
-    return first, time.perf_counter() - start
-
-
-def seconds_of(fn, *args) -> tuple[float]:
-    start = time.perf_counter()
-    fn(*args)
-    return (time.perf_counter() - start,)
 
 
 def bench_phases(
@@ -118,8 +87,10 @@ def bench_phases(
 
     rows = []
     prompt = prompt_ids(REQUEST_PROMPT, vocab)
-    calls = {key: lambda r=r: ours_request(r, prompt, REQUEST_TOKENS) for key, r in runtimes.items()}
-    calls |= {key: lambda p=p: peer_request(p, prompt, REQUEST_TOKENS) for key, p in llama.items()}
+    calls = {
+        key: lambda r=r: request_seconds(r.generate(prompt, REQUEST_TOKENS, warm_up=0)) for key, r in runtimes.items()
+    }
+    calls |= {key: lambda p=p: request_seconds(p.llama_cpp.tokens(prompt, REQUEST_TOKENS)) for key, p in llama.items()}
     bar = tqdm(total=s.e2e_rounds, desc=f"request {label}", file=sys.stderr, disable=not progress, leave=False)
     decode_rate = {}
     for key, (ttft, total) in timed_rounds(calls, s.e2e_rounds, bar).items():
@@ -139,8 +110,8 @@ def bench_phases(
     for n in PREFILL_TOKENS:
         ids = prompt_ids(n, vocab)
         tensor = torch.tensor(ids)
-        calls = {key: lambda r=r, t=tensor: seconds_of(r.prefill, t) for key, r in runtimes.items()}
-        calls |= {key: lambda p=p, i=ids: seconds_of(p.llama_cpp.prefill, i) for key, p in llama.items()}
+        calls = {key: lambda r=r, t=tensor: (timed(r.prefill, t),) for key, r in runtimes.items()}
+        calls |= {key: lambda p=p, i=ids: (timed(p.llama_cpp.prefill, i),) for key, p in llama.items()}
         bar = tqdm(total=s.e2e_rounds, desc=f"prefill {n} {label}", file=sys.stderr, disable=not progress, leave=False)
         seconds = {key: v[0] for key, v in timed_rounds(calls, s.e2e_rounds, bar).items()}
         bar.close()

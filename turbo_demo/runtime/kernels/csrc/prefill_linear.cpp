@@ -18,6 +18,7 @@
 
 namespace {
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 // The prompt's tokens quantized as quantize_act quantizes one, block-major (a block's tokens
 // contiguous, as q_linear reads them): q (nb, T, 32), d and s (nb, T); corr (nb, T) = -128 sum(q)
 // of the block, the term that reading int8 weights as w + 128 adds.
@@ -50,7 +51,6 @@ QActs quantize_acts(const T* x, int64_t tokens, int64_t k) {
   return a;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 constexpr int kRows = 16;   // rows per q_linear group: one per 32-bit lane
 constexpr int kTokens = 6;  // tokens per pass over a block in registers (6 x 2 independent sums)
 

@@ -48,7 +48,7 @@ inline void dequant32(const uint8_t* blk, __m512& w0, __m512& w1) {
 template <int FMT, int M, typename T>
 void times_tile(const QW& wt, const float* h, int64_t n_in, int64_t t0, const std::vector<int32_t>& rows, int64_t b,
                 T* y) {
-  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
+  const int64_t bb = block_bytes(FMT);
   __m512 a0[M], a1[M];
   for (int j = 0; j < M; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
   const int64_t k = static_cast<int64_t>(rows.size());
@@ -181,7 +181,7 @@ template <int FMT>
 void times_bf16(const QW& wt, const bf16_bits* hp, int64_t tokens, bf16_bits* y) {
   const int64_t n_in = wt.rows, n_pad = n_in + (n_in & 1), nb = (wt.cols + kQBlock - 1) / kQBlock;
   const int64_t groups = (nb + kGroupBlocks - 1) / kGroupBlocks, stride = kGroupBlocks * kQBlock;
-  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
+  const int64_t bb = block_bytes(FMT);
   std::vector<bf16_bits> h(tokens * n_pad, 0);  // rows of even length: the last pair's second is 0
   for (int64_t t = 0; t < tokens; ++t) std::memcpy(h.data() + t * n_pad, hp + t * n_in, n_in * sizeof(bf16_bits));
   const int threads = threads_for<uint8_t>(wt.rows * wt.row_bytes);
