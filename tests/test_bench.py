@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from turbo_demo.bench import FFN_MODES, Settings, format_table, run_bench, settings_for
-from turbo_demo.bench.peers import all_peers
+from turbo_demo.bench.common import Settings, settings_for
+from turbo_demo.bench.ffn import FFN_MODES
+from turbo_demo.bench.peers import all_peers, close_all
+from turbo_demo.bench.report import format_table
+from turbo_demo.bench.run import run_bench
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
@@ -182,10 +185,9 @@ def test_peers_decode_and_read_what_their_formats_store(tmp_path):
     """llama.cpp at f16 / q8_0 / q4_0 on a GGUF of the weights and torchao int8 decode the
     bench's tokens; their bytes per token follow their formats (torchao int4 needs rows of 128:
     a note at this size)."""
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("torchao")
     model, notes = tiny_model("drelu").to(torch.bfloat16), []
     peers = all_peers(model, None, [1], 3, tmp_path, notes)
+    assert not any("not installed" in n for n in notes), notes  # requirements-test.txt installs both
     assert set(peers) == {("llama.cpp", t) for t in ("f16", "q8_0", "q4_0")} | {("transformers+torchao", "int8")}
     assert len(peers["llama.cpp", "q8_0"].run()) == 3
     peers["transformers+torchao", "int8"].run()
@@ -196,7 +198,9 @@ def test_peers_decode_and_read_what_their_formats_store(tmp_path):
     assert size["llama.cpp", "q8_0"] == weights * 34 // 32
     assert size["llama.cpp", "q4_0"] < size["llama.cpp", "q8_0"]
     assert size["transformers+torchao", "int8"] == pytest.approx(weights, rel=0.1)
-    assert any("int4 skipped" in n for n in notes)
+    assert any(n.startswith("transformers+torchao int4: ValueError: hidden size 32") for n in notes)
+    close_all(peers)
+    assert not any(peer.worker.process.is_alive() for peer in peers.values())
 
 
 def test_phase_rows_arithmetic_from_crafted_timings(monkeypatch):
@@ -206,7 +210,7 @@ def test_phase_rows_arithmetic_from_crafted_timings(monkeypatch):
     from turbo_demo.bench.peers import Peer
 
     packed = pack(tiny_model("drelu"))
-    peer = Peer(run=lambda: None, bytes_per_token=1, llama_cpp=object())  # never called: timings are crafted
+    peer = Peer(worker=None, bytes_per_token=1, prompt=[1], tokens=1)  # never called: timings are crafted
     crafted = {
         "request": {("dense", None): (0.5, 6.8), ("llama.cpp", None): (0.25, 2.35)},
         32: {("dense", None): (0.4,), ("llama.cpp", None): (0.8,)},

@@ -1,18 +1,20 @@
 """export-gguf: what GGUFReader reads back equals the checkpoint (after undoing the Q/K
 permutation), the permutation turns HF's rotary embedding into llama.cpp's, the quantized types
-are the formats we use, and, where llama-cpp-python is installed, llama.cpp runs the file as
-transformers runs the checkpoint."""
+are the formats we use, and llama.cpp runs the file as
+transformers runs the checkpoint (llama-cpp-python is in requirements-test.txt)."""
 
 import json
 import sys
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from conftest import SHIPPED, TINY
 from turbo_demo.bench.e2e import other_bytes
-from turbo_demo.bench.peers import LlamaCpp, gguf_step_bytes
+from turbo_demo.bench.llamacpp import LlamaCpp
+from turbo_demo.bench.peers import gguf_step_bytes, start_llama_cpp
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import load_model
@@ -21,7 +23,6 @@ from turbo_demo.model.quantized import quantize_checkpoint
 from turbo_demo.runtime import pack
 from turbo_demo.runtime.quant import quantize
 
-gguf = pytest.importorskip("gguf")
 DENSE = SHIPPED / "dense-swiglu"
 
 
@@ -176,7 +177,7 @@ def test_llama_cpp_runs_the_f16_file_as_transformers_runs_the_checkpoint(tmp_pat
     """Logits on a short prompt within 0.05 of transformers' fp32 ones (the checkpoint is stored
     in fp16, as the F16 file; measured: 0.007 of logits up to 15), the same greedy tokens, and
     llama.cpp's tokenizer splits text as ours does."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     from transformers import AutoTokenizer
 
     llm = llama_cpp.Llama(str(export_gguf(DENSE, tmp_path / "m.gguf")), n_ctx=128, logits_all=True, verbose=False)
@@ -196,3 +197,20 @@ def test_llama_cpp_runs_the_f16_file_as_transformers_runs_the_checkpoint(tmp_pat
     # generates before it stops at the end-of-text token
     hf = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
     assert LlamaCpp(tmp_path / "m.gguf", torch.get_num_threads(), 128).generate(ids, 12)[: len(hf)] == hf
+
+
+def test_llama_cpp_starts_without_extra_buffer_types_where_they_crash(tiny_dirs, tmp_path):
+    """The bench starts llama.cpp in its own process with its extra buffer types (AMX, the CPU
+    repacks), else, where that process dies (SIGILL in AMX's tilezero on this project's Intel
+    machine), without them; the flag reaches llama.cpp's model parameters, and both decode the
+    same tokens as a llama.cpp without them in this process."""
+    path = export_gguf(tiny_dirs["dense"], tmp_path / "m.gguf", "q8_0")
+    plain = LlamaCpp(path, 1, 64, extra_bufts=False)
+    assert plain.llm.model_params.use_extra_bufts is False
+    notes = []
+    worker = start_llama_cpp(path, "q8_0", 1, 64, notes)
+    assert worker.call("generate", [1, 2, 3], 5) == plain.generate([1, 2, 3], 5)
+    fallback = "with llama.cpp's extra buffer types on: run with use_extra_bufts=False"
+    assert len(notes) <= 1 and all(n.startswith("llama.cpp q8_0: ") and n.endswith(fallback) for n in notes)
+    print(notes)  # -s shows which way it started here
+    worker.close()

@@ -6,9 +6,10 @@ import pytest
 import torch
 from test_moe import CONFIG, write_layout
 
-from turbo_demo.bench import Settings, format_table
+from turbo_demo.bench.common import Settings
 from turbo_demo.bench.e2e import bench_moe_models
 from turbo_demo.bench.moe import MOE_MODES, bench_moe, random_moe, shape_experts
+from turbo_demo.bench.report import format_table
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import ExactMode
 from turbo_demo.runtime.moe import MoEMode

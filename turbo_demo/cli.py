@@ -99,7 +99,9 @@ def cmd_export_gguf(args) -> None:
 def cmd_bench(args) -> None:
     import torch
 
-    from turbo_demo.bench import format_table, run_bench, settings_for
+    from turbo_demo.bench.common import settings_for
+    from turbo_demo.bench.report import format_table
+    from turbo_demo.bench.run import run_bench
 
     if args.bench_threads:
         torch.set_num_threads(args.bench_threads)

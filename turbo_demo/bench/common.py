@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turbo_demo.bench.process import PeerFailed
 from turbo_demo.choices import QUANTS
 from turbo_demo.errors import UserError
 from turbo_demo.model.bamboo import BambooConfig, BambooMLP
@@ -108,14 +109,28 @@ SETTLE_S = 0.05
 def timed_rounds(calls: dict, rounds: int, bar) -> dict:
     """Each call's results, medians over `rounds` rounds: one untimed warm-up call each, then
     rounds that call each once (after SETTLE_S), in an order rotating every round; a call
-    returns a tuple of seconds, and each of its items gets its own median."""
-    for fn in calls.values():
-        fn()
+    returns a tuple of seconds, and each of its items gets its own median. A call that raises
+    PeerFailed (a peer whose process died: bench/process.py, which notes it) leaves the rounds
+    and the results."""
+    calls = dict(calls)
     results = defaultdict(list)
+
+    def call(key, timed_round: bool) -> None:
+        try:
+            result = calls[key]()
+        except PeerFailed:
+            del calls[key]
+            results.pop(key, None)
+            return
+        if timed_round:
+            results[key].append(result)
+
+    for key in list(calls):
+        call(key, False)
     for turn in range(rounds):
         for key in rotated(list(calls), turn):
             time.sleep(SETTLE_S)
-            results[key].append(calls[key]())
+            call(key, True)
         bar.update()
     return {key: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for key, rs in results.items()}
 

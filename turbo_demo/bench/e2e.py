@@ -12,7 +12,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from turbo_demo.bench.common import Settings, published_ranks, randomize_, round_robin, timed
-from turbo_demo.bench.peers import LLAMA_CPP_CONTEXT, Peer, all_peers
+from turbo_demo.bench.peers import LLAMA_CPP_CONTEXT, Peer, all_peers, close_all
 from turbo_demo.bench.phases import bench_phases
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, load_model
@@ -141,7 +141,8 @@ def bench_model(
                 ffn_bytes = statistics.mean(st.ffn_bytes for st in steps[key])
                 sparsity = 1 - statistics.mean(c for st in steps[key] for c in st.computed_share)
                 results.append(row(key, other_bytes(packs[quant]) + ffn_bytes, sparsity, stats_cost[key]))
-    return results + [row(key, peer.bytes_per_token, None, None) for key, peer in peers.items()]
+    # a peer whose process failed has no timing (bench/process.py; its note says why)
+    return results + [row(key, peer.bytes_per_token, None, None) for key, peer in peers.items() if key in seconds]
 
 
 def bench_e2e(
@@ -162,7 +163,8 @@ def bench_models(
     results = bench_model("7b-shape", stack, predictor, s.stack_tokens, s, kernels, gbps, progress, packs, peers)
     ranks = stack.config.predictor_rank
     phases = bench_phases("7b-shape", packs, {"dense": {}, "predictor": predictor}, ranks, s, kernels, progress, peers)
-    del stack, peers, packs  # the 7b-shape weights and the peers' copies, before the next model loads
+    close_all(peers)
+    del stack, packs  # the 7b-shape weights, before the next model loads
     notes.append(
         f"7b-shape: {s.stack_layers} layers of Mistral-7B's shape, random weights, "
         f"predictor ranks {ranks}{'' if s.stack_ranks else ' (the published range)'} computing "
@@ -184,6 +186,7 @@ def bench_models(
         results += bench_model(
             "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, packs, peers
         )
+        close_all(peers)
     if predictor is None:
         notes.append(
             "embedded-drelu: no predictors in the checkpoint (run `python -m turbo_demo "

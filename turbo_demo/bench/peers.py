@@ -7,8 +7,10 @@
                           weight-only configs, eager (no torch.compile)
 
 Each peer decodes `tokens` tokens after the prompt greedily, as our engines do, timed in the
-bench's round robin beside them. Both packages are optional: a missing one (or a torchao
-without a CPU int4 path: its "opaque" CPU packing is in torchao <= 0.14.1) is a one-line note.
+bench's round robin beside them. Each runs in its own process (bench/process.py): a peer that
+fails to build or crashes, at its start or in any round, is a one-line note and its rows are
+left out, and the run goes on. Both packages are optional: a missing one (or a torchao without
+a CPU int4 path: its "opaque" CPU packing is in torchao <= 0.14.1) is a one-line note too.
 
 llama.cpp's llama architecture computes SwiGLU: on a dReLU model it runs the same matrices with
 another activation, which changes the values but not the bytes a dense step reads or the work
@@ -18,22 +20,23 @@ byte per weight plus a bf16 scale per row, for int4 half a byte plus a bf16 scal
 group of TORCHAO_GROUP.
 """
 
-import copy
 import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from turbo_demo.bench.llamacpp import LlamaCpp
+from turbo_demo.bench.process import PeerFailed, Worker
 from turbo_demo.choices import GGUF_TYPES
+from turbo_demo.model.checkpoint import load_model
 from turbo_demo.model.gguf_export import byte_tokenizer, write_gguf
 
 TORCHAO_GROUP = 128
 LLAMA_CPP_CONTEXT = 1024  # positions: the bench's longest prompt (512) and its new tokens
+LLAMA_CPP_BATCH = 512  # tokens evaluated as one batch: the bench's longest prompt
 LLAMA_CPP_NOTE = (
     "llama.cpp: dense decoding of the same weights as GGUF (export-gguf's writer) through llama-cpp-python, "
     "{threads} threads; on dReLU weights it computes SwiGLU (same matrices, same bytes read)"
@@ -62,59 +65,41 @@ def gguf_step_bytes(path: Path) -> int:
     return sum(matrices.values()) + (0 if "output.weight" in matrices else embedding)
 
 
-class LlamaCpp:
-    """A GGUF file loaded in llama.cpp: n_threads for decoding and batches alike, prompts of up
-    to `n_batch` tokens evaluated as one batch, `n_ctx` positions (at most the model's, or
-    llama.cpp warns)."""
-
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int = 512):
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(
-            str(path),
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_batch,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
-        self.n_vocab = self.llm.n_vocab()
-        self.get_logits = llama_cpp.llama_get_logits
-
-    def next_token(self, ids: list[int]) -> int:
-        """Evaluate ids after the cache's tokens; the greedy next token."""
-        self.llm.eval(ids)
-        return int(np.ctypeslib.as_array(self.get_logits(self.llm.ctx), shape=(self.n_vocab,)).argmax())
-
-    def prefill(self, ids: list[int]) -> None:
-        """The prompt ids from position 0, as one batch (the cache's old tokens are overwritten)."""
-        self.llm.reset()
-        self.next_token(ids)
-
-    def tokens(self, prompt: list[int], tokens: int) -> Iterator[int]:
-        """Greedy decoding of `tokens` tokens after `prompt` (one batch from position 0), one
-        llama_decode per new token, each yielded as it comes."""
-        self.llm.reset()
-        token = self.next_token(prompt)
-        yield token
-        for _ in range(tokens - 1):
-            token = self.next_token([token])
-            yield token
-
-    def generate(self, prompt: list[int], tokens: int) -> list[int]:
-        return list(self.tokens(prompt, tokens))
-
-
 @dataclass
 class Peer:
-    run: Callable[[], object]  # decodes the bench's tokens after its prompt
+    worker: Worker  # the peer's engine (LlamaCpp, Torchao) in its own process
     bytes_per_token: int
-    llama_cpp: LlamaCpp | None = None  # llama.cpp's model, for the prompt phases (bench/phases.py)
+    prompt: list[int]
+    tokens: int
+
+    def run(self) -> list[int]:
+        """The bench's tokens decoded after its prompt."""
+        return self.worker.call("generate", self.prompt, self.tokens)
+
+
+def start_llama_cpp(path: Path, qtype: str, threads: int, n_ctx: int, notes: list[str]) -> Worker | None:
+    """llama.cpp on the GGUF file at `path` in its own process, tried on a prompt batch and two
+    decode steps (where it has crashed): with its extra buffer types, as llama.cpp runs by
+    default, else without them; or None and a note if it fails both ways."""
+    failures = []
+    for extra_bufts in (True, False):
+        try:
+            worker = Worker(f"llama.cpp {qtype}", LlamaCpp, path, threads, n_ctx, LLAMA_CPP_BATCH, extra_bufts)
+            worker.call("generate", [1] * 32, 2)
+        except PeerFailed as exc:
+            failures.append(str(exc))
+            continue
+        worker.on_failure = lambda why: note_once(notes, f"{why}; its rows are left out")
+        if failures:
+            note_once(notes, f"{failures[0]} with llama.cpp's extra buffer types on: run with use_extra_bufts=False")
+        return worker
+    note_once(notes, f"llama.cpp {qtype} left out: {failures[0]}, and with use_extra_bufts=False: {failures[1]}")
+    return None
 
 
 def llama_cpp_peers(model, tokenizer: dict, prompt, tokens: int, tmp: Path, notes: list[str]) -> dict:
-    """{("llama.cpp", type): Peer} for each GGUF type, or {} and a note without the packages."""
+    """{("llama.cpp", type): Peer} for each GGUF type that runs, or {} and a note without the
+    packages."""
     try:
         import gguf  # noqa: F401 (the writer's dependency, checked before the export starts)
         import llama_cpp  # noqa: F401
@@ -127,8 +112,8 @@ def llama_cpp_peers(model, tokenizer: dict, prompt, tokens: int, tmp: Path, note
     peers = {}
     for qtype in GGUF_TYPES:
         path = write_gguf(tmp / f"{qtype}.gguf", model.config, shapes, state.__getitem__, tokenizer, qtype)
-        llm = LlamaCpp(path, threads, n_ctx)
-        peers["llama.cpp", qtype] = Peer(lambda llm=llm: llm.generate(prompt, tokens), gguf_step_bytes(path), llm)
+        if (worker := start_llama_cpp(path, qtype, threads, n_ctx, notes)) is not None:
+            peers["llama.cpp", qtype] = Peer(worker, gguf_step_bytes(path), prompt, tokens)
     note_once(notes, LLAMA_CPP_NOTE.format(threads=threads))
     return peers
 
@@ -158,39 +143,62 @@ def torchao_config(quant: str):
     return Int4WeightOnlyConfig(group_size=TORCHAO_GROUP, int4_packing_format="opaque")
 
 
-def torchao_peers(model, prompt, tokens: int, quants: tuple, notes: list[str]) -> dict:
-    """{("transformers+torchao", quant): Peer} on quantized copies of `model`, and a note for
-    each quant that cannot run here."""
+class Torchao:
+    """transformers' generate on the checkpoint at `path`, loaded in `dtype` and quantized by
+    torchao's weight-only `quant` (a peer's process builds it: bench/process.py)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, quant: str, threads: int):
+        from torchao.quantization import quantize_
+
+        torch.set_num_threads(threads)
+        self.model = load_model(path, dtype)
+        if quant == "int4" and self.model.config.hidden_size % TORCHAO_GROUP:
+            raise ValueError(f"hidden size {self.model.config.hidden_size} is not a multiple of {TORCHAO_GROUP}")
+        quantize_(self.model, torchao_config(quant), filter_fn=runs_dense)
+
+    def generate(self, prompt: list[int], tokens: int) -> list[int]:
+        generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([prompt]), generation_config=generation)
+        return out[0, len(prompt) :].tolist()
+
+
+def torchao_peers(model, checkpoint: Path, prompt, tokens: int, quants: tuple, notes: list[str]) -> dict:
+    """{("transformers+torchao", quant): Peer} on the weights of `model` (saved at `checkpoint`),
+    each quantized in its own process, and a note for each quant that cannot run here."""
     try:
         import torchao
-        from torchao.quantization import quantize_
     except ImportError:
         note_once(notes, "transformers+torchao peers skipped: torchao is not installed (pip install torchao==0.14.1)")
         return {}
-    generation = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     peers = {}
     for quant in quants:
         try:
-            if quant == "int4" and model.config.hidden_size % TORCHAO_GROUP:
-                raise ValueError(f"hidden size {model.config.hidden_size} is not a multiple of {TORCHAO_GROUP}")
-            quantized = copy.deepcopy(model)
-            quantize_(quantized, torchao_config(quant), filter_fn=runs_dense)
-        except (ValueError, TypeError, ImportError, RuntimeError, NotImplementedError) as exc:
+            args = (checkpoint, model.dtype, quant, torch.get_num_threads())
+            worker = Worker(f"transformers+torchao {quant}", Torchao, *args)
+        except PeerFailed as exc:
             hint = "; torchao 0.14.1 has a CPU int4 path" if quant == "int4" else ""
-            why = str(exc).splitlines()[0][:200]
-            note_once(notes, f"transformers+torchao {quant} skipped (torchao {torchao.__version__}): {why}{hint}")
+            note_once(notes, f"{exc} (torchao {torchao.__version__}){hint}")
             continue
-        peers["transformers+torchao", quant] = Peer(
-            lambda q=quantized: q.generate(torch.tensor([prompt]), generation_config=generation),
-            torchao_bytes(model, quant),
-        )
+        worker.on_failure = lambda why: note_once(notes, f"{why}; its rows are left out")
+        peers["transformers+torchao", quant] = Peer(worker, torchao_bytes(model, quant), prompt, tokens)
     return peers
 
 
 def all_peers(model, checkpoint: Path | None, prompt, tokens: int, tmp: Path, notes: list[str]) -> dict:
-    """Every peer that runs here on `model` (the weights of `checkpoint`, None for random ones)."""
+    """Every peer that runs here on `model` (the weights of `checkpoint`, None for random ones,
+    which are saved in tmp for the torchao peers' processes to load)."""
     tmp.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        checkpoint = tmp / "checkpoint"
+        model.save_pretrained(checkpoint)
     return {
         **llama_cpp_peers(model, tokenizer_of(checkpoint), prompt, tokens, tmp, notes),
-        **torchao_peers(model, prompt, tokens, ("int8", "int4"), notes),
+        **torchao_peers(model, checkpoint, prompt, tokens, ("int8", "int4"), notes),
     }
+
+
+def close_all(peers: dict[tuple, Peer] | None) -> None:
+    """Stop the peers' processes (and free what they hold) once their rounds are done."""
+    for peer in (peers or {}).values():
+        peer.worker.close()

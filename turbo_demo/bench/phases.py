@@ -90,7 +90,9 @@ def bench_phases(
     calls = {
         key: lambda r=r: request_seconds(r.generate(prompt, REQUEST_TOKENS, warm_up=0)) for key, r in runtimes.items()
     }
-    calls |= {key: lambda p=p: request_seconds(p.llama_cpp.tokens(prompt, REQUEST_TOKENS)) for key, p in llama.items()}
+    calls |= {
+        key: lambda p=p: request_seconds(p.worker.stream("tokens", prompt, REQUEST_TOKENS)) for key, p in llama.items()
+    }
     bar = tqdm(total=s.e2e_rounds, desc=f"request {label}", file=sys.stderr, disable=not progress, leave=False)
     decode_rate = {}
     for key, (ttft, total) in timed_rounds(calls, s.e2e_rounds, bar).items():
@@ -111,7 +113,7 @@ def bench_phases(
         ids = prompt_ids(n, vocab)
         tensor = torch.tensor(ids)
         calls = {key: lambda r=r, t=tensor: (timed(r.prefill, t),) for key, r in runtimes.items()}
-        calls |= {key: lambda p=p, i=ids: (timed(p.llama_cpp.prefill, i),) for key, p in llama.items()}
+        calls |= {key: lambda p=p, i=ids: (timed(lambda: p.worker.call("prefill", i)),) for key, p in llama.items()}
         bar = tqdm(total=s.e2e_rounds, desc=f"prefill {n} {label}", file=sys.stderr, disable=not progress, leave=False)
         seconds = {key: v[0] for key, v in timed_rounds(calls, s.e2e_rounds, bar).items()}
         bar.close()

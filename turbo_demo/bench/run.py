@@ -1,0 +1,54 @@
+"""The whole benchmark in one run (the method: the bench package's docstring)."""
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from turbo_demo.bench.common import Settings, cpu_name, read_bandwidth
+from turbo_demo.bench.e2e import bench_e2e
+from turbo_demo.bench.ffn import bench_ffn
+from turbo_demo.bench.moe import bench_moe
+from turbo_demo.model.checkpoint import dtype_name
+from turbo_demo.runtime.kernels import cpp, load_kernels
+
+
+def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict:
+    """The whole benchmark as one JSON-ready dict: machine, ffn, e2e and notes. The kernels are
+    chosen once, for the whole run."""
+    notes: list[str] = []
+    kernels = load_kernels(backend, cpp.announce_build)
+    if kernels.name == "torch" and backend == "auto":
+        notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
+    with torch.inference_mode():
+        buf = torch.ones(s.read_bytes // 8192 * 2048)  # a whole number of 4096-wide bf16 rows
+        bar = tqdm(total=5, desc="read bandwidth", file=sys.stderr, disable=not progress, leave=False)
+        gbps, method = read_bandwidth(kernels, buf, bar)
+        bar.close()
+        machine = {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "backend": kernels.name,
+            "dtype": dtype_name(s.dtype),
+            "read_gbps": gbps,
+            "read_method": method,
+        }
+        ffn = bench_ffn(s, kernels, buf, progress)
+        moe = bench_moe(s, kernels, buf, gbps, progress)
+        del buf
+        e2e, phases = bench_e2e(s, kernels, gbps, notes, progress)
+    notes.append(
+        f"moe: {s.moe_layers} MoE layer(s) per step, each of {s.moe_experts} experts of "
+        f"{s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
+        f"{s.moe_top_k}, random weights, {s.moe_sparsity:.0%} in-expert sparsity, predictor rank {s.rank} per expert"
+    )
+    return {
+        "machine": machine,
+        "ffn": ffn,
+        "moe": moe,
+        "e2e": e2e,
+        "prefill": [r for r in phases if r["phase"] == "prefill"],
+        "request": [r for r in phases if r["phase"] == "request"],
+        "notes": notes,
+    }
