@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from turbo_demo.model.bamboo import BambooPredictor
 from turbo_demo.model.hooks import HOOKS, part
 from turbo_demo.offline import corpus
 from turbo_demo.offline.moe_eval import masked_experts
@@ -74,12 +75,20 @@ def train_expert_predictors(
         thresholds.append([])
         for e, expert in enumerate(group):
             key = (i, e)
-            expert.predictor = train_layer(x_train[key], y_train[key], layer_rank, steps, seed + i * len(group) + e)
-            stats = calibrate(expert.predictor, x_val[key], y_val[key], target_recall)
+            if key in x_train:
+                expert.predictor = train_layer(x_train[key], y_train[key], layer_rank, steps, seed + i * len(group) + e)
+            else:  # the router sent it no training token: nothing to learn from, keep all its neurons
+                expert.predictor = keep_all_predictor(expert, layer_rank)
+            width = expert.w2.weight.size(1)
+            x, y = (
+                x_val.get(key, torch.zeros(0, model.config.hidden_size)),
+                y_val.get(key, torch.zeros(0, width, dtype=bool)),
+            )
+            stats = calibrate(expert.predictor, x, y, target_recall)
             expert.threshold = stats["threshold"]
             thresholds[-1].append(stats["threshold"])
             experts.append(
-                {"layer": i, "expert": e, "train_tokens": len(x_train[key]), "val_tokens": len(x_val[key]), **stats}
+                {"layer": i, "expert": e, "train_tokens": len(x_train.get(key, ())), "val_tokens": len(x), **stats}
             )
     model.config.predictor_rank = ranks
     model.config.predictor_threshold = thresholds
@@ -99,13 +108,23 @@ def train_expert_predictors(
     }
 
 
+def keep_all_predictor(expert, rank: int) -> BambooPredictor:
+    """A predictor of zeros: every score is 0, at or above the threshold 0 that calibrate gives
+    an expert without held-out tokens, so every neuron is computed (the expert runs dense)."""
+    predictor = BambooPredictor(expert.w2.weight.size(0), rank, expert.w2.weight.size(1))
+    torch.nn.init.zeros_(predictor.fc1.weight)
+    torch.nn.init.zeros_(predictor.fc2.weight)
+    return predictor.eval()
+
+
 def layer_summary(layer: int, experts: list[dict]) -> dict:
     """A layer's statistics over its experts, weighted by their held-out tokens (the cli table's
-    row); threshold is the experts' mean."""
-    n = sum(x["val_tokens"] for x in experts) or 1
+    row; experts the router sent none have no statistics); threshold is the experts' mean."""
+    seen = [x for x in experts if x["val_tokens"]]
+    n = sum(x["val_tokens"] for x in seen) or 1
 
     def mean(key):
-        return round(sum(x[key] * x["val_tokens"] for x in experts) / n, 4)
+        return round(sum(x[key] * x["val_tokens"] for x in seen) / n, 4)
 
     return {
         "layer": layer,

@@ -86,7 +86,10 @@ def train_layer(r, y, rank: int, steps: int, seed: int, batch_size: int = 1024) 
 
 @torch.no_grad()
 def calibrate(pred: BambooPredictor, r, y, target_recall: float) -> dict:
-    """The highest threshold whose recall on (r, y) is >= target_recall, and its statistics."""
+    """The highest threshold whose recall on (r, y) is >= target_recall, and its statistics
+    (threshold 0 and no statistics where there are no tokens: a MoE expert that none reached)."""
+    if not len(r):
+        return {"threshold": 0.0, "recall": None, "predicted_sparsity": None, "true_sparsity": None}
     scores = pred(r)
     truly = scores[y]  # scores of the truly active neurons, over every held-out token
     # the (k+1)-th smallest of them, k = floor((1 - target) n): at least target * n are >= it
