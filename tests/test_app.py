@@ -9,6 +9,7 @@ from plotly import graph_objects as go
 from turbo_demo.app import plots, views
 from turbo_demo.app.catalog import ModelStore, modes_for, resolve
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
+from turbo_demo.app.menus import settled_mode
 from turbo_demo.errors import UserError
 from turbo_demo.model.activations import activation_histograms
 
@@ -133,6 +134,17 @@ def test_modes_offered_per_model(tiny_dirs):
     assert modes_for(load_config(tiny_dirs["drelu"])) == ["dense", "exact", "threshold"]
     with pytest.raises(UserError):
         resolve("")
+
+
+def test_a_generate_racing_a_model_change_runs_the_mode_the_menu_will_show(tiny_dirs):
+    """The mode menu's old value sent with a new model (Generate clicked before the model
+    change's update arrived: seen in the browser test on a busy machine) is settled as the menu
+    settles it: kept where the model offers it, else the pane's default, else the first mode."""
+    dense, drelu = str(tiny_dirs["dense"]), str(tiny_dirs["drelu"])
+    assert settled_mode(dense, "predictor", "exact") == "dense"  # SwiGLU: dense and threshold
+    assert settled_mode(dense, "predictor", "threshold") == "threshold"
+    assert settled_mode(drelu, "exact", "dense") == "exact"
+    assert settled_mode(drelu, "predictor", "exact") == "exact"  # no predictors in it
 
 
 def test_views_build_the_expected_figures(tiny_dirs):

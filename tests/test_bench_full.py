@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from turbo_demo.bench.common import published_ranks
+from turbo_demo.bench.common import cpu_info, published_ranks
 from turbo_demo.bench.full import CONFIG, measure, write_published
 from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_TOKENS
 from turbo_demo.model.checkpoint import load_config
@@ -32,6 +32,7 @@ def test_the_written_checkpoint_is_the_published_layout(small):
 def test_measure_reports_every_phase_with_consistent_arithmetic(small):
     result = measure(str(small), "int8", "auto", "turbo_demo.app.warm:time_compare")
     assert result["layers"] == 2 and result["predictor_ranks"] == published_ranks(2)
+    assert result["machine"] == cpu_info()  # the CPU travels with the numbers
     load = result["load"]
     assert load["seconds"] > 0 and load["estimate"] > 0
     assert load["peak_vs_estimate"] == pytest.approx(load["peak_rss"] / load["estimate"])

@@ -12,7 +12,7 @@ import gradio as gr
 from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, run_compare
-from turbo_demo.app.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of
+from turbo_demo.app.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of, settled_mode
 from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
 from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO, NEURONS
 from turbo_demo.errors import UserError
@@ -86,7 +86,15 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                             )
                             values = [m for _, m in modes]
                             start = default_mode if default_mode in values else values[0]
-                            mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode")
+                            # custom values pass Gradio's check: a Generate racing a model
+                            # change sends the old model's mode, which on_generate settles
+                            mode = gr.Dropdown(
+                                modes,
+                                value=start,
+                                label="Backend mode",
+                                elem_id=f"{side}-mode",
+                                allow_custom_value=True,
+                            )
                             quant = gr.Dropdown(
                                 QUANT_CHOICES, value=AS_STORED, label="Weights", elem_id=f"{side}-quant"
                             )
@@ -155,9 +163,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
 
         def on_model_change(name, current_mode, preferred):
             modes, error = mode_choices(name, policy.allowed)
-            values = [m for _, m in modes]
-            value = current_mode if current_mode in values else (preferred if preferred in values else values[0])
-            return gr.Dropdown(choices=modes, value=value), error
+            return gr.Dropdown(choices=modes, value=settled_mode(name, current_mode, preferred, policy.allowed)), error
 
         def on_stop(state):
             # no output: a "Stopping…" written into the run's status line could reach the page
@@ -187,6 +193,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             # the session's own dict, changed in place: a Stop clicked before the first update
             # (while queued, or while a model loads) finds this run's Event
             stop = state["stop"] = Event()
+            left_mode = settled_mode(left_model, left_mode, ldefault, policy.allowed)
+            right_mode = settled_mode(right_model, right_mode, rdefault, policy.allowed)
             left = SideRecord(left_model, left_mode, quant=quant_of(left_quant))
             right = SideRecord(right_model, right_mode, quant=quant_of(right_quant))
             try:

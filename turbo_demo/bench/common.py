@@ -145,14 +145,27 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def cpu_name() -> str:
+# The instruction sets the kernels and the peers' paths depend on, as /proc/cpuinfo names them
+SIMD_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """{"cpu": model name, "vendor": AMD / Intel / ..., "simd": the SIMD_FLAGS this CPU has}:
+    every bench result carries it, since the kernels and the peers take other paths per family."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(fields.get("vendor_id", ""), fields.get("vendor_id"))
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "vendor": vendor or platform.machine(),
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+    }
 
 
 def read_bandwidth(kernels: Kernels, buf: torch.Tensor, bar) -> tuple[float, str]:

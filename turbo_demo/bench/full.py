@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from turbo_demo.bench.common import MISTRAL_7B, published_ranks
+from turbo_demo.bench.common import MISTRAL_7B, cpu_info, published_ranks
 from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_PROMPT, REQUEST_TOKENS, prompt_ids, request_seconds
 
 LAYERS = 32
@@ -171,6 +171,7 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
         "model": "published-7b" if config.num_hidden_layers == LAYERS else f"published-{config.num_hidden_layers}",
         "layers": config.num_hidden_layers,
         "quant": quant,
+        "machine": cpu_info(),
         "threads": torch.get_num_threads(),
         "predictor_ranks": [config.rank_of(i) for i in range(config.num_hidden_layers)],
         "budget": BUDGET,

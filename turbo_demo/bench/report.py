@@ -8,7 +8,8 @@ from turbo_demo.bench.ffn import FFN_MODES
 def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['backend']} kernels, {m['dtype']}",
+        f"{m['cpu']} ({' '.join(m['simd'])}), {m['threads']} threads, torch {m['torch']}, "
+        f"{m['backend']} kernels, {m['dtype']}",
         f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']})",
         "",
         "FFN step, batch 1: ms (speed-up vs our dense; predictor also vs transformers)",

@@ -5,7 +5,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from turbo_demo.bench.common import Settings, cpu_name, read_bandwidth
+from turbo_demo.bench.common import Settings, cpu_info, read_bandwidth
 from turbo_demo.bench.e2e import bench_e2e
 from turbo_demo.bench.ffn import bench_ffn
 from turbo_demo.bench.moe import bench_moe
@@ -26,7 +26,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         gbps, method = read_bandwidth(kernels, buf, bar)
         bar.close()
         machine = {
-            "cpu": cpu_name(),
+            **cpu_info(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "backend": kernels.name,
