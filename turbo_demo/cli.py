@@ -91,6 +91,11 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_export_gguf(args) -> None:
+    if args.powerinfer:
+        from turbo_demo.model.powerinfer_gguf import export_powerinfer
+
+        print(export_powerinfer(args.src, args.dst, args.type))
+        return
     from turbo_demo.model.gguf_export import export_gguf
 
     print(export_gguf(args.src, args.dst, args.type))
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch kernels)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = fp32 up to ~1B parameters, else bf16")
     p.add_argument("--quant", choices=QUANTS, help="block-quantize the matrices at load (CPU, lean runtime)")
+    p.add_argument("--predictors", metavar="DIR", help="PowerInfer predictor folder (default: MODEL_DIR-Predictor)")
     p.add_argument("--json", action="store_true", help="print token ids, text and per-step statistics")
     p.set_defaults(func=cmd_generate)
 
@@ -222,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a float checkpoint directory (dense SwiGLU, safetensors)")
     p.add_argument("dst", help="the .gguf file to write")
     p.add_argument("--type", default="f16", choices=GGUF_TYPES, help="matrix type (default f16)")
+    p.add_argument(
+        "--powerinfer",
+        action="store_true",
+        help="instead: a dReLU (bamboo) checkpoint with predictors as PowerInfer's sparse GGUF (f16 or q4_0)",
+    )
     p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("bench", help="measure FFN and decoding speed per mode (tokens/s, bandwidth)")

@@ -48,10 +48,12 @@ def generate(args) -> None:
     if quant is not None:  # streamed from the safetensors into blocks, or a `quantize` checkpoint
         if device.type != "cpu":
             raise UserError("--quant decodes on the CPU: drop --device")
+        if args.predictors:
+            raise UserError("PowerInfer predictors attach to float weights: drop --quant or --predictors")
         packed = load_quantized(args.model_dir, quant, DTYPES.get(args.dtype))
         model = packed.model
     else:
-        model = load_model(args.model_dir, DTYPES.get(args.dtype)).to(device)
+        model = load_model(args.model_dir, DTYPES.get(args.dtype), predictors=args.predictors).to(device)
         packed = pack(model)
     tokenizer = load_tokenizer(args.model_dir)
     generation = read_generation(Path(args.model_dir), model.config, tokenizer)

@@ -84,10 +84,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                             modes, error = (
                                 mode_choices(model.value, policy.allowed) if model.value else ([("dense", "dense")], "")
                             )
-                            values = [m for _, m in modes]
-                            start = default_mode if default_mode in values else values[0]
-                            # custom values pass Gradio's check: a Generate racing a model
-                            # change sends the old model's mode, which on_generate settles
+                            start = default_mode if default_mode in [m for _, m in modes] else modes[0][1]
+                            # custom values: a Generate racing a model change sends the old mode (settled_mode)
                             mode = gr.Dropdown(
                                 modes,
                                 value=start,
@@ -274,26 +272,13 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
 
         linked = [prompt, lm, lmode, rm, rmode, lquant, rquant, max_new, temperature, top_p, seed, tabs]
         demo.load(on_load, None, linked, queue=False, api_visibility="private")
+        # on_generate's parameters, in order
+        inputs = [prompt, lm, lmode, rm, rmode, lquant, rquant, max_new, temperature, top_p, seed]
+        inputs += [chat, system, sparsity, session]
         for button in (generate, talk_buttons[0]):
             button.click(
                 on_generate,
-                [
-                    prompt,
-                    lm,
-                    lmode,
-                    rm,
-                    rmode,
-                    lquant,
-                    rquant,
-                    max_new,
-                    temperature,
-                    top_p,
-                    seed,
-                    chat,
-                    system,
-                    sparsity,
-                    session,
-                ],
+                inputs,
                 outputs,
                 # runs wait in the RunQueue, where Stop reaches them and each client has one place
                 concurrency_limit=CONCURRENT_HANDLERS,

@@ -3,7 +3,9 @@
 A checkpoint directory holds config.json, model.safetensors, tokenizer.json (+ config),
 generation_config.json and, for the models trained here, training_log.json and a README.md
 model card. Everything loads through the transformers Auto classes; bamboo (dReLU) checkpoints
-load without remote code because importing `turbo_demo.model` registers the architecture.
+load without remote code because importing `turbo_demo.model` registers the architecture. A
+ReluLLaMA checkpoint (model_type llama, hidden_act relu: ReGLU) is transformers' own Llama.
+PowerInfer's predictor folders (model/powerinfer.py) attach to a model as it loads.
 
 Models load in fp32 while their fp32 weights stay within FP32_MAX_BYTES (about 1B parameters),
 and in bf16 above: half the memory (Mistral-7B's 7.24B parameters: 14.5 GB instead of 29) and,
@@ -22,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from turbo_demo.errors import UserError
 from turbo_demo.model.headers import read_headers, safetensors_files
 from turbo_demo.model.mixtral import expert_ranks
+from turbo_demo.model.powerinfer import attach_predictors, predictor_folder, read_predictors
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -49,6 +52,12 @@ def load_config(path: str | Path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as exc:
         raise UserError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    if config.model_type != "bamboo" and "BambooForCausalLM" in (getattr(config, "architectures", None) or ()):
+        # Llama's FFN would drop Bamboo's relu on the up branch: a different model, silently
+        raise UserError(
+            f"{path / 'config.json'} names BambooForCausalLM but model_type {config.model_type!r}: "
+            'Bamboo is dReLU (relu on gate and up); set "model_type": "bamboo"'
+        )
     if config.model_type == "bamboo" and config.predictor_rank is None:
         tensors = read_headers(path)
         ranks = [
@@ -107,9 +116,19 @@ def converted_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tens
     return tensors
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device_map: str | dict | None = None):
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    predictors: str | Path | None = None,
+):
     """An eval-mode causal LM from a checkpoint directory, in `dtype` (None: auto_dtype), on the CPU
     or, with a device map ("auto": accelerate fills the GPUs, then the CPU), across devices.
+
+    predictors: a PowerInfer predictor folder to attach (model/powerinfer.py); None: the folder
+    beside `path` named after it (ReluLLaMA-7B-Predictor beside ReluLLaMA-7B) where there is one
+    and the checkpoint carries no predictors of its own. It is read and checked against the
+    config before the weights load, and attached before anyone else holds the model.
 
     Refuses with a UserError, before anything is allocated, a model whose estimated memory
     (memory.estimate: weights, the runtime's copies, a KV cache) exceeds what is available. On
@@ -124,6 +143,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device_map: s
     if dtype is None:
         dtype = auto_dtype(path, config)
     memory.check_fits(memory.estimate(path, dtype, config), memory.available_bytes(device_map))
+    folder = predictor_folder(path, config, predictors)
+    found = None if folder is None else read_predictors(folder, config, dtype)
     try:
         if device_map is None and read_headers(path):
             model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -135,6 +156,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device_map: s
             )
     except Exception as exc:  # a broken file surfaces as many exception types; name it once
         raise UserError(f"cannot load the weights in {path}: {type(exc).__name__}: {exc}") from exc
+    if found is not None:
+        attach_predictors(model, found)
     return model.eval()
 
 

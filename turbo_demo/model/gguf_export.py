@@ -7,7 +7,8 @@ MistralForCausalLM, written with the `gguf` package (llama.cpp's own writer; opt
     metadata  general.architecture = "llama", llama.{context_length, embedding_length,
               block_count, feed_forward_length, attention.head_count, attention.head_count_kv,
               attention.layer_norm_rms_epsilon, rope.freq_base, rope.dimension_count,
-              vocab_size}, and the tokenizer as tokenizer.ggml.* (see `vocab`)
+              vocab_size}, and the tokenizer as tokenizer.ggml.*: byte-level BPE as the "gpt2"
+              model, SentencePiece BPE (Llama / Mistral) as the "llama" one (model/gguf_vocab.py)
     tensors   token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
               ffn_gate, ffn_up, ffn_down}, output_norm, output (absent with tied embeddings:
               llama.cpp then reads token_embd as the LM head)
@@ -26,7 +27,6 @@ The writer streams: the tensor infos go first (shapes from the safetensors heade
 tensor at a time is read, converted and written, so memory holds one matrix, not the model.
 """
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import torch
 from turbo_demo.choices import GGUF_TYPES
 from turbo_demo.errors import UserError
 from turbo_demo.model.checkpoint import check_model_dir
+from turbo_demo.model.gguf_vocab import read_tokenizer, vocab_writer, write_specials
 from turbo_demo.model.headers import read_headers
 
 LAYER_NAMES = {
@@ -100,35 +101,6 @@ def tensor_type(gguf, name: str, shape: tuple, qtype: str):
     return T.Q8_0 if qtype == "q8_0" else T.Q4_0
 
 
-def check_tokenizer(tokenizer: dict) -> None:
-    """Only byte-level BPE (GPT-2's scheme, what turbo_demo/offline/corpus.py trains) maps to
-    llama.cpp's "gpt2" vocab with its "gpt2" pre-tokenizer regex."""
-    model, pre = tokenizer.get("model") or {}, tokenizer.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise UserError(
-            "export-gguf writes byte-level BPE tokenizers (GPT-2 style) only; this tokenizer.json is not one"
-        )
-
-
-def vocab(gguf, tokenizer: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges "a b") as convert_hf_to_gguf.py's get_vocab_base writes them:
-    special added tokens CONTROL, other added ones USER_DEFINED, the rest NORMAL, and ids past
-    the tokenizer's up to the embedding's rows "[PAD{id}]", UNUSED."""
-    by_id = {i: t for t, i in tokenizer["model"]["vocab"].items()}
-    added = {a["id"]: a for a in tokenizer.get("added_tokens", ())}
-    by_id.update({i: a["content"] for i, a in added.items()})
-    T = gguf.TokenType
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        if i in added:
-            types.append(T.CONTROL if added[i].get("special") else T.USER_DEFINED)
-        else:
-            types.append(T.NORMAL if i in by_id else T.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
-    return tokens, types, merges
-
-
 def byte_tokenizer() -> dict:
     """A tokenizer.json dict for random weights: the 256 byte-level symbols, one merge and
     an end-of-text token (id 0), enough for llama.cpp to load a model."""
@@ -154,7 +126,7 @@ def check_llama(config) -> None:
         raise UserError(f"export-gguf writes the default rotary embedding only, not {rope['rope_type']!r}")
 
 
-def write_metadata(writer, config, tokenizer: dict, name: str, qtype: str, gguf) -> None:
+def write_metadata(writer, config, name: str, qtype: str, gguf) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
@@ -173,20 +145,6 @@ def write_metadata(writer, config, tokenizer: dict, name: str, qtype: str, gguf)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    tokens, types, merges = vocab(gguf, tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # byte-level BPE splits words with GPT-2's regex
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for add, token_id in (
-        (writer.add_bos_token_id, config.bos_token_id),
-        (writer.add_eos_token_id, config.eos_token_id),
-        (writer.add_pad_token_id, config.pad_token_id),
-    ):
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(False)  # our tokenizers add no BOS (their post-processor adds nothing)
 
 
 def write_gguf(
@@ -197,17 +155,22 @@ def write_gguf(
     tokenizer: dict,
     qtype: str = "f16",
     name: str = "model",
+    tokenizer_config: Mapping | None = None,
 ) -> Path:
-    """Write `dst` from HF parameters: `shapes` {HF name: shape}, `load(name)` the tensor. The
-    config is not checked here (the bench writes its dReLU stacks too: same shapes, same bytes);
-    `export_gguf` checks it. Tensors llama.cpp has no place for (a predictor) are left out."""
+    """Write `dst` from HF parameters: `shapes` {HF name: shape}, `load(name)` the tensor, and the
+    tokenizer.json dict `tokenizer` with its tokenizer_config.json (special tokens, chat template;
+    none: config's ids). The config is not checked here (the bench writes its dReLU stacks too: same
+    shapes, same bytes); `export_gguf` checks it. Tensors llama.cpp has no place for (a predictor)
+    are left out."""
     gguf = import_gguf()
     if qtype not in GGUF_TYPES:
         raise UserError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
-    check_tokenizer(tokenizer)
+    write_vocab = vocab_writer(tokenizer)  # refuses a tokenizer of neither kind before the file exists
     names = {n: g for n in shapes if (g := gguf_name(n)) and not (g == "output.weight" and config.tie_word_embeddings)}
     writer = gguf.GGUFWriter(Path(dst), "llama")
-    write_metadata(writer, config, tokenizer, name, qtype, gguf)
+    write_metadata(writer, config, name, qtype, gguf)
+    write_vocab(writer, gguf, tokenizer, config.vocab_size)
+    write_specials(writer, tokenizer, tokenizer_config or {}, config)
     types = {}
     for hf, g in names.items():
         shape = tuple(shapes[hf])
@@ -234,7 +197,8 @@ def write_gguf(
 
 def export_gguf(src: str | Path, dst: str | Path, qtype: str = "f16") -> Path:
     """`python -m turbo_demo export-gguf SRC DST --type f16|q8_0|q4_0`: the checkpoint `src`
-    (safetensors, dense SwiGLU Llama / Mistral, byte-level BPE tokenizer) as the GGUF file `dst`."""
+    (safetensors, dense SwiGLU Llama / Mistral, a byte-level or SentencePiece BPE tokenizer) as
+    the GGUF file `dst`."""
     from safetensors import safe_open
 
     from turbo_demo.model.checkpoint import load_config
@@ -254,14 +218,11 @@ def export_gguf(src: str | Path, dst: str | Path, qtype: str = "f16") -> Path:
     unknown = [n for n in headers if gguf_name(n) is None and not n.endswith("rotary_emb.inv_freq")]
     if unknown:
         raise UserError(f"{src} has tensors the llama architecture has no place for, e.g. {unknown[0]}")
-    try:
-        tokenizer = json.loads((src / "tokenizer.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{src} has no readable tokenizer.json: export-gguf needs one ({exc})") from exc
+    tokenizer, tokenizer_config = read_tokenizer(src)
 
     def load(name: str) -> torch.Tensor:
         with safe_open(src / headers[name].file, framework="pt") as f:
             return f.get_tensor(name)
 
     shapes = {n: info.shape for n, info in headers.items()}
-    return write_gguf(dst, config, shapes, load, tokenizer, qtype, name=src.name)
+    return write_gguf(dst, config, shapes, load, tokenizer, qtype, name=src.name, tokenizer_config=tokenizer_config)

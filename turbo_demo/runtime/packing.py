@@ -20,6 +20,7 @@ are, so that a model streamed from its safetensors (model/quantized.py) never ho
 matrices at all.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,8 +84,8 @@ def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
 @dataclass(frozen=True)
 class FFNWeights:
     """One layer's gated FFN: wg, wu (I, H), wd_t (I, H); act applies to the gate, and to the up
-    branch too when drelu (bamboo); the predictor fc1 (R, H), fc2_t (R, I) and its calibrated
-    score threshold when the checkpoint has one."""
+    branch too when drelu (bamboo; a ReLU Llama is ReGLU: drelu False); the predictor fc1 (R, H),
+    fc2_t (R, I) and the bound its scores must exceed (score_bound) when the model has one."""
 
     wg: Weight
     wu: Weight
@@ -126,7 +127,6 @@ def pack_ffn(mlp, config, layer: int, q: Quantizer | None = None) -> FFNWeights:
     if any(getattr(m, "bias", None) is not None for m in mlp.children() if isinstance(m, torch.nn.Linear)):
         raise UserError("the FFN has biases, which the sparse kernels do not add")
     predictor = getattr(mlp, "predictor", None)
-    threshold_of = getattr(config, "threshold_of", None)
     q, prefix = q or Quantizer(), f"model.layers.{layer}.mlp."
     wg, wu = gate_up(mlp, q, prefix)
     return FFNWeights(
@@ -137,8 +137,24 @@ def pack_ffn(mlp, config, layer: int, q: Quantizer | None = None) -> FFNWeights:
         drelu=getattr(config, "model_type", "") == "bamboo",
         fc1=None if predictor is None else q(f"{prefix}predictor.fc1.weight", predictor.fc1.weight.detach()),
         fc2_t=None if predictor is None else q(f"{prefix}predictor.fc2.weight", neuron_major(predictor.fc2)),
-        threshold=None if predictor is None or threshold_of is None else float(threshold_of(layer)),
+        threshold=score_bound(predictor, config, layer),
     )
+
+
+def score_bound(predictor, config, layer: int) -> float | None:
+    """The bound a layer's predictor scores are compared against, strictly (score > bound, as the
+    kernels do): for a PowerInfer predictor (model/powerinfer.py), whose rule is score >= min_score,
+    the largest float32 below min_score (the same neurons for float32 scores, PowerInfer's own
+    compare); else the config's threshold (bamboo's: calibrated, or the published 0.0); None
+    without a predictor or a threshold."""
+    if predictor is None:
+        return None
+    min_score = getattr(predictor, "min_score", None)
+    if min_score is not None:
+        t = torch.tensor(min_score, dtype=torch.float32)
+        return float(torch.nextafter(t, t.new_tensor(-math.inf)))
+    threshold_of = getattr(config, "threshold_of", None)
+    return None if threshold_of is None else float(threshold_of(layer))
 
 
 def ffn_parts(ffns: list) -> list[FFNWeights]:
