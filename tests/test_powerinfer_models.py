@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from turbo_demo.app.catalog import model_modes
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
 from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
@@ -257,6 +258,9 @@ def test_both_load_natively_and_find_their_predictors_beside_them(fixture):
     alone = fixture.path.parent / "elsewhere" / fixture.path.name
     shutil.copytree(fixture.path, alone)
     assert getattr(load_model(alone).model.layers[0].mlp, "predictor", None) is None  # nothing beside it
+    # the app's mode menu offers predictor mode where loading will attach the folder beside it
+    assert model_modes(str(fixture.path)) == ["dense", "exact", "predictor", "threshold"]
+    assert model_modes(str(alone)) == ["dense", "exact", "threshold"]
 
 
 @pytest.mark.parametrize("engine", [LeanRuntime, TransformersRuntime])

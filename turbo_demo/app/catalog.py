@@ -25,6 +25,7 @@ from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model
 from turbo_demo.model.generation import Generation, read_generation
 from turbo_demo.model.hub import fetch, is_hub_id
 from turbo_demo.model.memory import BUDGET_ENV, Estimate, check_fits, default_budget, estimate
+from turbo_demo.model.powerinfer import predictor_folder
 from turbo_demo.model.quantized import check_quant, load_quantized, stored_config, stored_quant
 from turbo_demo.paths import MODELS_DIR
 from turbo_demo.runtime.packing import PackedModel, pack
@@ -67,12 +68,13 @@ def is_dir(path: Path) -> bool:
         return False
 
 
-def modes_for(config) -> list[str]:
-    """The backend modes a model supports: exact needs a ReLU gate, predictor trained predictors."""
+def modes_for(config, predictor_folder: bool = False) -> list[str]:
+    """The backend modes a model supports: exact needs a ReLU gate, predictor trained predictors
+    (its own, or a PowerInfer `predictor_folder` that loading attaches)."""
     modes = ["dense"]
     if getattr(config, "hidden_act", None) == "relu":
         modes.append("exact")
-    if getattr(config, "predictor_rank", None):
+    if getattr(config, "predictor_rank", None) or predictor_folder:
         modes.append("predictor")
     if hasattr(config, "intermediate_size"):
         modes.append("threshold")
@@ -91,7 +93,10 @@ def model_modes(name_or_path: str, allowed: tuple[str, ...] | None = None) -> li
             resolve(name_or_path, allowed)  # the allow-list's refusal
         return ["dense", "exact", "predictor", "threshold"]  # known once it is fetched, at Generate
     path = resolve(name_or_path, allowed)
-    return modes_for(stored_config(path) if stored_quant(path) else load_config(path))
+    if stored_quant(path):  # quantized checkpoints take no PowerInfer folder (load_quantized)
+        return modes_for(stored_config(path))
+    config = load_config(path)
+    return modes_for(config, predictor_folder(path, config) is not None)
 
 
 def identity(path: Path) -> tuple:
