@@ -38,8 +38,8 @@ TORCHAO_GROUP = 128
 LLAMA_CPP_CONTEXT = 1024  # positions: the bench's longest prompt (512) and its new tokens
 LLAMA_CPP_BATCH = 512  # tokens evaluated as one batch: the bench's longest prompt
 LLAMA_CPP_NOTE = (
-    "llama.cpp: dense decoding of the same weights as GGUF (export-gguf's writer) through llama-cpp-python, "
-    "{threads} threads; on dReLU weights it computes SwiGLU (same matrices, same bytes read)"
+    "llama.cpp: dense decoding of the same weights as GGUF (export-gguf's writer) through llama-cpp-python "
+    "{version} ({build}), {threads} threads; on dReLU weights it computes SwiGLU (same matrices, same bytes read)"
 )
 
 
@@ -97,12 +97,21 @@ def start_llama_cpp(path: Path, qtype: str, threads: int, n_ctx: int, notes: lis
     return None
 
 
+def llama_cpp_build() -> str:
+    """The CPU features llama.cpp was built with (AMX, REPACK ...: which of its paths run here)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()  # "CPU : SSE3 = 1 | AVX = 1 | ... | REPACK = 1 | "
+    parts = info.split(":", 1)[-1].split("|")
+    return " ".join(part.split("=")[0].strip() for part in parts if part.strip().endswith("= 1"))
+
+
 def llama_cpp_peers(model, tokenizer: dict, prompt, tokens: int, tmp: Path, notes: list[str]) -> dict:
     """{("llama.cpp", type): Peer} for each GGUF type that runs, or {} and a note without the
     packages."""
     try:
         import gguf  # noqa: F401 (the writer's dependency, checked before the export starts)
-        import llama_cpp  # noqa: F401
+        import llama_cpp
     except ImportError as exc:
         note_once(notes, f"llama.cpp peers skipped: {exc.name} is not installed (pip install llama-cpp-python gguf)")
         return {}
@@ -114,7 +123,7 @@ def llama_cpp_peers(model, tokenizer: dict, prompt, tokens: int, tmp: Path, note
         path = write_gguf(tmp / f"{qtype}.gguf", model.config, shapes, state.__getitem__, tokenizer, qtype)
         if (worker := start_llama_cpp(path, qtype, threads, n_ctx, notes)) is not None:
             peers["llama.cpp", qtype] = Peer(worker, gguf_step_bytes(path), prompt, tokens)
-    note_once(notes, LLAMA_CPP_NOTE.format(threads=threads))
+    note_once(notes, LLAMA_CPP_NOTE.format(version=llama_cpp.__version__, build=llama_cpp_build(), threads=threads))
     return peers
 
 
