@@ -17,9 +17,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
+from turbo_demo.checkpoints.checkpoint import save_checkpoint
 from turbo_demo.errors import UserError
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
-from turbo_demo.model.checkpoint import save_checkpoint
+from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
 from turbo_demo.runtime.kernels import Kernels, load_kernels
 

@@ -11,7 +11,7 @@ from turbo_demo.app.catalog import ModelStore, modes_for, resolve
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
 from turbo_demo.app.menus import settled_mode
 from turbo_demo.errors import UserError
-from turbo_demo.model.activations import activation_histograms
+from turbo_demo.models.activations import activation_histograms
 
 PROMPT = "def add(a, b):\n    return"
 
@@ -128,7 +128,7 @@ def test_stop_ends_both_sides_within_a_step(tiny_dirs):
 
 
 def test_modes_offered_per_model(tiny_dirs):
-    from turbo_demo.model.checkpoint import load_config
+    from turbo_demo.checkpoints.config import load_config
 
     assert modes_for(load_config(tiny_dirs["dense"])) == ["dense", "threshold"]
     assert modes_for(load_config(tiny_dirs["drelu"])) == ["dense", "exact", "threshold"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
+from turbo_demo.checkpoints.checkpoint import load_model
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import load_model
-from turbo_demo.model.hooks import on_gate_up
+from turbo_demo.models.hooks import on_gate_up
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, open_runtime, pack
 from turbo_demo.runtime.kernels import Kernels
 

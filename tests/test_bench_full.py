@@ -9,7 +9,7 @@ import pytest
 from turbo_demo.bench.common import cpu_info, published_ranks
 from turbo_demo.bench.full import CONFIG, measure, write_published
 from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_TOKENS
-from turbo_demo.model.checkpoint import load_config
+from turbo_demo.checkpoints.config import load_config
 
 SMALL = {**CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 300}  # fmt: skip

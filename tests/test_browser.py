@@ -172,7 +172,7 @@ def test_a_side_quantized_at_load_runs_from_the_weights_menu(page):
 def slow_model_dir(tmp_path_factory):
     """A random model big enough (~70M parameters) that 256 tokens take seconds, not a blink."""
     from conftest import tiny_model, tiny_tokenizer
-    from turbo_demo.model.checkpoint import save_checkpoint
+    from turbo_demo.checkpoints.checkpoint import save_checkpoint
 
     model = tiny_model(
         "dense",

@@ -15,11 +15,11 @@ from conftest import SHIPPED, TINY
 from turbo_demo.bench.e2e import other_bytes
 from turbo_demo.bench.llamacpp import LlamaCpp
 from turbo_demo.bench.peers import gguf_step_bytes, start_llama_cpp
+from turbo_demo.checkpoints.checkpoint import load_model
+from turbo_demo.checkpoints.gguf_export import export_gguf, gguf_name, permute_rope, unpermute_rope
+from turbo_demo.checkpoints.quantized import quantize_checkpoint
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import load_model
-from turbo_demo.model.gguf_export import export_gguf, gguf_name, permute_rope, unpermute_rope
-from turbo_demo.model.quantized import quantize_checkpoint
 from turbo_demo.runtime import pack
 from turbo_demo.runtime.quant import quantize
 

@@ -23,9 +23,9 @@ from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, PreTr
 
 from conftest import TEXT
 from turbo_demo.bench.llamacpp import LlamaCpp
+from turbo_demo.checkpoints.checkpoint import load_model, save_checkpoint
+from turbo_demo.checkpoints.gguf_export import export_gguf
 from turbo_demo.cli import main
-from turbo_demo.model.checkpoint import load_model, save_checkpoint
-from turbo_demo.model.gguf_export import export_gguf
 
 SPACE = "\u2581"
 PROSE = (

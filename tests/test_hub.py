@@ -5,9 +5,9 @@ import shutil
 import pytest
 from huggingface_hub import constants
 
+from turbo_demo.checkpoints.checkpoint import load_model
+from turbo_demo.checkpoints.hub import fetch, is_hub_id
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import load_model
-from turbo_demo.model.hub import fetch, is_hub_id
 
 
 def test_what_reads_as_a_hub_id():

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, MistralConfig
 
 from conftest import tiny_model
 from turbo_demo.app.catalog import ModelStore
+from turbo_demo.checkpoints import checkpoint, memory
+from turbo_demo.checkpoints.checkpoint import load_model, save_checkpoint
 from turbo_demo.errors import UserError
-from turbo_demo.model import checkpoint, memory
-from turbo_demo.model.checkpoint import load_model, save_checkpoint
 from turbo_demo.runtime import lean, pack
 
 
@@ -61,7 +61,6 @@ def test_the_estimate_is_the_bytes_a_load_and_its_pack_take(tmp_path, tokenizer)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         for (name, p), q in zip(packed.model.named_parameters(), reference.parameters(), strict=True):
             assert torch.equal(p, q), name
-    assert memory.MAX_CONTEXT == lean.MAX_CONTEXT
 
 
 def test_a_bin_checkpoint_is_estimated_from_its_file_sizes(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_model
-from turbo_demo.model.bamboo import BambooForCausalLM, BambooMLP, swiglu_to_drelu
+from turbo_demo.models.bamboo import BambooForCausalLM, BambooMLP, swiglu_to_drelu
 
 
 def test_drelu_mlp_equals_its_formula():
@@ -32,16 +32,16 @@ def test_save_then_from_pretrained_gives_same_logits(tmp_path):
 
 
 def test_big_models_load_in_bf16_small_ones_in_fp32(tmp_path, monkeypatch):
-    from turbo_demo.model import checkpoint
+    from turbo_demo.checkpoints import checkpoint, config
 
     model = tiny_model("drelu")
     model.to(torch.float16).save_pretrained(tmp_path)  # stored in half precision
     (tmp_path / "pytorch_model.bin").write_bytes(b"0" * 10**6)  # not counted: safetensors come first
     fp32_bytes = 2 * (tmp_path / "model.safetensors").stat().st_size  # twice the fp16 file
     assert checkpoint.load_model(tmp_path).dtype == torch.float32
-    monkeypatch.setattr(checkpoint, "FP32_MAX_BYTES", fp32_bytes)  # just fits, without the .bin
+    monkeypatch.setattr(config, "FP32_MAX_BYTES", fp32_bytes)  # just fits, without the .bin
     assert checkpoint.load_model(tmp_path).dtype == torch.float32
-    monkeypatch.setattr(checkpoint, "FP32_MAX_BYTES", fp32_bytes - 1)
+    monkeypatch.setattr(config, "FP32_MAX_BYTES", fp32_bytes - 1)
     assert checkpoint.load_model(tmp_path).dtype == torch.bfloat16
     assert checkpoint.load_model(tmp_path, torch.float32).dtype == torch.float32  # asked for
 

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import lean, tiny_model
 from turbo_demo.errors import UserError
-from turbo_demo.model.bamboo import BambooConfig, BambooMLP, BambooPredictor
-from turbo_demo.offline.predictors import calibrate, train_predictors
+from turbo_demo.models.bamboo import BambooConfig, BambooMLP, BambooPredictor
+from turbo_demo.offline.fitting import calibrate
+from turbo_demo.offline.predictors import train_predictors
 from turbo_demo.runtime import pack
 from turbo_demo.runtime.calibration import calibration_ids, threshold_options
 from turbo_demo.runtime.kernels import Kernels, reference

@@ -20,13 +20,14 @@ from test_published import layer_weights, reference_attention, rms
 from conftest import tiny_model
 from turbo_demo.app.catalog import ModelStore, model_modes
 from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.checkpoints.checkpoint import load_model
+from turbo_demo.checkpoints.config import load_config
+from turbo_demo.checkpoints.memory import estimate
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
-from turbo_demo.model.activations import activation_histograms
-from turbo_demo.model.checkpoint import load_config, load_model
-from turbo_demo.model.hooks import on_ffn_activation
-from turbo_demo.model.memory import estimate
-from turbo_demo.model.mixtral import TurboSparseMixtralForCausalLM
+from turbo_demo.models.activations import activation_histograms
+from turbo_demo.models.hooks import on_ffn_activation
+from turbo_demo.models.mixtral import TurboSparseMixtralForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
 from turbo_demo.runtime.moe import expert_firing, moe_shape, routing_counts, routing_weights
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from test_moe import CONFIG, EXPERTS, LAYERS, PROMPT, TOP_K, reference_logits, write_layout
 
-from turbo_demo.model.checkpoint import load_model
+from turbo_demo.checkpoints.checkpoint import load_model
 from turbo_demo.offline.evaluate import evaluate, evaluate_dir
 from turbo_demo.offline.moe_eval import unmasked
 from turbo_demo.offline.predictors import train_predictors

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from test_moe import CONFIG, PROMPT, write_layout
 from test_quant import fed_agreement
 
+from turbo_demo.checkpoints import memory
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
+from turbo_demo.checkpoints.quantized import load_quantized
 from turbo_demo.cli import main
-from turbo_demo.model import memory
-from turbo_demo.model.checkpoint import load_model, load_tokenizer
-from turbo_demo.model.quantized import load_quantized
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.packing import ffn_parts

@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 
 from conftest import tiny_model
 from turbo_demo.bench.full import CONFIG as PUBLISHED
+from turbo_demo.checkpoints import gguf_vocab, powerinfer_gguf
+from turbo_demo.checkpoints.checkpoint import save_checkpoint
+from turbo_demo.checkpoints.gguf_export import permute_rope
+from turbo_demo.checkpoints.powerinfer_gguf import export_powerinfer, sparse_threshold
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
-from turbo_demo.model import gguf_vocab, powerinfer_gguf
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
-from turbo_demo.model.checkpoint import save_checkpoint
-from turbo_demo.model.gguf_export import permute_rope
-from turbo_demo.model.powerinfer_gguf import export_powerinfer, sparse_threshold
+from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 
 Q = gguf.GGMLQuantizationType
 RANKS = [16, 8, 24]

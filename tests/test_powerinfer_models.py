@@ -26,12 +26,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from turbo_demo.app.catalog import model_modes
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
+from turbo_demo.checkpoints.generation import encode_prompt
+from turbo_demo.checkpoints.powerinfer import PowerInferPredictor
 from turbo_demo.cli import main
 from turbo_demo.errors import UserError
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
-from turbo_demo.model.checkpoint import load_model, load_tokenizer
-from turbo_demo.model.generation import encode_prompt
-from turbo_demo.model.powerinfer import PowerInferPredictor
+from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
 from turbo_demo.runtime.modes import PredictorMode, PredictorOptions
 

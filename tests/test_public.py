@@ -86,7 +86,7 @@ def test_a_replaced_directory_is_loaded_again_and_a_deleted_one_refused(tmp_path
 
     from conftest import tiny_model
     from turbo_demo.app.catalog import ModelStore
-    from turbo_demo.model.checkpoint import save_checkpoint
+    from turbo_demo.checkpoints.checkpoint import save_checkpoint
 
     path = save_checkpoint(tiny_model("dense", seed=1), tokenizer, tmp_path / "m", dtype=torch.float32)
     store = ModelStore()

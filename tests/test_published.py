@@ -21,10 +21,11 @@ from transformers import PreTrainedTokenizerFast
 from turbo_demo.app.catalog import ModelStore, model_modes
 from turbo_demo.app.compare import Settings, SideRecord, run_compare
 from turbo_demo.bench.full import CONFIG as PUBLISHED
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
+from turbo_demo.checkpoints.config import load_config
+from turbo_demo.checkpoints.generation import encode_prompt, read_generation
 from turbo_demo.cli import main
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
-from turbo_demo.model.checkpoint import load_config, load_model, load_tokenizer
-from turbo_demo.model.generation import encode_prompt, read_generation
+from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
 
 RANKS = [16, 8, 24]

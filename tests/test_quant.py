@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from turbo_demo.model import memory
-from turbo_demo.model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from turbo_demo.model.quantized import load_quantized
+from turbo_demo.checkpoints import memory
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer, save_checkpoint
+from turbo_demo.checkpoints.quantized import load_quantized
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.quant import BLOCK_BYTES, QWeight, dequantize, quantize, quantize_activation
@@ -347,7 +347,7 @@ def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
     import struct
 
     from turbo_demo.errors import UserError
-    from turbo_demo.model.bamboo import BambooConfig
+    from turbo_demo.models.bamboo import BambooConfig
 
     rank, shapes = 1280, {"model.embed_tokens.weight": [32064, 4096], "lm_head.weight": [32064, 4096]}
     for i in range(32):

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from conftest import SHIPPED, lean
-from turbo_demo.model.mixtral import TurboSparseMixtralForCausalLM
+from turbo_demo.models.mixtral import TurboSparseMixtralForCausalLM
 
 MODELS = ["dense-swiglu", "turbosparse-drelu", "turbosparse-relufied", "moe-dense-swiglu", "moe-turbosparse-drelu"]
 CLASSES = {
@@ -60,7 +60,8 @@ def test_shipped_predictors_meet_the_target_their_json_reports(name):
     """The stored predictors and thresholds, measured afresh on the held-out tokens their
     calibration used, give predictors.json's numbers: recall 0.95 at >= 80% predicted sparsity."""
     from turbo_demo.offline import corpus
-    from turbo_demo.offline.predictors import choice_stats, collect
+    from turbo_demo.offline.fitting import choice_stats
+    from turbo_demo.offline.predictors import collect
 
     path = SHIPPED / name
     report = json.loads((path / "predictors.json").read_text())
@@ -96,9 +97,9 @@ def test_shipped_moe_predictors_meet_the_target_their_json_reports():
     predictors.json's numbers (experts with at least 500 such tokens: the rest are too few to
     compare after fp16 storage)."""
     from turbo_demo.offline import corpus
+    from turbo_demo.offline.fitting import choice_stats
     from turbo_demo.offline.moe_eval import unmasked
     from turbo_demo.offline.moe_predictors import collect_experts
-    from turbo_demo.offline.predictors import choice_stats
 
     path = SHIPPED / "moe-turbosparse-drelu"
     report = json.loads((path / "predictors.json").read_text())

@@ -185,7 +185,7 @@ def test_plane_of_crafted_pairs_counts_each_variants_zeros():
 
 
 def test_measured_pairs_are_the_models_own_pre_activations():
-    from turbo_demo.model.hooks import on_ffn_activation
+    from turbo_demo.models.hooks import on_ffn_activation
 
     model, ids = tiny_model("drelu"), [3, 7, 11, 19, 23]
     gate, up = teaching.gate_up_pairs(model, ids)
@@ -277,7 +277,7 @@ def test_hooks_on_a_shared_model_take_turns():
     unpruned baseline (the app's sessions share the model's modules)."""
     import threading
 
-    from turbo_demo.model.hooks import HOOKS, on_ffn_activation, on_gate_up
+    from turbo_demo.models.hooks import HOOKS, on_ffn_activation, on_gate_up
 
     model, inside, leave = tiny_model("drelu"), threading.Event(), threading.Event()
 

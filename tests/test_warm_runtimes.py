@@ -15,9 +15,9 @@ from conftest import REPO, tiny_model
 from turbo_demo.app import pool, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
 from turbo_demo.app.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.checkpoints import memory
+from turbo_demo.checkpoints.checkpoint import save_checkpoint
 from turbo_demo.errors import UserError
-from turbo_demo.model import memory
-from turbo_demo.model.checkpoint import save_checkpoint
 from turbo_demo.runtime import Decoder, Kernels
 from turbo_demo.runtime.modes import ThresholdOptions
 from turbo_demo.runtime.stats import StepStats

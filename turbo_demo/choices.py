@@ -6,7 +6,7 @@ BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: cpp where it builds here, else to
 MODES = ("dense", "exact", "predictor", "threshold")  # FFN modes of the runtime
 DTYPE_CHOICES = ("auto", "fp32", "bf16")  # auto: fp32 for small models, bf16 for big ones
 QUANTS = ("int8", "int4")  # block-quantized matrices (runtime/quant.py); none: as loaded
-GGUF_TYPES = ("f16", "q8_0", "q4_0")  # matrix types `export-gguf` writes (model/gguf_export.py)
+GGUF_TYPES = ("f16", "q8_0", "q4_0")  # matrix types `export-gguf` writes (checkpoints/gguf_export.py)
 # What each mode computes, as the app and `generate --help` say it. On a published TurboSparse
 # checkpoint the predictor's mask is part of the model: predictor mode is the model as published.
 MODE_HELP = {

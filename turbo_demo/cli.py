@@ -84,19 +84,19 @@ def cmd_card(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from turbo_demo.model.checkpoint import DTYPES
-    from turbo_demo.model.quantized import quantize_checkpoint
+    from turbo_demo.checkpoints.config import DTYPES
+    from turbo_demo.checkpoints.quantized import quantize_checkpoint
 
     print(quantize_checkpoint(args.src, args.dst, args.quant, DTYPES.get(args.dtype)))
 
 
 def cmd_export_gguf(args) -> None:
     if args.powerinfer:
-        from turbo_demo.model.powerinfer_gguf import export_powerinfer
+        from turbo_demo.checkpoints.powerinfer_gguf import export_powerinfer
 
         print(export_powerinfer(args.src, args.dst, args.type))
         return
-    from turbo_demo.model.gguf_export import export_gguf
+    from turbo_demo.checkpoints.gguf_export import export_gguf
 
     print(export_gguf(args.src, args.dst, args.type))
 

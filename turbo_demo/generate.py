@@ -34,15 +34,16 @@ def generate(args) -> None:
     """`python -m turbo_demo generate`: stream a model's text in one mode, or print --json."""
     from pathlib import Path
 
-    from turbo_demo.model.checkpoint import DTYPES, dtype_name, load_model, load_tokenizer
-    from turbo_demo.model.generation import encode_prompt, read_generation
+    from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
+    from turbo_demo.checkpoints.config import DTYPES, dtype_name
+    from turbo_demo.checkpoints.generation import encode_prompt, read_generation
     from turbo_demo.runtime import load_kernels, open_runtime, pack
     from turbo_demo.runtime.kernels import cpp
 
     options = mode_options(args)
     device = decode_device(args.device)
     kernels = load_kernels(args.backend, cpp.announce_build, device.type)
-    from turbo_demo.model.quantized import load_quantized, stored_quant
+    from turbo_demo.checkpoints.quantized import load_quantized, stored_quant
 
     quant = getattr(args, "quant", None) or stored_quant(Path(args.model_dir))
     if quant is not None:  # streamed from the safetensors into blocks, or a `quantize` checkpoint

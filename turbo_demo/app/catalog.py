@@ -20,22 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from turbo_demo.app.pool import RuntimePool
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
+from turbo_demo.checkpoints.config import check_model_dir, load_config
+from turbo_demo.checkpoints.generation import Generation, read_generation
+from turbo_demo.checkpoints.hub import fetch, is_hub_id
+from turbo_demo.checkpoints.memory import BUDGET_ENV, Estimate, check_fits, default_budget, estimate
+from turbo_demo.checkpoints.powerinfer import predictor_folder
+from turbo_demo.checkpoints.quantized import check_quant, load_quantized, stored_config, stored_quant
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import check_model_dir, load_config, load_model, load_tokenizer
-from turbo_demo.model.generation import Generation, read_generation
-from turbo_demo.model.hub import fetch, is_hub_id
-from turbo_demo.model.memory import BUDGET_ENV, Estimate, check_fits, default_budget, estimate
-from turbo_demo.model.powerinfer import predictor_folder
-from turbo_demo.model.quantized import check_quant, load_quantized, stored_config, stored_quant
-from turbo_demo.paths import MODELS_DIR
+from turbo_demo.paths import DENSE_MODEL, DRELU_MODEL, MODELS_DIR, MOE_DENSE_MODEL, MOE_DRELU_MODEL, RELUFIED_MODEL
 from turbo_demo.runtime.packing import PackedModel, pack
 
-EMBEDDED = {
-    "Dense SwiGLU": "dense-swiglu",
-    "TurboSparse dReLU": "turbosparse-drelu",
-    "ReLUfied dReLU": "turbosparse-relufied",
-    "Dense MoE": "moe-dense-swiglu",
-    "TurboSparse MoE": "moe-turbosparse-drelu",
+EMBEDDED = {  # menu name: folder under MODELS_DIR
+    "Dense SwiGLU": DENSE_MODEL.name,
+    "TurboSparse dReLU": DRELU_MODEL.name,
+    "ReLUfied dReLU": RELUFIED_MODEL.name,
+    "Dense MoE": MOE_DENSE_MODEL.name,
+    "TurboSparse MoE": MOE_DRELU_MODEL.name,
 }
 DEFAULT_LEFT = ("Dense SwiGLU", "dense")
 DEFAULT_RIGHT = ("TurboSparse dReLU", "predictor")

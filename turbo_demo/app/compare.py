@@ -18,16 +18,15 @@ from threading import Event
 import psutil
 
 from turbo_demo.app.catalog import ModelStore
-from turbo_demo.app.public import LOCAL, Policy
+from turbo_demo.app.public import LOCAL, MAX_NEW_TOKENS, Policy
+from turbo_demo.checkpoints.config import dtype_name
+from turbo_demo.checkpoints.generation import encode_prompt
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import dtype_name
-from turbo_demo.model.generation import encode_prompt
 from turbo_demo.runtime import Kernels
 from turbo_demo.runtime.calibration import threshold_options
 from turbo_demo.runtime.moe import moe_shape
 from turbo_demo.runtime.stats import StepStats, pack_codes
 
-MAX_NEW_TOKENS = 256
 MAX_SPARSITY = 0.95
 MAX_MAP_BYTES = 8 * 2**20  # a side's kept neuron maps: 256 steps of the embedded models take 320 kB
 

@@ -11,9 +11,9 @@ import gradio as gr
 
 from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
 from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.compare import MAX_NEW_TOKENS, MAX_SPARSITY, Settings, SideRecord, run_compare
+from turbo_demo.app.compare import MAX_SPARSITY, Settings, SideRecord, run_compare
 from turbo_demo.app.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of, settled_mode
-from turbo_demo.app.public import LOCAL, Policy, RunQueue, client_of
+from turbo_demo.app.public import LOCAL, MAX_NEW_TOKENS, Policy, RunQueue, client_of
 from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO, NEURONS
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import Kernels

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import gradio as gr
 
 from turbo_demo.app import inspector, plots_inspector
-from turbo_demo.app.compare import MAX_NEW_TOKENS, SideRecord
+from turbo_demo.app.compare import SideRecord
+from turbo_demo.app.public import MAX_NEW_TOKENS
 from turbo_demo.app.texts import INSPECT
 
 

@@ -14,7 +14,7 @@ Each mode's time cannot go below its bytes / the machine's measured read bandwid
 """
 
 from turbo_demo.app.catalog import EMBEDDED
-from turbo_demo.paths import ASSETS, MODELS_DIR, read_json
+from turbo_demo.paths import MODELS_DIR, bench_results, eval_results
 
 BENCH_RANK = 256  # the bench's predictor rank (bench.common.Settings.rank)
 LIMIT_MODES = ("transformers", "dense", "exact", "predictor")
@@ -35,7 +35,7 @@ def bytes_read(mode: str, hidden: int, inter: int, sparsity: float, elem: int = 
 def speed_limits(bench: dict | None = None) -> dict:
     """{shape: {mode: {"sparsity": [...], "ms": [...], "limit_ms": [...]}}} from bench.json's FFN
     rows, with "gbps", the bandwidth the limits divide by ({} without a bench.json)."""
-    bench = read_json(ASSETS / "bench.json") if bench is None else bench
+    bench = bench_results() if bench is None else bench
     if not bench or not bench.get("ffn"):
         return {}
     gbps = bench["machine"]["read_gbps"]
@@ -60,7 +60,7 @@ NO_MOE = "– (no eval.json next to the embedded MoE pair)"
 
 
 def eval_of(folder: str) -> dict:
-    return read_json(MODELS_DIR / folder / "eval.json") or {}
+    return eval_results(MODELS_DIR / folder) or {}
 
 
 def e2e_row(bench: dict, model: str, engine: str, quant: str | None = None) -> dict:
@@ -76,7 +76,7 @@ def topk_rise(ev: dict) -> float:
 def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
     """(figure, the paper's value, ours, the command that measured ours), one per paper figure;
     ours says why where this project has not measured it."""
-    bench = read_json(ASSETS / "bench.json") if bench is None else bench
+    bench = bench_results() if bench is None else bench
     bench = bench or {}
     dense, drelu = eval_of(EMBEDDED["Dense SwiGLU"]), eval_of(EMBEDDED["TurboSparse dReLU"])
     ev = "`python -m turbo_demo eval DIR --json` (held-out split)"

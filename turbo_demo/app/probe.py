@@ -182,7 +182,7 @@ def running_app(port: int, log: Path, *args: str, timeout: float = 300) -> Itera
 
 def default_compares(url: str, runs: int = 4) -> list[dict]:
     """The JSON summaries of `runs` calls of the compare endpoint with the prompt only (every
-    other parameter the page's default), one after another, through gradio_client as README
+    other parameter the page's default), one after another, through gradio_client as docs/the-app.md
     shows it."""
     from gradio_client import Client
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from turbo_demo.errors import UserError
 
-LOCAL_MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS = 256  # the most new tokens a run may ask for (a public policy may allow fewer)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Policy:
     public: bool = False
     allowed: tuple[str, ...] | None = None
     max_prompt_chars: int = 20_000
-    max_new_tokens: int = LOCAL_MAX_NEW_TOKENS
+    max_new_tokens: int = MAX_NEW_TOKENS
     time_limit_s: float = math.inf
     runs_per_client: int = 0  # 0: no limit
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from turbo_demo.app.catalog import EMBEDDED, ModelStore, embedded_names
 from turbo_demo.app.compare import SideRecord
 from turbo_demo.app.views import side_label
-from turbo_demo.model.activations import activation_histograms
-from turbo_demo.model.hooks import on_gate_up
+from turbo_demo.models.activations import activation_histograms
+from turbo_demo.models.hooks import on_gate_up
 from turbo_demo.offline.evaluate import text_sweep
-from turbo_demo.paths import MODELS_DIR, read_json
+from turbo_demo.paths import MODELS_DIR, eval_results
 
 # The paper's Table 3 (WikiText-2, the two ~300M models trained on 5B tokens; top-k by |h|)
 PAPER_SWEEP = {
@@ -40,7 +40,7 @@ def shipped_sweeps() -> dict[str, tuple[list[float], list[float]]]:
     """Each embedded model's "topk_sweep" from its eval.json (written by `eval`), by name."""
     curves = {}
     for name, folder in EMBEDDED.items():
-        curve = (read_json(MODELS_DIR / folder / "eval.json") or {}).get("topk_sweep")
+        curve = (eval_results(MODELS_DIR / folder) or {}).get("topk_sweep")
         if curve:
             curves[name] = (curve["sparsity"], curve["perplexity"])
     return curves

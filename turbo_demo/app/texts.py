@@ -1,7 +1,7 @@
 """The words of the page: its examples, introduction and About tab."""
 
 # The prompt of `bench --served`'s calls of the compare endpoint, served and in-process alike
-# (README's gradio_client example sends the same)
+# (docs/the-app.md's gradio_client example sends the same)
 API_PROMPT = "def f(x):"
 EXAMPLES = [
     "def fibonacci(n):\n    ",

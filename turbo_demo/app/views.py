@@ -15,7 +15,7 @@ import psutil
 from turbo_demo.app import plots, plots_moe
 from turbo_demo.app.catalog import EMBEDDED
 from turbo_demo.app.compare import SideRecord, speedup
-from turbo_demo.paths import ASSETS, MODELS_DIR, read_json
+from turbo_demo.paths import MODELS_DIR, bench_results, eval_results, read_json
 from turbo_demo.runtime.moe import routing_counts, routing_weights
 
 MB = 2**20
@@ -196,7 +196,7 @@ def about_numbers() -> str:
     """A markdown table of the embedded models' eval.json (written by the eval command)."""
     rows = []
     for name, folder in EMBEDDED.items():
-        ev = read_json(MODELS_DIR / folder / "eval.json")
+        ev = eval_results(MODELS_DIR / folder)
         log = read_json(MODELS_DIR / folder / "training_log.json") or {}
         l1 = log.get("settings", {}).get("l1")
         how = f"{log.get('preset', '?')}" + (f" + L1 {l1:g}" if l1 else "")
@@ -214,7 +214,7 @@ def about_numbers() -> str:
     )
     return (
         head + "\n".join(rows) + "\n\n_The L1 penalty (ProSparse-style) raises sparsity beyond plain "
-        "dReLU; README gives plain dReLU's numbers from the same budget. A MoE model's FFN sparsity "
+        "dReLU; docs/embedded-models.md gives plain dReLU's numbers from the same budget. A MoE model's FFN sparsity "
         "counts all its experts' neurons (routing leaves 6 of 8 experts idle); inside the chosen experts "
         "in brackets._"
     )
@@ -230,7 +230,7 @@ def sparsity_cell(ev: dict) -> str:
 
 def bench_numbers() -> str:
     """The end-to-end rows of assets/bench.json (written by the bench command), as markdown."""
-    bench = read_json(ASSETS / "bench.json")
+    bench = bench_results()
     if not bench:
         return "_No assets/bench.json yet: run `python -m turbo_demo bench --json`._"
     rows = [

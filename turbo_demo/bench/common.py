@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from turbo_demo.bench.process import PeerFailed
+from turbo_demo.checkpoints.config import DTYPES
 from turbo_demo.choices import QUANTS
 from turbo_demo.errors import UserError
-from turbo_demo.model.bamboo import BambooConfig, BambooMLP
-from turbo_demo.model.checkpoint import DTYPES
-from turbo_demo.paths import MODELS_DIR
+from turbo_demo.models.bamboo import BambooConfig, BambooMLP
+from turbo_demo.paths import DRELU_MODEL, MOE_DENSE_MODEL, MOE_DRELU_MODEL
 from turbo_demo.runtime.kernels import Kernels
 
 MISTRAL_7B = {
@@ -25,8 +25,8 @@ MISTRAL_7B = {
     "num_key_value_heads": 8,
     "vocab_size": 32000,
 }
-EMBEDDED = MODELS_DIR / "turbosparse-drelu"
-EMBEDDED_MOE = (MODELS_DIR / "moe-dense-swiglu", MODELS_DIR / "moe-turbosparse-drelu")  # (dense, dReLU)
+EMBEDDED = DRELU_MODEL
+EMBEDDED_MOE = (MOE_DENSE_MODEL, MOE_DRELU_MODEL)  # (dense, dReLU)
 
 
 @dataclass

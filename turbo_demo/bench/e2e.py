@@ -14,8 +14,9 @@ from transformers import GenerationConfig
 from turbo_demo.bench.common import Settings, published_ranks, randomize_, round_robin, timed
 from turbo_demo.bench.peers import LLAMA_CPP_CONTEXT, Peer, all_peers, close_all
 from turbo_demo.bench.phases import bench_phases
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
-from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, load_model
+from turbo_demo.checkpoints.checkpoint import load_model
+from turbo_demo.checkpoints.config import auto_dtype, dtype_name, load_config
+from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.runtime import LeanRuntime, PackedModel, pack
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.quant import weight_bytes

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from turbo_demo.bench.common import Settings, random_mlp, rotated, timed
-from turbo_demo.model.bamboo import BambooConfig, BambooMLP
+from turbo_demo.models.bamboo import BambooConfig, BambooMLP
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions
 from turbo_demo.runtime.packing import pack_ffn

@@ -101,7 +101,7 @@ def write_published(path: Path, config: dict = CONFIG, progress=print) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from turbo_demo.model.gguf_export import byte_tokenizer
+    from turbo_demo.checkpoints.gguf_export import byte_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
@@ -152,8 +152,8 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
 
     import psutil
 
-    from turbo_demo.model.memory import estimate
-    from turbo_demo.model.quantized import load_quantized
+    from turbo_demo.checkpoints.memory import estimate
+    from turbo_demo.checkpoints.quantized import load_quantized
     from turbo_demo.runtime import LeanRuntime, load_kernels
     from turbo_demo.runtime.decoder import torch_threads
     from turbo_demo.runtime.kernels import cpp

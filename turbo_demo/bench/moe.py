@@ -35,7 +35,7 @@ from turbo_demo.bench.common import Settings, randomize_, rotated, timed
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions
 from turbo_demo.runtime.moe import MoEMode, MoEWeights, expert_weights, route
-from turbo_demo.runtime.packing import Quantizer
+from turbo_demo.runtime.weights import Quantizer
 
 MOE_MODES = ("transformers", "dense", "exact", "predictor")
 

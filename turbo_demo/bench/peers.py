@@ -30,9 +30,9 @@ from transformers import GenerationConfig
 
 from turbo_demo.bench.llamacpp import LlamaCpp
 from turbo_demo.bench.process import PeerFailed, Worker
+from turbo_demo.checkpoints.checkpoint import load_model
+from turbo_demo.checkpoints.gguf_export import byte_tokenizer, write_gguf
 from turbo_demo.choices import GGUF_TYPES
-from turbo_demo.model.checkpoint import load_model
-from turbo_demo.model.gguf_export import byte_tokenizer, write_gguf
 
 TORCHAO_GROUP = 128
 LLAMA_CPP_CONTEXT = 1024  # positions: the bench's longest prompt (512) and its new tokens

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from turbo_demo.bench.common import Settings, timed, timed_rounds
 from turbo_demo.bench.peers import Peer
-from turbo_demo.model.checkpoint import dtype_name
+from turbo_demo.checkpoints.config import dtype_name
 from turbo_demo.runtime import LeanRuntime, PackedModel
 from turbo_demo.runtime.kernels import Kernels
 

@@ -9,7 +9,7 @@ from turbo_demo.bench.common import Settings, cpu_info, read_bandwidth
 from turbo_demo.bench.e2e import bench_e2e
 from turbo_demo.bench.ffn import bench_ffn
 from turbo_demo.bench.moe import bench_moe
-from turbo_demo.model.checkpoint import dtype_name
+from turbo_demo.checkpoints.config import dtype_name
 from turbo_demo.runtime.kernels import cpp, load_kernels
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from turbo_demo.errors import UserError
-from turbo_demo.paths import read_json
+from turbo_demo.paths import eval_results, read_json
 
 HOW = {
     "dense": "A dense Mistral model with a SwiGLU FFN, trained from scratch",
@@ -21,7 +21,7 @@ HOW = {
 
 
 def card_text(path: Path) -> str:
-    log, ev = read_json(path / "training_log.json"), read_json(path / "eval.json")
+    log, ev = read_json(path / "training_log.json"), eval_results(path)
     if not log or not ev:
         raise UserError(f"{path} needs training_log.json and eval.json (from the train and eval commands)")
     s, shape, final = log["settings"], log["shape"], log["final"]

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import load_model, load_tokenizer
-from turbo_demo.model.hooks import HOOKS, on_ffn_activation
+from turbo_demo.models.hooks import HOOKS, on_ffn_activation
 from turbo_demo.offline import corpus
-from turbo_demo.offline.moe_eval import counting_routes, is_moe, masked_experts, moe_summary, unmasked
+from turbo_demo.offline.moe_eval import counting_routes, masked_experts, moe_summary, unmasked
+from turbo_demo.runtime.moe import is_moe
 
 TOPK_SPARSITIES = (0.5, 0.8, 0.9)
 SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

@@ -15,10 +15,6 @@ from contextlib import contextmanager
 import torch
 
 
-def is_moe(model) -> bool:
-    return getattr(model.config, "num_local_experts", 0) > 1
-
-
 @contextmanager
 def counting_routes(model):
     """Yields counts[layer][expert], filled by every forward inside the context: how many routed

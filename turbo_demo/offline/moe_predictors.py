@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from turbo_demo.model.bamboo import BambooPredictor
-from turbo_demo.model.hooks import HOOKS, part
+from turbo_demo.models.bamboo import BambooPredictor
+from turbo_demo.models.hooks import HOOKS, part
 from turbo_demo.offline import corpus
+from turbo_demo.offline.fitting import SEQ_LEN, calibrate, hook_input, save_weights_in_place, train_layer
 from turbo_demo.offline.moe_eval import masked_experts
-from turbo_demo.offline.predictors import SEQ_LEN, calibrate, hook_input, save_weights_in_place, train_layer
 
 
 def experts_of(model) -> list[list]:

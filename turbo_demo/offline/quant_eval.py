@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from turbo_demo.model.checkpoint import load_model, load_tokenizer
-from turbo_demo.model.quantized import load_quantized
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
+from turbo_demo.checkpoints.quantized import load_quantized
 from turbo_demo.offline.evaluate import eval_tokens
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels, load_kernels

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
+from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer, save_checkpoint
 from turbo_demo.errors import UserError
-from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM, swiglu_to_drelu
-from turbo_demo.model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from turbo_demo.model.hooks import on_ffn_activation
-from turbo_demo.model.mixtral import TurboSparseMixtralConfig, TurboSparseMixtralForCausalLM
+from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM, swiglu_to_drelu
+from turbo_demo.models.hooks import on_ffn_activation
+from turbo_demo.models.mixtral import TurboSparseMixtralConfig, TurboSparseMixtralForCausalLM
 from turbo_demo.offline import corpus
+from turbo_demo.paths import DENSE_MODEL
 
 
 @dataclass
@@ -89,7 +90,7 @@ PRESETS = {
         min_lr=1e-4,
         warmup=20,
         l1=1e-3,
-        init="assets/models/dense-swiglu",
+        init=str(DENSE_MODEL),
     ),
     "moe-dense": TrainSettings("moe-dense", router_loss=0.02),
     "moe-drelu": TrainSettings("moe-drelu", l1=3e-4, router_loss=0.02),
@@ -157,7 +158,7 @@ def train_step(model, opt, x, y, l1: float, router_loss: float = 0.0) -> tuple[f
 
     Sparsity here is the share of exactly-zero h over all layers, tokens and neurons (in a MoE
     model, over the tokens each expert was routed); None for transformers' Mixtral, which is not
-    watched: its experts are fused, so watching them recomputes every expert (model/hooks.py),
+    watched: its experts are fused, so watching them recomputes every expert (models/hooks.py),
     and SwiGLU is never exactly zero.
     """
     penalties, zeros = [], []

@@ -29,9 +29,9 @@ from turbo_demo.choices import MODES
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import ACTS, count_firing, plus
-from turbo_demo.runtime.packing import FFNWeights
 from turbo_demo.runtime.quant import row_bytes, weight_bytes
 from turbo_demo.runtime.stats import LayerRecord
+from turbo_demo.runtime.weights import FFNWeights
 
 
 @dataclass(frozen=True)

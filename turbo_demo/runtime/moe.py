@@ -30,8 +30,8 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import plus
 from turbo_demo.runtime.modes import Mode
-from turbo_demo.runtime.packing import FFNWeights, Quantizer, nbytes, neuron_major
 from turbo_demo.runtime.stats import LayerRecord
+from turbo_demo.runtime.weights import FFNWeights, Quantizer, nbytes, neuron_major
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,22 @@ for Gemma one of its RMSNorm weights, stored as the (1 + w) they multiply by.
 (runtime/quant.py, `quant.format_of` says which format each gets; embeddings and norms stay as
 loaded), in the same neuron-major layout. Matrices already quantized at load
 (`quantized`, by parameter name, W_down and fc2 in their neuron-major layout) are taken as they
-are, so that a model streamed from its safetensors (model/quantized.py) never holds its float
+are, so that a model streamed from its safetensors (checkpoints/quantized.py) never holds its float
 matrices at all.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from turbo_demo.errors import UserError
-from turbo_demo.model.hooks import ffn_modules
+from turbo_demo.models.hooks import ffn_modules
 from turbo_demo.runtime.kernels.reference import ACTS
-from turbo_demo.runtime.quant import QWeight, Weight, format_of, quantize, row_bytes, split_rows, weight_bytes
+from turbo_demo.runtime.moe import is_moe, pack_moe
+from turbo_demo.runtime.quant import QWeight, Weight, split_rows
+from turbo_demo.runtime.weights import FFNWeights, Quantizer, nbytes, neuron_major
 
 # What the lean engine adds to the Llama block per architecture (else: transformers' engine):
 #   qwen2   biases on q, k, v            qwen3  an RMSNorm of each q and k head before RoPE
@@ -54,57 +56,6 @@ def lean_supports(config) -> bool:
         and len(set(getattr(config, "layer_types", None) or ())) <= 1
         and not getattr(config, "mlp_bias", False)
     )
-
-
-def nbytes(t: Weight) -> int:
-    return weight_bytes(t)
-
-
-class Quantizer:
-    """What pack keeps of each matrix: the tensor itself (quant None), or its blocks in the
-    format `format_of(name, quant)` names, taken from `done` where quantized at load."""
-
-    def __init__(self, quant: str | None = None, done: dict[str, QWeight] | None = None):
-        self.quant, self.done = quant, done or {}
-
-    def __call__(self, name: str, w: torch.Tensor) -> Weight:
-        if self.quant is None:
-            return w
-        if name in self.done:
-            return self.done[name]
-        fmt = format_of(name, self.quant)
-        return w if fmt is None else quantize(w, fmt)
-
-
-def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
-    """linear.weight (out, in) as a contiguous (in, out) copy; the module keeps its own."""
-    return linear.weight.detach().t().contiguous()
-
-
-@dataclass(frozen=True)
-class FFNWeights:
-    """One layer's gated FFN: wg, wu (I, H), wd_t (I, H); act applies to the gate, and to the up
-    branch too when drelu (bamboo; a ReLU Llama is ReGLU: drelu False); the predictor fc1 (R, H),
-    fc2_t (R, I) and the bound its scores must exceed (score_bound) when the model has one."""
-
-    wg: Weight
-    wu: Weight
-    wd_t: Weight
-    act: str
-    drelu: bool
-    fc1: Weight | None = None
-    fc2_t: Weight | None = None
-    threshold: float | None = None
-    # sizes, fixed once (a decode step reads them in every layer): neurons, the bytes of one
-    # neuron's row in one of the three matrices, and of the whole FFN
-    n: int = field(init=False)
-    row_bytes: int = field(init=False)
-    dense_bytes: int = field(init=False)
-
-    def __post_init__(self):
-        n, row = self.wg.size(0), row_bytes(self.wg)
-        for name, value in (("n", n), ("row_bytes", row), ("dense_bytes", 3 * n * row)):
-            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 def gate_up(mlp, q: Quantizer, prefix: str) -> tuple[Weight, Weight]:
@@ -143,7 +94,7 @@ def pack_ffn(mlp, config, layer: int, q: Quantizer | None = None) -> FFNWeights:
 
 def score_bound(predictor, config, layer: int) -> float | None:
     """The bound a layer's predictor scores are compared against, strictly (score > bound, as the
-    kernels do): for a PowerInfer predictor (model/powerinfer.py), whose rule is score >= min_score,
+    kernels do): for a PowerInfer predictor (checkpoints/powerinfer.py), whose rule is score >= min_score,
     the largest float32 below min_score (the same neurons for float32 scores, PowerInfer's own
     compare); else the config's threshold (bamboo's: calibrated, or the published 0.0); None
     without a predictor or a threshold."""
@@ -280,8 +231,6 @@ def pack(model, quant: str | None = None, quantized: dict[str, QWeight] | None =
     """The runtime's weights for a loaded transformers causal LM (which is left as it is); with
     quant ("int8", "int4"), its matrices block-quantized (those in `quantized` as they are)."""
     q = Quantizer(quant, quantized)
-    from turbo_demo.runtime.moe import is_moe, pack_moe  # moe.py builds on this module
-
     try:
         if is_moe(model):
             ffns: list = pack_moe(model, q)

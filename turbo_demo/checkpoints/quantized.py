@@ -42,9 +42,10 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from turbo_demo.checkpoints import memory
+from turbo_demo.checkpoints.config import auto_dtype, check_model_dir, load_config
+from turbo_demo.checkpoints.headers import safetensors_files
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import auto_dtype, check_model_dir, load_config
-from turbo_demo.model.headers import safetensors_files
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
 from turbo_demo.runtime.quant import FORMATS, QUANTS, TRANSPOSED, QWeight, checkpoint_matrices, format_of, quantize
 
@@ -156,8 +157,6 @@ def load_quantized(path: str | Path, quant: str | None = None, dtype: torch.dtyp
     (see the module docstring), or read from a `quantize` checkpoint (quant None: the one it
     holds); dtype (None: checkpoint.auto_dtype) is that of the activations, embeddings and
     norms. Refused before anything is allocated where memory.estimate(..., quant) does not fit."""
-    from turbo_demo.model import memory
-
     path = check_model_dir(path)
     stored = stored_quant(path)
     if stored is not None and quant not in (None, stored):

@@ -9,7 +9,7 @@ for what its mode really computed.
 
 import torch
 
-from turbo_demo.model.hooks import on_ffn_activation, on_gate_up
+from turbo_demo.models.hooks import on_ffn_activation, on_gate_up
 
 BINS = 61
 

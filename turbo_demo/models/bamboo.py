@@ -14,7 +14,7 @@ own forward is the dReLU network without the mask (what dense and exact mode com
 training, evaluation and predictor training read). The published config names no rank:
 `load_config` takes each layer's from the weight shapes (they differ per layer).
 
-The classes are registered with the transformers Auto classes in `turbo_demo/model/__init__.py`, so
+The classes are registered with the transformers Auto classes in `turbo_demo/models/__init__.py`, so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a bamboo checkpoint with
 `trust_remote_code` off, even when its config carries the published `auto_map`.
 """

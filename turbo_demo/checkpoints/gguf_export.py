@@ -8,7 +8,7 @@ MistralForCausalLM, written with the `gguf` package (llama.cpp's own writer; opt
               block_count, feed_forward_length, attention.head_count, attention.head_count_kv,
               attention.layer_norm_rms_epsilon, rope.freq_base, rope.dimension_count,
               vocab_size}, and the tokenizer as tokenizer.ggml.*: byte-level BPE as the "gpt2"
-              model, SentencePiece BPE (Llama / Mistral) as the "llama" one (model/gguf_vocab.py)
+              model, SentencePiece BPE (Llama / Mistral) as the "llama" one (checkpoints/gguf_vocab.py)
     tensors   token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
               ffn_gate, ffn_up, ffn_down}, output_norm, output (absent with tied embeddings:
               llama.cpp then reads token_embd as the LM head)
@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from turbo_demo.checkpoints.config import check_model_dir
+from turbo_demo.checkpoints.gguf_vocab import read_tokenizer, vocab_writer, write_specials
+from turbo_demo.checkpoints.headers import read_headers
 from turbo_demo.choices import GGUF_TYPES
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import check_model_dir
-from turbo_demo.model.gguf_vocab import read_tokenizer, vocab_writer, write_specials
-from turbo_demo.model.headers import read_headers
 
 LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -201,8 +201,8 @@ def export_gguf(src: str | Path, dst: str | Path, qtype: str = "f16") -> Path:
     the GGUF file `dst`."""
     from safetensors import safe_open
 
-    from turbo_demo.model.checkpoint import load_config
-    from turbo_demo.model.quantized import stored_quant
+    from turbo_demo.checkpoints.config import load_config
+    from turbo_demo.checkpoints.quantized import stored_quant
 
     src = check_model_dir(src)
     if stored_quant(src):  # transformers cannot read its config: say what it is first

@@ -15,22 +15,18 @@ its config says it stores (half precision where unstated) to the load dtype, and
 W_down's shape from the config.
 """
 
-import json
 import os
-import resource
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 
+from turbo_demo.checkpoints.config import auto_dtype, dtype_name, load_config, stored_itemsize, weight_files
+from turbo_demo.checkpoints.headers import read_headers
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import auto_dtype, dtype_name, load_config, stored_itemsize, weight_files
-from turbo_demo.model.headers import read_headers
+from turbo_demo.runtime.lean import MAX_CONTEXT
 
-MAX_CONTEXT = 4096  # the lean runtime's cap on its KV cache (runtime/lean.py)
 SLACK = 0.05
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # What pack copies: W_down of every gated FFN (a MoE's: of every expert), and its predictor's
@@ -89,7 +85,7 @@ def kv_cache_bytes(config, itemsize: int) -> int:
 
 def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None, quant: str | None = None) -> Estimate:
     """What `path` needs loaded in `dtype` (None: the dtype `load_model` picks), from its headers;
-    with quant ("int8", "int4"), as model/quantized.py loads it: each matrix quant.format_of
+    with quant ("int8", "int4"), as checkpoints/quantized.py loads it: each matrix quant.format_of
     names in its blocks (W_down and fc2 quantized in their neuron-major layout: no copies), a
     tied LM head's quantized copy beside the float embedding, everything else in dtype."""
     path = Path(path)
@@ -157,76 +153,3 @@ def default_budget() -> int:
         except ValueError:
             raise UserError(f"{BUDGET_ENV}={given!r} is not a number of GB") from None
     return int(BUDGET_SHARE * psutil.virtual_memory().total) - psutil.Process().memory_info().rss
-
-
-# Measuring a load's peak RSS: `write_random_checkpoint` then `measure_load` (README "Memory").
-
-
-def write_random_checkpoint(out: str | Path, layers: int = 12) -> Path:
-    """A random bf16 bamboo checkpoint of hidden 2048, FFN 7168, 12 layers: 785M parameters,
-    1.57 GB, built on the meta device so that writing it holds one copy."""
-    from turbo_demo.model.bamboo import BambooConfig, BambooForCausalLM
-
-    config = BambooConfig(
-        hidden_size=2048, intermediate_size=7168, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, hidden_act="relu", tie_word_embeddings=False, dtype="bfloat16",
-    )  # fmt: skip
-    with torch.device("meta"):
-        model = BambooForCausalLM(config)
-    model.to_empty(device="cpu").to(torch.bfloat16)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=generator)
-    model.save_pretrained(out)
-    return Path(out)
-
-
-def measure_here(path: str, dtype: str) -> dict:
-    """Peak RSS above the RSS before the load (ru_maxrss: this process's lifetime peak, so only
-    meaningful in a fresh process, as measure_load runs it) after load_model(path, dtype), after
-    pack, and after reading every weight once (as decoding does: mapped pages come in)."""
-    from turbo_demo.model.checkpoint import DTYPES, load_model
-    from turbo_demo.runtime.packing import pack
-
-    def peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-
-    base = psutil.Process().memory_info().rss
-    model = load_model(path, DTYPES.get(dtype))
-    figures = {"dtype": dtype_name(model.dtype), "load": peak()}
-    packed = pack(model)
-    figures["load_and_pack"] = peak()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
-    figures["all_weights_read"] = peak()
-    figures["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    figures["copies"] = packed.owned_bytes
-    return figures
-
-
-def measure_quantized_here(path: str, quant: str) -> dict:
-    """Peak RSS above the RSS before model/quantized.load_quantized(path, quant) (fresh process
-    only, as measure_load runs it), the pack's bytes (blocks and the float tensors kept) and
-    the largest float matrix (one layer's share of what streams through a load)."""
-    from turbo_demo.model.headers import read_headers
-    from turbo_demo.model.quantized import load_quantized
-
-    base = psutil.Process().memory_info().rss
-    packed = load_quantized(path, quant, torch.bfloat16)
-    load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    kept = sum(p.numel() * p.element_size() for p in packed.model.parameters() if not p.is_meta)
-    largest = max(t.nbytes for t in read_headers(Path(path)).values())
-    return {"quant": quant, "load": load, "quantized": packed.owned_bytes + kept, "largest_tensor": largest}
-
-
-def measure_load(path: str | Path, dtype: str = "auto", quant: str | None = None) -> dict:
-    """measure_here in a fresh interpreter: {"weights", "copies", "load", "load_and_pack",
-    "all_weights_read"} in bytes, and "dtype"; with quant, measure_quantized_here."""
-    call = f"measure_here({str(path)!r}, {dtype!r})"
-    if quant is not None:
-        call = f"measure_quantized_here({str(path)!r}, {quant!r})"
-    code = f"import json; from turbo_demo.model.memory import *; print(json.dumps({call}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])

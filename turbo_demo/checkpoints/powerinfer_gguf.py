@@ -50,11 +50,11 @@ the embedding Q4_0 and the LM head Q6_K; its loader takes any of these types).
 The vocabulary: the loader sets n_vocab to the length of tokenizer.ggml.tokens and requires the
 embedding and LM head to have that many rows, so a padded embedding (TurboSparse-Mistral: 32064
 rows, a 32002-id tokenizer) needs that many tokens: the ids past the tokenizer's are "[PAD{id}]",
-typed UNUSED (model/gguf_vocab.py, as llama.cpp's converter pads; PowerInfer's own converter types
+typed UNUSED (checkpoints/gguf_vocab.py, as llama.cpp's converter pads; PowerInfer's own converter types
 them USER_DEFINED, and its loader decodes either to nothing). Token strings must be unique (the
 loader asserts it). PowerInfer's convert.py rejects such a checkpoint (its vocab-size check); this
 writer does not need it. The tokenizer (byte-level BPE as "gpt2", SentencePiece BPE as "llama",
-special ids, chat template) is written by model/gguf_vocab.py, as for llama.cpp.
+special ids, chat template) is written by checkpoints/gguf_vocab.py, as for llama.cpp.
 
 The threshold: the config's `predictor_threshold` where it is one number (0.0 for the published
 TurboSparse model, whose rule round(sigmoid(score)) is score > 0); a per-layer list (`python -m
@@ -75,11 +75,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from turbo_demo.checkpoints.config import check_model_dir
+from turbo_demo.checkpoints.gguf_export import gguf_name, import_gguf, permute_rope, tensor_type, write_metadata
+from turbo_demo.checkpoints.gguf_vocab import read_tokenizer, vocab_writer, write_specials
+from turbo_demo.checkpoints.headers import read_headers
 from turbo_demo.errors import UserError
-from turbo_demo.model.checkpoint import check_model_dir
-from turbo_demo.model.gguf_export import gguf_name, import_gguf, permute_rope, tensor_type, write_metadata
-from turbo_demo.model.gguf_vocab import read_tokenizer, vocab_writer, write_specials
-from turbo_demo.model.headers import read_headers
 
 MAGIC = b"PWRI"  # ggml.h GGUF_POWERINFER_MAGIC, in place of b"GGUF"
 TYPES = ("f16", "q4_0")  # ffn_down_t must be F16 or Q4_0 (the sparse axpy kernel)
@@ -251,8 +251,8 @@ def export_powerinfer(src: str | Path, dst: str | Path, qtype: str = "f16") -> P
     tokenizer) as the PowerInfer file `dst`."""
     from safetensors import safe_open
 
-    from turbo_demo.model.checkpoint import load_config
-    from turbo_demo.model.quantized import stored_quant
+    from turbo_demo.checkpoints.config import load_config
+    from turbo_demo.checkpoints.quantized import stored_quant
 
     src = check_model_dir(src)
     if stored_quant(src):  # transformers cannot read its config: say what it is first

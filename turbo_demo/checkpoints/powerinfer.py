@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from turbo_demo.errors import UserError
-from turbo_demo.model.bamboo import BambooPredictor
-from turbo_demo.model.hooks import ffn_modules
+from turbo_demo.models.bamboo import BambooPredictor
+from turbo_demo.models.hooks import ffn_modules
 
 CONFIG = "config.json"
 SUFFIX = "-predictor"  # matched case aside: ReluLLaMA-7B-Predictor, Bamboo-base-v0.1-predictor

@@ -20,7 +20,7 @@ differ per expert).
 The module tree is transformers' Mixtral one (`model.layers[i].mlp` with `.gate`, a
 MixtralTopKRouter, and `.experts`), here a ModuleList of per-expert modules; the checkpoint's
 `block_sparse_moe` names map to `mlp` on load and back on save (the renaming transformers
-applies to Mixtral, registered for this model type in `turbo_demo/model/__init__.py`). Plain
+applies to Mixtral, registered for this model type in `turbo_demo/models/__init__.py`). Plain
 Mixtral checkpoints (SwiGLU experts) load through transformers' own MixtralForCausalLM.
 """
 
@@ -41,7 +41,7 @@ from transformers.models.mixtral.modeling_mixtral import (
     MixtralTopKRouter,
 )
 
-from turbo_demo.model.bamboo import BambooPredictor
+from turbo_demo.models.bamboo import BambooPredictor
 
 
 @strict(accept_kwargs=True)
