@@ -6,7 +6,7 @@ The decode kernels and threads are chosen here, before the page serves anyone: b
 core this process may use but one, which is left to the web server's own threads (an OpenMP team
 that shares its cores with them waits at every barrier); a prompt's prefill, which comes before any
 token streams, runs on every core. Public mode (on where Spaces sets
-SPACE_ID, or with --public; turbo_demo/app/public.py) serves only the embedded models and those
+SPACE_ID, or with --public; turbo_demo/app/engine/public.py) serves only the embedded models and those
 named with --allow-model, within its limits, and refuses uploads.
 """
 
@@ -80,8 +80,8 @@ def main() -> None:
     # imported after parsing, so that --help answers at once
     import torch
 
-    from turbo_demo.app.page import build_demo
-    from turbo_demo.app.public import policy_from
+    from turbo_demo.app.engine.public import policy_from
+    from turbo_demo.app.ui.page import build_demo
     from turbo_demo.runtime.kernels import cpp, load_kernels
 
     try:
@@ -97,8 +97,8 @@ def main() -> None:
     policy = policy_from(args.public, args.allow_model)
     if policy.public:
         print(f"Public mode: {policy.describe()}", file=sys.stderr)
-    from turbo_demo.app.catalog import ModelStore
-    from turbo_demo.app.warm import warm_up
+    from turbo_demo.app.engine.catalog import ModelStore
+    from turbo_demo.app.engine.warm import warm_up
 
     store = ModelStore(allowed=policy.allowed)  # public mode: the store itself refuses other models
     demo = build_demo(store, kernels=kernels, policy=policy)

@@ -6,10 +6,11 @@ from threading import Event
 import pytest
 from plotly import graph_objects as go
 
-from turbo_demo.app import plots, views
-from turbo_demo.app.catalog import ModelStore, modes_for, resolve
-from turbo_demo.app.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
-from turbo_demo.app.menus import settled_mode
+from turbo_demo.app.engine.catalog import ModelStore, modes_for, resolve
+from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
+from turbo_demo.app.plots import compare as plots
+from turbo_demo.app.ui.menus import settled_mode
+from turbo_demo.app.views import compare as views
 from turbo_demo.errors import UserError
 from turbo_demo.models.activations import activation_histograms
 
@@ -201,7 +202,7 @@ def free_port() -> int:
 def test_compare_endpoint_through_gradio_client(tiny_dirs):
     from gradio_client import Client
 
-    from turbo_demo.app.page import build_demo
+    from turbo_demo.app.ui.page import build_demo
 
     demo = build_demo()  # the PyTorch kernels: the C++ ones are chosen at app start, not here
     port = free_port()
@@ -231,7 +232,7 @@ def test_compare_defaults_to_the_page_and_is_an_mcp_tool():
     import requests
     from gradio_client import Client
 
-    from turbo_demo.app.page import build_demo
+    from turbo_demo.app.ui.page import build_demo
 
     demo = build_demo()
     port = free_port()
@@ -259,7 +260,7 @@ def test_a_run_is_kept_as_a_zip_and_a_link(tiny_dirs):
     import zipfile
     from urllib.parse import parse_qsl
 
-    from turbo_demo.app import export
+    from turbo_demo.app.views import export
 
     settings = Settings(max_new_tokens=4, temperature=0.0, seed=7)
     left, right, _ = run(

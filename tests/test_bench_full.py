@@ -30,7 +30,7 @@ def test_the_written_checkpoint_is_the_published_layout(small):
 
 
 def test_measure_reports_every_phase_with_consistent_arithmetic(small):
-    result = measure(str(small), "int8", "auto", "turbo_demo.app.warm:time_compare")
+    result = measure(str(small), "int8", "auto", "turbo_demo.app.engine.warm:time_compare")
     assert result["layers"] == 2 and result["predictor_ranks"] == published_ranks(2)
     assert result["machine"] == cpu_info()  # the CPU travels with the numbers
     load = result["load"]

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, SHIPPED
-from turbo_demo.app.probe import default_compares, free_port, running_app
+from turbo_demo.commands.loadtest import default_compares, free_port, running_app
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [

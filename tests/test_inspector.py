@@ -13,9 +13,10 @@ import torch
 from plotly import graph_objects as go
 
 from conftest import lean, tiny_model
-from turbo_demo.app import export, inspector, plots_inspector
-from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
+from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.plots import inspector as plots_inspector
+from turbo_demo.app.views import export, inspector
 from turbo_demo.runtime.stats import COMPUTED_ZERO, FIRED, MISSED, pack_codes, unpack_codes
 
 PROMPT = [3, 7, 11, 19, 23]
@@ -138,7 +139,7 @@ def test_a_sessions_inspector_state_for_a_256_token_run_stays_small():
 
 
 def test_the_talk_layouts_numbers_text_and_live_maps():
-    from turbo_demo.app import page_talk
+    from turbo_demo.app.ui import talk as page_talk
 
     left, right, _ = crafted()
     numbers = page_talk.big_numbers(right)

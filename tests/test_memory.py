@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from conftest import tiny_model
-from turbo_demo.app.catalog import ModelStore
+from turbo_demo.app.engine.catalog import ModelStore
 from turbo_demo.checkpoints import checkpoint, memory
 from turbo_demo.checkpoints.checkpoint import load_model, save_checkpoint
 from turbo_demo.errors import UserError

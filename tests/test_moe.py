@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from test_published import layer_weights, reference_attention, rms
 
 from conftest import tiny_model
-from turbo_demo.app.catalog import ModelStore, model_modes
-from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.catalog import ModelStore, model_modes
+from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
 from turbo_demo.checkpoints.checkpoint import load_model
 from turbo_demo.checkpoints.config import load_config
 from turbo_demo.checkpoints.memory import estimate

@@ -7,9 +7,11 @@ import pytest
 from plotly import graph_objects as go
 from test_moe import CONFIG, EXPERTS, INTER, LAYERS, TOP_K, write_layout
 
-from turbo_demo.app import inspector, plots, views
-from turbo_demo.app.catalog import ModelStore
-from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.catalog import ModelStore
+from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.plots import compare as plots
+from turbo_demo.app.views import compare as views
+from turbo_demo.app.views import inspector
 from turbo_demo.runtime.moe import routing_counts, routing_weights
 
 

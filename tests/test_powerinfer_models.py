@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from turbo_demo.app.catalog import model_modes
+from turbo_demo.app.engine.catalog import model_modes
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.checkpoints.generation import encode_prompt
 from turbo_demo.checkpoints.powerinfer import PowerInferPredictor

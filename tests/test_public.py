@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from turbo_demo.app.public import Policy, RunQueue, policy_from
+from turbo_demo.app.engine.public import Policy, RunQueue, policy_from
 from turbo_demo.errors import UserError
 
 
@@ -63,7 +63,7 @@ def test_stop_while_queued_ends_the_wait():
 
 
 def test_public_mode_loads_only_the_allow_list(tiny_dirs):
-    from turbo_demo.app.catalog import ModelStore, model_modes
+    from turbo_demo.app.engine.catalog import ModelStore, model_modes
 
     allowed = (str(tiny_dirs["drelu"]),)
     store = ModelStore(allowed=allowed)
@@ -85,7 +85,7 @@ def test_a_replaced_directory_is_loaded_again_and_a_deleted_one_refused(tmp_path
     import torch
 
     from conftest import tiny_model
-    from turbo_demo.app.catalog import ModelStore
+    from turbo_demo.app.engine.catalog import ModelStore
     from turbo_demo.checkpoints.checkpoint import save_checkpoint
 
     path = save_checkpoint(tiny_model("dense", seed=1), tokenizer, tmp_path / "m", dtype=torch.float32)
@@ -103,9 +103,9 @@ def test_a_replaced_directory_is_loaded_again_and_a_deleted_one_refused(tmp_path
 def test_the_page_refuses_a_store_without_the_policys_allow_list():
     """app.py builds the store before the page: a store made without the allow-list would load
     any path a visitor sends, whatever the menus offer."""
-    from turbo_demo.app.catalog import ModelStore
-    from turbo_demo.app.page import build_demo
-    from turbo_demo.app.public import public_policy
+    from turbo_demo.app.engine.catalog import ModelStore
+    from turbo_demo.app.engine.public import public_policy
+    from turbo_demo.app.ui.page import build_demo
 
     policy = public_policy([])
     with pytest.raises(ValueError, match="allow-list"):

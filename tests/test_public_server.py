@@ -8,10 +8,10 @@ import pytest
 import requests
 
 from test_app import PROMPT, free_port
-from turbo_demo.app.catalog import ModelStore
-from turbo_demo.app.compare import Settings, SideRecord, run_compare
-from turbo_demo.app.probe import fuzz, load
-from turbo_demo.app.public import public_policy
+from turbo_demo.app.engine.catalog import ModelStore
+from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.public import public_policy
+from turbo_demo.commands.loadtest import fuzz, load
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def server(tiny_dirs):
     """(url, allowed model names) of a public-mode app serving the tiny models."""
     from gradio_client import Client
 
-    from turbo_demo.app.page import build_demo
+    from turbo_demo.app.ui.page import build_demo
 
     allowed = [str(tiny_dirs["dense"]), str(tiny_dirs["drelu"])]
     demo = build_demo(policy=public_policy(allowed))

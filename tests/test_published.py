@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from turbo_demo.app.catalog import ModelStore, model_modes
-from turbo_demo.app.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.catalog import ModelStore, model_modes
+from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
 from turbo_demo.bench.full import CONFIG as PUBLISHED
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.checkpoints.config import load_config

@@ -298,8 +298,8 @@ def test_quantize_save_load_is_bit_identical_and_transformers_refuses(untied_dir
 def test_model_store_and_compare_load_a_side_quantized(untied_dir):
     """The app's plain-function path for a per-side quantization menu: ModelStore.get(...,
     quant=) holds one copy per (model, quantization), and a SideRecord's quant loads its side so."""
-    from turbo_demo.app.catalog import ModelStore
-    from turbo_demo.app.compare import Settings, SideRecord, run_compare
+    from turbo_demo.app.engine.catalog import ModelStore
+    from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
 
     store = ModelStore(budget=10**10)
     q8, plain = store.get(str(untied_dir), quant="int8"), store.get(str(untied_dir))

@@ -134,8 +134,8 @@ def test_the_shipped_moe_pair_meets_the_moe_targets_in_its_eval_json():
 
 
 def test_the_compare_engine_runs_the_embedded_moe_pair_by_its_menu_names():
-    from turbo_demo.app.catalog import ModelStore, embedded_names
-    from turbo_demo.app.compare import Settings, SideRecord, run_compare
+    from turbo_demo.app.engine.catalog import ModelStore, embedded_names
+    from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
 
     assert {"Dense MoE", "TurboSparse MoE"} <= set(embedded_names())
     left, right = SideRecord("Dense MoE", "dense"), SideRecord("TurboSparse MoE", "predictor")

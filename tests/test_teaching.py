@@ -12,9 +12,12 @@ import torch
 from plotly import graph_objects as go
 
 from conftest import REPO, SHIPPED, TEXT, lean, tiny_model
-from turbo_demo.app import plots, plots_teaching, teaching, views
-from turbo_demo.app.catalog import EMBEDDED, ModelStore, embedded_names
-from turbo_demo.app.compare import Settings, SideRecord, run_compare, speedup
+from turbo_demo.app.engine.catalog import EMBEDDED, ModelStore, embedded_names
+from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare, speedup
+from turbo_demo.app.plots import compare as plots
+from turbo_demo.app.plots import teaching as plots_teaching
+from turbo_demo.app.views import compare as views
+from turbo_demo.app.views import teaching
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.stats import StepStats
 
@@ -86,10 +89,10 @@ def test_a_run_records_its_time_to_first_token(tiny_dirs):
 COLD_START = textwrap.dedent(
     """
     import json
-    from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-    from turbo_demo.app.compare import Settings, SideRecord, run_compare
-    from turbo_demo.app.texts import EXAMPLES
-    from turbo_demo.app.warm import warm_up
+    from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
+    from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+    from turbo_demo.app.engine.prompts import EXAMPLES
+    from turbo_demo.app.engine.warm import warm_up
     from turbo_demo.runtime.kernels import load_kernels
     kernels, store = load_kernels("auto"), ModelStore()
     errors = warm_up(store, kernels)
@@ -206,7 +209,7 @@ def test_the_last_run_keeps_only_ids_of_the_sides_that_generated():
 
 
 def test_bytes_each_ffn_mode_must_read():
-    from turbo_demo.app.paper import bytes_read
+    from turbo_demo.app.views.paper import bytes_read
 
     h, i = 8, 100  # 2 bytes a weight; 10 neurons active at 90%
     assert bytes_read("dense", h, i, 0.9) == bytes_read("transformers", h, i, 0.5) == 3 * 8 * 100 * 2
@@ -217,7 +220,7 @@ def test_bytes_each_ffn_mode_must_read():
 
 
 def test_speed_limits_and_their_figure_from_a_crafted_bench():
-    from turbo_demo.app.paper import bytes_read, speed_limits
+    from turbo_demo.app.views.paper import bytes_read, speed_limits
 
     rows = [
         {"shape": "8x100", "mode": m, "sparsity": s, "ms": ms}
@@ -240,7 +243,7 @@ def test_speed_limits_and_their_figure_from_a_crafted_bench():
 
 
 def test_the_paper_table_quotes_our_own_files():
-    from turbo_demo.app import paper
+    from turbo_demo.app.views import paper
 
     ev = json.loads((SHIPPED / "turbosparse-drelu" / "eval.json").read_text())
     bench = json.loads((REPO / "assets" / "bench.json").read_text())
@@ -260,7 +263,7 @@ def test_the_paper_table_quotes_our_own_files():
 
 def test_quantized_sides_are_left_out_of_the_float_forwards():
     """A side quantized at load has no float matrices: the plane and the histograms skip it."""
-    from turbo_demo.app.menus import AS_STORED, quant_of
+    from turbo_demo.app.ui.menus import AS_STORED, quant_of
 
     ok = SideRecord("m", "dense", prompt_ids=[1], token_ids=[2])
     quantized = SideRecord("m", "exact", quant="int8", prompt_ids=[1], token_ids=[2], engine="lean", dtype="bf16")

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_model
-from turbo_demo.app import pool, views
-from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.engine import pool
+from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
+from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.views import compare as views
 from turbo_demo.checkpoints import memory
 from turbo_demo.checkpoints.checkpoint import save_checkpoint
 from turbo_demo.errors import UserError
@@ -153,7 +154,7 @@ def test_eviction_drops_the_models_warm_runtimes(tmp_path, tokenizer):
 
 @pytest.mark.skipif(len(embedded_names()) < 2, reason="the embedded models are not in this checkout")
 def test_the_start_up_warm_up_leaves_the_default_compare_warm(warm_ups):
-    from turbo_demo.app.warm import warm_up
+    from turbo_demo.app.engine.warm import warm_up
 
     store, kernels = ModelStore(), Kernels()
     assert warm_up(store, kernels, tokens=2) == ["", ""]
@@ -225,7 +226,7 @@ def test_the_warm_up_gives_long_steps_every_core_and_short_ones_the_callers_thre
 def test_the_in_process_default_compare_is_warm_from_its_first_run():
     """warm.default_compares, the in-process half of `bench --served`: warmed as app.py warms
     the store, so its first summary already pays no load or warm-up."""
-    from turbo_demo.app.warm import default_compares
+    from turbo_demo.app.engine.warm import default_compares
 
     (summary,) = default_compares(Kernels(), 1)
     assert summary["speedup"] > 0

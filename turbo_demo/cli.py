@@ -72,7 +72,7 @@ def cmd_predictors(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from turbo_demo.generate import generate
+    from turbo_demo.commands.generate import generate
 
     generate(args)
 
@@ -112,7 +112,7 @@ def cmd_bench(args) -> None:
         torch.set_num_threads(args.bench_threads)
     quants = () if args.quant == "none" else tuple(args.quant.split(","))
     if args.served:
-        from turbo_demo.app.probe import served_and_in_process
+        from turbo_demo.commands.loadtest import served_and_in_process
 
         print(json.dumps(served_and_in_process(args.backend, args.served)))
         return
@@ -120,7 +120,9 @@ def cmd_bench(args) -> None:
         from turbo_demo.bench.full import run_full
 
         keep = Path(args.full_dir) if args.full_dir else None
-        result = run_full(quants[0] if quants else "int8", args.backend, keep, "turbo_demo.app.warm:time_compare")
+        result = run_full(
+            quants[0] if quants else "int8", args.backend, keep, "turbo_demo.app.engine.warm:time_compare"
+        )
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return
     result = run_bench(settings_for(args.quick, args.dtype, quants, args.peers), backend=args.backend)
@@ -128,14 +130,9 @@ def cmd_bench(args) -> None:
 
 
 def cmd_loadtest(args) -> None:
-    from turbo_demo.app.probe import fuzz, load
+    from turbo_demo.commands.loadtest import loadtest
 
-    models = (args.left, args.right)
-    print(f"fuzz ({args.fuzz} malformed calls): {fuzz(args.url, models, n=args.fuzz).summary()}")
-    print(
-        f"load ({args.clients} clients x {args.runs} runs): {load(args.url, models, args.clients, args.runs).summary()}"
-    )
-    print(f"after: {load(args.url, models, 1, 1).summary()}")
+    loadtest(args.url, (args.left, args.right), args.fuzz, args.clients, args.runs)
 
 
 def build_parser() -> argparse.ArgumentParser:

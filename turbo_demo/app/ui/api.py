@@ -6,11 +6,11 @@ from threading import Event
 
 import gradio as gr
 
-from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-from turbo_demo.app.compare import Settings, SideRecord, compare_summary, run_compare
-from turbo_demo.app.menus import AS_STORED, quant_of
-from turbo_demo.app.public import Policy, RunQueue, client_of
-from turbo_demo.app.texts import COMPARE_DOC
+from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
+from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.engine.public import Policy, RunQueue, client_of
+from turbo_demo.app.ui.menus import AS_STORED, quant_of
+from turbo_demo.app.ui.texts import COMPARE_DOC
 from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import Kernels

@@ -9,8 +9,8 @@ panes' maps at one position for `plots_inspector.neuron_maps_figure`.
 
 import math
 
-from turbo_demo.app.compare import SideRecord
-from turbo_demo.app.views import side_label
+from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.views.compare import side_label
 from turbo_demo.runtime.stats import unpack_codes
 
 # What a session keeps for a 256-token run of the embedded models (4 layers x 1280 neurons:

@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from turbo_demo.app.catalog import EMBEDDED, ModelStore, embedded_names
-from turbo_demo.app.compare import SideRecord
-from turbo_demo.app.views import side_label
+from turbo_demo.app.engine.catalog import EMBEDDED, ModelStore, embedded_names
+from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.views.compare import side_label
 from turbo_demo.models.activations import activation_histograms
 from turbo_demo.models.hooks import on_gate_up
 from turbo_demo.offline.evaluate import text_sweep

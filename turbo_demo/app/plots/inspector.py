@@ -4,8 +4,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from turbo_demo.app.inspector import grid
-from turbo_demo.app.plots import _layout
+from turbo_demo.app.plots.compare import _layout
+from turbo_demo.app.views.inspector import grid
 from turbo_demo.runtime.stats import FIRED, NEURON_CODES
 
 # one colour per code (stats.NEURON_CODES): not fired, fired, computed with h = 0, missed

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import psutil
 
-from turbo_demo.app import plots, plots_moe
-from turbo_demo.app.catalog import EMBEDDED
-from turbo_demo.app.compare import SideRecord, speedup
+from turbo_demo.app.engine.catalog import EMBEDDED
+from turbo_demo.app.engine.compare import SideRecord, speedup
+from turbo_demo.app.plots import compare as plots
+from turbo_demo.app.plots import moe as plots_moe
 from turbo_demo.paths import MODELS_DIR, bench_results, eval_results, read_json
 from turbo_demo.runtime.moe import routing_counts, routing_weights
 

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 import plotly.graph_objects as go
 
-from turbo_demo.app.compare import Settings, SideRecord, compare_summary
+from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary
 from turbo_demo.choices import MODES, QUANTS
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.stats import NEURON_CODES

@@ -4,9 +4,10 @@ page's Blocks, with the Compare tab's prompt box and the session's state; `paper
 
 import gradio as gr
 
-from turbo_demo.app import paper, plots_teaching, teaching
-from turbo_demo.app.catalog import ModelStore
-from turbo_demo.app.texts import LIMITS, PAPER, WHY_DRELU, WHY_DRELU_PLANE, WHY_DRELU_TEXT
+from turbo_demo.app.engine.catalog import ModelStore
+from turbo_demo.app.plots import teaching as plots_teaching
+from turbo_demo.app.ui.texts import LIMITS, PAPER, WHY_DRELU, WHY_DRELU_PLANE, WHY_DRELU_TEXT
+from turbo_demo.app.views import paper, teaching
 from turbo_demo.errors import UserError
 from turbo_demo.offline.evaluate import TEXT_SWEEP_TOKENS
 

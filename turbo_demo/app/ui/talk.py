@@ -8,8 +8,10 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from turbo_demo.app import inspector, plots_inspector, views
-from turbo_demo.app.compare import SideRecord
+from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.plots import inspector as plots_inspector
+from turbo_demo.app.views import compare as views
+from turbo_demo.app.views import inspector
 
 TALK_TAB = "talk"
 

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from turbo_demo.app import inspector, plots_inspector
-from turbo_demo.app.compare import SideRecord
-from turbo_demo.app.public import MAX_NEW_TOKENS
-from turbo_demo.app.texts import INSPECT
+from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.engine.public import MAX_NEW_TOKENS
+from turbo_demo.app.plots import inspector as plots_inspector
+from turbo_demo.app.ui.texts import INSPECT
+from turbo_demo.app.views import inspector
 
 
 def maps_figure(state, step):

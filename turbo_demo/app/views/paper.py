@@ -13,7 +13,7 @@ exactly on the active neurons):
 Each mode's time cannot go below its bytes / the machine's measured read bandwidth.
 """
 
-from turbo_demo.app.catalog import EMBEDDED
+from turbo_demo.app.engine.catalog import EMBEDDED
 from turbo_demo.paths import MODELS_DIR, bench_results, eval_results
 
 BENCH_RANK = 256  # the bench's predictor rank (bench.common.Settings.rank)

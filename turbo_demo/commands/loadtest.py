@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from turbo_demo.app.texts import API_PROMPT
+from turbo_demo.app.engine.prompts import API_PROMPT
 
 BAD_TEXT = [None, 3, [], {}, "", " ", "\x00" * 10, "x" * 5000, float("nan")]
 BAD_NUMBERS = [None, "a", float("nan"), float("inf"), -float("inf"), -1, 2**70, 1e30, [], True]
@@ -197,7 +197,7 @@ def served_and_in_process(backend: str, runs: int) -> dict:
 
     import torch
 
-    from turbo_demo.app.warm import default_compares as in_process
+    from turbo_demo.app.engine.warm import default_compares as in_process
     from turbo_demo.runtime.kernels import cpp, load_kernels
 
     with (
@@ -214,3 +214,11 @@ def served_and_in_process(backend: str, runs: int) -> dict:
         "served_summaries": served,
         "in_process_summaries": here,
     }
+
+
+def loadtest(url: str, models: tuple[str, str], fuzz_calls: int, clients: int, runs: int) -> None:
+    """`loadtest`: malformed calls, then `clients` clients making `runs` runs each, then one run
+    to show the server still answers; a summary line each."""
+    print(f"fuzz ({fuzz_calls} malformed calls): {fuzz(url, models, n=fuzz_calls).summary()}")
+    print(f"load ({clients} clients x {runs} runs): {load(url, models, clients, runs).summary()}")
+    print(f"after: {load(url, models, 1, 1).summary()}")

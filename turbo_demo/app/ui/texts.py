@@ -1,14 +1,5 @@
-"""The words of the page: its examples, introduction and About tab."""
+"""The words of the page: its introduction, the tabs' texts and the API's description."""
 
-# The prompt of `bench --served`'s calls of the compare endpoint, served and in-process alike
-# (docs/the-app.md's gradio_client example sends the same)
-API_PROMPT = "def f(x):"
-EXAMPLES = [
-    "def fibonacci(n):\n    ",
-    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
-    'import os\n\n\ndef list_files(directory):\n    """Return',
-    "The module provides functions for",
-]
 INTRO = """# TurboSparse Studio
 Two language models continue your prompt side by side. The right one uses **dReLU**
 (`relu(x W_gate) * relu(x W_up)`, from the Turbo Sparse paper): most of its FFN neurons are

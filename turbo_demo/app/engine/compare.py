@@ -17,8 +17,8 @@ from threading import Event
 
 import psutil
 
-from turbo_demo.app.catalog import ModelStore
-from turbo_demo.app.public import LOCAL, MAX_NEW_TOKENS, Policy
+from turbo_demo.app.engine.catalog import ModelStore
+from turbo_demo.app.engine.public import LOCAL, MAX_NEW_TOKENS, Policy
 from turbo_demo.checkpoints.config import dtype_name
 from turbo_demo.checkpoints.generation import encode_prompt
 from turbo_demo.errors import UserError

@@ -1,6 +1,6 @@
 """The model and mode menus of the page, as plain functions (the page maps them to widgets)."""
 
-from turbo_demo.app.catalog import model_modes
+from turbo_demo.app.engine.catalog import model_modes
 from turbo_demo.choices import MODE_HELP
 from turbo_demo.errors import UserError
 

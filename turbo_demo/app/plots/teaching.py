@@ -3,7 +3,7 @@
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from turbo_demo.app.plots import _layout
+from turbo_demo.app.plots.compare import _layout
 
 SWEEP_COLORS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a")
 

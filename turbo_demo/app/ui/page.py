@@ -9,12 +9,18 @@ from threading import Event
 
 import gradio as gr
 
-from turbo_demo.app import export, page_api, page_inspector, page_talk, page_teaching, teaching, views
-from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.compare import MAX_SPARSITY, Settings, SideRecord, run_compare
-from turbo_demo.app.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of, settled_mode
-from turbo_demo.app.public import LOCAL, MAX_NEW_TOKENS, Policy, RunQueue, client_of
-from turbo_demo.app.texts import ABOUT, EXAMPLES, INTRO, NEURONS
+from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
+from turbo_demo.app.engine.compare import MAX_SPARSITY, Settings, SideRecord, run_compare
+from turbo_demo.app.engine.prompts import EXAMPLES
+from turbo_demo.app.engine.public import LOCAL, MAX_NEW_TOKENS, Policy, RunQueue, client_of
+from turbo_demo.app.ui import api as page_api
+from turbo_demo.app.ui import inspector as page_inspector
+from turbo_demo.app.ui import talk as page_talk
+from turbo_demo.app.ui import teaching as page_teaching
+from turbo_demo.app.ui.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of, settled_mode
+from turbo_demo.app.ui.texts import ABOUT, INTRO, NEURONS
+from turbo_demo.app.views import compare as views
+from turbo_demo.app.views import export, teaching
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import Kernels
 

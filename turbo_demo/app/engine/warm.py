@@ -17,9 +17,9 @@ and decode steps.
 import time
 from threading import Event
 
-from turbo_demo.app.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-from turbo_demo.app.compare import Settings, SideRecord, compare_summary, run_compare
-from turbo_demo.app.texts import API_PROMPT, EXAMPLES
+from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
+from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.engine.prompts import API_PROMPT, EXAMPLES
 from turbo_demo.models.activations import activation_histograms
 from turbo_demo.runtime import Kernels
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from turbo_demo.app.pool import RuntimePool
+from turbo_demo.app.engine.pool import RuntimePool
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.checkpoints.config import check_model_dir, load_config
 from turbo_demo.checkpoints.generation import Generation, read_generation

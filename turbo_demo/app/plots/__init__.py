@@ -1,0 +1,3 @@
+"""Plot builders: plain data in, a plotly go.Figure out (compare.py, inspector.py, moe.py,
+teaching.py).
+"""

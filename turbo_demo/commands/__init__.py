@@ -1,0 +1,1 @@
+"""Commands beside the app: generate (one model, one prompt, statistics) and the load tester."""
