@@ -7,11 +7,8 @@ fall under it on text like it. Threshold mode then computes up and down only whe
 with s and quality falls; a dReLU gate is zero for most neurons, so t_l stays 0 up to its
 natural sparsity.
 
-The thresholds are cached per loaded model and sparsity, and freed with the model.
+The thresholds are kept on the pack (PackedModel.calibrated) per sparsity, and freed with it.
 """
-
-import threading
-import weakref
 
 import torch
 
@@ -22,8 +19,6 @@ from turbo_demo.runtime.packing import PackedModel
 
 CALIBRATION_TEXT = ASSETS / "calibration.txt"
 CALIBRATION_TOKENS = 384
-_cache: "weakref.WeakKeyDictionary[object, dict[float, Thresholds]]" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
 Thresholds = list[float | list[float]]  # per layer; a MoE layer's: one per expert
 
 
@@ -48,13 +43,12 @@ def calibrate(packed: PackedModel, ids: list[int], sparsity: float, kernels: Ker
 
 
 def threshold_options(packed: PackedModel, tokenizer, sparsity: float, context: int) -> list:
-    """Threshold mode's per-layer options for `sparsity`, calibrated once per model and sparsity."""
+    """Threshold mode's per-layer options for `sparsity`, calibrated once per pack and sparsity."""
     key = round(float(sparsity), 4)
-    with _lock:
-        per_model = _cache.setdefault(packed.model, {})
-        if key not in per_model:
-            per_model[key] = calibrate(packed, calibration_ids(tokenizer, context), key)
+    with packed.calibrating:
+        if key not in packed.calibrated:
+            packed.calibrated[key] = calibrate(packed, calibration_ids(tokenizer, context), key)
         return [
             [ThresholdOptions(threshold=u) for u in t] if isinstance(t, list) else ThresholdOptions(threshold=t)
-            for t in per_model[key]
+            for t in packed.calibrated[key]
         ]

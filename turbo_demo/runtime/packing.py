@@ -21,7 +21,8 @@ matrices at all.
 """
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -161,6 +162,10 @@ class PackedModel:
     ffns: list  # one FFNWeights per layer, or a MoE layer's moe.MoEWeights
     lean: LeanWeights | None
     quant: str | None = None  # "int8" or "int4" where the matrices are block-quantized
+    # threshold mode's per-layer thresholds calibrated on this pack, by target sparsity
+    # (runtime/calibration.py): kept with the weights they were measured on, freed with them
+    calibrated: dict = field(default_factory=dict, repr=False, compare=False)
+    calibrating: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def owned_bytes(self) -> int:
