@@ -148,6 +148,28 @@ def test_a_generate_racing_a_model_change_runs_the_mode_the_menu_will_show(tiny_
     assert settled_mode(drelu, "predictor", "exact") == "exact"  # no predictors in it
 
 
+def test_a_generate_click_reads_its_run_from_the_tabs_components(tiny_dirs):
+    """read_run: the values Gradio hands over by component become the prompt, each side's record
+    (mode settled, weights chosen) and the settings; a setting that is no number is refused."""
+    import gradio as gr
+
+    from turbo_demo.app.engine.public import LOCAL
+    from turbo_demo.app.ui.compare import compare_tab, read_run, run_inputs
+
+    with gr.Blocks():
+        tab = compare_tab(["Dense SwiGLU"], LOCAL, (("Dense SwiGLU", "dense"), ("TurboSparse dReLU", "predictor")))
+    dense, drelu = str(tiny_dirs["dense"]), str(tiny_dirs["drelu"])
+    values = {component: component.value for component in run_inputs(tab)}
+    values |= {tab.prompt: "def f(x):", tab.left.model: dense, tab.left.mode: "predictor", tab.right.model: drelu}
+    values |= {tab.right.mode: "exact", tab.right.quant: "int8", tab.temperature: 0.0, tab.max_new: 5}
+    prompt, left, right, settings = read_run(tab, values, LOCAL)
+    assert prompt == "def f(x):" and (left.model, left.mode, left.quant) == (dense, "dense", None)
+    assert (right.model, right.mode, right.quant) == (drelu, "exact", "int8")
+    assert (settings.max_new_tokens, settings.temperature, settings.sparsity) == (5, 0.0, 0.5)
+    with pytest.raises(UserError, match="temperature"):
+        read_run(tab, values | {tab.temperature: "warm"}, LOCAL)
+
+
 def test_views_build_the_expected_figures(tiny_dirs):
     store = ModelStore()
     left, right, _ = run(

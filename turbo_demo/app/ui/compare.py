@@ -2,14 +2,14 @@
 by plain functions, and the mapping from a CompareView to them (show_compare). page.py wires
 the handlers."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from turbo_demo.app.engine.compare import MAX_SPARSITY
+from turbo_demo.app.engine.compare import MAX_SPARSITY, Settings, SideRecord
 from turbo_demo.app.engine.prompts import EXAMPLES
 from turbo_demo.app.engine.public import MAX_NEW_TOKENS, Policy
-from turbo_demo.app.ui.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, settled_mode
+from turbo_demo.app.ui.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of, settled_mode
 from turbo_demo.app.views.compare import CompareView
 
 LOCAL_MODEL_INFO = "an embedded model, a local HF model directory, or a hub id"
@@ -164,3 +164,25 @@ def on_model_change(policy: Policy, name, current_mode, preferred):
     """A model box changed: its pane's modes, the mode the menu settles on, and any error."""
     modes, error = mode_choices(name, policy.allowed)
     return gr.Dropdown(choices=modes, value=settled_mode(name, current_mode, preferred, policy.allowed)), error
+
+
+def run_inputs(tab: CompareTab) -> set:
+    """The components a Generate click reads (Gradio hands their values over as one dict)."""
+    panes = {c for pane in (tab.left, tab.right) for c in (pane.model, pane.mode, pane.quant)}
+    settings = {tab.max_new, tab.temperature, tab.top_p, tab.seed, tab.chat, tab.system, tab.sparsity}
+    return {tab.prompt, *panes, *settings}
+
+
+def read_run(tab: CompareTab, values: dict, policy: Policy) -> tuple[str, SideRecord, SideRecord, Settings]:
+    """A Generate click's (prompt, left, right, settings) from `values` (run_inputs' components):
+    each side's mode settled as its menu settles it; a UserError for what the policy refuses."""
+    sides = []
+    for pane in (tab.left, tab.right):
+        name = values[pane.model]
+        mode = settled_mode(name, values[pane.mode], pane.default_mode, policy.allowed)
+        sides.append(SideRecord(name, mode, quant=quant_of(values[pane.quant])))
+    settings = Settings(values[tab.max_new], values[tab.temperature], values[tab.top_p], values[tab.seed])
+    settings = replace(settings, chat=values[tab.chat], system=values[tab.system], sparsity=values[tab.sparsity])
+    policy.check_prompt(values[tab.prompt])
+    settings.checked()
+    return values[tab.prompt], sides[0], sides[1], settings

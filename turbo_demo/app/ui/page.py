@@ -5,20 +5,18 @@ to components in one place (compare.show_compare, show_neurons); `build_demo()` 
 work."""
 
 import time
-from dataclasses import replace
 from threading import Event
 
 import gradio as gr
 
 from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.compare import SideRecord, run_compare
 from turbo_demo.app.engine.public import LOCAL, Policy, RunQueue, client_of
 from turbo_demo.app.ui import api as page_api
 from turbo_demo.app.ui import inspector as page_inspector
 from turbo_demo.app.ui import talk as page_talk
 from turbo_demo.app.ui import teaching as page_teaching
-from turbo_demo.app.ui.compare import compare_tab, on_model_change, show_compare
-from turbo_demo.app.ui.menus import quant_of, settled_mode
+from turbo_demo.app.ui.compare import compare_tab, on_model_change, read_run, run_inputs, show_compare
 from turbo_demo.app.ui.texts import ABOUT, INTRO, NEURONS
 from turbo_demo.app.views import compare as views
 from turbo_demo.app.views import export, teaching
@@ -76,37 +74,13 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             if state and state.get("stop"):
                 state["stop"].set()
 
-        def on_generate(
-            prompt,
-            left_model,
-            left_mode,
-            right_model,
-            right_mode,
-            left_quant,
-            right_quant,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            chat_format,
-            system_prompt,
-            target_sparsity,
-            state,
-            request: gr.Request,
-            progress=gr.Progress(),
-        ):
+        def on_generate(values: dict, request: gr.Request, progress=gr.Progress()):
             # the session's own dict, changed in place: a Stop clicked before the first update
             # (while queued, or while a model loads) finds this run's Event
+            state = values[session]
             stop = state["stop"] = Event()
-            left_mode = settled_mode(left_model, left_mode, c.left.default_mode, policy.allowed)
-            right_mode = settled_mode(right_model, right_mode, c.right.default_mode, policy.allowed)
-            left = SideRecord(left_model, left_mode, quant=quant_of(left_quant))
-            right = SideRecord(right_model, right_mode, quant=quant_of(right_quant))
             try:
-                settings = Settings(max_new_tokens, temperature, top_p, seed)
-                settings = replace(settings, chat=chat_format, system=system_prompt, sparsity=target_sparsity)
-                policy.check_prompt(prompt)
-                settings.checked()
+                prompt, left, right, settings = read_run(c, values, policy)
                 ticket = queue.join(client_of(request))
             except UserError as exc:
                 yield {c.run_status: f"⚠️ {exc}"}
@@ -186,9 +160,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
         panes = [c.left.model, c.left.mode, c.right.model, c.right.mode, c.left.quant, c.right.quant]
         linked = [c.prompt, *panes, *generation, tabs]
         demo.load(on_load, None, linked, queue=False, api_visibility="private")
-        # on_generate's parameters, in order
-        inputs = [c.prompt, *panes, *generation]
-        inputs += [c.chat, c.system, c.sparsity, session]
+        inputs = {*run_inputs(c), session}  # on_generate reads them by component
         for button in (c.generate, talk_buttons[0]):
             button.click(
                 on_generate,
