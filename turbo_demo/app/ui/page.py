@@ -1,7 +1,7 @@
 """The Gradio page: composes the tabs of ui/ (compare.py's components as dataclasses, then
 inspector.py, talk.py, teaching.py) and the API (api.py); ui/ holds the only gradio imports.
 Handlers wire widgets to the plain functions of engine/ and views/, and map each view's fields
-to components in one place (compare.show_compare, show_neurons); `build_demo()` does no heavy
+to components in one place (compare.show_compare, neurons.show_neurons); `build_demo()` does no heavy
 work."""
 
 import time
@@ -17,7 +17,8 @@ from turbo_demo.app.ui import inspector as page_inspector
 from turbo_demo.app.ui import talk as page_talk
 from turbo_demo.app.ui import teaching as page_teaching
 from turbo_demo.app.ui.compare import compare_tab, on_model_change, read_run, run_inputs, show_compare
-from turbo_demo.app.ui.texts import ABOUT, INTRO, NEURONS
+from turbo_demo.app.ui.neurons import about_tab, neurons_tab, show_neurons
+from turbo_demo.app.ui.texts import INTRO
 from turbo_demo.app.views import compare as views
 from turbo_demo.app.views import export, teaching
 from turbo_demo.errors import UserError
@@ -48,25 +49,10 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 c = compare_tab(names, policy, (DEFAULT_LEFT, DEFAULT_RIGHT))
             show_inspect, inspect_outputs = page_inspector.inspector_tab(session)
             live_talk, talk_outputs, talk_buttons = page_talk.talk_tab()
-            with gr.Tab("Neurons"):
-                gr.Markdown(NEURONS)
-                with gr.Row():
-                    firing_left = gr.Plot(label="Left: firing frequency")
-                    firing_right = gr.Plot(label="Right: firing frequency")
-                hist = gr.Plot(label="Activation distributions")
+            n = neurons_tab()
             page_teaching.teaching_tab(store, session, c.prompt)
             page_teaching.paper_tab()
-            with gr.Tab("About"):
-                gr.Markdown(ABOUT)
-                gr.Markdown(
-                    "#### Our embedded models (`python -m turbo_demo eval DIR --json`)\n" + views.about_numbers()
-                )
-                gr.Markdown("#### Our decoding c.speed (`python -m turbo_demo bench --json`)\n" + views.bench_numbers())
-                gr.Plot(value=views.training_curve(), label="Training curve")
-
-        def show_neurons(view: views.NeuronsView) -> dict:
-            shown = {firing_left: view.left_firing, firing_right: view.right_firing, hist: view.hist}
-            return {component: figure for component, figure in shown.items() if figure is not None}
+            about_tab()
 
         def on_stop(state):
             # no output: a "Stopping…" written into the run's status line could reach the page
@@ -127,7 +113,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             # button stayed hidden in about half of the browser test's runs (Gradio 6)
             yield {
                 **show_compare(c, view, done),
-                **show_neurons(neurons),
+                **show_neurons(n, neurons),
                 **kept,
                 **show_inspect(left, right, state),
                 **live_talk(left, right),
@@ -142,7 +128,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             )
         empty = views.compare_view(SideRecord("", ""), SideRecord("", ""))
         outputs = [*show_compare(c, empty, ""), c.download, c.share]
-        outputs += [firing_left, firing_right, hist, *inspect_outputs, *talk_outputs]
+        outputs += [n.firing_left, n.firing_right, n.hist, *inspect_outputs, *talk_outputs]
 
         def on_load(request: gr.Request):
             """A shared link's prompt, models, modes and settings (query parameters), checked."""
