@@ -47,8 +47,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
         with gr.Tabs() as tabs:
             with gr.Tab("Compare"):
                 c = compare_tab(names, policy, (DEFAULT_LEFT, DEFAULT_RIGHT))
-            show_inspect, inspect_outputs = page_inspector.inspector_tab(session)
-            live_talk, talk_outputs, talk_buttons = page_talk.talk_tab()
+            inspect = page_inspector.inspector_tab(session)
+            talk = page_talk.talk_tab()
             n = neurons_tab()
             page_teaching.teaching_tab(store, session, c.prompt)
             page_teaching.paper_tab()
@@ -93,7 +93,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                     if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                         last = time.monotonic()
                         view = views.compare_view(left, right)
-                        yield {**show_compare(c, view, "Generating…"), **live_talk(left, right)}
+                        yield {**show_compare(c, view, "Generating…"), **page_talk.show_talk(talk, left, right)}
             except UserError as exc:
                 yield {c.run_status: f"⚠️ {exc}"}
                 return
@@ -115,8 +115,8 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 **show_compare(c, view, done),
                 **show_neurons(n, neurons),
                 **kept,
-                **show_inspect(left, right, state),
-                **live_talk(left, right),
+                **page_inspector.show_inspect(inspect, left, right, state),
+                **page_talk.show_talk(talk, left, right),
             }
 
         for pane in (c.left, c.right):
@@ -128,7 +128,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
             )
         empty = views.compare_view(SideRecord("", ""), SideRecord("", ""))
         outputs = [*show_compare(c, empty, ""), c.download, c.share]
-        outputs += [n.firing_left, n.firing_right, n.hist, *inspect_outputs, *talk_outputs]
+        outputs += [n.firing_left, n.firing_right, n.hist, *inspect.outputs, *talk.outputs]
 
         def on_load(request: gr.Request):
             """A shared link's prompt, models, modes and settings (query parameters), checked."""
@@ -147,7 +147,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
         linked = [c.prompt, *panes, *generation, tabs]
         demo.load(on_load, None, linked, queue=False, api_visibility="private")
         inputs = {*run_inputs(c), session}  # on_generate reads them by component
-        for button in (c.generate, talk_buttons[0]):
+        for button in (c.generate, talk.generate):
             button.click(
                 on_generate,
                 inputs,
@@ -157,7 +157,7 @@ def build_demo(store: ModelStore | None = None, kernels: Kernels | None = None, 
                 concurrency_id="generate",
                 api_visibility="private",
             )
-        for button in (c.stop, talk_buttons[1]):
+        for button in (c.stop, talk.stop):
             button.click(on_stop, [session], None, queue=False, api_visibility="private")
         compare = page_api.compare_endpoint(store, kernels, policy, queue, names)
         gr.api(compare, api_name="compare", concurrency_id="generate")

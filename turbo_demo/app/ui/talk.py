@@ -1,10 +1,10 @@
 """The talk layout (a page module: it imports gradio): for a projector, the two outputs large,
 one big tokens/s and sparsity figure per side, and the live neuron maps of the latest token; no
-settings. The page opens on it with `?view=talk`. `talk_tab` is called inside the page's Tabs
-and returns `live(left, right)`, the tab's update for a run as it is now."""
+settings. The page opens on it with `?view=talk`. `talk_tab` builds it inside the page's Tabs;
+`show_talk` is its update for a run as it is now."""
 
 import html
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -44,9 +44,19 @@ def live_maps(left: SideRecord, right: SideRecord):
     return plots_inspector.neuron_maps_figure(inspector.maps_at(kept, steps - 1), steps - 1)
 
 
-def talk_tab() -> tuple[Callable[[SideRecord, SideRecord], dict], list, tuple[gr.Button, gr.Button]]:
-    """The tab's widgets; returns live(left, right) -> {component: value}, the components it
-    updates, and the tab's Generate and Stop buttons (the page binds them as its own)."""
+@dataclass(frozen=True)
+class TalkTab:
+    generate: gr.Button  # the page binds the tab's buttons as its own Generate and Stop
+    stop: gr.Button
+    panes: tuple  # per side: (numbers, text) HTML
+    maps: gr.Plot
+
+    @property
+    def outputs(self) -> list:
+        return [c for pane in self.panes for c in pane] + [self.maps]
+
+
+def talk_tab() -> TalkTab:
     with gr.Tab("Talk", id=TALK_TAB):
         with gr.Row():
             generate = gr.Button("Generate", variant="primary", elem_id="talk-generate")
@@ -57,11 +67,12 @@ def talk_tab() -> tuple[Callable[[SideRecord, SideRecord], dict], list, tuple[gr
                 with gr.Column():
                     panes.append((gr.HTML(elem_id=f"talk-{side}-numbers"), gr.HTML(elem_id=f"talk-{side}-text")))
         maps = gr.Plot(label="Live: every layer's neurons at the latest token", elem_id="talk-maps")
+    return TalkTab(generate, stop, tuple(panes), maps)
 
-    def live(left: SideRecord, right: SideRecord) -> dict:
-        shown = {maps: live_maps(left, right)}
-        for (numbers, text), rec in zip(panes, (left, right)):
-            shown |= {numbers: big_numbers(rec), text: big_text(rec)}
-        return shown
 
-    return live, [c for pane in panes for c in pane] + [maps], (generate, stop)
+def show_talk(tab: TalkTab, left: SideRecord, right: SideRecord) -> dict:
+    """The run so far on the talk layout: each side's big numbers and text, the live maps."""
+    shown = {tab.maps: live_maps(left, right)}
+    for (numbers, text), rec in zip(tab.panes, (left, right)):
+        shown |= {numbers: big_numbers(rec), text: big_text(rec)}
+    return shown
