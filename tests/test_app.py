@@ -9,7 +9,7 @@ from plotly import graph_objects as go
 from turbo_demo.app.engine.catalog import ModelStore, modes_for, resolve
 from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
 from turbo_demo.app.plots import compare as plots
-from turbo_demo.app.ui.menus import settled_mode
+from turbo_demo.app.ui.menus import mode_choices, settled_mode
 from turbo_demo.app.views import compare as views
 from turbo_demo.errors import UserError
 from turbo_demo.models.activations import activation_histograms
@@ -142,10 +142,14 @@ def test_a_generate_racing_a_model_change_runs_the_mode_the_menu_will_show(tiny_
     change's update arrived: seen in the browser test on a busy machine) is settled as the menu
     settles it: kept where the model offers it, else the pane's default, else the first mode."""
     dense, drelu = str(tiny_dirs["dense"]), str(tiny_dirs["drelu"])
-    assert settled_mode(dense, "predictor", "exact") == "dense"  # SwiGLU: dense and threshold
-    assert settled_mode(dense, "predictor", "threshold") == "threshold"
-    assert settled_mode(drelu, "exact", "dense") == "exact"
-    assert settled_mode(drelu, "predictor", "exact") == "exact"  # no predictors in it
+
+    def settled(model: str, current: str, preferred: str) -> str:
+        return settled_mode(mode_choices(model)[0], current, preferred)
+
+    assert settled(dense, "predictor", "exact") == "dense"  # SwiGLU: dense and threshold
+    assert settled(dense, "predictor", "threshold") == "threshold"
+    assert settled(drelu, "exact", "dense") == "exact"
+    assert settled(drelu, "predictor", "exact") == "exact"  # no predictors in it
 
 
 def test_a_generate_click_reads_its_run_from_the_tabs_components(tiny_dirs):

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_gguf import field
+from test_published import CONFIG as PUBLISHED_SMALL
+from test_published import RANKS
 
 from conftest import tiny_model
-from turbo_demo.bench.full import CONFIG as PUBLISHED
-from turbo_demo.checkpoints import gguf_vocab, powerinfer_gguf
+from turbo_demo.checkpoints import gguf_export, gguf_vocab, powerinfer_gguf
 from turbo_demo.checkpoints.checkpoint import save_checkpoint
 from turbo_demo.checkpoints.gguf_export import permute_rope
 from turbo_demo.checkpoints.powerinfer_gguf import export_powerinfer, sparse_threshold
@@ -27,18 +29,9 @@ from turbo_demo.errors import UserError
 from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 
 Q = gguf.GGMLQuantizationType
-RANKS = [16, 8, 24]
 TOKENIZER_IDS = 300  # conftest's byte-level BPE tokenizer
 VOCAB = 320  # embedding rows: ids 300..319 are padding
-CONFIG = {
-    **PUBLISHED,
-    "hidden_size": 64,
-    "intermediate_size": 192,
-    "num_hidden_layers": len(RANKS),
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-}
+CONFIG = {**PUBLISHED_SMALL, "vocab_size": VOCAB}  # test_published's layout, with this tokenizer's vocab
 
 
 def write_published(path, tokenizer) -> dict[str, torch.Tensor]:
@@ -112,19 +105,6 @@ def expected_values(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if kind == "ffn_down_t":
         return state[p + "mlp.down_proj.weight"].T
     return state[f"{p}{hf[kind]}.weight"]
-
-
-def field(reader, key: str):
-    """A metadata value of a GGUFReader: a scalar, a string, or a list."""
-    f = reader.fields[key]
-    values = [f.parts[i] for i in f.data]
-    if f.types[0] == gguf.GGUFValueType.ARRAY:
-        if f.types[-1] == gguf.GGUFValueType.STRING:
-            return [bytes(v).decode() for v in values]
-        return [v.item() for v in values]
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(values[0]).decode()
-    return values[0].item()
 
 
 def values_problem(name: str, t, expected: torch.Tensor) -> str | None:
@@ -218,8 +198,8 @@ def down_at_f32(powerinfer_type):
 
 SABOTAGES = {  # how the writer goes wrong -> the check that must fail
     "down not transposed": (powerinfer_gguf, "oriented", down_not_transposed, "blk.0.ffn_down_t.weight: values"),
-    "Q not permuted": (
-        powerinfer_gguf,
+    "Q not permuted": (  # the permutation is gguf_export's, which the PowerInfer writer shares
+        gguf_export,
         "permute_rope",
         lambda permute: lambda w, n: w if n == CONFIG["num_attention_heads"] else permute(w, n),
         "blk.0.attn_q.weight: values",

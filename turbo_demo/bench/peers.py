@@ -172,14 +172,20 @@ class Torchao:
         return out[0, len(prompt) :].tolist()
 
 
-def torchao_peers(model, checkpoint: Path, prompt, tokens: int, quants: tuple, notes: list[str]) -> dict:
-    """{("transformers+torchao", quant): Peer} on the weights of `model` (saved at `checkpoint`),
-    each quantized in its own process, and a note for each quant that cannot run here."""
+def torchao_peers(
+    model, checkpoint: Path | None, prompt, tokens: int, quants: tuple, tmp: Path, notes: list[str]
+) -> dict:
+    """{("transformers+torchao", quant): Peer} on the weights of `model` (those of `checkpoint`;
+    random ones are saved in tmp first, for the peers' processes to load), each quantized in its
+    own process, and a note for each quant that cannot run here."""
     try:
         import torchao
     except ImportError:
         note_once(notes, "transformers+torchao peers skipped: torchao is not installed (pip install torchao==0.14.1)")
         return {}
+    if checkpoint is None:
+        checkpoint = tmp / "checkpoint"
+        model.save_pretrained(checkpoint)
     peers = {}
     for quant in quants:
         try:
@@ -195,15 +201,11 @@ def torchao_peers(model, checkpoint: Path, prompt, tokens: int, quants: tuple, n
 
 
 def all_peers(model, checkpoint: Path | None, prompt, tokens: int, tmp: Path, notes: list[str]) -> dict:
-    """Every peer that runs here on `model` (the weights of `checkpoint`, None for random ones,
-    which are saved in tmp for the torchao peers' processes to load)."""
+    """Every peer that runs here on `model` (the weights of `checkpoint`, None for random ones)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        checkpoint = tmp / "checkpoint"
-        model.save_pretrained(checkpoint)
     return {
         **llama_cpp_peers(model, tokenizer_of(checkpoint), prompt, tokens, tmp, notes),
-        **torchao_peers(model, checkpoint, prompt, tokens, ("int8", "int4"), notes),
+        **torchao_peers(model, checkpoint, prompt, tokens, ("int8", "int4"), tmp, notes),
     }
 
 

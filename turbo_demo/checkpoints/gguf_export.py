@@ -32,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from turbo_demo.checkpoints.config import check_model_dir
+from turbo_demo.checkpoints.config import check_model_dir, load_config
 from turbo_demo.checkpoints.gguf_vocab import read_tokenizer, vocab_writer, write_specials
 from turbo_demo.checkpoints.headers import read_headers
+from turbo_demo.checkpoints.quantized import stored_quant
 from turbo_demo.choices import GGUF_TYPES
 from turbo_demo.errors import UserError
 
@@ -171,39 +173,58 @@ def write_gguf(
     write_metadata(writer, config, name, qtype, gguf)
     write_vocab(writer, gguf, tokenizer, config.vocab_size)
     write_specials(writer, tokenizer, tokenizer_config or {}, config)
-    types = {}
-    for hf, g in names.items():
-        shape = tuple(shapes[hf])
-        types[hf] = t = tensor_type(gguf, g, shape, qtype)
+    planned = {g: (tuple(shapes[hf]), tensor_type(gguf, g, tuple(shapes[hf]), qtype)) for hf, g in names.items()}
+    hf_of = {g: hf for hf, g in names.items()}
+    write_tensors(writer, gguf, planned, lambda g: oriented(g, load(hf_of[g]).float(), config))
+    return Path(dst)
+
+
+def oriented(name: str, w: torch.Tensor, config) -> torch.Tensor:
+    """An HF weight as llama.cpp holds it: Q / K rows in its rotary pairs (permute_rope)."""
+    if name.endswith("attn_q.weight"):
+        return permute_rope(w, config.num_attention_heads)
+    if name.endswith("attn_k.weight"):
+        return permute_rope(w, config.num_key_value_heads)
+    return w
+
+
+def write_tensors(writer, gguf, planned: Mapping[str, tuple], data: Callable[[str], torch.Tensor]) -> None:
+    """The file's tensors, one in memory at a time: `planned` {GGUF name: (shape, GGML type)}
+    gives the infos, written with the header and metadata first; then `data(name)`, each float
+    tensor in its shape, is stored in its type. Closes the writer."""
+    for g, (shape, t) in planned.items():
         if t in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
-            dtype = np.float16 if t == gguf.GGMLQuantizationType.F16 else np.float32
-            writer.add_tensor_info(g, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            dtype = np.dtype(np.float16 if t == gguf.GGMLQuantizationType.F16 else np.float32)
+            writer.add_tensor_info(g, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
         else:
             byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
             writer.add_tensor_info(g, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for hf, g in names.items():
-        w = load(hf).float()
-        if g.endswith("attn_q.weight"):
-            w = permute_rope(w, config.num_attention_heads)
-        elif g.endswith("attn_k.weight"):
-            w = permute_rope(w, config.num_key_value_heads)
-        writer.write_tensor_data(gguf.quants.quantize(w.contiguous().numpy(), types[hf]))
+    for g, (_, t) in planned.items():
+        writer.write_tensor_data(gguf.quants.quantize(data(g).contiguous().numpy(), t))
     writer.close()
-    return Path(dst)
+
+
+def safetensors_source(src: Path) -> tuple[dict[str, tuple], Callable[[str], torch.Tensor]]:
+    """({HF name: shape}, load(name)) of the checkpoint in `src`: shapes from the headers, each
+    tensor read from its own file when asked for (so an export holds one tensor at a time)."""
+    headers = read_headers(src)
+    if not headers:
+        raise UserError(f"{src} has no safetensors weights: export-gguf reads safetensors only")
+
+    def load(name: str) -> torch.Tensor:
+        with safe_open(src / headers[name].file, framework="pt") as f:
+            return f.get_tensor(name)
+
+    return {n: info.shape for n, info in headers.items()}, load
 
 
 def export_gguf(src: str | Path, dst: str | Path, qtype: str = "f16") -> Path:
     """`python -m turbo_demo export-gguf SRC DST --type f16|q8_0|q4_0`: the checkpoint `src`
     (safetensors, dense SwiGLU Llama / Mistral, a byte-level or SentencePiece BPE tokenizer) as
     the GGUF file `dst`."""
-    from safetensors import safe_open
-
-    from turbo_demo.checkpoints.config import load_config
-    from turbo_demo.checkpoints.quantized import stored_quant
-
     src = check_model_dir(src)
     if stored_quant(src):  # transformers cannot read its config: say what it is first
         raise UserError(
@@ -212,17 +233,9 @@ def export_gguf(src: str | Path, dst: str | Path, qtype: str = "f16") -> Path:
     config = load_config(src)
     check_llama(config)
     import_gguf()
-    headers = read_headers(src)
-    if not headers:
-        raise UserError(f"{src} has no safetensors weights: export-gguf reads safetensors only")
-    unknown = [n for n in headers if gguf_name(n) is None and not n.endswith("rotary_emb.inv_freq")]
+    shapes, load = safetensors_source(src)
+    unknown = [n for n in shapes if gguf_name(n) is None and not n.endswith("rotary_emb.inv_freq")]
     if unknown:
         raise UserError(f"{src} has tensors the llama architecture has no place for, e.g. {unknown[0]}")
     tokenizer, tokenizer_config = read_tokenizer(src)
-
-    def load(name: str) -> torch.Tensor:
-        with safe_open(src / headers[name].file, framework="pt") as f:
-            return f.get_tensor(name)
-
-    shapes = {n: info.shape for n, info in headers.items()}
     return write_gguf(dst, config, shapes, load, tokenizer, qtype, name=src.name, tokenizer_config=tokenizer_config)

@@ -26,6 +26,7 @@ from turbo_demo.checkpoints.config import auto_dtype, dtype_name, load_config, s
 from turbo_demo.checkpoints.headers import read_headers
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.lean import MAX_CONTEXT
+from turbo_demo.runtime.quant import block_nbytes, checkpoint_matrices, format_of, packed_shape
 
 SLACK = 0.05
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -96,7 +97,6 @@ def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None, qu
     if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in tensors:
         tensors.pop("lm_head.weight", None)  # one matrix, whatever the file holds
     if tensors and quant is not None:
-        from turbo_demo.runtime.quant import block_nbytes, checkpoint_matrices, format_of, packed_shape  # torch only
 
         def size(name: str, t) -> int:
             if t.dtype not in FLOAT_DTYPES:

@@ -72,13 +72,20 @@ context). Run the file with PowerInfer (README):
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from turbo_demo.checkpoints.config import check_model_dir
-from turbo_demo.checkpoints.gguf_export import gguf_name, import_gguf, permute_rope, tensor_type, write_metadata
+from turbo_demo.checkpoints.config import check_model_dir, load_config
+from turbo_demo.checkpoints.gguf_export import (
+    gguf_name,
+    import_gguf,
+    safetensors_source,
+    tensor_type,
+    write_metadata,
+    write_tensors,
+)
+from turbo_demo.checkpoints.gguf_export import oriented as llama_oriented
 from turbo_demo.checkpoints.gguf_vocab import read_tokenizer, vocab_writer, write_specials
-from turbo_demo.checkpoints.headers import read_headers
+from turbo_demo.checkpoints.quantized import stored_quant
 from turbo_demo.errors import UserError
 
 MAGIC = b"PWRI"  # ggml.h GGUF_POWERINFER_MAGIC, in place of b"GGUF"
@@ -183,13 +190,7 @@ def stored_shape(name: str, shape) -> tuple[int, ...]:
 def oriented(name: str, w: torch.Tensor, config) -> torch.Tensor:
     """An HF weight as the file holds it: Q / K rows in llama.cpp's rotary pairs, down_proj
     transposed (n_ff, n_embd) so that neuron j's output column is row j."""
-    if name.endswith("attn_q.weight"):
-        return permute_rope(w, config.num_attention_heads)
-    if name.endswith("attn_k.weight"):
-        return permute_rope(w, config.num_key_value_heads)
-    if name.endswith("ffn_down_t.weight"):
-        return w.T
-    return w
+    return w.T if name.endswith("ffn_down_t.weight") else llama_oriented(name, w, config)
 
 
 def powerinfer_type(gguf, name: str, shape: tuple, qtype: str):
@@ -223,23 +224,11 @@ def write_powerinfer(
     write_vocab(writer, gguf, tokenizer, config.vocab_size)
     write_specials(writer, tokenizer, tokenizer_config or {}, config)
     writer.add_float32(THRESHOLD_KEY, sparse_threshold(config))
-    types = {}
+    planned = {}
     for g, hf in names.items():
         shape = stored_shape(g, shapes[hf])
-        types[g] = t = powerinfer_type(gguf, g, shape, qtype)
-        if t in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
-            dtype = np.dtype(np.float16 if t == gguf.GGMLQuantizationType.F16 else np.float32)
-            writer.add_tensor_info(g, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
-        else:
-            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
-            writer.add_tensor_info(g, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for g, hf in names.items():
-        w = oriented(g, load(hf).float(), config)
-        writer.write_tensor_data(gguf.quants.quantize(w.contiguous().numpy(), types[g]))
-    writer.close()
+        planned[g] = (shape, powerinfer_type(gguf, g, shape, qtype))
+    write_tensors(writer, gguf, planned, lambda g: oriented(g, load(names[g]).float(), config))
     with open(dst, "r+b") as f:  # as PowerInfer's convert.py marks its files
         f.write(MAGIC)
     return Path(dst)
@@ -249,25 +238,12 @@ def export_powerinfer(src: str | Path, dst: str | Path, qtype: str = "f16") -> P
     """`python -m turbo_demo export-gguf SRC DST --powerinfer [--type f16|q4_0]`: the dReLU
     checkpoint `src` (safetensors, a predictor per layer, a byte-level or SentencePiece BPE
     tokenizer) as the PowerInfer file `dst`."""
-    from safetensors import safe_open
-
-    from turbo_demo.checkpoints.config import load_config
-    from turbo_demo.checkpoints.quantized import stored_quant
-
     src = check_model_dir(src)
     if stored_quant(src):  # transformers cannot read its config: say what it is first
         raise UserError(f"{src} is a quantized checkpoint; export the float checkpoint it was made from")
     config = load_config(src)
     check_powerinfer(config, src)
     import_gguf()
-    headers = read_headers(src)
-    if not headers:
-        raise UserError(f"{src} has no safetensors weights: export-gguf reads safetensors only")
+    shapes, load = safetensors_source(src)
     tokenizer, tokenizer_config = read_tokenizer(src)
-
-    def load(name: str) -> torch.Tensor:
-        with safe_open(src / headers[name].file, framework="pt") as f:
-            return f.get_tensor(name)
-
-    shapes = {n: info.shape for n, info in headers.items()}
     return write_powerinfer(dst, config, shapes, load, tokenizer, qtype, src.name, tokenizer_config)

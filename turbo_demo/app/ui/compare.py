@@ -69,7 +69,7 @@ def side_pane(side: str, default: tuple[str, str], names: list[str], policy: Pol
         else "an embedded model, a local HF model directory, or a hub id",
     )
     modes, error = mode_choices(model.value, policy.allowed) if model.value else ([("dense", "dense")], "")
-    start = default_mode if default_mode in [m for _, m in modes] else modes[0][1]
+    start = settled_mode(modes, default_mode, default_mode)
     # custom values: a Generate racing a model change sends the old mode (settled_mode)
     mode = gr.Dropdown(modes, value=start, label="Backend mode", elem_id=f"{side}-mode", allow_custom_value=True)
     quant = gr.Dropdown(QUANT_CHOICES, value=AS_STORED, label="Weights", elem_id=f"{side}-quant")
@@ -163,7 +163,7 @@ def show_compare(tab: CompareTab, view: CompareView, message: str) -> dict:
 def on_model_change(policy: Policy, name, current_mode, preferred):
     """A model box changed: its pane's modes, the mode the menu settles on, and any error."""
     modes, error = mode_choices(name, policy.allowed)
-    return gr.Dropdown(choices=modes, value=settled_mode(name, current_mode, preferred, policy.allowed)), error
+    return gr.Dropdown(choices=modes, value=settled_mode(modes, current_mode, preferred)), error
 
 
 def run_inputs(tab: CompareTab) -> set:
@@ -179,7 +179,7 @@ def read_run(tab: CompareTab, values: dict, policy: Policy) -> tuple[str, SideRe
     sides = []
     for pane in (tab.left, tab.right):
         name = values[pane.model]
-        mode = settled_mode(name, values[pane.mode], pane.default_mode, policy.allowed)
+        mode = settled_mode(mode_choices(name, policy.allowed)[0], values[pane.mode], pane.default_mode)
         sides.append(SideRecord(name, mode, quant=quant_of(values[pane.quant])))
     settings = Settings(values[tab.max_new], values[tab.temperature], values[tab.top_p], values[tab.seed])
     settings = replace(settings, chat=values[tab.chat], system=values[tab.system], sparsity=values[tab.sparsity])

@@ -35,12 +35,12 @@ def mode_choices(name: str, allowed: tuple[str, ...] | None = None) -> tuple[lis
     return [(MODE_LABELS[m], m) for m in modes], error
 
 
-def settled_mode(name: str, current: str, preferred: str, allowed: tuple[str, ...] | None = None) -> str:
-    """The mode a pane runs: `current` where the model offers it, else the pane's `preferred`
-    default, else the model's first mode. It is what the mode menu shows once a model change
-    has been applied, so a Generate clicked before that (the menu's old value sent with the
-    new model) runs what the menu is about to show."""
-    values = [m for _, m in mode_choices(name, allowed)[0]]
+def settled_mode(modes: list[tuple[str, str]], current: str, preferred: str) -> str:
+    """The mode a pane runs among `modes` (mode_choices' pairs): `current` where offered, else
+    the pane's `preferred` default, else the first. It is what the mode menu shows once a model
+    change has been applied, so a Generate clicked before that (the menu's old value sent with
+    the new model) runs what the menu is about to show."""
+    values = [m for _, m in modes]
     return current if current in values else (preferred if preferred in values else values[0])
 
 
