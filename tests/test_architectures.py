@@ -11,6 +11,8 @@ from turbo_demo.errors import UserError
 from turbo_demo.models.hooks import on_gate_up
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, open_runtime, pack
 from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.kernels.reference import LayerCache
+from turbo_demo.runtime.weights import AttentionWeights
 
 SHAPE = dict(
     hidden_size=32,
@@ -172,14 +174,16 @@ def test_cpp_attention_step_with_biases_and_head_norms_matches_torch(cpp_kernels
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    args = (rand(h), rand(h).abs(), 1e-6, rand(nh * hd, h), rand(nkv * hd, h), rand(nkv * hd, h), rand(h, nh * hd))
+    x, norm = rand(h), rand(h).abs()
+    projections = (rand(nh * hd, h), rand(nkv * hd, h), rand(nkv * hd, h), rand(h, nh * hd))
     rotary = (rand(max_len, hd), rand(max_len, hd))
     extras = (rand(nh * hd), rand(nkv * hd), rand(nkv * hd), rand(h), rand(hd).abs(), rand(hd).abs())
+    w = AttentionWeights(norm, *projections, *extras)
     caches = rand(nkv, max_len, hd), rand(nkv, max_len, hd)
     out = {}
     for kernels in (Kernels(), cpp_kernels):
         kc, vc = (c.clone() for c in caches)
-        out[kernels.name] = (kernels.attention_step(*args, kc, vc, *rotary, pos, 1, *extras), kc, vc)
+        out[kernels.name] = (kernels.attention_step(x, w, 1e-6, LayerCache(kc, vc, *rotary), pos, 1), kc, vc)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for got, ref in zip(out["cpp"], out["torch"]):
         torch.testing.assert_close(got, ref, **tol)

@@ -5,6 +5,8 @@ import torch
 
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import CppKernels, Kernels, cpp, load_kernels
+from turbo_demo.runtime.kernels.reference import LayerCache
+from turbo_demo.runtime.weights import AttentionWeights, FFNWeights
 
 REF = Kernels()
 
@@ -63,7 +65,10 @@ def test_bf16_tolerance_fails_a_one_percent_error(module):
     wg, wu, wd_t, x = ffn_case(97, 203, torch.bfloat16)
     w, xv, hv, idx = case(97, 203, 48, torch.bfloat16)
     pairs = [
-        (module.ffn_dense(wg, wu, wd_t, x, "silu", False)[0], REF.ffn_dense(wg, wu, wd_t, x, "silu", False)[0]),
+        (
+            module.ffn_dense(ffn(wg, wu, wd_t, "silu", False), x)[0],
+            REF.ffn_dense(ffn(wg, wu, wd_t, "silu", False), x)[0],
+        ),
         (module.rows_dot(w, xv, idx), REF.rows_dot(w, xv, idx)),
         (module.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx)),
     ]
@@ -150,23 +155,29 @@ def ffn_case(n, h, dtype, seed=0):
     return wg, wu, wd_t, torch.randn(h, generator=g).to(dtype)
 
 
+def ffn(wg, wu, wd_t, act="relu", drelu=True, fc1=None, fc2_t=None):
+    """The kernels' FFN record: act on the gate, and on the up branch too where drelu."""
+    return FFNWeights(wg, wu, wd_t, act, drelu, fc1, fc2_t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act,act_up", [("relu", True), ("relu", False), ("silu", False), ("gelu", False)])
 def test_cpp_ffn_steps_match_torch(module, dtype, act, act_up):
     wg, wu, wd_t, x = ffn_case(97, 203, dtype)
-    y, active = module.ffn_dense(wg, wu, wd_t, x, act, act_up)
-    ref_y, ref_active = REF.ffn_dense(wg, wu, wd_t, x, act, act_up)
+    w = ffn(wg, wu, wd_t, act, act_up)
+    y, active = module.ffn_dense(w, x)
+    ref_y, ref_active = REF.ffn_dense(w, x)
     torch.testing.assert_close(y, ref_y, **TOL[dtype])
     assert active == ref_active
     if act == "relu":  # exact mode: the same FFN on the gate-active neurons only
-        y_exact, computed, active_exact = module.ffn_exact(wg, wu, wd_t, x, act_up)
-        ref = REF.ffn_exact(wg, wu, wd_t, x, act_up)
+        y_exact, computed, active_exact = module.ffn_exact(w, x)
+        ref = REF.ffn_exact(w, x)
         torch.testing.assert_close(y_exact, ref[0], **TOL[dtype])
         assert (computed, active_exact) == ref[1:] and active_exact == active
         assert computed == int((REF.matvec(wg, x) > 0).sum())
         torch.testing.assert_close(y_exact, y, **TOL[dtype])
         idx = torch.arange(0, 97, 2)  # a predicted set: up rows only where the gate is on
-        got, ref = module.up_down(wu, wd_t, x, idx, None, act_up, wg), REF.up_down(wu, wd_t, x, idx, None, act_up, wg)
+        got, ref = module.up_down(w, x, idx, None), REF.up_down(w, x, idx, None)
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
         assert got[1:] == ref[1:] and got[1] == int((REF.rows_dot(wg, x, idx) > 0).sum())
 
@@ -177,14 +188,10 @@ def test_ffn_steps_add_to_is_the_residual_add(module, dtype):
     both backends (bitwise: y is rounded to the dtype before the add, as a tensor add sees it)."""
     wg, wu, wd_t, x = ffn_case(97, 203, dtype, seed=7)
     r = torch.randn(203, generator=torch.Generator().manual_seed(8)).to(dtype)
-    idx = torch.arange(1, 97, 3)
+    idx, w = torch.arange(1, 97, 3), ffn(wg, wu, wd_t)
     for fns in ((module.ffn_dense, module.ffn_exact, module.up_down), (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
         dense, exact, up_down = fns
-        steps = (
-            (dense, (wg, wu, wd_t, x, "relu", True)),
-            (exact, (wg, wu, wd_t, x, True)),
-            (up_down, (wu, wd_t, x, idx, None, True, wg)),
-        )
+        steps = ((dense, (w, x)), (exact, (w, x)), (up_down, (w, x, idx, None)))
         for fn, args in steps:
             plain, added = fn(*args), fn(*args, add_to=r)
             assert torch.equal(added[0], r + plain[0]) and added[1:] == plain[1:]
@@ -200,20 +207,17 @@ def test_ffn_steps_count_the_firing_neurons(module, dtype):
     idx = torch.tensor([1, 4, 4, 90, 7, 1, 1, 60])
     picked = torch.zeros(97, dtype=torch.int32).index_add_(0, idx, fired[idx])
     assert 0 < int(fired.sum()) < 97 and int(picked.sum()) > 0
+    w = ffn(wg, wu, wd_t)
     for fns in ((module.ffn_dense, module.ffn_exact, module.up_down), (REF.ffn_dense, REF.ffn_exact, REF.up_down)):
         dense, exact, up_down = fns
-        steps = (
-            (dense, (wg, wu, wd_t, x, "relu", True), fired),
-            (exact, (wg, wu, wd_t, x, True), fired),
-            (up_down, (wu, wd_t, x, idx, None, True, wg), picked),
-        )
+        steps = ((dense, (w, x), fired), (exact, (w, x), fired), (up_down, (w, x, idx, None), picked))
         for fn, args, expected in steps:
             counts = torch.full((97,), 5, dtype=torch.int32)
             fn(*args, counts=counts)
             fn(*args, counts=counts)
             assert torch.equal(counts, 5 + 2 * expected)
     with pytest.raises(RuntimeError, match="counts must be"):
-        module.ffn_exact(wg, wu, wd_t, x, True, counts=torch.zeros(97))
+        module.ffn_exact(w, x, counts=torch.zeros(97))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -221,15 +225,16 @@ def test_cpp_predict_matches_torch(module, dtype):
     g = torch.Generator().manual_seed(3)
     fc1, fc2_t = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, 300, generator=g).to(dtype)
     r = torch.randn(40, generator=g).to(dtype)
+    w = ffn(*ffn_case(300, 40, dtype)[:3], fc1=fc1, fc2_t=fc2_t)
     for threshold, budget in ((0.0, 0), (-2.5, 0), (0.0, 30), (0.0, 300)):
-        idx, rows = module.predict(fc1, fc2_t, r, threshold, budget)
-        ref_idx, ref_rows = REF.predict(fc1, fc2_t, r, threshold, budget)
+        idx, rows = module.predict(w, r, threshold, budget)
+        ref_idx, ref_rows = REF.predict(w, r, threshold, budget)
         assert rows == ref_rows and 0 < rows < 24  # relu zeroes some of the rank's outputs
         if dtype == torch.float32:  # bf16 scores may round differently near the cut
             assert torch.equal(idx, ref_idx)
         assert len(idx) == (budget or len(ref_idx))
     with pytest.raises(RuntimeError, match="budget"):
-        module.predict(fc1, fc2_t, r, 0.0, 301)
+        module.predict(w, r, 0.0, 301)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -239,10 +244,11 @@ def test_cpp_ffn_predicted_matches_torch(module, dtype):
     wg, wu, wd_t, x = ffn_case(300, 40, dtype, seed=11)
     fc1, fc2_t = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, 300, generator=g).to(dtype)
     r = torch.randn(40, generator=g).to(dtype)
+    w = ffn(wg, wu, wd_t, fc1=fc1, fc2_t=fc2_t)
     for threshold, budget in ((0.0, 0), (0.0, 45)):
         counts = [torch.zeros(300, dtype=torch.int32) for _ in range(2)]
-        got = module.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[0])
-        ref = REF.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, True, x, counts[1])
+        got = module.ffn_predicted(w, r, x, threshold, budget, x, counts[0])
+        ref = REF.ffn_predicted(w, r, x, threshold, budget, x, counts[1])
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
         assert len(got[1]) == (budget or len(ref[1])) and 0 < got[4] < got[3] <= len(got[1])
         if dtype == torch.float32:  # bf16 scores may round differently near the cut
@@ -263,7 +269,7 @@ def test_cpp_attention_step_matches_torch(module, dtype, h, nh, nkv, hd):
     caches = {}
     for name, fn in (("cpp", module.attention_step), ("torch", REF.attention_step)):
         kc, vc = (torch.randn(nkv, max_len, hd, generator=torch.Generator().manual_seed(5)).to(dtype) for _ in range(2))
-        y = fn(x, ln_w, 1e-5, w["q"], w["k"], w["v"], w["o"], kc, vc, cos, sin, pos, 2)
+        y = fn(x, AttentionWeights(ln_w, w["q"], w["k"], w["v"], w["o"]), 1e-5, LayerCache(kc, vc, cos, sin), pos, 2)
         caches[name] = (y, kc, vc)
     for got, ref in zip(caches["cpp"], caches["torch"]):
         if dtype == torch.float32:
@@ -342,20 +348,20 @@ def test_cpp_ffn_steps_on_two_threads(module):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            y, active = module.ffn_dense(wg, wu, wd_t, x, "silu", False)
-            ref = REF.ffn_dense(wg, wu, wd_t, x, "silu", False)
+            y, active = module.ffn_dense(ffn(wg, wu, wd_t, "silu", False), x)
+            ref = REF.ffn_dense(ffn(wg, wu, wd_t, "silu", False), x)
             torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
             assert active == ref[1]
-            y, computed, active = module.ffn_exact(wg, wu, wd_t, x, True)
-            ref = REF.ffn_exact(wg, wu, wd_t, x, True)
+            y, computed, active = module.ffn_exact(ffn(wg, wu, wd_t), x)
+            ref = REF.ffn_exact(ffn(wg, wu, wd_t), x)
             torch.testing.assert_close(y, ref[0], atol=1e-5, rtol=1e-5)
             assert (computed, active) == ref[1:]
             idx = torch.arange(0, 3001, 2)  # a predicted set, with its gate values given or not
             a = torch.randn(len(idx), generator=torch.Generator().manual_seed(6)).relu()
-            for args in ((None, True, wg), (a, False, None)):
-                counts = [torch.zeros(3001, dtype=torch.int32) for _ in range(2)]
-                got = module.up_down(wu, wd_t, x, idx, *args, counts=counts[0])
-                ref = REF.up_down(wu, wd_t, x, idx, *args, counts=counts[1])
+            for given, drelu in ((None, True), (a, False)):
+                counts, w = [torch.zeros(3001, dtype=torch.int32) for _ in range(2)], ffn(wg, wu, wd_t, drelu=drelu)
+                got = module.up_down(w, x, idx, given, counts=counts[0])
+                ref = REF.up_down(w, x, idx, given, counts=counts[1])
                 torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
                 assert got[1:] == ref[1:] and torch.equal(counts[0], counts[1])
     finally:

@@ -19,6 +19,8 @@ from turbo_demo.runtime.kernels import Kernels, reference
 from turbo_demo.runtime.lean import LeanRuntime
 from turbo_demo.runtime.modes import DenseMode, ExactMode, PredictorMode, PredictorOptions
 from turbo_demo.runtime.packing import pack_ffn
+from turbo_demo.runtime.quant import quantize
+from turbo_demo.runtime.weights import FFNWeights
 
 
 def test_threshold_zero_equals_dense():
@@ -179,3 +181,43 @@ def test_thresholds_calibrated_per_layer_reach_the_target_and_are_cached(tokeniz
     natural = LeanRuntime(drelu, "dense").generate(ids[:60], 10)
     below = min(s.sparsity for s in natural) / 2  # under dReLU's own sparsity the threshold is 0
     assert [o.threshold for o in threshold_options(drelu, tokenizer, below, 128)] == [0.0] * len(drelu.ffns)
+
+
+def test_predictor_mode_on_a_swiglu_layer_gates_with_silu(cpp_kernels):
+    """A predictor on a SwiGLU layer (a silu gate, an up branch without activation): the chosen
+    neurons' h is silu(gate) * up, the published formula, in both backends; a ReLU'd gate fails."""
+    g = torch.Generator().manual_seed(12)
+    n, h, rank = 40, 24, 6
+    wg, wu, wd_t = (torch.randn(n, h, generator=g) / h**0.5 for _ in range(3))
+    fc1, fc2_t = torch.randn(rank, h, generator=g), torch.randn(rank, n, generator=g)
+    w = FFNWeights(wg, wu, wd_t, "silu", False, fc1, fc2_t, 0.0)
+    x, r = torch.randn(h, generator=g), torch.randn(h, generator=g)
+    score = torch.relu(fc1 @ r) @ fc2_t
+    chosen = score > 0
+    assert 0 < int(chosen.sum()) < n
+    expected = ((torch.nn.functional.silu(wg @ x) * (wu @ x)) * chosen) @ wd_t
+    relu_gated = ((torch.relu(wg @ x) * (wu @ x)) * chosen) @ wd_t
+    for kernels in (Kernels(), cpp_kernels):
+        y, record = PredictorMode(w, kernels).step(x, r)
+        assert record.computed == int(chosen.sum())
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(y, relu_gated, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mode_binds_the_kernels_of_its_weights_kind():
+    """Kernels are bound once, when a mode is made: tensors to the tensor set, blocks to the
+    blocks set of the same backend (which shares its prefill threads); one layer's matrices of
+    both kinds are refused."""
+    kernels = Kernels()
+    kernels.prefill_threads = 3
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(64, 32, generator=g) for _ in range(3)]
+    plain = FFNWeights(*mats, "relu", True)
+    blocks = FFNWeights(*(quantize(m, "int8") for m in mats), "relu", True)
+    assert DenseMode(plain, kernels).kernels is kernels
+    bound = DenseMode(blocks, kernels).kernels
+    assert bound is kernels.blocks and bound.tensors is kernels and bound.for_weights(*mats) is kernels
+    assert bound.prefill_threads == 3 and bound.name == kernels.name
+    with pytest.raises(UserError, match="mix block-quantized and unquantized"):
+        DenseMode(FFNWeights(mats[0], blocks.wu, mats[2], "relu", True), kernels)

@@ -19,7 +19,7 @@ from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.quant import dequantize, quantize, quantize_activation
 
-REF = Kernels()
+REF = Kernels().blocks  # the reference on block-quantized weights
 EPS32 = torch.finfo(torch.float32).eps
 BF16_STEP = torch.finfo(torch.bfloat16).eps  # one step of a bf16 value: at most eps * |y|
 
@@ -53,7 +53,7 @@ def test_cpp_prefill_products_match_the_reference(cpp_kernels, fmt, dtype, n, h,
     """Shapes: rows past a group of 16, a padded last block, one token, token tiles and tails."""
     w, x = case(n, h, t, fmt, dtype)
     values = dequantize(w)  # (N, H), as both backends see them
-    y, ref = cpp_kernels.linear(x, w), REF.linear(x, w)
+    y, ref = cpp_kernels.blocks.linear(x, w), REF.linear(x, w)
     assert y.dtype == dtype and y.shape == (t, n)
     allowed = bound(quantize_activation(x), values.t(), ref)
     assert within(y, ref, allowed)
@@ -62,7 +62,7 @@ def test_cpp_prefill_products_match_the_reference(cpp_kernels, fmt, dtype, n, h,
     # neurons zero for every token, as dReLU and the predictor's mask leave them
     g = torch.Generator().manual_seed(1)
     hv = ((torch.randn(t, n, generator=g) + 0.5) * (torch.rand(n, generator=g) > 0.3)).to(dtype)
-    y, ref = cpp_kernels.times(hv, w), REF.times(hv, w)
+    y, ref = cpp_kernels.blocks.times(hv, w), REF.times(hv, w)
     assert y.dtype == dtype and y.shape == (t, h)
     allowed = bound(hv.float(), values, ref)
     assert within(y, ref, allowed)
@@ -74,23 +74,23 @@ def test_cpp_prefill_rows_are_the_decode_steps_products(cpp_kernels, fmt):
     """Each token's row of linear is matvec on that token, of times vecmat: a prompt computes
     what decoding it token by token computes."""
     w, x = case(70, 160, 9, fmt, torch.float32)
-    y = cpp_kernels.linear(x, w)
+    y = cpp_kernels.blocks.linear(x, w)
     hv = torch.relu(torch.randn(9, 70, generator=torch.Generator().manual_seed(2)))
-    z = cpp_kernels.times(hv, w)
+    z = cpp_kernels.blocks.times(hv, w)
     values = dequantize(w)
     for t in range(9):
         allowed = bound(quantize_activation(x[t : t + 1]), values.t(), y[t : t + 1])
-        assert within(y[t : t + 1], cpp_kernels.matvec(w, x[t])[None], allowed)
+        assert within(y[t : t + 1], cpp_kernels.blocks.matvec(w, x[t])[None], allowed)
         allowed = bound(hv[t : t + 1], values, z[t : t + 1])
-        assert within(z[t : t + 1], cpp_kernels.vecmat(hv[t], w)[None], allowed)
-        assert not within(z[t : t + 1] * 1.01, cpp_kernels.vecmat(hv[t], w)[None], allowed)
+        assert within(z[t : t + 1], cpp_kernels.blocks.vecmat(hv[t], w)[None], allowed)
+        assert not within(z[t : t + 1] * 1.01, cpp_kernels.blocks.vecmat(hv[t], w)[None], allowed)
 
 
 def test_cpp_linear_adds_the_bias_keeps_leading_dims_and_refuses_bad_input(cpp_kernels):
     w, x = case(40, 96, 6, "int8", torch.float32)
     b = torch.linspace(-1, 1, 40)
     x = x.view(2, 3, 96)
-    y = cpp_kernels.linear(x, w, b)
+    y = cpp_kernels.blocks.linear(x, w, b)
     ref = REF.linear(x, w, b)
     assert y.shape == (2, 3, 40)
     allowed = bound(quantize_activation(x), dequantize(w).t(), ref)

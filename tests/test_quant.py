@@ -18,9 +18,11 @@ from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer, save_c
 from turbo_demo.checkpoints.quantized import load_quantized
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
+from turbo_demo.runtime.kernels.reference import LayerCache
 from turbo_demo.runtime.quant import BLOCK_BYTES, QWeight, dequantize, quantize, quantize_activation
+from turbo_demo.runtime.weights import AttentionWeights, FFNWeights
 
-REF = Kernels()
+REF = Kernels().blocks  # the reference on block-quantized weights
 QUANTS = ["int8", "int4"]
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1 / 128)}
@@ -94,12 +96,12 @@ def test_cpp_quantized_gemv_matches_torch(cpp_kernels, fmt, dtype, n, h, k):
     k = {"0": 0, "1": 1, "half": n // 2, "N": n}[k]
     w, x, idx, hv = qcase(n, h, fmt, dtype, k)
     pairs = [
-        (cpp_kernels.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), (k,)),
-        (cpp_kernels.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx), (h,)),
-        (cpp_kernels.matvec(w, x), REF.matvec(w, x), (n,)),
+        (cpp_kernels.blocks.rows_dot(w, x, idx), REF.rows_dot(w, x, idx), (k,)),
+        (cpp_kernels.blocks.rows_axpy(w, hv, idx), REF.rows_axpy(w, hv, idx), (h,)),
+        (cpp_kernels.blocks.matvec(w, x), REF.matvec(w, x), (n,)),
     ]
     if k == n:
-        pairs.append((cpp_kernels.vecmat(hv, w), REF.vecmat(hv, w), (h,)))
+        pairs.append((cpp_kernels.blocks.vecmat(hv, w), REF.vecmat(hv, w), (h,)))
     for got, ref, shape in pairs:
         assert got.dtype == dtype and got.shape == shape
         torch.testing.assert_close(got, ref, **TOL[dtype])
@@ -130,26 +132,24 @@ def test_cpp_quantized_ffn_steps_match_torch(cpp_kernels, fmt, dtype, act, act_u
     (wg, wu, wd_t), fc1, fc2_t, x = qffn(97, 203, fmt, dtype)
     counts, ref_counts = torch.zeros(97, dtype=torch.int32), torch.zeros(97, dtype=torch.int32)
     r = torch.randn(203, generator=torch.Generator().manual_seed(3)).to(dtype)
-    y, active = cpp_kernels.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to=r, counts=counts)
-    ref_y, ref_active = REF.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to=r, counts=ref_counts)
+    w = FFNWeights(wg, wu, wd_t, act, act_up, fc1, fc2_t)
+    y, active = cpp_kernels.blocks.ffn_dense(w, x, add_to=r, counts=counts)
+    ref_y, ref_active = REF.ffn_dense(w, x, add_to=r, counts=ref_counts)
     torch.testing.assert_close(y, ref_y, **TOL[dtype])
     assert active == ref_active and torch.equal(counts, ref_counts)
     if act != "relu":
         return
-    got, ref = cpp_kernels.ffn_exact(wg, wu, wd_t, x, act_up), REF.ffn_exact(wg, wu, wd_t, x, act_up)
+    got, ref = cpp_kernels.blocks.ffn_exact(w, x), REF.ffn_exact(w, x)
     torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
     assert got[1:] == ref[1:] and got[2] == active
     torch.testing.assert_close(got[0], ref_y - r, **TOL[dtype])  # exact == dense, same arithmetic
     for idx in (torch.arange(0, 97, 2), torch.tensor([5]), torch.zeros(0, dtype=torch.long), torch.arange(97)):
-        got, ref = (
-            cpp_kernels.up_down(wu, wd_t, x, idx, None, act_up, wg),
-            REF.up_down(wu, wd_t, x, idx, None, act_up, wg),
-        )
+        got, ref = cpp_kernels.blocks.up_down(w, x, idx, None), REF.up_down(w, x, idx, None)
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
         assert got[1:] == ref[1:]
     for threshold, budget in ((0.0, 0), (0.0, 30)):
-        got = cpp_kernels.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, act_up)
-        ref = REF.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, act_up)
+        got = cpp_kernels.blocks.ffn_predicted(w, r, x, threshold, budget)
+        ref = REF.ffn_predicted(w, r, x, threshold, budget)
         assert torch.equal(got[1], ref[1]) and got[2:] == ref[2:]
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
 
@@ -157,11 +157,11 @@ def test_cpp_quantized_ffn_steps_match_torch(cpp_kernels, fmt, dtype, act, act_u
 def test_cpp_quantized_kernels_reject_bad_input(cpp_kernels):
     w, x, _, _ = qcase(10, 40, "int8", torch.float32, 3)
     with pytest.raises(RuntimeError, match="bytes per row"):
-        cpp_kernels.matvec(QWeight(w.data, "int8", 100), x)
+        cpp_kernels.blocks.matvec(QWeight(w.data, "int8", 100), x)
     with pytest.raises(RuntimeError, match="out of range"):
-        cpp_kernels.rows_dot(w, x, torch.tensor([10]))
+        cpp_kernels.blocks.rows_dot(w, x, torch.tensor([10]))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        cpp_kernels.matvec(w, x.double())
+        cpp_kernels.blocks.matvec(w, x.double())
 
 
 def greedy(packed, mode, kernels, steps=12, **options):
@@ -390,9 +390,12 @@ def test_cpp_quantized_attention_step_matches_torch(cpp_kernels, dtype, fmt):
     cos, sin = (torch.randn(max_len, hd, generator=g).to(dtype) for _ in range(2))
     caches = [torch.randn(nkv, max_len, hd, generator=g).to(dtype) for _ in range(2)]
     outs = []
-    for kernels in (cpp_kernels, REF):
+    for kernels in (cpp_kernels.blocks, REF):
         kc, vc = (c.clone() for c in caches)
-        outs.append((kernels.attention_step(x, ln_w, 1e-5, wq, wk, wv, wo, kc, vc, cos, sin, 5, 1), kc, vc))
+        step = kernels.attention_step(
+            x, AttentionWeights(ln_w, wq, wk, wv, wo), 1e-5, LayerCache(kc, vc, cos, sin), 5, 1
+        )
+        outs.append((step, kc, vc))
     for got, ref in zip(outs[0], outs[1]):
         torch.testing.assert_close(got, ref, **TOL[dtype])
 
@@ -403,7 +406,7 @@ def test_cpp_matvecs_match_one_matvec_each(cpp_kernels, dtype):
     ws = [qcase(n, 203, fmt, dtype, 1, seed=n)[0] for n, fmt in ((97, "int4"), (33, "int4"), (1, "int4"), (64, "int8"))]
     x = qcase(1, 203, "int8", dtype, 1, seed=9)[1]
     for group in (ws[:3], ws):
-        got = cpp_kernels.matvecs(group, x)
+        got = cpp_kernels.blocks.matvecs(group, x)
         assert len(got) == len(group)
         for y, w in zip(got, group):
             torch.testing.assert_close(y, REF.matvec(w, x), **TOL[dtype])

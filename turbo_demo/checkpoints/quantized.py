@@ -46,8 +46,18 @@ from turbo_demo.checkpoints import memory
 from turbo_demo.checkpoints.config import auto_dtype, check_model_dir, load_config
 from turbo_demo.checkpoints.headers import safetensors_files
 from turbo_demo.errors import UserError
+from turbo_demo.runtime.moe import moe_shape
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
-from turbo_demo.runtime.quant import FORMATS, QUANTS, TRANSPOSED, QWeight, checkpoint_matrices, format_of, quantize
+from turbo_demo.runtime.quant import (
+    FORMATS,
+    QUANTS,
+    TRANSPOSED,
+    QWeight,
+    checkpoint_matrices,
+    format_of,
+    is_blocks,
+    quantize,
+)
 
 
 @functools.cache
@@ -231,16 +241,16 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quant: str, dtype: tor
 
 def packed_blocks(packed: PackedModel) -> dict[str, QWeight]:
     """Every QWeight of a (non-fused) pack by its parameter name (checkpoint_matrices' names)."""
-    lean = packed.lean
+    lean, moe = packed.lean, moe_shape(packed) is not None
+    names = ("w1", "w3", "w2") if moe else ("gate_proj", "up_proj", "down_proj")
     out = {"lm_head.weight": lean.lm_head}
     for i, (a, f) in enumerate(zip(lean.attention, packed.ffns)):
         for short, w in (("q_proj", a.wq), ("k_proj", a.wk), ("v_proj", a.wv), ("o_proj", a.wo)):
             out[f"model.layers.{i}.self_attn.{short}.weight"] = w
-        names = ("w1", "w3", "w2") if hasattr(f, "experts") else ("gate_proj", "up_proj", "down_proj")
-        ffns = {f"experts.{e}.": x for e, x in enumerate(f.experts)} if hasattr(f, "experts") else {"": f}
+        ffns = {f"experts.{e}.": x for e, x in enumerate(f.parts)} if moe else {"": f}
         for sub, x in ffns.items():
             parts = dict(zip(names, (x.wg, x.wu, x.wd_t))) | {"predictor.fc1": x.fc1, "predictor.fc2": x.fc2_t}
             out.update({f"model.layers.{i}.mlp.{sub}{short}.weight": w for short, w in parts.items() if w is not None})
-    if not all(isinstance(w, QWeight) for w in out.values()):
+    if not all(map(is_blocks, out.values())):
         raise UserError("only fully quantized packs can be written")
     return out

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.decoder import Decoder
 from turbo_demo.runtime.kernels import Kernels
-from turbo_demo.runtime.kernels.reference import rope
+from turbo_demo.runtime.kernels.reference import LayerCache, rope
 from turbo_demo.runtime.packing import PackedModel
 from turbo_demo.runtime.stats import LayerRecord
 
@@ -66,11 +66,13 @@ class LeanRuntime(Decoder):
         shape = (len(self.w.attention), self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # per layer: (attention weights, their optional parts, (k cache, v cache), FFN norm, mode,
-        # firing counts)
-        extras = [a.extras for a in self.w.attention]
-        caches = zip(self.k_cache, self.v_cache)
-        self.layers = list(zip(self.w.attention, extras, caches, self.w.ffn_norms, self.modes, self.firing))
+        # the kernel sets for the attention's matrices and the LM head's, bound once (the FFNs'
+        # are their modes'): int4 keeps the head at int8, blocks as well
+        self.attention_kernels = self.kernels.for_weights(*(m for a in self.w.attention for m in a.matrices))
+        self.head_kernels = self.kernels.for_weights(self.w.lm_head)
+        # per layer: (attention weights, its cache, FFN norm, mode, firing counts)
+        caches = [LayerCache(k, v, self.cos, self.sin_signed) for k, v in zip(self.k_cache, self.v_cache)]
+        self.layers = list(zip(self.w.attention, caches, self.w.ffn_norms, self.modes, self.firing))
         self.pos = 0
 
     def reset(self) -> None:
@@ -78,7 +80,7 @@ class LeanRuntime(Decoder):
 
     def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Prefill from position 0: x (T, H) -> attention output (T, H); fills the cache."""
-        w, T, linear = self.w.attention[i], x.size(0), self.kernels.linear
+        w, T, linear = self.w.attention[i], x.size(0), self.attention_kernels.linear
         h = self.kernels.rms_norm(x, w.norm, self.eps)
         q = linear(h, w.wq, w.bq).view(T, self.n_heads, self.head_dim)
         k = linear(h, w.wk, w.bk).view(T, self.n_kv, self.head_dim)
@@ -111,7 +113,7 @@ class LeanRuntime(Decoder):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last position's hidden state x (H,) -> logits (V,)."""
-        return self.kernels.matvec(self.w.lm_head, self.kernels.rms_norm(x, self.w.norm, self.eps))
+        return self.head_kernels.matvec(self.w.lm_head, self.kernels.rms_norm(x, self.w.norm, self.eps))
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -131,27 +133,12 @@ class LeanRuntime(Decoder):
     def decode(self, token: int) -> tuple[torch.Tensor, list[LayerRecord]]:
         """One token at the current position, FFNs in the runtime's mode -> (logits (V,), one
         LayerRecord per layer)."""
-        k, x, pos = self.kernels, self.embed(token), self.pos  # x (H,)
+        k, x, pos = self.attention_kernels, self.embed(token), self.pos  # x (H,)
         first = max(0, pos + 1 - self.window) if self.window else 0  # the sliding window's start
         records = []
-        for a, extras, (k_cache, v_cache), ffn_norm, mode, counts in self.layers:
-            # x + W_o attention(n1(x)), with k and v of this position written into the caches
-            x = k.attention_step(
-                x,
-                a.norm,
-                self.eps,
-                a.wq,
-                a.wk,
-                a.wv,
-                a.wo,
-                k_cache,
-                v_cache,
-                self.cos,
-                self.sin_signed,
-                pos,
-                first,
-                *extras,
-            )
+        for a, cache, ffn_norm, mode, counts in self.layers:
+            # x + W_o attention(n1(x)), with k and v of this position written into the cache
+            x = k.attention_step(x, a, self.eps, cache, pos, first)
             x, record = mode.step(k.rms_norm(x, ffn_norm, self.eps), x, x, counts)
             records.append(record)
         self.pos += 1

@@ -84,7 +84,7 @@ class Mode:
     can_miss = False
 
     def __init__(self, w: FFNWeights, kernels: Kernels, options=None):
-        self.w, self.kernels = w, kernels
+        self.w, self.kernels = w, kernels.for_weights(*w.matrices)  # the set for w's kind, bound once
         self.options = self.options_class() if options is None else options
         self.act = ACTS[w.act]
 
@@ -112,13 +112,11 @@ class Mode:
         non-zero, down only those whose h is non-zero (the others add nothing)."""
         w, k = self.w, self.kernels
         relu_gate = w.act == "relu"
+        if a is None and not relu_gate:  # up_down computes a = None as a ReLU gate's
+            a = self.act(k.rows_dot(w.wg, x, idx))
         if relu_gate or not w.drelu:  # an up branch with a ReLU or no activation: one kernel
-            y, up_rows, active = k.up_down(
-                w.wu, w.wd_t, x, idx, a, w.drelu, w.wg if a is None else None, add_to, counts
-            )
+            y, up_rows, active = k.up_down(w, x, idx, a, add_to, counts)
         else:
-            if a is None:
-                a = self.act(k.rows_dot(w.wg, x, idx))
             h = a * self.up(k.rows_dot(w.wu, x, idx))
             count_firing(counts, idx, h)
             y = plus(k.rows_axpy(w.wd_t, h, idx), add_to)
@@ -154,7 +152,7 @@ class DenseMode(Mode):
 
     def step(self, x, r, add_to=None, counts=None):
         w = self.w
-        y, active = self.kernels.ffn_dense(w.wg, w.wu, w.wd_t, x, w.act, w.drelu, add_to, counts)
+        y, active = self.kernels.ffn_dense(w, x, add_to, counts)
         return y, LayerRecord(computed=w.n, active=active, bytes=w.dense_bytes)
 
 
@@ -171,7 +169,7 @@ class ExactMode(Mode):
 
     def step(self, x, r, add_to=None, counts=None):
         w = self.w
-        y, computed, active = self.kernels.ffn_exact(w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts)
+        y, computed, active = self.kernels.ffn_exact(w, x, add_to, counts)
         return y, LayerRecord(computed=computed, active=active, bytes=(w.n + computed + active) * w.row_bytes)
 
 
@@ -212,12 +210,10 @@ class PredictorMode(Mode):
         """The neurons predicted active for the residual r (H,), then the sparse step on them."""
         w, k = self.w, self.kernels
         if w.act == "relu":
-            y, idx, rows, up_rows, active = k.ffn_predicted(
-                self.fc1, self.fc2_t, r, self.threshold, self.budget, w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts
-            )
+            y, idx, rows, up_rows, active = k.ffn_predicted(w, r, x, self.threshold, self.budget, add_to, counts)
             bytes_before = self.predictor_bytes(rows) + idx.shape[0] * w.row_bytes  # the chosen gate rows
             return y, self.sparse_record(x, idx, up_rows, active, bytes_before)
-        idx, rows = k.predict(self.fc1, self.fc2_t, r, self.threshold, self.budget)
+        idx, rows = k.predict(w, r, self.threshold, self.budget)
         return self.gathered(x, idx, None, self.predictor_bytes(rows) + idx.shape[0] * w.row_bytes, add_to, counts)
 
 
@@ -280,6 +276,4 @@ def make_modes(ffns: list[FFNWeights], mode: str, kernels: Kernels, options=None
         if o is not None and not isinstance(o, cls.options_class):
             raise UserError(f"{mode} mode takes {cls.options_class.__name__}, not {type(o).__name__}")
     # a MoE layer (runtime/moe.py) makes its own: the router, then the mode per expert
-    return [
-        w.make_mode(cls, kernels, o) if hasattr(w, "make_mode") else cls(w, kernels, o) for w, o in zip(ffns, per_layer)
-    ]
+    return [w.make_mode(cls, kernels, o) for w, o in zip(ffns, per_layer)]

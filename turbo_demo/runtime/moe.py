@@ -64,6 +64,11 @@ class MoEWeights:
     def expert_n(self) -> int:
         return self.experts[0].n
 
+    @property
+    def parts(self) -> tuple[FFNWeights, ...]:
+        """The FFNs the layer is made of: its experts."""
+        return tuple(self.experts)
+
     def make_mode(self, cls: type[Mode], kernels: Kernels, options=None) -> "MoEMode":
         return MoEMode(self, cls, kernels, options)
 
@@ -85,7 +90,8 @@ class MoEMode:
             raise UserError(
                 f"{cls.name} mode got options for {len(per_expert)} experts; the layer has {len(w.experts)}"
             )
-        self.w, self.kernels, self.name, self.can_miss = w, kernels, cls.name, cls.can_miss
+        # the router stays as loaded (a tensor); each expert's mode binds its own kernels
+        self.w, self.kernels, self.name, self.can_miss = w, kernels.for_weights(w.router), cls.name, cls.can_miss
         self.experts: list[Mode] = [cls(e, kernels, o) for e, o in zip(w.experts, per_expert)]
 
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ from turbo_demo.errors import UserError
 from turbo_demo.models.hooks import ffn_modules
 from turbo_demo.runtime.kernels.reference import ACTS
 from turbo_demo.runtime.moe import is_moe, pack_moe
-from turbo_demo.runtime.quant import QWeight, Weight, split_rows
-from turbo_demo.runtime.weights import FFNWeights, Quantizer, nbytes, neuron_major
+from turbo_demo.runtime.quant import QWeight, Weight, is_blocks
+from turbo_demo.runtime.weights import AttentionWeights, FFNWeights, Quantizer, nbytes, neuron_major
 
 # What the lean engine adds to the Llama block per architecture (else: transformers' engine):
 #   qwen2   biases on q, k, v            qwen3  an RMSNorm of each q and k head before RoPE
@@ -65,7 +65,7 @@ def gate_up(mlp, q: Quantizer, prefix: str) -> tuple[Weight, Weight]:
     if hasattr(mlp, "gate_up_proj"):
         fused = q(f"{prefix}gate_up_proj.weight", mlp.gate_up_proj.weight.detach())
         half = fused.size(0) // 2
-        return tuple(split_rows(fused, [half, half]))
+        return tuple(fused.split([half, half]))
     return q(f"{prefix}gate_proj.weight", mlp.gate_proj.weight.detach()), q(
         f"{prefix}up_proj.weight", mlp.up_proj.weight.detach()
     )
@@ -111,30 +111,7 @@ def score_bound(predictor, config, layer: int) -> float | None:
 
 def ffn_parts(ffns: list) -> list[FFNWeights]:
     """Every FFN of a pack's layers: a MoE layer's (runtime/moe.py) are its experts."""
-    return [e for f in ffns for e in getattr(f, "experts", (f,))]
-
-
-@dataclass(frozen=True)
-class AttentionWeights:
-    """One layer's attention block: the input RMSNorm's weight, the four projections, and the
-    optional parts of Kernels.attention_step (None where the architecture has none)."""
-
-    norm: torch.Tensor
-    wq: Weight
-    wk: Weight
-    wv: Weight
-    wo: Weight
-    bq: torch.Tensor | None = None
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
-    bo: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None
-    k_norm: torch.Tensor | None = None
-
-    @property
-    def extras(self) -> tuple[torch.Tensor | None, ...]:
-        """bq, bk, bv, bo, q_norm, k_norm: attention_step's optional arguments, in its order."""
-        return self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm
+    return [e for f in ffns for e in f.parts]
 
 
 @dataclass(frozen=True)
@@ -172,7 +149,7 @@ class PackedModel:
         """Bytes of the copies the pack made (beyond the model's own weights)."""
         ffns = sum(
             nbytes(f.wd_t)
-            + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if isinstance(w, QWeight))  # quantized copies
+            + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if is_blocks(w))  # quantized copies
             + (0 if f.fc2_t is None else nbytes(f.fc2_t))
             for f in ffn_parts(self.ffns)
         )
@@ -193,7 +170,7 @@ def pack_attention(attn, norm: torch.Tensor, q: Quantizer, prefix: str) -> Atten
     if hasattr(attn, "qkv_proj"):  # Phi-3: rows q (nh hd), then k and v (nkv hd each)
         wqkv = q(f"{prefix}qkv_proj.weight", attn.qkv_proj.weight.detach())
         nkv = attn.num_key_value_heads * attn.head_dim
-        wq, wk, wv = split_rows(wqkv, [wqkv.size(0) - 2 * nkv, nkv, nkv])
+        wq, wk, wv = wqkv.split([wqkv.size(0) - 2 * nkv, nkv, nkv])
         return AttentionWeights(norm, wq, wk, wv, q(f"{prefix}o_proj.weight", attn.o_proj.weight.detach()), **extras)
     projections = {name: getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
     wq, wk, wv, wo = (q(f"{prefix}{name}.weight", p.weight.detach()) for name, p in projections.items())
@@ -226,8 +203,7 @@ def pack_lean(model, q: Quantizer) -> LeanWeights:
         # as GemmaTextScaledWordEmbedding rounds it: to fp32, then to the weights' dtype
         embed_scale=torch.tensor(model.config.hidden_size**0.5).to(embed.device, embed.dtype) if gemma else None,
         # Phi-3's q, k, v are row views of one quantized tensor: counted once, by their rows
-        copied_bytes=(sum(map(nbytes, weights)) if gemma else 0)
-        + sum(nbytes(w) for w in quantized if isinstance(w, QWeight)),
+        copied_bytes=(sum(map(nbytes, weights)) if gemma else 0) + sum(nbytes(w) for w in quantized if is_blocks(w)),
     )
 
 

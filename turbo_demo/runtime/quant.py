@@ -61,6 +61,10 @@ class QWeight:
     def code(self) -> int:
         return FORMAT_CODE[self.fmt]
 
+    def split(self, sizes: list[int]) -> tuple["QWeight", ...]:
+        """Row views of the given sizes, as Tensor.split(sizes) gives a tensor's."""
+        return tuple(QWeight(part, self.fmt, self.cols) for part in self.data.split(sizes))
+
 
 # The format of each matrix a pack quantizes, by parameter name, per `quant`: int4 keeps the
 # predictors and the LM head at int8 (llama.cpp's Q4 files keep output.weight at higher
@@ -122,14 +126,13 @@ def checkpoint_matrices(name: str, t: torch.Tensor) -> list[tuple[str, torch.Ten
     return [(f"{prefix}.{e}.{w}.weight", m) for e, pair in enumerate(gates_ups) for w, m in zip(("w1", "w3"), pair)]
 
 
-def split_rows(w, sizes: list[int]) -> list:
-    """w (N, H), a tensor or a QWeight, split into row views of the given sizes."""
-    if isinstance(w, QWeight):
-        return [QWeight(part, w.fmt, w.cols) for part in w.data.split(sizes)]
-    return list(w.split(sizes))
-
-
 Weight = torch.Tensor | QWeight  # what the kernels take as a matrix
+
+
+def is_blocks(w: Weight) -> bool:
+    """Whether w is held as blocks (a QWeight) rather than a tensor: the one test of a weight's
+    kind, made where kernels are bound to weights (Kernels.for_weights), never per call."""
+    return isinstance(w, QWeight)
 
 
 def blocks_of(w: torch.Tensor) -> torch.Tensor:
@@ -216,11 +219,11 @@ def block_nbytes(shape, fmt: str) -> int:
     return n * -(-h // BLOCK) * BLOCK_BYTES[fmt]
 
 
-def weight_bytes(w) -> int:
+def weight_bytes(w: Weight) -> int:
     """Bytes a weight (tensor or QWeight) occupies, which a dense pass over it reads."""
-    return w.nbytes if isinstance(w, QWeight) else w.numel() * w.element_size()
+    return w.nbytes
 
 
-def row_bytes(w) -> int:
-    """Bytes of one row of a weight (tensor or QWeight)."""
-    return w.row_bytes if isinstance(w, QWeight) else w.size(1) * w.element_size()
+def row_bytes(w: Weight) -> int:
+    """Bytes of one row of a weight (tensor or QWeight): its rows are all alike."""
+    return w.nbytes // w.size(0)

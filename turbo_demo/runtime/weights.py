@@ -1,6 +1,6 @@
-"""The runtime's weight records, a leaf that packing, the modes and MoE all build on: an FFN
-layer's matrices in the kernels' layout (FFNWeights) and what a pack keeps of each matrix (the
-tensor, or its blocks: Quantizer)."""
+"""The runtime's weight records, a leaf that the kernels, packing, the modes and MoE all build on:
+an FFN layer's matrices in the kernels' layout (FFNWeights), an attention block's
+(AttentionWeights), and what a pack keeps of each matrix (the tensor, or its blocks: Quantizer)."""
 
 from dataclasses import dataclass, field
 
@@ -58,3 +58,51 @@ class FFNWeights:
         n, row = self.wg.size(0), row_bytes(self.wg)
         for name, value in (("n", n), ("row_bytes", row), ("dense_bytes", 3 * n * row)):
             object.__setattr__(self, name, value)  # frozen: set once, here
+
+    @property
+    def matrices(self) -> tuple[Weight, ...]:
+        """What the FFN kernels read: the three matrices, and the predictor's where it has one."""
+        return tuple(w for w in (self.wg, self.wu, self.wd_t, self.fc1, self.fc2_t) if w is not None)
+
+    @property
+    def parts(self) -> tuple["FFNWeights", ...]:
+        """The FFNs a layer is made of: itself (a MoE layer's are its experts, runtime/moe.py)."""
+        return (self,)
+
+    def make_mode(self, cls, kernels, options=None):
+        """The layer's mode: `cls` (a runtime.modes.Mode class) on these weights (a MoE layer
+        makes its router's mode around one per expert instead)."""
+        return cls(self, kernels, options)
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One layer's attention block: the input RMSNorm's weight, the four projections, and the
+    optional parts (None where the architecture has none): the biases of q, k, v and o (Qwen2),
+    and q_norm, k_norm (hd,), an RMSNorm of each head of q and k before RoPE (Qwen3)."""
+
+    norm: torch.Tensor
+    wq: Weight
+    wk: Weight
+    wv: Weight
+    wo: Weight
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+    @property
+    def matrices(self) -> tuple[Weight, ...]:
+        return self.wq, self.wk, self.wv, self.wo
+
+    @property
+    def extras(self) -> tuple[torch.Tensor | None, ...]:
+        """bq, bk, bv, bo, q_norm, k_norm: the C++ attention step's optional arguments, in its order."""
+        return self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm
+
+    @property
+    def plain(self) -> bool:
+        """Whether it has none of the optional parts (the Llama block)."""
+        return all(e is None for e in self.extras)

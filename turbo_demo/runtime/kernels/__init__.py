@@ -3,6 +3,9 @@
 
     Kernels      the PyTorch reference (reference.py), whose docstrings define every kernel
     CppKernels   the C++ kernels (cpp.py, csrc/), equal to the reference up to summation order
+
+Each is the set for weights held as tensors; `kernels.for_weights(*matrices)` gives the same
+backend's set for the matrices a layer holds (its `blocks` set for block-quantized ones).
 """
 
 import functools

@@ -11,6 +11,7 @@ is never loaded. A finished build is imported without ninja, and one process bui
 under a lock that dies with it (compile_module). Importing this module never compiles anything.
 """
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -26,8 +27,7 @@ import torch.nn.functional as F
 
 from turbo_demo.errors import UserError
 from turbo_demo.paths import cache_dir
-from turbo_demo.runtime.kernels.reference import Kernels
-from turbo_demo.runtime.quant import QWeight
+from turbo_demo.runtime.kernels.reference import BlockKernels, Kernels
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [
@@ -175,11 +175,8 @@ def build(verbose: bool = False):
 
 
 class CppKernels(Kernels):
-    """The C++ kernels: the reference's contracts, computed without gathered copies, in fp32
-    sums, one call per fused step. Their tensors must be on the CPU. Block-quantized weights
-    (QWeight) go to the q_* kernels (quant_ops.cpp; a prompt's products, linear and times, to
-    prefill_linear.cpp and prefill_times.cpp); the attention step on them is the reference's
-    composition of this class's kernels (q, k and v in one call)."""
+    """The C++ kernels on weights held as tensors: the reference's contracts, computed without
+    gathered copies, in fp32 sums, one call per fused step. Their tensors must be on the CPU."""
 
     name = "cpp"
     devices = ("cpu",)
@@ -187,92 +184,52 @@ class CppKernels(Kernels):
     def __init__(self, ops):
         self.ops = ops  # the compiled module
 
+    @functools.cached_property
+    def blocks(self) -> Kernels:
+        return CppBlockKernels(self)
+
     def rows_dot(self, w, x, idx):
-        if isinstance(w, QWeight):
-            return self.ops.q_dot(w.data, w.code, w.cols, x, idx)
         return self.ops.rows_dot(w, x, idx)
 
     def rows_axpy(self, wt, h, idx):
-        if isinstance(wt, QWeight):
-            return self.ops.q_axpy(wt.data, wt.code, wt.cols, h, idx)
         return self.ops.rows_axpy(wt, h, idx)
 
     def matvec(self, w, x):
-        if isinstance(w, QWeight):
-            return self.ops.q_dot(w.data, w.code, w.cols, x)
         return self.ops.matvec(w, x)
 
-    def matvecs(self, ws, x):
-        """[matvec(w, x) for w in ws]; QWeights of one format in one call (x quantized once)."""
-        if all(isinstance(w, QWeight) for w in ws) and len({(w.code, w.cols) for w in ws}) == 1:
-            return self.ops.q_matvecs([w.data for w in ws], ws[0].code, ws[0].cols, x)
-        return [self.matvec(w, x) for w in ws]
-
     def vecmat(self, h, wt):
-        if isinstance(wt, QWeight):
-            return self.ops.q_axpy(wt.data, wt.code, wt.cols, h)
         return self.ops.vecmat(h, wt)
 
-    def q_ffn(self, wg, wu, wd_t, x, **given):
-        """quant_ops.cpp's q_ffn on three QWeights of one format -> (y, up_rows, active)."""
-        return self.ops.q_ffn(wg.data, wu.data, wd_t.data, wu.code, wu.cols, x, **given)
+    def up_down(self, w, x, idx, a, add_to=None, counts=None):
+        return self.ops.up_down(w.wu, w.wd_t, x, idx, a, w.drelu, w.wg, add_to, counts)
 
-    def up_down(self, wu, wd_t, x, idx, a, relu_up, wg=None, add_to=None, counts=None):
-        if isinstance(wu, QWeight):
-            wg = wu if wg is None else wg  # not read where a is given
-            return self.q_ffn(wg, wu, wd_t, x, idx=idx, a=a, act_up=relu_up, add_to=add_to, counts=counts)
-        return self.ops.up_down(wu, wd_t, x, idx, a, relu_up, wg, add_to, counts)
+    def ffn_dense(self, w, x, add_to=None, counts=None):
+        return self.ops.ffn_dense(w.wg, w.wu, w.wd_t, x, w.act, w.drelu, add_to, counts)
 
-    def ffn_dense(self, wg, wu, wd_t, x, act, act_up, add_to=None, counts=None):
-        if isinstance(wu, QWeight):
-            y, _, active = self.q_ffn(wg, wu, wd_t, x, act=act, act_up=act_up, dense=True, add_to=add_to, counts=counts)
-            return y, active
-        return self.ops.ffn_dense(wg, wu, wd_t, x, act, act_up, add_to, counts)
+    def ffn_exact(self, w, x, add_to=None, counts=None):
+        return self.ops.ffn_exact(w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts)
 
-    def ffn_exact(self, wg, wu, wd_t, x, relu_up, add_to=None, counts=None):
-        if isinstance(wu, QWeight):
-            return self.q_ffn(wg, wu, wd_t, x, act_up=relu_up, add_to=add_to, counts=counts)
-        return self.ops.ffn_exact(wg, wu, wd_t, x, relu_up, add_to, counts)
+    def predict(self, w, r, threshold, budget):
+        return self.ops.predict(w.fc1, w.fc2_t, r, threshold, budget)
 
-    def predict(self, fc1, fc2_t, r, threshold, budget):
-        if isinstance(fc1, QWeight):
-            return self.ops.q_predict(fc1.data, fc1.code, fc2_t.data, fc2_t.code, fc2_t.cols, r, threshold, budget)
-        return self.ops.predict(fc1, fc2_t, r, threshold, budget)
-
-    def ffn_predicted(self, fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to=None, counts=None):
-        if isinstance(wu, QWeight):
-            idx, rows = self.predict(fc1, fc2_t, r, threshold, budget)
-            y, up_rows, active = self.up_down(wu, wd_t, x, idx, None, relu_up, wg, add_to, counts)
-            return y, idx, rows, up_rows, active
-        return self.ops.ffn_predicted(fc1, fc2_t, r, threshold, budget, wg, wu, wd_t, x, relu_up, add_to, counts)
+    def ffn_predicted(self, w, r, x, threshold, budget, add_to=None, counts=None):
+        return self.ops.ffn_predicted(
+            w.fc1, w.fc2_t, r, threshold, budget, w.wg, w.wu, w.wd_t, x, w.drelu, add_to, counts
+        )
 
     def linear(self, x, w, b=None):
-        if not isinstance(w, QWeight):
-            return F.linear(x, w, b)
-        y = self.ops.q_linear(x.contiguous(), w.data, w.code, w.cols)
-        return y if b is None else y + b
+        return F.linear(x, w, b)
 
     def times(self, h, wt):
-        if not isinstance(wt, QWeight):
-            return h @ wt
-        return self.ops.q_times(h.contiguous(), wt.data, wt.code, wt.cols)
+        return h @ wt
 
     def rms_norm(self, x, w, eps):
         return self.ops.rms_norm(x, w, eps)
 
-    def attention_step(self, x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras):
-        if isinstance(wq, QWeight):
-            if any(e is not None for e in extras):  # biases, head norms: the reference's composition
-                return super().attention_step(
-                    x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
-                )
-            h = self.ops.rms_norm(x, ln_w, eps)
-            q, k, v = self.matvecs((wq, wk, wv), h)
-            out = self.ops.attend(q, k, v, k_cache, v_cache, cos, sin_signed, pos, first)
-            return x + self.matvec(wo, out)
-        # extras: bq, bk, bv, bo, q_norm, k_norm, positional as the reference names them
+    def attention_step(self, x, w, eps, cache, pos, first):
+        # the optional parts as decode_ops.cpp takes them: bq, bk, bv, bo, q_norm, k_norm
         return self.ops.attention_step(
-            x, ln_w, eps, wq, wk, wv, wo, k_cache, v_cache, cos, sin_signed, pos, first, *extras
+            x, w.norm, eps, w.wq, w.wk, w.wv, w.wo, cache.k, cache.v, cache.cos, cache.sin_signed, pos, first, *w.extras
         )
 
     def indices_over(self, v, t):
@@ -283,3 +240,72 @@ class CppKernels(Kernels):
 
     def sample_top_p(self, v, temperature, top_p, u):
         return self.ops.sample_top_p(v, temperature, top_p, u)
+
+
+class CppBlockKernels(CppKernels, BlockKernels):
+    """The C++ kernels on block-quantized matrices (QWeight): the q_* kernels of quant_ops.cpp,
+    a prompt's products in prefill_linear.cpp and prefill_times.cpp. The attention step is the
+    reference's composition of these kernels, q, k and v in one call where no optional part
+    is there."""
+
+    blocks = BlockKernels.blocks  # itself, not CppKernels' sibling
+
+    def __init__(self, tensors: CppKernels):
+        BlockKernels.__init__(self, tensors)
+        self.ops = tensors.ops
+
+    def rows_dot(self, w, x, idx):
+        return self.ops.q_dot(w.data, w.code, w.cols, x, idx)
+
+    def rows_axpy(self, wt, h, idx):
+        return self.ops.q_axpy(wt.data, wt.code, wt.cols, h, idx)
+
+    def matvec(self, w, x):
+        return self.ops.q_dot(w.data, w.code, w.cols, x)
+
+    def matvecs(self, ws, x):
+        """[matvec(w, x) for w in ws]; those of one format in one call (x quantized once)."""
+        if len({(w.code, w.cols) for w in ws}) == 1:
+            return self.ops.q_matvecs([w.data for w in ws], ws[0].code, ws[0].cols, x)
+        return [self.matvec(w, x) for w in ws]
+
+    def vecmat(self, h, wt):
+        return self.ops.q_axpy(wt.data, wt.code, wt.cols, h)
+
+    def q_ffn(self, w, x, **given):
+        """quant_ops.cpp's q_ffn on w's three matrices (one format) -> (y, up_rows, active)."""
+        return self.ops.q_ffn(w.wg.data, w.wu.data, w.wd_t.data, w.wu.code, w.wu.cols, x, **given)
+
+    def up_down(self, w, x, idx, a, add_to=None, counts=None):
+        return self.q_ffn(w, x, idx=idx, a=a, act_up=w.drelu, add_to=add_to, counts=counts)
+
+    def ffn_dense(self, w, x, add_to=None, counts=None):
+        y, _, active = self.q_ffn(w, x, act=w.act, act_up=w.drelu, dense=True, add_to=add_to, counts=counts)
+        return y, active
+
+    def ffn_exact(self, w, x, add_to=None, counts=None):
+        return self.q_ffn(w, x, act_up=w.drelu, add_to=add_to, counts=counts)
+
+    def predict(self, w, r, threshold, budget):
+        fc1, fc2_t = w.fc1, w.fc2_t
+        return self.ops.q_predict(fc1.data, fc1.code, fc2_t.data, fc2_t.code, fc2_t.cols, r, threshold, budget)
+
+    def ffn_predicted(self, w, r, x, threshold, budget, add_to=None, counts=None):
+        idx, rows = self.predict(w, r, threshold, budget)
+        y, up_rows, active = self.up_down(w, x, idx, None, add_to, counts)
+        return y, idx, rows, up_rows, active
+
+    def linear(self, x, w, b=None):
+        y = self.ops.q_linear(x.contiguous(), w.data, w.code, w.cols)
+        return y if b is None else y + b
+
+    def times(self, h, wt):
+        return self.ops.q_times(h.contiguous(), wt.data, wt.code, wt.cols)
+
+    def attention_step(self, x, w, eps, cache, pos, first):
+        if not w.plain:  # biases, head norms: the reference's composition
+            return Kernels.attention_step(self, x, w, eps, cache, pos, first)
+        h = self.ops.rms_norm(x, w.norm, eps)
+        q, k, v = self.matvecs((w.wq, w.wk, w.wv), h)
+        out = self.ops.attend(q, k, v, cache.k, cache.v, cache.cos, cache.sin_signed, pos, first)
+        return x + self.matvec(w.wo, out)
