@@ -7,7 +7,7 @@ import json
 import pytest
 
 from turbo_demo.bench.common import cpu_info, published_ranks
-from turbo_demo.bench.full import CONFIG, measure, write_published
+from turbo_demo.bench.full import CONFIG, measure, write_peer_gguf, write_published
 from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_TOKENS
 from turbo_demo.checkpoints.config import load_config
 
@@ -51,3 +51,22 @@ def test_measure_reports_every_phase_with_consistent_arithmetic(small):
     assert 0 < compare["sides_prefill_and_decode_s"] < compare["wall_s"]
     assert compare["engine_s"] == pytest.approx(compare["wall_s"] - compare["sides_prefill_and_decode_s"])
     assert all(side["load_s"] == 0 and side["warm_up_s"] == 0 for side in compare["sides"].values())  # warm
+
+
+def test_versus_llama_cpp_alternates_on_the_same_weights(small, tmp_path):
+    """With peers: llama.cpp's GGUF is written from the shards (Q8_0 for int8) and decoded in its
+    own process beside our two modes, each engine's best round kept, the ratios its rates'."""
+    pytest.importorskip("llama_cpp")
+    gguf = write_peer_gguf(small, "q8_0")
+    assert gguf.name == "llama-cpp-q8_0.gguf" and not any(small.glob("*.part"))
+    assert write_peer_gguf(small, "q8_0") == gguf  # a kept folder's file is reused
+    versus = measure(str(small), "int8", "auto", None, str(gguf))["versus"]
+    rows = {r["engine"]: r for r in versus["rows"]}
+    assert set(rows) == {"dense", "predictor", "llama.cpp q8_0"}, versus["notes"]
+    for r in rows.values():
+        assert 0 < r["ttft_s"] < r["total_s"]
+        assert r["decode_tokens_per_s"] == pytest.approx((REQUEST_TOKENS - 1) / (r["total_s"] - r["ttft_s"]))
+    peer = rows["llama.cpp q8_0"]["decode_tokens_per_s"]
+    for mode in ("dense", "predictor"):
+        assert versus[f"{mode}_over_llama_cpp"] == pytest.approx(rows[mode]["decode_tokens_per_s"] / peer)
+    assert any(note.startswith("llama.cpp: dense decoding") for note in versus["notes"])

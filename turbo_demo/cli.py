@@ -121,7 +121,11 @@ def cmd_bench(args) -> None:
 
         keep = Path(args.full_dir) if args.full_dir else None
         result = run_full(
-            quants[0] if quants else "int8", args.backend, keep, "turbo_demo.app.engine.warm:time_compare"
+            quants[0] if quants else "int8",
+            args.backend,
+            keep,
+            "turbo_demo.app.engine.warm:time_compare",
+            args.peers is not False,
         )
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return

@@ -16,6 +16,10 @@ is the load's own:
              predictor on that model, COMPARE_TOKENS new tokens: its wall seconds beside what the
              two sides' own prefill and decode steps took (the rest is the engine's: statistics,
              the recall audit, the neuron maps, detokenizing)
+    versus   with peers: the same request, in PEER_ROUNDS rounds alternating our dense, our
+             predictor and llama.cpp's dense decoding of the same weights at the same precision
+             (a GGUF written from the shards: int8 as Q8_0, int4 as Q4_0), in its own process;
+             each engine's best round, and predictor and dense over llama.cpp
 
 The weights are random: their predictors do not predict anything, so predictor mode computes the
 `budget` share of neurons with the highest scores, the speed the published model's 90% sparsity
@@ -33,11 +37,19 @@ from pathlib import Path
 import torch
 
 from turbo_demo.bench.common import MISTRAL_7B, cpu_info, published_ranks
-from turbo_demo.bench.phases import PREFILL_TOKENS, REQUEST_PROMPT, REQUEST_TOKENS, prompt_ids, request_seconds
+from turbo_demo.bench.phases import (
+    PEER_TYPE,
+    PREFILL_TOKENS,
+    REQUEST_PROMPT,
+    REQUEST_TOKENS,
+    prompt_ids,
+    request_seconds,
+)
 
 LAYERS = 32
 VOCAB = 32064
 BUDGET = 0.1
+PEER_ROUNDS = 3  # the first pays first calls (llama.cpp's page faults on its mmap'd file)
 COMPARE_TOKENS = 16
 LAYERS_PER_SHARD = 4
 CONFIG = {  # as published (published-formats.md), no predictor rank or threshold
@@ -142,11 +154,12 @@ def seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def measure(path: str, quant: str, backend: str, also: str | None = None) -> dict:
+def measure(path: str, quant: str, backend: str, also: str | None = None, gguf: str | None = None) -> dict:
     """Every measurement of the module docstring on the checkpoint at `path`, in this process
     (a fresh one: the peak RSS is ru_maxrss, this process's lifetime peak). also: "module:function",
     called last as function(path, quant, kernels) with the model freed, its result under "compare"
-    (the CLI passes the app's compare timing, which this layer does not import)."""
+    (the CLI passes the app's compare timing, which this layer does not import). gguf: the same
+    weights as llama.cpp's file (write_peer_gguf), for "versus"."""
     import gc
     import importlib
 
@@ -155,7 +168,6 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
     from turbo_demo.checkpoints.memory import estimate
     from turbo_demo.checkpoints.quantized import load_quantized
     from turbo_demo.runtime import LeanRuntime, load_kernels
-    from turbo_demo.runtime.decoder import torch_threads
     from turbo_demo.runtime.kernels import cpp
 
     kernels = load_kernels(backend, cpp.announce_build, prefill_threads=torch.get_num_threads())
@@ -166,7 +178,6 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
     load_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     config = packed.model.config
-    vocab = config.vocab_size
     result = {
         "model": "published-7b" if config.num_hidden_layers == LAYERS else f"published-{config.num_hidden_layers}",
         "layers": config.num_hidden_layers,
@@ -180,26 +191,13 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
         "prefill": [],
         "request": [],
     }
+    runtimes = {}
     for mode, options in (("dense", {}), ("predictor", {"budget": BUDGET})):
-        runtime = LeanRuntime(packed, mode, kernels, **options)
-        result["warm_up_s"][mode] = seconds(runtime.warm_up)
-        for n in PREFILL_TOKENS:
-            ids = torch.tensor(prompt_ids(n, vocab))
-            s = min(seconds(runtime.prefill, ids) for _ in range(2))
-            result["prefill"].append({"engine": mode, "prompt_tokens": n, "seconds": s, "tokens_per_s": n / s})
-        # at this process's threads, and decoding on one (app.py's policy on a 2-core machine:
-        # the other core is the web server's; the prompt still runs on every core)
-        for threads in dict.fromkeys((torch.get_num_threads(), 1)):
-            with torch_threads(threads):
-                ttft, total = request_seconds(
-                    runtime.generate(prompt_ids(REQUEST_PROMPT, vocab), REQUEST_TOKENS, warm_up=0)
-                )
-            rate = (REQUEST_TOKENS - 1) / (total - ttft)
-            result["request"].append(
-                {"engine": mode, "decode_threads": threads, "prompt_tokens": REQUEST_PROMPT,
-                 "new_tokens": REQUEST_TOKENS, "ttft_s": ttft, "decode_tokens_per_s": rate, "total_s": total}
-            )  # fmt: skip
-    del runtime, packed
+        runtimes[mode] = LeanRuntime(packed, mode, kernels, **options)
+        measure_mode(runtimes[mode], mode, config.vocab_size, result)
+    if gguf is not None:
+        result["versus"] = versus_llama_cpp(runtimes, Path(gguf), PEER_TYPE[quant], config.vocab_size)
+    del runtimes, packed
     gc.collect()
     if also:
         module, function = also.split(":")
@@ -207,18 +205,120 @@ def measure(path: str, quant: str, backend: str, also: str | None = None) -> dic
     return result
 
 
-def run_full(quant: str = "int8", backend: str = "auto", keep: Path | None = None, also: str | None = None) -> dict:
+def measure_mode(runtime, mode: str, vocab: int, result: dict) -> None:
+    """The warm-up, prefill and request rows of one runtime (its mode `mode`), into `result`."""
+    from turbo_demo.runtime.decoder import torch_threads
+
+    result["warm_up_s"][mode] = seconds(runtime.warm_up)
+    for n in PREFILL_TOKENS:
+        ids = torch.tensor(prompt_ids(n, vocab))
+        s = min(seconds(runtime.prefill, ids) for _ in range(2))
+        result["prefill"].append({"engine": mode, "prompt_tokens": n, "seconds": s, "tokens_per_s": n / s})
+    # at this process's threads, and decoding on one (app.py's policy on a 2-core machine: the
+    # other core is the web server's; the prompt still runs on every core)
+    for threads in dict.fromkeys((torch.get_num_threads(), 1)):
+        with torch_threads(threads):
+            ttft, total = request_seconds(
+                runtime.generate(prompt_ids(REQUEST_PROMPT, vocab), REQUEST_TOKENS, warm_up=0)
+            )
+        rate = (REQUEST_TOKENS - 1) / (total - ttft)
+        result["request"].append(
+            {"engine": mode, "decode_threads": threads, "prompt_tokens": REQUEST_PROMPT,
+             "new_tokens": REQUEST_TOKENS, "ttft_s": ttft, "decode_tokens_per_s": rate, "total_s": total}
+        )  # fmt: skip
+
+
+def versus_llama_cpp(runtimes: dict, gguf: Path, qtype: str, vocab: int) -> dict:
+    """The request of `measure_mode` at this process's threads, PEER_ROUNDS rounds alternating
+    our runtimes (by mode) and llama.cpp on `gguf` (its type `qtype`) in its own process: each
+    engine's best round, and each of ours over llama.cpp. A llama.cpp that fails is a note."""
+    from turbo_demo.bench.peers import LLAMA_CPP_CONTEXT, LLAMA_CPP_NOTE, llama_cpp_build, start_llama_cpp
+    from turbo_demo.bench.process import PeerFailed
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"notes": ["llama.cpp left out: llama-cpp-python is not installed"]}
+    threads, notes, prompt = torch.get_num_threads(), [], prompt_ids(REQUEST_PROMPT, vocab)
+    worker = start_llama_cpp(gguf, qtype, threads, LLAMA_CPP_CONTEXT, notes)
+    engines = {mode: lambda r=r: r.generate(prompt, REQUEST_TOKENS, warm_up=0) for mode, r in runtimes.items()}
+    if worker is not None:
+        engines[f"llama.cpp {qtype}"] = lambda: worker.stream("tokens", prompt, REQUEST_TOKENS)
+    best: dict[str, dict] = {}
+    for _ in range(PEER_ROUNDS):
+        for engine, tokens in list(engines.items()):
+            try:
+                ttft, total = request_seconds(tokens())
+            except PeerFailed:  # a crash mid-run: its note is in `notes` (on_failure)
+                engines.pop(engine)
+                best.pop(engine, None)
+                continue
+            rate = (REQUEST_TOKENS - 1) / (total - ttft)
+            if engine not in best or rate > best[engine]["decode_tokens_per_s"]:
+                best[engine] = {"engine": engine, "ttft_s": ttft, "decode_tokens_per_s": rate, "total_s": total}
+    if worker is not None:
+        worker.close()
+        notes.append(LLAMA_CPP_NOTE.format(version=llama_cpp.__version__, build=llama_cpp_build(), threads=threads))
+    peer = best.get(f"llama.cpp {qtype}")
+    ratios = {} if peer is None else {
+        f"{mode}_over_llama_cpp": best[mode]["decode_tokens_per_s"] / peer["decode_tokens_per_s"] for mode in runtimes
+    }  # fmt: skip
+    return {"threads": threads, "prompt_tokens": REQUEST_PROMPT, "new_tokens": REQUEST_TOKENS,
+            "rounds": PEER_ROUNDS, "rows": list(best.values()), **ratios, "notes": notes}  # fmt: skip
+
+
+def write_peer_gguf(path: Path, qtype: str) -> Path:
+    """llama.cpp's file of the checkpoint at `path` in `qtype`, streamed tensor by tensor from its
+    shards by export-gguf's writer, beside them (a kept folder reuses it); a file cut short is
+    never taken for a finished one."""
+    import os
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from turbo_demo.bench.peers import tokenizer_of
+    from turbo_demo.checkpoints.config import load_config
+    from turbo_demo.checkpoints.gguf_export import write_gguf
+
+    dst = path / f"llama-cpp-{qtype}.gguf"
+    if dst.is_file():
+        return dst
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    with ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(path / f, "pt")) for f in set(weight_map.values())}
+        shapes = {name: tuple(files[f].get_slice(name).get_shape()) for name, f in weight_map.items()}
+        part = write_gguf(
+            path / f"{dst.name}.part", load_config(path), shapes, lambda name: files[weight_map[name]].get_tensor(name),
+            tokenizer_of(path), qtype,
+        )  # fmt: skip
+    os.replace(part, dst)
+    return dst
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_full(
+    quant: str = "int8", backend: str = "auto", keep: Path | None = None, also: str | None = None, peers: bool = False
+) -> dict:
     """Write the checkpoint (into `keep`, where it is reused if already there; else a temporary
-    folder, removed afterwards) and measure it in a fresh process (`measure`)."""
+    folder, removed afterwards), with peers its GGUF file for llama.cpp, and measure it in a
+    fresh process (`measure`)."""
     with tempfile.TemporaryDirectory(prefix="turbo-demo-7b-") as tmp:
         path = keep or Path(tmp) / "published-7b"
         if not (path / "model.safetensors.index.json").is_file():
             start = time.perf_counter()
-            write_published(path, CONFIG, lambda m: print(m, file=sys.stderr, flush=True))
-            print(f"checkpoint written in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            write_published(path, CONFIG, say)
+            say(f"checkpoint written in {time.perf_counter() - start:.0f} s")
+        gguf = None
+        if peers:
+            start = time.perf_counter()
+            gguf = str(write_peer_gguf(path, PEER_TYPE[quant]))
+            say(f"{gguf} ready in {time.perf_counter() - start:.0f} s")
         code = (
             "import json; from turbo_demo.bench.full import measure; "
-            f"print(json.dumps(measure({str(path)!r}, {quant!r}, {backend!r}, {also!r})))"
+            f"print(json.dumps(measure({str(path)!r}, {quant!r}, {backend!r}, {also!r}, {gguf!r})))"
         )
         out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=False)
         if out.returncode != 0:
