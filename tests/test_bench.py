@@ -47,11 +47,23 @@ def positive(v) -> bool:
 def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     result = run_bench(tiny_settings(tiny_dirs["drelu"]), backend=backend, progress=False)
     assert json.loads(json.dumps(result)) == result
-    assert set(result) == {"machine", "ffn", "moe", "e2e", "prefill", "request", "notes"}
+    assert set(result) == {"machine", "kernels", "ffn", "moe", "e2e", "prefill", "request", "notes"}
     machine = result["machine"]
     assert set(machine) == {"cpu", "vendor", "simd", "threads", "torch", "backend", "dtype", "read_gbps", "read_method"}
     assert set(machine["simd"]) <= set(SIMD_FLAGS) and machine["cpu"]
     assert machine["backend"] in ("cpp", "torch") and positive(machine["read_gbps"])
+
+    # each kernel alone on the first FFN shape (128 x 32), per format: the bytes it reads
+    kernels = {(e["kernel"], e["format"]): e for e in result["kernels"]}
+    assert set(kernels) == {(k, f) for k in ("matvec", "vecmat", "predictor") for f in ("bfloat16", "int8")}
+    assert kernels["matvec", "bfloat16"]["bytes"] == kernels["vecmat", "bfloat16"]["bytes"] == 128 * 32 * 2
+    assert kernels["matvec", "int8"]["bytes"] == 128 * 34  # one block of 32 per row
+    fc1, fc2_row = 8 * 34, 4 * 34  # rank 8: fc1 (8, 32), fc2_t (8, 128) at int8
+    assert fc1 <= kernels["predictor", "int8"]["bytes"] <= fc1 + 8 * fc2_row
+    for e in kernels.values():
+        assert e["shape"] == "128x32" and positive(e["ms"])
+        assert e["gbps"] == pytest.approx(e["bytes"] / e["ms"] / 1e6)
+        assert e["share_of_read_bandwidth"] == pytest.approx(e["gbps"] / machine["read_gbps"])
 
     assert len(result["ffn"]) == 2 * 2 * len(FFN_MODES)
     for e in result["ffn"]:
@@ -109,6 +121,7 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     bf16, int8 = (by_engine["7b-shape", q, "dense"]["bytes_per_token"] for q in (None, "int8"))
     assert int8 == pytest.approx(bf16 * 34 / 64, rel=0.01)
     assert "FFN step" in format_table(result) and "embedded-drelu" in format_table(result)
+    assert "vecmat    int8" in format_table(result)
     # the prompt phases: each (mode, quant) of the 7b-shape stack, no peers (not asked for)
     keys = {(e["engine"], e["quant"]) for e in result["request"]}
     assert keys == {(mode, quant) for mode in ("dense", "predictor") for quant in (None, "int8")}

@@ -12,6 +12,13 @@ def format_table(result: dict) -> str:
         f"{m['backend']} kernels, {m['dtype']}",
         f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']})",
         "",
+        "Each kernel alone, batch 1: ms, bytes read, GB/s and share of the read bandwidth",
+        *(
+            f"{e['kernel']:<10}{e['format']:<10}{e['shape']:<12}{e['ms']:>8.2f} ms{e['bytes'] / 1e6:>9.1f} MB"
+            f"{e['gbps']:>8.1f} GB/s{e['share_of_read_bandwidth']:>6.0%}"
+            for e in result.get("kernels", ())
+        ),
+        "",
         "FFN step, batch 1: ms (speed-up vs our dense; predictor also vs transformers)",
         f"{'shape':<12}{'sparsity':>9}" + "".join(f"{mode:>20}" for mode in FFN_MODES) + f"{'predictor vs tf':>17}",
     ]

@@ -8,13 +8,14 @@ from tqdm import tqdm
 from turbo_demo.bench.common import Settings, cpu_info, read_bandwidth
 from turbo_demo.bench.e2e import bench_e2e
 from turbo_demo.bench.ffn import bench_ffn
+from turbo_demo.bench.kernels import bench_kernels
 from turbo_demo.bench.moe import bench_moe
 from turbo_demo.checkpoints.config import dtype_name
 from turbo_demo.runtime.kernels import cpp, load_kernels
 
 
 def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict:
-    """The whole benchmark as one JSON-ready dict: machine, ffn, e2e and notes. The kernels are
+    """The whole benchmark as one JSON-ready dict: machine, kernels, ffn, e2e and notes. The kernels are
     chosen once, for the whole run."""
     notes: list[str] = []
     kernels = load_kernels(backend, cpp.announce_build)
@@ -34,6 +35,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
             "read_gbps": gbps,
             "read_method": method,
         }
+        kernel_rows = bench_kernels(s, kernels, gbps, progress)
         ffn = bench_ffn(s, kernels, buf, progress)
         moe = bench_moe(s, kernels, buf, gbps, progress)
         del buf
@@ -45,6 +47,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
     )
     return {
         "machine": machine,
+        "kernels": kernel_rows,
         "ffn": ffn,
         "moe": moe,
         "e2e": e2e,
