@@ -149,7 +149,7 @@ class PackedModel:
         """Bytes of the copies the pack made (beyond the model's own weights)."""
         ffns = sum(
             nbytes(f.wd_t)
-            + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if is_blocks(w))  # quantized copies
+            + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if w is not None and is_blocks(w))  # quantized copies
             + (0 if f.fc2_t is None else nbytes(f.fc2_t))
             for f in ffn_parts(self.ffns)
         )

@@ -182,6 +182,7 @@ class CppKernels(Kernels):
     devices = ("cpu",)
 
     def __init__(self, ops):
+        super().__init__()
         self.ops = ops  # the compiled module
 
     @functools.cached_property

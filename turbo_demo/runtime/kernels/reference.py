@@ -94,13 +94,24 @@ def decode_attention(q, k, v, k_cache, v_cache, cos, sin_signed, pos: int, first
 
 class Kernels:
     """The PyTorch kernels, on weights held as tensors. Capabilities: `name` and the device types
-    the kernels run on."""
+    the kernels run on. A matrix argument (w, wt) is left untyped: each set reads the one kind
+    it is bound to (for_weights), tensors here, QWeights in BlockKernels."""
 
     name = "torch"
     devices: tuple[str, ...] = ("cpu", "cuda")
-    # threads for a prompt's forward (compute-bound GEMMs), where it differs from the decode
-    # steps' (the calling thread's torch threads, which a server keeps below its core count)
-    prefill_threads: int | None = None
+
+    def __init__(self) -> None:
+        # threads for a prompt's forward (compute-bound GEMMs), where it differs from the decode
+        # steps' (the calling thread's torch threads, which a server keeps below its core count)
+        self._prefill_threads: int | None = None
+
+    @property
+    def prefill_threads(self) -> int | None:
+        return self._prefill_threads
+
+    @prefill_threads.setter
+    def prefill_threads(self, threads: int | None) -> None:
+        self._prefill_threads = threads
 
     @property
     def tensors(self) -> "Kernels":
@@ -121,11 +132,11 @@ class Kernels:
             raise UserError("one layer's matrices mix block-quantized and unquantized weights, which no kernel reads")
         return self.blocks if kinds == {True} else self.tensors
 
-    def rows_dot(self, w: Weight, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def rows_dot(self, w, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """y_j = W[idx_j] . x: W (N, H), x (H,), idx (k,) int64 -> y (k,); reads only rows idx."""
         return torch.mv(w.index_select(0, idx), x)
 
-    def rows_axpy(self, wt: Weight, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def rows_axpy(self, wt, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """y = sum_j h_j Wt[idx_j]: Wt (N, H), h (k,), idx (k,) -> y (H,); rows with h_j = 0,
         which add nothing, are not read."""
         # embedding_bag sums the rows weighted by h without materialising them, but reads every
@@ -136,11 +147,11 @@ class Kernels:
             return wt.new_zeros(wt.size(1))
         return F.embedding_bag(idx.unsqueeze(0), wt, per_sample_weights=h.unsqueeze(0), mode="sum")[0]
 
-    def matvec(self, w: Weight, x: torch.Tensor) -> torch.Tensor:
+    def matvec(self, w, x: torch.Tensor) -> torch.Tensor:
         """y = W x: W (N, H), x (H,) -> y (N,)."""
         return torch.mv(w, x)
 
-    def vecmat(self, h: torch.Tensor, wt: Weight) -> torch.Tensor:
+    def vecmat(self, h: torch.Tensor, wt) -> torch.Tensor:
         """y = h Wt: h (N,), Wt (N, H) -> y (H,)."""
         return h @ wt
 
@@ -205,11 +216,11 @@ class Kernels:
             counts += h != 0
         return plus(self.vecmat(h, w.wd_t), add_to), idx, rows, int(torch.count_nonzero(a)), int(torch.count_nonzero(h))
 
-    def linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., H) @ W.T (+ b): W (N, H) -> (..., N), a prompt's batched product (prefill)."""
         return F.linear(x, w, b)
 
-    def times(self, h: torch.Tensor, wt: Weight) -> torch.Tensor:
+    def times(self, h: torch.Tensor, wt) -> torch.Tensor:
         """h (..., N) @ Wt: Wt (N, H) -> (..., H), a prompt's batched product."""
         return h @ wt
 
@@ -276,8 +287,12 @@ class BlockKernels(Kernels):
         return self
 
     @property
-    def prefill_threads(self) -> int | None:  # the backend's setting, set on its tensor kernels
+    def prefill_threads(self) -> int | None:  # one setting per backend, kept by its tensor set
         return self._tensors.prefill_threads
+
+    @prefill_threads.setter
+    def prefill_threads(self, threads: int | None) -> None:
+        self._tensors.prefill_threads = threads
 
     def rows_dot(self, w, x, idx):
         return q_rows_dot(w, x, idx)
