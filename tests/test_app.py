@@ -1,16 +1,20 @@
 """The app's plain functions (side-by-side engine, panels, plots) and the `compare` endpoint."""
 
+import copy
+import dataclasses
 import socket
 from threading import Event
 
 import pytest
 from plotly import graph_objects as go
 
-from turbo_demo.app.engine.catalog import ModelStore, modes_for, resolve
-from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, fit_prompt, run_compare
+from turbo_demo.app.engine.catalog import ModelStore, resolve
+from turbo_demo.app.engine.compare import Settings, fit_prompt, run_compare
+from turbo_demo.app.engine.sides import SideRequest, SideSnapshot, compare_summary
 from turbo_demo.app.plots import compare as plots
 from turbo_demo.app.ui.menus import mode_choices, settled_mode
 from turbo_demo.app.views import compare as views
+from turbo_demo.choices import modes_for
 from turbo_demo.errors import UserError
 from turbo_demo.models.activations import activation_histograms
 
@@ -18,12 +22,9 @@ PROMPT = "def add(a, b):\n    return"
 
 
 def run(store, left, right, prompt=PROMPT, stop=None, on_progress=None, **settings):
-    left, right = SideRecord(*left), SideRecord(*right)
-    rounds = list(
-        run_compare(
-            store, left, right, prompt, Settings(**{"temperature": 0.0, **settings}), stop, on_progress=on_progress
-        )
-    )
+    asked, settings = (SideRequest(*left), SideRequest(*right)), Settings(**{"temperature": 0.0, **settings})
+    rounds = list(run_compare(store, *asked, prompt, settings, stop, on_progress=on_progress))
+    left, right = rounds[-1]
     return left, right, rounds
 
 
@@ -121,11 +122,35 @@ def test_long_prompt_is_truncated_with_a_notice(tiny_dirs):
 
 def test_stop_ends_both_sides_within_a_step(tiny_dirs):
     store, stop = ModelStore(), Event()
-    left, right = SideRecord(str(tiny_dirs["dense"]), "dense"), SideRecord(str(tiny_dirs["drelu"]), "dense")
-    for i, _ in enumerate(run_compare(store, left, right, PROMPT, Settings(max_new_tokens=100), stop)):
-        if i == 2:
+    asked = SideRequest(str(tiny_dirs["dense"]), "dense"), SideRequest(str(tiny_dirs["drelu"]), "dense")
+    rounds = []
+    for sides in run_compare(store, *asked, PROMPT, Settings(max_new_tokens=100), stop):
+        rounds.append(sides)
+        if len(rounds) == 3:
             stop.set()
+    left, right = rounds[-1]
     assert len(left.steps) <= 4 and len(right.steps) <= 4 and "stopped" in left.notice
+
+
+def test_a_yielded_snapshot_never_changes_after_later_rounds(tiny_dirs):
+    """The engine hands out values: each round's pair reads after the run as it read when it was
+    yielded (a record the engine kept filling would have grown by the later tokens and notices),
+    and nobody holding one can change it."""
+    stop, seen = Event(), []
+    asked = SideRequest(str(tiny_dirs["dense"]), "dense"), SideRequest(str(tiny_dirs["drelu"]), "exact")
+    for sides in run_compare(ModelStore(), *asked, PROMPT, Settings(max_new_tokens=100, temperature=0.0), stop):
+        seen.append((sides, copy.deepcopy(sides)))
+        if len(seen) == 4:
+            stop.set()
+    assert all(sides == then for sides, then in seen)
+    assert [[len(side.steps) for side in sides] for sides, _ in seen[:4]] == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    (first, _), (last, _) = seen[0], seen[-1]
+    assert first[0].token_ids != last[0].token_ids and all(side.firing_counts for side in last)
+    assert not any("stopped" in side.notice for sides, _ in seen[:-1] for side in sides)
+    assert all("stopped" in side.notice for side in last)
+    assert all(isinstance(side.steps, tuple) and isinstance(side.firing_counts[0], tuple) for side in last)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first[0].text = "changed"
 
 
 def test_modes_offered_per_model(tiny_dirs):
@@ -153,7 +178,7 @@ def test_a_generate_racing_a_model_change_runs_the_mode_the_menu_will_show(tiny_
 
 
 def test_a_generate_click_reads_its_run_from_the_tabs_components(tiny_dirs):
-    """read_run: the values Gradio hands over by component become the prompt, each side's record
+    """read_run: the values Gradio hands over by component become the prompt, each side's request
     (mode settled, weights chosen) and the settings; a setting that is no number is refused."""
     import gradio as gr
 
@@ -203,8 +228,8 @@ def test_views_build_the_expected_figures(tiny_dirs):
     assert len(neurons.hist.data) == 6
     dense_h, drelu_h = (hists[views.side_label(r)]["combined"] for r in (left, right))
     assert dense_h["zeros"] == 0 and drelu_h["zeros"] > 0.3 * drelu_h["total"]
-    broken = SideRecord("x", "dense", error="nope")
-    assert views.neurons_view(broken, SideRecord("y", "dense"), {}) == views.NeuronsView(None, None, None)
+    broken = SideSnapshot("x", "dense", error="nope")
+    assert views.neurons_view(broken, SideSnapshot("y", "dense"), {}) == views.NeuronsView(None, None, None)
 
 
 def test_plot_builders_on_plain_data():
@@ -296,7 +321,7 @@ def test_a_run_is_kept_as_a_zip_and_a_link(tiny_dirs):
     archive = zipfile.ZipFile(io.BytesIO(export.run_zip(left, right, settings, {"speed": view.speed})))
     assert sorted(archive.namelist()) == ["records.json", "speed.html", "steps.csv"]
     records = json.loads(archive.read("records.json"))
-    assert records["sides"]["right"]["token_ids"] == right.token_ids
+    assert records["sides"]["right"]["token_ids"] == list(right.token_ids)
     assert records["summary"]["right"]["tokens"] == 4
     rows = list(csv.DictReader(io.StringIO(archive.read("steps.csv").decode())))
     assert len(rows) == 2 * 4 * 2  # sides x steps x layers

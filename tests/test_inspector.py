@@ -14,7 +14,8 @@ from plotly import graph_objects as go
 
 from conftest import lean, tiny_model
 from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+from turbo_demo.app.engine.sides import SideRequest, SideSnapshot
 from turbo_demo.app.plots import inspector as plots_inspector
 from turbo_demo.app.views import export, inspector
 from turbo_demo.runtime.stats import COMPUTED_ZERO, FIRED, MISSED, pack_codes, unpack_codes
@@ -66,20 +67,25 @@ def share(counts: torch.Tensor) -> list[float]:
     return [n / 6 for n in counts.tolist()]
 
 
-def crafted() -> tuple[SideRecord, SideRecord, torch.Tensor]:
+def crafted() -> tuple[SideSnapshot, SideSnapshot, torch.Tensor]:
     """A crafted two-sided run: left dense with 2 steps, right predictor with 3; layers 2 x 6."""
     from turbo_demo.runtime.stats import StepStats
 
     codes = torch.tensor([[[1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]] * 2 + [[[1, 2, 3, 0, 0, 0], [0, 0, 0, 0, 2, 1]]])
-    steps = [
+    steps = tuple(
         StepStats(i, 5 + i, 0.01, 6, share((c == 1).sum(1)), share(((c == 1) | (c == 2)).sum(1)))
         for i, c in enumerate(codes)
-    ]
-    left = SideRecord(
-        "L", "dense", pieces=["a", "b"], steps=steps[:2], maps=[pack_codes(c) for c in codes[:2]], map_shape=(2, 6)
     )
-    right = SideRecord(
-        "R", "predictor", pieces=["x", "y", "z"], steps=steps, maps=[pack_codes(c) for c in codes], map_shape=(2, 6)
+    left = SideSnapshot(
+        "L", "dense", pieces=("a", "b"), steps=steps[:2], maps=tuple(pack_codes(c) for c in codes[:2]), map_shape=(2, 6)
+    )
+    right = SideSnapshot(
+        "R",
+        "predictor",
+        pieces=("x", "y", "z"),
+        steps=steps,
+        maps=tuple(pack_codes(c) for c in codes),
+        map_shape=(2, 6),
     )
     return left, right, codes
 
@@ -94,7 +100,7 @@ def test_the_inspectors_maps_are_the_records_they_come_from():
     assert at_two[0]["codes"] is None and at_two[0]["token"] is None  # the left pane ended earlier
     assert at_two[1]["codes"] == codes[2].tolist() and at_two[1]["token"] == "z"
     assert inspector.grid([1, 2, 3, 0, 1]) == [[1, 2, 3], [0, 1, None]]
-    assert list(inspector.keep(left, SideRecord("E", "dense", error="x"))) == ["left"]  # a failed side keeps nothing
+    assert list(inspector.keep(left, SideSnapshot("E", "dense", error="x"))) == ["left"]  # a failed side keeps nothing
 
 
 def test_the_neuron_maps_figure_draws_every_layer_of_both_panes():
@@ -127,9 +133,9 @@ def test_a_runs_zip_carries_its_maps(tmp_path):
 
 def test_a_sessions_inspector_state_for_a_256_token_run_stays_small():
     store = ModelStore()
-    left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
-    for _ in run_compare(store, left, right, "def f(x):\n", Settings(max_new_tokens=256, temperature=0.0)):
-        pass
+    asked = SideRequest(*DEFAULT_LEFT), SideRequest(*DEFAULT_RIGHT)
+    settings = Settings(max_new_tokens=256, temperature=0.0)
+    left, right = last_round(run_compare(store, *asked, "def f(x):\n", settings))
     assert not left.error and not right.error
     kept = inspector.keep(left, right)
     steps = inspector.steps_of(kept)
@@ -145,9 +151,9 @@ def test_the_talk_layouts_numbers_text_and_live_maps():
     numbers = page_talk.big_numbers(right)
     assert f"{right.tokens_per_s:,.0f} tok/s" in numbers and "idle" in numbers and "R · predictor" in numbers
     assert "⚠️" in page_talk.big_numbers(
-        SideRecord("E", "dense", error="<no>")
-    ) and "&lt;no&gt;" in page_talk.big_numbers(SideRecord("E", "dense", error="<no>"))
-    assert "a &lt; b" in page_talk.big_text(SideRecord("T", "dense", text="a < b"))
+        SideSnapshot("E", "dense", error="<no>")
+    ) and "&lt;no&gt;" in page_talk.big_numbers(SideSnapshot("E", "dense", error="<no>"))
+    assert "a &lt; b" in page_talk.big_text(SideSnapshot("T", "dense", text="a < b"))
     live = page_talk.live_maps(left, right)  # the latest position either side reached: the third
     assert "Token 3" in live.layout.title.text
-    assert page_talk.live_maps(SideRecord("A", "dense"), SideRecord("B", "dense")) is None
+    assert page_talk.live_maps(SideSnapshot("A", "dense"), SideSnapshot("B", "dense")) is None

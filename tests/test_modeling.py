@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_model
+from turbo_demo.models import register_auto_classes
 from turbo_demo.models.bamboo import BambooForCausalLM, BambooMLP, swiglu_to_drelu
 
 
@@ -20,6 +21,7 @@ def test_drelu_mlp_equals_its_formula():
 
 
 def test_save_then_from_pretrained_gives_same_logits(tmp_path):
+    register_auto_classes()  # what loading through the Auto classes asks of a user
     x = torch.randint(0, 300, (2, 12))
     for kind in ("dense", "drelu"):
         model = tiny_model(kind, predictor_rank=8) if kind == "drelu" else tiny_model(kind)
@@ -47,6 +49,7 @@ def test_big_models_load_in_bf16_small_ones_in_fp32(tmp_path, monkeypatch):
 
 
 def test_published_auto_map_loads_without_remote_code(tmp_path):
+    register_auto_classes()
     model = tiny_model("drelu")
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -19,7 +19,8 @@ from test_published import layer_weights, reference_attention, rms
 
 from conftest import tiny_model
 from turbo_demo.app.engine.catalog import ModelStore, model_modes
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+from turbo_demo.app.engine.sides import SideRequest
 from turbo_demo.checkpoints.checkpoint import load_model
 from turbo_demo.checkpoints.config import load_config
 from turbo_demo.checkpoints.memory import estimate
@@ -361,9 +362,8 @@ def test_the_compare_engine_runs_a_moe_pair(published, mixtral):
     store = ModelStore()
     assert model_modes(str(published[0])) == ["dense", "exact", "predictor", "threshold"]
     assert model_modes(str(mixtral[0])) == ["dense", "threshold"]
-    left, right = SideRecord(str(mixtral[0]), "dense"), SideRecord(str(published[0]), "predictor")
-    for _ in run_compare(store, left, right, "def add", Settings(max_new_tokens=4, temperature=0.0)):
-        pass
+    asked = SideRequest(str(mixtral[0]), "dense"), SideRequest(str(published[0]), "predictor")
+    left, right = last_round(run_compare(store, *asked, "def add", Settings(max_new_tokens=4, temperature=0.0)))
     assert not left.error and not right.error, (left.error, right.error)
     assert len(left.steps) == len(right.steps) == 4
     assert all(s.ffn_bytes == s.ffn_bytes_routed for s in left.steps)  # the dense MoE reads k experts

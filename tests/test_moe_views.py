@@ -8,7 +8,8 @@ from plotly import graph_objects as go
 from test_moe import CONFIG, EXPERTS, INTER, LAYERS, TOP_K, write_layout
 
 from turbo_demo.app.engine.catalog import ModelStore
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+from turbo_demo.app.engine.sides import SideRequest, SideSnapshot
 from turbo_demo.app.plots import compare as plots
 from turbo_demo.app.views import compare as views
 from turbo_demo.app.views import inspector
@@ -22,9 +23,8 @@ def moe_run(tmp_path_factory, tokenizer):
     write_layout(sparse, tokenizer, CONFIG, predictors=True)
     plain = {**CONFIG, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu"}
     write_layout(dense, tokenizer, plain, predictors=False)
-    left, right = SideRecord(str(dense), "dense"), SideRecord(str(sparse), "predictor")
-    for _ in run_compare(ModelStore(), left, right, "def add", Settings(max_new_tokens=5, temperature=0.0)):
-        pass
+    asked = SideRequest(str(dense), "dense"), SideRequest(str(sparse), "predictor")
+    left, right = last_round(run_compare(ModelStore(), *asked, "def add", Settings(max_new_tokens=5, temperature=0.0)))
     assert not left.error and not right.error, (left.error, right.error)
     return left, right
 
@@ -39,7 +39,7 @@ def test_the_routing_view_is_the_records_routing(moe_run):
     shares = [[c / 5 for c in row] for row in routing_counts(right.steps, EXPERTS)]
     assert [list(row) for row in heat[3].z] == shares
     assert all(sum(row) == pytest.approx(TOP_K) for row in shares)  # k experts per step and layer
-    assert views.compare_view(SideRecord("a", "dense"), SideRecord("b", "dense")).routing is None
+    assert views.compare_view(SideSnapshot("a", "dense"), SideSnapshot("b", "dense")).routing is None
 
 
 def test_bytes_against_the_dense_moe_and_all_experts(moe_run):
@@ -50,7 +50,7 @@ def test_bytes_against_the_dense_moe_and_all_experts(moe_run):
     routed = next(t for t in view.memory.data if t.name == "dense MoE")
     assert list(routed.y) == pytest.approx([views.mean_routed(r) / views.MB for r in (left, right)])
     assert "of the dense MoE's" in views.side_markdown(right) and "of all experts'" in views.side_markdown(right)
-    assert views.mean_routed(SideRecord("a", "dense")) is None
+    assert views.mean_routed(SideSnapshot("a", "dense")) is None
 
 
 def test_the_neurons_view_and_the_inspector_cover_every_expert(moe_run):

@@ -9,8 +9,9 @@ import requests
 
 from test_app import PROMPT, free_port
 from turbo_demo.app.engine.catalog import ModelStore
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
 from turbo_demo.app.engine.public import public_policy
+from turbo_demo.app.engine.sides import SideRequest
 from turbo_demo.commands.loadtest import fuzz, load
 
 
@@ -72,9 +73,8 @@ def test_rss_stays_flat_over_a_hundred_runs(tiny_dirs):
     settings = Settings(max_new_tokens=4, temperature=0.0)
 
     def one():
-        left, right = SideRecord(str(tiny_dirs["dense"]), "dense"), SideRecord(str(tiny_dirs["drelu"]), "exact")
-        for _ in run_compare(store, left, right, PROMPT, settings):
-            pass
+        asked = SideRequest(str(tiny_dirs["dense"]), "dense"), SideRequest(str(tiny_dirs["drelu"]), "exact")
+        last_round(run_compare(store, *asked, PROMPT, settings))
 
     for _ in range(20):  # warm: models loaded, allocator settled
         one()
@@ -87,8 +87,8 @@ def test_rss_stays_flat_over_a_hundred_runs(tiny_dirs):
 
 def test_stop_while_the_model_loads_ends_the_run_before_any_token(tiny_dirs):
     stop = threading.Event()
-    left, right = SideRecord(str(tiny_dirs["dense"]), "dense"), SideRecord(str(tiny_dirs["drelu"]), "dense")
+    asked = SideRequest(str(tiny_dirs["dense"]), "dense"), SideRequest(str(tiny_dirs["drelu"]), "dense")
     settings = Settings(max_new_tokens=50)
-    for _ in run_compare(ModelStore(), left, right, PROMPT, settings, stop, on_progress=lambda _: stop.set()):
-        pass
-    assert left.steps == right.steps == [] and "stopped" in left.notice
+    rounds = run_compare(ModelStore(), *asked, PROMPT, settings, stop, on_progress=lambda _: stop.set())
+    left, right = last_round(rounds)
+    assert left.steps == right.steps == () and "stopped" in left.notice

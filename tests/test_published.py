@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from turbo_demo.app.engine.catalog import ModelStore, model_modes
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+from turbo_demo.app.engine.sides import SideRequest
 from turbo_demo.bench.full import CONFIG as PUBLISHED
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.checkpoints.config import load_config
@@ -27,6 +28,7 @@ from turbo_demo.checkpoints.generation import encode_prompt, read_generation
 from turbo_demo.cli import main
 from turbo_demo.models.bamboo import BambooConfig, BambooForCausalLM
 from turbo_demo.runtime import LeanRuntime, TransformersRuntime, pack
+from turbo_demo.runtime.decoder import Sampling
 
 RANKS = [16, 8, 24]
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -223,7 +225,7 @@ def test_no_padded_id_is_ever_sampled(published, engine, backends):
         for mode in ("dense", "predictor"):
             runtime = engine(packed, mode, kernels)
             for seed in range(3):
-                steps = runtime.generate([3, 4, 5], 20, temperature=3.0, top_p=1.0, seed=seed, vocab=TOKENIZER_IDS)
+                steps = runtime.generate([3, 4, 5], 20, Sampling(3.0, 1.0, seed), vocab=TOKENIZER_IDS)
                 assert all(s.token < TOKENIZER_IDS for s in steps)
 
 
@@ -241,17 +243,16 @@ def test_the_app_runs_the_published_model_as_a_chat_model(published):
     path, _ = published
     store = ModelStore()
     assert model_modes(str(path)) == ["dense", "exact", "predictor", "threshold"]
-    left, right = SideRecord(str(path), "dense"), SideRecord(str(path), "predictor")
     settings = Settings(max_new_tokens=6, temperature=0.0, system="be brief")
-    for _ in run_compare(store, left, right, "hi", settings):
-        pass
+    left, right = last_round(
+        run_compare(store, SideRequest(str(path), "dense"), SideRequest(str(path), "predictor"), "hi", settings)
+    )
     assert not left.error and not right.error
     assert right.rendered_prompt.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi")
     assert "temperature 0.0" in right.notice and "Temperature slider" in right.notice
     assert all(t < TOKENIZER_IDS for t in left.token_ids + right.token_ids)
-    plain = SideRecord(str(path), "dense")
-    for _ in run_compare(store, plain, SideRecord(str(path), "exact"), "hi", replace(settings, chat=False)):
-        pass
+    asked = SideRequest(str(path), "dense"), SideRequest(str(path), "exact")
+    plain, _ = last_round(run_compare(store, *asked, "hi", replace(settings, chat=False)))
     assert plain.rendered_prompt == "hi"
 
 

@@ -26,8 +26,9 @@ REF = Kernels().blocks  # the reference on block-quantized weights
 QUANTS = ["int8", "int4"]
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1 / 128)}
-# (N, H): H a multiple of the block, H not a multiple of it (a padded last block), H below one block
-SHAPES = [(64, 256), (97, 203), (33, 7)]
+# (N, H): H a multiple of the block, H not a multiple of it (a padded last block), H below one
+# block, and H of 18 blocks (the axpy's scales: 16 blocks' headers gathered at once, then a tail)
+SHAPES = [(64, 256), (97, 203), (33, 7), (40, 32 * 17 + 5)]
 
 
 def qcase(n, h, fmt, dtype, k, seed=0):
@@ -297,17 +298,17 @@ def test_quantize_save_load_is_bit_identical_and_transformers_refuses(untied_dir
 
 def test_model_store_and_compare_load_a_side_quantized(untied_dir):
     """The app's plain-function path for a per-side quantization menu: ModelStore.get(...,
-    quant=) holds one copy per (model, quantization), and a SideRecord's quant loads its side so."""
+    quant=) holds one copy per (model, quantization), and a SideRequest's quant loads its side so."""
     from turbo_demo.app.engine.catalog import ModelStore
-    from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+    from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+    from turbo_demo.app.engine.sides import SideRequest
 
     store = ModelStore(budget=10**10)
     q8, plain = store.get(str(untied_dir), quant="int8"), store.get(str(untied_dir))
     assert q8.packed.quant == "int8" and plain.packed.quant is None
     assert store.get(str(untied_dir), quant="int8") is q8 and q8.weight_bytes < plain.weight_bytes
-    left, right = SideRecord(str(untied_dir), "dense"), SideRecord(str(untied_dir), "predictor", quant="int4")
-    for _ in run_compare(store, left, right, "def", Settings(max_new_tokens=3)):
-        pass
+    asked = SideRequest(str(untied_dir), "dense"), SideRequest(str(untied_dir), "predictor", quant="int4")
+    left, right = last_round(run_compare(store, *asked, "def", Settings(max_new_tokens=3)))
     assert not left.error and not right.error, (left.error, right.error)
     assert right.summary()["quant"] == "int4" and left.summary()["quant"] is None and len(right.token_ids) == 3
 

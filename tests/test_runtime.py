@@ -8,6 +8,7 @@ import torch
 from conftest import lean, tiny_model, transformers_engine
 from turbo_demo.errors import UserError
 from turbo_demo.runtime import TransformersRuntime, pack
+from turbo_demo.runtime.decoder import Sampling
 from turbo_demo.runtime.hf import sparse_model
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.lean import LeanRuntime
@@ -83,7 +84,7 @@ def test_runtime_on_cuda_equals_the_cpu(mode, options):
     for engine in (lean, transformers_engine):
         runtime = engine(tiny_model("drelu", predictor_rank=4, seed=4).to("cuda"), mode, **options)
         torch.testing.assert_close(runtime_logits(runtime).cpu(), on_cpu, rtol=1e-4, atol=1e-4)
-        steps = list(runtime.generate([5, 6, 7], max_new_tokens=4, temperature=0.8, audit=True))
+        steps = list(runtime.generate([5, 6, 7], max_new_tokens=4, sampling=Sampling(0.8), audit=True))
         assert len(steps) == 4 and sum(map(sum, runtime.firing_counts())) > 0
 
 
@@ -200,7 +201,7 @@ def test_sampled_generation_follows_the_seed_on_both_backends(backends):
     for kernels in backends:
         runtime = LeanRuntime(packed, "exact", kernels)
         for seed in (3, 3, 4):
-            steps = runtime.generate([5, 6, 7], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=seed)
+            steps = runtime.generate([5, 6, 7], max_new_tokens=12, sampling=Sampling(0.9, 0.9, seed))
             tokens.setdefault((kernels.name, seed), []).append([s.token for s in steps])
     runs = {key: [json.dumps(t) for t in value] for key, value in tokens.items()}
     assert all(len(set(value)) == 1 for value in runs.values())  # one seed, one sequence

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from conftest import SHIPPED, lean
+from turbo_demo.models import register_auto_classes
 from turbo_demo.models.mixtral import TurboSparseMixtralForCausalLM
 
 MODELS = ["dense-swiglu", "turbosparse-drelu", "turbosparse-relufied", "moe-dense-swiglu", "moe-turbosparse-drelu"]
@@ -19,6 +20,12 @@ CLASSES = {
     "moe-dense-swiglu": "MixtralForCausalLM",
     "moe-turbosparse-drelu": "TurboSparseMixtralForCausalLM",
 }
+
+
+@pytest.fixture(autouse=True)
+def auto_classes():
+    """The tests below load the checkpoints as a user would, through the Auto classes."""
+    register_auto_classes()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -135,12 +142,13 @@ def test_the_shipped_moe_pair_meets_the_moe_targets_in_its_eval_json():
 
 def test_the_compare_engine_runs_the_embedded_moe_pair_by_its_menu_names():
     from turbo_demo.app.engine.catalog import ModelStore, embedded_names
-    from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+    from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+    from turbo_demo.app.engine.sides import SideRequest
 
     assert {"Dense MoE", "TurboSparse MoE"} <= set(embedded_names())
-    left, right = SideRecord("Dense MoE", "dense"), SideRecord("TurboSparse MoE", "predictor")
-    for _ in run_compare(ModelStore(), left, right, "def add(a, b):", Settings(max_new_tokens=6, temperature=0.0)):
-        pass
+    asked = SideRequest("Dense MoE", "dense"), SideRequest("TurboSparse MoE", "predictor")
+    settings = Settings(max_new_tokens=6, temperature=0.0)
+    left, right = last_round(run_compare(ModelStore(), *asked, "def add(a, b):", settings))
     assert not left.error and not right.error, (left.error, right.error)
     assert len(left.steps) == len(right.steps) == 6
     assert all(s.ffn_bytes == s.ffn_bytes_routed for s in left.steps)  # the dense MoE reads its 2 experts

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,17 +14,21 @@ from plotly import graph_objects as go
 
 from conftest import REPO, SHIPPED, TEXT, lean, tiny_model
 from turbo_demo.app.engine.catalog import EMBEDDED, ModelStore, embedded_names
-from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare, speedup
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+from turbo_demo.app.engine.sides import SideRequest, SideSnapshot, speedup
 from turbo_demo.app.plots import compare as plots
 from turbo_demo.app.plots import teaching as plots_teaching
 from turbo_demo.app.views import compare as views
 from turbo_demo.app.views import teaching
 from turbo_demo.errors import UserError
+from turbo_demo.runtime.decoder import Sampling
 from turbo_demo.runtime.stats import StepStats
 
 
-def steps_of(times: list[float]) -> list[StepStats]:
-    return [StepStats(step=i, token=1, time_s=t, intermediate_size=4, active_share=[0.5]) for i, t in enumerate(times)]
+def steps_of(times: list[float]) -> tuple[StepStats, ...]:
+    return tuple(
+        StepStats(step=i, token=1, time_s=t, intermediate_size=4, active_share=[0.5]) for i, t in enumerate(times)
+    )
 
 
 @pytest.mark.parametrize("mode, options", [("dense", {}), ("exact", {}), ("threshold", {"sparsity": 0.5})])
@@ -33,8 +38,8 @@ def test_warm_up_changes_no_token_and_no_count(mode, options, prompt):
     cold, warm = lean(model, mode, **options), lean(model, mode, **options)
     warm.warm_up(3)
     assert warm.warm and not warm.firing.any()
-    a = list(cold.generate(prompt, 8, temperature=0.8, top_p=0.9, seed=3, warm_up=0))
-    b = list(warm.generate(prompt, 8, temperature=0.8, top_p=0.9, seed=3))
+    a = list(cold.generate(prompt, 8, Sampling(0.8, 0.9, 3), warm_up=0))
+    b = list(warm.generate(prompt, 8, Sampling(0.8, 0.9, 3)))
     assert [s.token for s in a] == [s.token for s in b]
     assert [s.active_share for s in a] == [s.active_share for s in b]
     assert cold.firing_counts() == warm.firing_counts()
@@ -43,18 +48,17 @@ def test_warm_up_changes_no_token_and_no_count(mode, options, prompt):
 
 
 def test_headline_speed_is_the_median_step():
-    left, right = SideRecord("a", "dense"), SideRecord("b", "exact")
-    left.steps = steps_of([0.010, 0.010, 0.500, 0.010])  # one stall
-    right.steps = steps_of([0.005, 0.004, 0.006])
+    left = SideSnapshot("a", "dense", steps=steps_of([0.010, 0.010, 0.500, 0.010]))  # one stall
+    right = SideSnapshot("b", "exact", steps=steps_of([0.005, 0.004, 0.006]))
     assert left.median_step_s == pytest.approx(0.010) and left.tokens_per_s == pytest.approx(100.0)
     assert left.mean_tokens_per_s == pytest.approx(4 / 0.530)
     assert right.tokens_per_s == pytest.approx(200.0)
     assert speedup(left, right) == pytest.approx(2.0)
-    left.first_token_s, right.first_token_s = 0.0421, 1.5
+    left, right = replace(left, first_token_s=0.0421), replace(right, first_token_s=1.5)
     text = views.headline(left, right)
     assert "×2.00" in text and "**First token** 42.1 ms vs 1.50 s" in text
     assert "first token 42.1 ms" in views.side_markdown(left)
-    assert SideRecord("c", "dense").tokens_per_s == 0.0
+    assert SideSnapshot("c", "dense").tokens_per_s == 0.0
 
 
 def test_speed_figure_marks_the_unsteady_steps():
@@ -73,9 +77,9 @@ def test_speed_figure_marks_the_unsteady_steps():
 
 
 def test_a_run_records_its_time_to_first_token(tiny_dirs):
-    left, right = SideRecord(str(tiny_dirs["dense"]), "dense"), SideRecord(str(tiny_dirs["drelu"]), "exact")
-    for _ in run_compare(ModelStore(), left, right, "def add(a, b):", Settings(max_new_tokens=3, temperature=0.0)):
-        pass
+    asked = SideRequest(str(tiny_dirs["dense"]), "dense"), SideRequest(str(tiny_dirs["drelu"]), "exact")
+    settings = Settings(max_new_tokens=3, temperature=0.0)
+    left, right = last_round(run_compare(ModelStore(), *asked, "def add(a, b):", settings))
     for rec in (left, right):
         assert rec.first_token_s is not None and rec.first_token_s >= rec.steps[0].time_s > 0
         assert rec.summary()["first_token_s"] == round(rec.first_token_s, 4)
@@ -90,16 +94,17 @@ COLD_START = textwrap.dedent(
     """
     import json
     from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-    from turbo_demo.app.engine.compare import Settings, SideRecord, run_compare
+    from turbo_demo.app.engine.compare import Settings, run_compare
     from turbo_demo.app.engine.prompts import EXAMPLES
+    from turbo_demo.app.engine.sides import SideRequest
     from turbo_demo.app.engine.warm import warm_up
     from turbo_demo.runtime.kernels import load_kernels
     kernels, store = load_kernels("auto"), ModelStore()
     errors = warm_up(store, kernels)
     warmed = [id(r) for name, _ in (DEFAULT_LEFT, DEFAULT_RIGHT) for r in store.get(name).runtimes.idle()]
-    left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
+    asked = SideRequest(*DEFAULT_LEFT), SideRequest(*DEFAULT_RIGHT)
     lent = []
-    for _ in run_compare(store, left, right, EXAMPLES[0], Settings(max_new_tokens=16), kernels=kernels):
+    for left, right in run_compare(store, *asked, EXAMPLES[0], Settings(max_new_tokens=16), kernels=kernels):
         if not lent:  # both sides hold their runtimes now: none is idle
             lent = [store.get(name).runtimes.idle() for name, _ in (DEFAULT_LEFT, DEFAULT_RIGHT)]
     after = [id(r) for name, _ in (DEFAULT_LEFT, DEFAULT_RIGHT) for r in store.get(name).runtimes.idle()]
@@ -201,7 +206,7 @@ def test_measured_pairs_are_the_models_own_pre_activations():
 
 
 def test_the_last_run_keeps_only_ids_of_the_sides_that_generated():
-    ok, broken = SideRecord("m", "dense", prompt_ids=[1, 2], token_ids=[3]), SideRecord("x", "dense", error="no")
+    ok, broken = SideSnapshot("m", "dense", prompt_ids=(1, 2), token_ids=(3,)), SideSnapshot("x", "dense", error="no")
     assert teaching.last_run(ok, broken) == [("m", "m · dense", [1, 2, 3])]
 
 
@@ -265,10 +270,10 @@ def test_quantized_sides_are_left_out_of_the_float_forwards():
     """A side quantized at load has no float matrices: the plane and the histograms skip it."""
     from turbo_demo.app.ui.menus import AS_STORED, quant_of
 
-    ok = SideRecord("m", "dense", prompt_ids=[1], token_ids=[2])
-    quantized = SideRecord("m", "exact", quant="int8", prompt_ids=[1], token_ids=[2], engine="lean", dtype="bf16")
+    ok = SideSnapshot("m", "dense", prompt_ids=(1,), token_ids=(2,))
+    quantized = SideSnapshot("m", "exact", quant="int8", prompt_ids=(1,), token_ids=(2,), engine="lean", dtype="bf16")
     assert teaching.last_run(ok, quantized) == [("m", "m · dense", [1, 2])]
-    assert teaching.run_histograms(ModelStore(), quantized, SideRecord("x", "dense", error="no")) == {}
+    assert teaching.run_histograms(ModelStore(), quantized, SideSnapshot("x", "dense", error="no")) == {}
     assert "int8 weights, bf16 activations" in views.side_markdown(quantized)
     assert [quant_of(v) for v in (AS_STORED, None, "int8", "int4")] == [None, None, "int8", "int4"]
     with pytest.raises(UserError, match="unknown quantization 'int3'"):
@@ -277,12 +282,14 @@ def test_quantized_sides_are_left_out_of_the_float_forwards():
 
 def test_hooks_on_a_shared_model_take_turns():
     """While one thread's hooks are on a model, another thread cannot attach its own or run the
-    unpruned baseline (the app's sessions share the model's modules)."""
+    unpruned baseline (the app's sessions share the model's modules); another model's hooks, and
+    a copy's (runtime/hf.py's twin), do not wait for them."""
+    import copy
     import threading
 
-    from turbo_demo.models.hooks import HOOKS, on_ffn_activation, on_gate_up
+    from turbo_demo.models.hooks import hook_lock, on_ffn_activation, on_gate_up
 
-    model, inside, leave = tiny_model("drelu"), threading.Event(), threading.Event()
+    model, other, inside, leave = tiny_model("drelu"), tiny_model("dense"), threading.Event(), threading.Event()
 
     def hold():
         with on_ffn_activation(model, lambda layer, h: None), on_gate_up(model, lambda *a: None):  # nested: re-entrant
@@ -292,8 +299,15 @@ def test_hooks_on_a_shared_model_take_turns():
     holder = threading.Thread(target=hold)
     holder.start()
     assert inside.wait(10)
-    assert not HOOKS.acquire(blocking=False)
-    leave.set()
-    holder.join(10)
-    assert HOOKS.acquire(blocking=False)
-    HOOKS.release()
+    try:
+        assert not hook_lock(model).acquire(blocking=False)
+        for free in (other, copy.deepcopy(model)):
+            assert hook_lock(free).acquire(blocking=False)  # held here: the contexts below cannot wait
+            with on_ffn_activation(free, lambda layer, h: None), torch.no_grad():
+                free(input_ids=torch.tensor([[1, 2, 3]]))
+            hook_lock(free).release()
+    finally:
+        leave.set()
+        holder.join(10)
+    assert hook_lock(model).acquire(blocking=False)
+    hook_lock(model).release()

@@ -6,6 +6,7 @@ import gc
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 from threading import Event
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from conftest import REPO, tiny_model
 from turbo_demo.app.engine import pool
 from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
+from turbo_demo.app.engine.sides import SideRequest, SideSnapshot, compare_summary
 from turbo_demo.app.views import compare as views
 from turbo_demo.checkpoints import memory
 from turbo_demo.checkpoints.checkpoint import save_checkpoint
@@ -27,10 +29,8 @@ PROMPT = "def add(a, b):\n    return"
 
 
 def compare(store, left, right, tokens=3, **settings):
-    left, right = SideRecord(*left), SideRecord(*right)
-    for _ in run_compare(store, left, right, PROMPT, Settings(max_new_tokens=tokens, temperature=0.0, **settings)):
-        pass
-    return left, right
+    settings = Settings(max_new_tokens=tokens, temperature=0.0, **settings)
+    return last_round(run_compare(store, SideRequest(*left), SideRequest(*right), PROMPT, settings))
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_runtimes_lent_at_once_are_distinct_and_the_pool_is_bounded(tiny_dirs, w
 def test_a_closed_or_failed_run_gives_back_or_drops_its_runtime(tiny_dirs):
     store = ModelStore()
     runtimes, kernels = store.get(str(tiny_dirs["drelu"])).runtimes, Kernels()
-    left, right = SideRecord(str(tiny_dirs["drelu"]), "dense"), SideRecord(str(tiny_dirs["drelu"]), "exact")
+    left, right = SideRequest(str(tiny_dirs["drelu"]), "dense"), SideRequest(str(tiny_dirs["drelu"]), "exact")
     rounds = run_compare(store, left, right, PROMPT, Settings(max_new_tokens=50))
     next(rounds), next(rounds)
     assert runtimes.idle() == []  # both lent
@@ -159,30 +159,28 @@ def test_the_start_up_warm_up_leaves_the_default_compare_warm(warm_ups):
     store, kernels = ModelStore(), Kernels()
     assert warm_up(store, kernels, tokens=2) == ["", ""]
     assert len(warm_ups) == 2
-    left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
-    for _ in run_compare(store, left, right, "def f(x):", Settings(max_new_tokens=2), Event(), kernels):
-        pass
+    asked = SideRequest(*DEFAULT_LEFT), SideRequest(*DEFAULT_RIGHT)
+    left, right = last_round(run_compare(store, *asked, "def f(x):", Settings(max_new_tokens=2), Event(), kernels))
     assert len(warm_ups) == 2  # the first visitor paid for nothing
     assert [(r.load_s, r.warm_up_s) for r in (left, right)] == [(0.0, 0.0), (0.0, 0.0)]
 
 
 def test_the_phases_are_in_the_summary_and_the_status_line():
-    rec = SideRecord("a", "predictor", engine="lean", dtype="float32", load_s=0.0, warm_up_s=0.0)
-    rec.steps = [StepStats(step=i, token=1, time_s=0.025, intermediate_size=4, active_share=[0.5]) for i in range(3)]
-    rec.prefill_s, rec.first_token_s = 0.21, 1.25
+    steps = tuple(StepStats(step=i, token=1, time_s=0.025, intermediate_size=4, active_share=[0.5]) for i in range(3))
+    timed = {"load_s": 0.0, "warm_up_s": 0.0, "prefill_s": 0.21, "first_token_s": 1.25}
+    rec = SideSnapshot("a", "predictor", engine="lean", dtype="float32", steps=steps, **timed)
     summary = rec.summary()
     assert {"load_s", "warm_up_s", "prefill_s", "first_token_s", "tokens_per_s"} <= set(summary)
     assert (summary["load_s"], summary["warm_up_s"], summary["prefill_s"]) == (0.0, 0.0, 0.21)
     line = views.side_markdown(rec)
     assert "load 0 s · warm-up 0 s · prefill 210.0 ms · first token 1.25 s · 40.0 tokens/s" in line
-    cold = SideRecord("b", "dense", load_s=61.0, warm_up_s=23.4, prefill_s=6.6, first_token_s=7.0, steps=rec.steps)
+    cold = SideSnapshot("b", "dense", load_s=61.0, warm_up_s=23.4, prefill_s=6.6, first_token_s=7.0, steps=rec.steps)
     assert "load 61.00 s · warm-up 23.40 s · prefill 6.60 s" in views.side_markdown(cold)
     assert compare_summary(rec, cold)["right"]["warm_up_s"] == 23.4
     headline = views.headline(cold, rec)
     assert "**Speed-up** ×1.00" in headline and "**First token** 7.00 s vs 1.25 s" in headline
     assert "Decode threads" not in headline  # no runtime ran: nobody chose threads
-    cold.threads, rec.threads = 2, 1
-    assert "**Decode threads** 2 vs 1" in views.headline(cold, rec)
+    assert "**Decode threads** 2 vs 1" in views.headline(replace(cold, threads=2), replace(rec, threads=1))
 
 
 def test_app_chooses_its_decode_threads_for_a_server():

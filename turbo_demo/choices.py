@@ -15,3 +15,17 @@ MODE_HELP = {
     "predictor": "the neurons the predictor picks (score > 0): the published TurboSparse model itself",
     "threshold": "the neurons whose |gate activation| passes a threshold (CATS/TEAL), any gated model",
 }
+
+
+def modes_for(config, predictors: bool = False) -> list[str]:
+    """The MODES a model supports, from its config alone (no weights are read): exact needs a ReLU
+    gate, predictor trained predictors (the config's predictor_rank, or `predictors` attached
+    from elsewhere: a PowerInfer folder), threshold a gated FFN (one with an intermediate size)."""
+    modes = ["dense"]
+    if getattr(config, "hidden_act", None) == "relu":
+        modes.append("exact")
+    if getattr(config, "predictor_rank", None) or predictors:
+        modes.append("predictor")
+    if hasattr(config, "intermediate_size"):
+        modes.append("threshold")
+    return modes

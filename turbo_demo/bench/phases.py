@@ -18,7 +18,7 @@ Each is a median over rounds in which the variants take turns in a rotating orde
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -85,17 +85,14 @@ def bench_phases(
             **values,
         }
 
-    rows = []
-    prompt = prompt_ids(REQUEST_PROMPT, vocab)
-    calls = {
-        key: lambda r=r: request_seconds(r.generate(prompt, REQUEST_TOKENS, warm_up=0)) for key, r in runtimes.items()
-    }
-    calls |= {
-        key: lambda p=p: request_seconds(p.worker.stream("tokens", prompt, REQUEST_TOKENS)) for key, p in llama.items()
-    }
-    bar = tqdm(total=s.e2e_rounds, desc=f"request {label}", file=sys.stderr, disable=not progress, leave=False)
-    decode_rate = {}
-    for key, (ttft, total) in timed_rounds(calls, s.e2e_rounds, bar).items():
+    def rounds(calls: dict, desc: str) -> dict:
+        bar = tqdm(total=s.e2e_rounds, desc=f"{desc} {label}", file=sys.stderr, disable=not progress, leave=False)
+        results = timed_rounds(calls, s.e2e_rounds, bar)
+        bar.close()
+        return results
+
+    rows, decode_rate = [], {}
+    for key, (ttft, total) in rounds(request_calls(runtimes, llama, vocab), "request").items():
         decode_rate[key] = (REQUEST_TOKENS - 1) / (total - ttft)
         rows.append(
             row(
@@ -108,15 +105,8 @@ def bench_phases(
                 total_s=total,
             )
         )
-    bar.close()
     for n in PREFILL_TOKENS:
-        ids = prompt_ids(n, vocab)
-        tensor = torch.tensor(ids)
-        calls = {key: lambda r=r, t=tensor: (timed(r.prefill, t),) for key, r in runtimes.items()}
-        calls |= {key: lambda p=p, i=ids: (timed(lambda: p.worker.call("prefill", i)),) for key, p in llama.items()}
-        bar = tqdm(total=s.e2e_rounds, desc=f"prefill {n} {label}", file=sys.stderr, disable=not progress, leave=False)
-        seconds = {key: v[0] for key, v in timed_rounds(calls, s.e2e_rounds, bar).items()}
-        bar.close()
+        seconds = {key: v[0] for key, v in rounds(prefill_calls(runtimes, llama, n, vocab), f"prefill {n}").items()}
         for key, sec in seconds.items():
             peer = ("llama.cpp", key[1])
             rows.append(
@@ -131,3 +121,24 @@ def bench_phases(
                 )
             )
     return rows
+
+
+def request_calls(runtimes: dict[tuple, LeanRuntime], llama: dict[tuple, Peer], vocab: int) -> dict[tuple, Callable]:
+    """By (engine, quant), a call that runs one request and returns (ttft_s, total_s)."""
+    prompt = prompt_ids(REQUEST_PROMPT, vocab)
+    calls = {
+        key: lambda r=r: request_seconds(r.generate(prompt, REQUEST_TOKENS, warm_up=0)) for key, r in runtimes.items()
+    }
+    return calls | {
+        key: lambda p=p: request_seconds(p.worker.stream("tokens", prompt, REQUEST_TOKENS)) for key, p in llama.items()
+    }
+
+
+def prefill_calls(
+    runtimes: dict[tuple, LeanRuntime], llama: dict[tuple, Peer], n: int, vocab: int
+) -> dict[tuple, Callable]:
+    """By (engine, quant), a call that prefills one n-token prompt and returns (seconds,)."""
+    ids = prompt_ids(n, vocab)
+    tensor = torch.tensor(ids)
+    calls = {key: lambda r=r, t=tensor: (timed(r.prefill, t),) for key, r in runtimes.items()}
+    return calls | {key: lambda p=p, i=ids: (timed(lambda: p.worker.call("prefill", i)),) for key, p in llama.items()}

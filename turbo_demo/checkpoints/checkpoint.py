@@ -2,8 +2,9 @@
 
 A checkpoint directory holds config.json, model.safetensors, tokenizer.json (+ config),
 generation_config.json and, for the models trained here, training_log.json and a README.md
-model card. Everything loads through the transformers Auto classes; bamboo (dReLU) checkpoints
-load without remote code because importing `turbo_demo.models` registers the architecture. A
+model card. Everything loads through the transformers Auto classes; bamboo (dReLU) and
+TurboSparse-Mixtral checkpoints load without remote code once `models.register_auto_classes()`
+has run (reading a config runs it; so does saving, for TurboSparse-Mixtral's names). A
 ReluLLaMA checkpoint (model_type llama, hidden_act relu: ReGLU) is transformers' own Llama.
 PowerInfer's predictor folders (checkpoints/powerinfer.py) attach to a model as it loads.
 
@@ -22,6 +23,7 @@ from turbo_demo.checkpoints.config import auto_dtype, check_model_dir, load_conf
 from turbo_demo.checkpoints.headers import read_headers, safetensors_files
 from turbo_demo.checkpoints.powerinfer import attach_predictors, predictor_folder, read_predictors
 from turbo_demo.errors import UserError
+from turbo_demo.models import register_auto_classes
 
 
 def converted_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -95,6 +97,7 @@ def load_tokenizer(path: str | Path):
 
 def save_checkpoint(model, tokenizer, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write model (as `dtype` safetensors), tokenizer and generation config into `out`."""
+    register_auto_classes()  # a TurboSparse-Mixtral made here saves its experts under block_sparse_moe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from turbo_demo.checkpoints.headers import read_headers
+from turbo_demo.checkpoints.headers import PREDICTOR_FC1, predictor_ranks, read_headers
 from turbo_demo.errors import UserError
-from turbo_demo.models.mixtral import expert_ranks
+from turbo_demo.models import register_auto_classes
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -40,6 +40,7 @@ def load_config(path: str | Path):
     rank (as published) gets each layer's (expert's) rank from the predictor weights' shapes,
     0 where a layer (expert) has none."""
     path = check_model_dir(path)
+    register_auto_classes()  # bamboo and turbosparsemixtral configs read as ours
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as exc:
@@ -50,16 +51,8 @@ def load_config(path: str | Path):
             f"{path / 'config.json'} names BambooForCausalLM but model_type {config.model_type!r}: "
             'Bamboo is dReLU (relu on gate and up); set "model_type": "bamboo"'
         )
-    if config.model_type == "bamboo" and config.predictor_rank is None:
-        tensors = read_headers(path)
-        ranks = [
-            tensors[name].shape[0] if (name := f"model.layers.{i}.mlp.predictor.fc1.weight") in tensors else 0
-            for i in range(config.num_hidden_layers)
-        ]
-        if any(ranks):
-            config.predictor_rank = ranks
-    if config.model_type == "turbosparsemixtral" and config.predictor_rank is None:
-        config.predictor_rank = expert_ranks(config, read_headers(path))
+    if config.model_type in PREDICTOR_FC1 and config.predictor_rank is None:
+        config.predictor_rank = predictor_ranks(config, read_headers(path))
     return config
 
 

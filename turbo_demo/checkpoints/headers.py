@@ -85,3 +85,27 @@ def read_headers(path: Path) -> dict[str, TensorInfo]:
     for file in safetensors_files(path):
         tensors.update(read_header(file))
     return tensors
+
+
+# Where each architecture that carries predictors keeps their fc1 (rank, hidden), as published
+PREDICTOR_FC1 = {
+    "bamboo": "model.layers.{layer}.mlp.predictor.fc1.weight",
+    "turbosparsemixtral": "model.layers.{layer}.block_sparse_moe.experts.{expert}.predictor.fc1.weight",
+}
+
+
+def predictor_ranks(config, tensors: dict[str, TensorInfo]) -> list[int] | list[list[int]] | None:
+    """Each layer's predictor rank (a mixture of experts': a list per layer of each expert's) from
+    the rows of its fc1 in `tensors` (read_headers), 0 where one has none; None where none has."""
+    name = PREDICTOR_FC1[config.model_type]
+
+    def rank(layer: int, expert: int | None = None) -> int:
+        fc1 = tensors.get(name.format(layer=layer, expert=expert))
+        return fc1.shape[0] if fc1 is not None else 0
+
+    layers = range(config.num_hidden_layers)
+    if "{expert}" not in name:
+        per_layer = [rank(i) for i in layers]
+        return per_layer if any(per_layer) else None
+    per_expert = [[rank(i, e) for e in range(config.num_local_experts)] for i in layers]
+    return per_expert if any(map(any, per_expert)) else None

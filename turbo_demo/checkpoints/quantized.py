@@ -46,6 +46,7 @@ from turbo_demo.checkpoints import memory
 from turbo_demo.checkpoints.config import auto_dtype, check_model_dir, load_config
 from turbo_demo.checkpoints.headers import safetensors_files
 from turbo_demo.errors import UserError
+from turbo_demo.models import register_auto_classes
 from turbo_demo.runtime.moe import moe_shape
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
 from turbo_demo.runtime.quant import (
@@ -98,6 +99,7 @@ def stored_quant(path: Path) -> str | None:
 def stored_config(path: Path):
     """The source model's config, as `quantize` saved it."""
     base = dict(json.loads((path / "config.json").read_text())["turbo_demo_quantized"]["base_config"])
+    register_auto_classes()  # a bamboo or turbosparsemixtral source
     return AutoConfig.for_model(base.pop("model_type"), **base)
 
 

@@ -3,6 +3,8 @@
 import json
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from turbo_demo.errors import UserError
 
@@ -30,62 +32,125 @@ def decode_device(name: str):
     return device
 
 
+@dataclass(frozen=True)
+class Request:
+    """What one call decodes: the prompt as rendered and encoded, and the sampling, each as
+    given on the command line or else as the model's generation config says."""
+
+    prompt_ids: list[int]
+    rendered: str
+    chat: bool
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What the call produced: each step's statistics, the new ids, their text, and the seconds
+    from the call's start to its first new token."""
+
+    steps: list
+    ids: list[int]
+    text: str
+    first_token_s: float | None  # None: no new token
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.ids) / sum(s.time_s for s in self.steps)
+
+
 def generate(args) -> None:
     """`python -m turbo_demo generate`: stream a model's text in one mode, or print --json."""
-    from pathlib import Path
-
-    from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
-    from turbo_demo.checkpoints.config import DTYPES, dtype_name
-    from turbo_demo.checkpoints.generation import encode_prompt, read_generation
-    from turbo_demo.runtime import load_kernels, open_runtime, pack
+    from turbo_demo.checkpoints.checkpoint import load_tokenizer
+    from turbo_demo.checkpoints.config import dtype_name
+    from turbo_demo.checkpoints.generation import read_generation
+    from turbo_demo.runtime import load_kernels, open_runtime
     from turbo_demo.runtime.kernels import cpp
 
     options = mode_options(args)
     device = decode_device(args.device)
     kernels = load_kernels(args.backend, cpp.announce_build, device.type)
-    from turbo_demo.checkpoints.quantized import load_quantized, stored_quant
-
-    quant = getattr(args, "quant", None) or stored_quant(Path(args.model_dir))
-    if quant is not None:  # streamed from the safetensors into blocks, or a `quantize` checkpoint
-        if device.type != "cpu":
-            raise UserError("--quant decodes on the CPU: drop --device")
-        if args.predictors:
-            raise UserError("PowerInfer predictors attach to float weights: drop --quant or --predictors")
-        packed = load_quantized(args.model_dir, quant, DTYPES.get(args.dtype))
-        model = packed.model
-    else:
-        model = load_model(args.model_dir, DTYPES.get(args.dtype), predictors=args.predictors).to(device)
-        packed = pack(model)
+    packed, quant = load_packed(args, device)
     tokenizer = load_tokenizer(args.model_dir)
-    generation = read_generation(Path(args.model_dir), model.config, tokenizer)
+    generation = read_generation(Path(args.model_dir), packed.model.config, tokenizer)
     chat = generation.chat if args.chat is None else args.chat
     if chat and not generation.chat:
         raise UserError(f"{args.model_dir}'s tokenizer has no chat template: drop --chat")
     if args.mode == "threshold" and args.sparsity is not None:  # per-layer, on the calibration text
         from turbo_demo.runtime.calibration import threshold_options
 
-        options = threshold_options(packed, tokenizer, args.sparsity, model.config.max_position_embeddings)
+        options = threshold_options(packed, tokenizer, args.sparsity, packed.model.config.max_position_embeddings)
     runtime = open_runtime(packed, args.mode, kernels, options)
-    prompt_ids, rendered = encode_prompt(tokenizer, args.prompt, args.system or "", chat)
-    if not prompt_ids:
-        raise UserError("empty prompt: give some text with --prompt")
-    temperature = generation.temperature if args.temperature is None else args.temperature
-    top_p = generation.top_p if args.top_p is None else args.top_p
-    max_new = args.max_new_tokens or min(generation.max_new_tokens or 64, 256)
+    request = encode_request(args, tokenizer, generation, chat)
     if not args.json:
         for note in generation.notes if args.temperature is None else ():
             print(f"note: {note}: greedy decoding is used instead", file=sys.stderr)
         if args.show_prompt:
-            print(rendered, file=sys.stderr)
+            print(request.rendered, file=sys.stderr)
     runtime.warm_up()  # untimed, before the first token's clock starts
+    decoded = stream(runtime, tokenizer, generation, request, args)
+    facts = {
+        "model": args.model_dir,
+        "mode": args.mode,
+        "engine": runtime.engine,
+        "backend": kernels.name,
+        "device": str(device),
+        "dtype": dtype_name(packed.model.dtype),
+        "quant": quant,
+    }
+    if args.json:
+        print(json.dumps(as_json(facts, args.prompt, generation, request, runtime, decoded)))
+    else:
+        print(summary(facts, runtime.prefill_s, decoded), file=sys.stderr)
+
+
+def load_packed(args, device):
+    """(the runtime's pack of --model-dir, its block format or None): quantized at load with
+    --quant or as a `quantize` checkpoint stores it (on the CPU), else float on `device`."""
+    from turbo_demo.checkpoints.checkpoint import load_model
+    from turbo_demo.checkpoints.config import DTYPES
+    from turbo_demo.checkpoints.quantized import load_quantized, stored_quant
+    from turbo_demo.runtime import pack
+
+    quant = getattr(args, "quant", None) or stored_quant(Path(args.model_dir))
+    if quant is None:
+        return pack(load_model(args.model_dir, DTYPES.get(args.dtype), predictors=args.predictors).to(device)), None
+    # streamed from the safetensors into blocks, or a `quantize` checkpoint's
+    if device.type != "cpu":
+        raise UserError("--quant decodes on the CPU: drop --device")
+    if args.predictors:
+        raise UserError("PowerInfer predictors attach to float weights: drop --quant or --predictors")
+    return load_quantized(args.model_dir, quant, DTYPES.get(args.dtype)), quant
+
+
+def encode_request(args, tokenizer, generation, chat: bool) -> Request:
+    """--prompt (and --system) rendered and encoded, with the sampling; a UserError if empty."""
+    from turbo_demo.checkpoints.generation import encode_prompt
+
+    prompt_ids, rendered = encode_prompt(tokenizer, args.prompt, args.system or "", chat)
+    if not prompt_ids:
+        raise UserError("empty prompt: give some text with --prompt")
+    return Request(
+        prompt_ids,
+        rendered,
+        chat,
+        temperature=generation.temperature if args.temperature is None else args.temperature,
+        top_p=generation.top_p if args.top_p is None else args.top_p,
+        max_new_tokens=args.max_new_tokens or min(generation.max_new_tokens or 64, 256),
+    )
+
+
+def stream(runtime, tokenizer, generation, request: Request, args) -> Decoded:
+    """Decode the request on the warm runtime, printing the text as it grows unless --json."""
+    from turbo_demo.runtime.decoder import Sampling
+
     steps, ids, shown = [], [], ""
     start, first_token_s = time.perf_counter(), None
     for stats in runtime.generate(
-        prompt_ids,
-        max_new,
-        temperature,
-        top_p,
-        args.seed,
+        request.prompt_ids,
+        request.max_new_tokens,
+        Sampling(request.temperature, request.top_p, args.seed),
         stop_ids=generation.stop_ids,
         vocab=generation.vocab,
         audit=args.audit,
@@ -97,42 +162,36 @@ def generate(args) -> None:
         if not args.json:
             print(text[len(shown) :], end="", flush=True)
         shown = text
-    seconds = sum(s.time_s for s in steps)
-    if not args.json:
-        print(
-            f"\n[{len(ids)} tokens, {len(ids) / seconds:.1f} tokens/s, first token {first_token_s:.2f} s "
-            f"(prefill {runtime.prefill_s:.2f} s), mode {args.mode}, "
-            f"engine {runtime.engine}, {kernels.name} kernels, {dtype_name(model.dtype)}"
-            f"{f', {quant} weights' if quant else ''}]",
-            file=sys.stderr,
-        )
-        return
-    print(
-        json.dumps(
-            {
-                "model": args.model_dir,
-                "mode": args.mode,
-                "engine": runtime.engine,
-                "backend": kernels.name,
-                "device": str(device),
-                "dtype": dtype_name(model.dtype),
-                "quant": quant,
-                "prompt": args.prompt,
-                "chat": chat,
-                "rendered_prompt": rendered,
-                "temperature": temperature,
-                "top_p": top_p,
-                "notes": list(generation.notes),
-                "prompt_ids": prompt_ids,
-                "token_ids": ids,
-                "text": shown,
-                "tokens_per_s": len(ids) / seconds,
-                # the prompt but its last token, and the call's start to its first new token
-                "prefill_s": runtime.prefill_s,
-                "first_token_s": first_token_s,
-                "warm_up_s": runtime.warm_up_s,
-                "steps": [s.to_dict() for s in steps],
-                "firing_counts": runtime.firing_counts(),
-            }
-        )
+    return Decoded(steps, ids, shown, first_token_s)
+
+
+def summary(facts: dict, prefill_s: float, decoded: Decoded) -> str:
+    """The line on stderr after the streamed text."""
+    quant = f", {facts['quant']} weights" if facts["quant"] else ""
+    return (
+        f"\n[{len(decoded.ids)} tokens, {decoded.tokens_per_s:.1f} tokens/s, first token {decoded.first_token_s:.2f} s "
+        f"(prefill {prefill_s:.2f} s), mode {facts['mode']}, "
+        f"engine {facts['engine']}, {facts['backend']} kernels, {facts['dtype']}{quant}]"
     )
+
+
+def as_json(facts: dict, prompt: str, generation, request: Request, runtime, decoded: Decoded) -> dict:
+    """--json's object: the run's facts, the request, the text and every step's statistics."""
+    return facts | {
+        "prompt": prompt,
+        "chat": request.chat,
+        "rendered_prompt": request.rendered,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "notes": list(generation.notes),
+        "prompt_ids": request.prompt_ids,
+        "token_ids": decoded.ids,
+        "text": decoded.text,
+        "tokens_per_s": decoded.tokens_per_s,
+        # the prompt but its last token, and the call's start to its first new token
+        "prefill_s": runtime.prefill_s,
+        "first_token_s": decoded.first_token_s,
+        "warm_up_s": runtime.warm_up_s,
+        "steps": [s.to_dict() for s in decoded.steps],
+        "firing_counts": runtime.firing_counts(),
+    }

@@ -11,9 +11,10 @@ forward hook on the experts recomputes each chosen expert's gate, up and h from 
 the same formulas, hands them to fn, and (only where fn replaces an h) returns the output
 rebuilt from them.
 Hooks live only inside the context managers below, which always remove them. A model's
-modules are shared (the app's sessions use one loaded copy), so each context holds HOOKS, one
-re-entrant lock, while its hooks are on: no thread's forward runs under another's hooks. A
-hook-free forward that must not (a baseline before pruning) holds it too.
+modules are shared (the app's sessions use one loaded copy), so each context holds the model's
+own re-entrant lock, `hook_lock(model)`, while its hooks are on: no thread's forward runs under
+another's hooks on that model, and two models never wait for each other. A hook-free forward
+that must not run under another thread's hooks (a baseline before pruning) holds it too.
 """
 
 import threading
@@ -26,7 +27,26 @@ from torch import nn
 
 from turbo_demo.errors import UserError
 
-HOOKS = threading.RLock()  # re-entrant: the histograms nest both contexts in one thread
+
+class HookLock:
+    """A model's lock for its hooks, re-entrant: the histograms nest both contexts in one thread.
+
+    A copy of the model (runtime/hf.py's twin: a module tree of its own, sharing the tensors) gets a
+    new one, since hooks on the copy's modules never reach the model's; a lock cannot be copied.
+    """
+
+    def __init__(self):
+        self.lock = threading.RLock()
+
+    def __deepcopy__(self, memo) -> "HookLock":
+        return HookLock()
+
+
+def hook_lock(model: nn.Module) -> threading.RLock:
+    """The lock that gives turns to the hooks on `model` (and to hook-free forwards that must not
+    run under another thread's hooks): the model's own, made on first use. dict.setdefault is one
+    atomic step, so two threads asking at once get the same lock."""
+    return model.__dict__.setdefault("hook_lock", HookLock()).lock
 
 
 def ffn_modules(model: nn.Module) -> list[nn.Module]:
@@ -148,7 +168,7 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
 
     If fn returns a tensor, it replaces h as the input of down_proj (used for top-k pruning).
     """
-    with HOOKS:
+    with hook_lock(model):
         fused = fused_experts(model)
         if fused is not None:
             handles = [experts.register_forward_hook(_fused_hook(i, fn)) for i, experts in enumerate(fused)]
@@ -164,7 +184,7 @@ def on_ffn_activation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.
 @contextmanager
 def on_gate_up(model: nn.Module, fn: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
     """Call fn(layer, "gate" | "up", pre_activation) with gate_proj(x) and up_proj(x) outputs."""
-    with HOOKS:
+    with hook_lock(model):
         fused = fused_experts(model)
         if fused is not None:
             handles = [e.register_forward_hook(_fused_gate_up_hook(i, fn)) for i, e in enumerate(fused)]

@@ -70,17 +70,6 @@ class TurboSparseMixtralConfig(MixtralConfig):
         return t if isinstance(t, (int, float)) else t[layer][expert]
 
 
-def expert_ranks(config: TurboSparseMixtralConfig, tensors) -> list[list[int]] | None:
-    """Every expert's predictor rank (0: none) from the checkpoint's tensor shapes (`tensors`:
-    name -> TensorInfo, headers.read_headers), as published names them; None without any."""
-    name = "model.layers.{}.block_sparse_moe.experts.{}.predictor.fc1.weight"
-    ranks = [
-        [tensors[n].shape[0] if (n := name.format(i, e)) in tensors else 0 for e in range(config.num_local_experts)]
-        for i in range(config.num_hidden_layers)
-    ]
-    return ranks if any(map(any, ranks)) else None
-
-
 class TurboSparseMixtralExpert(nn.Module):
     """One dReLU expert, (..., H) -> (..., H): w2(m * act(w1 x) * act(w3 x)), act = relu as
     published, m its predictor's mask [fc2(relu(fc1 x)) > threshold] (all ones without one)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.errors import UserError
-from turbo_demo.models.hooks import HOOKS, on_ffn_activation
+from turbo_demo.models.hooks import hook_lock, on_ffn_activation
 from turbo_demo.offline import corpus
 from turbo_demo.offline.moe_eval import counting_routes, masked_experts, moe_summary, unmasked
 from turbo_demo.runtime.moe import is_moe
@@ -86,7 +86,7 @@ def text_sweep(model, tokenizer, text: str, max_tokens: int = TEXT_SWEEP_TOKENS)
         raise UserError("the text gives fewer than 2 tokens: nothing to score")
     tokens = torch.tensor(ids, dtype=torch.int32)
     seq_len = len(ids) - 1
-    with HOOKS:  # the unpruned baseline: no other thread's pruning hooks meanwhile
+    with hook_lock(model):  # the unpruned baseline: no other thread's pruning hooks meanwhile
         loss, n = mean_loss(model, tokens, seq_len, seq_len, batch_size=1)
     return {**sweep(model, tokens, seq_len, seq_len, loss), "tokens": n}
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from turbo_demo.models.bamboo import BambooPredictor
-from turbo_demo.models.hooks import HOOKS, part
+from turbo_demo.models.hooks import hook_lock, part
 from turbo_demo.offline import corpus
 from turbo_demo.offline.fitting import SEQ_LEN, calibrate, hook_input, save_weights_in_place, train_layer
 from turbo_demo.offline.moe_eval import masked_experts
@@ -37,7 +37,7 @@ def collect_experts(model, tokens: torch.Tensor, n_tokens: int):
     first n_tokens tokens; n_e is how many of them the router sent to that expert."""
     xs: dict[tuple[int, int], list] = {}
     labels: dict[tuple[int, int], list] = {}
-    with HOOKS, ExitStack() as stack:
+    with hook_lock(model), ExitStack() as stack:
         for i, group in enumerate(experts_of(model)):
             for e, expert in enumerate(group):
                 stack.enter_context(hook_input(expert, lambda x, k=(i, e): xs.setdefault(k, []).append(x.float())))

@@ -28,16 +28,20 @@ import torch
 
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer
 from turbo_demo.checkpoints.quantized import load_quantized
+from turbo_demo.choices import modes_for
 from turbo_demo.offline.evaluate import eval_tokens
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels, load_kernels
 from turbo_demo.runtime.packing import ffn_parts
+from turbo_demo.runtime.stats import share
 
 
 def modes_of(packed) -> list[str]:
-    """The modes the model runs in: dense, and exact / predictor where it can."""
-    w = ffn_parts(packed.ffns)[0]  # a MoE layer's: its first expert's
-    return ["dense"] + (["exact"] if w.act == "relu" else []) + (["predictor"] if w.fc1 is not None else [])
+    """The modes measured here: those the model supports (choices.modes_for) but threshold, which
+    has no threshold to compare at until one is given or calibrated."""
+    # predictors its config may not declare: a PowerInfer folder's, attached at load
+    attached = ffn_parts(packed.ffns)[0].fc1 is not None  # a MoE layer's: its first expert's
+    return [m for m in modes_for(packed.model.config, attached) if m != "threshold"]
 
 
 @torch.inference_mode()
@@ -56,7 +60,7 @@ def teacher_forced(packed, mode: str, tokens: torch.Tensor, window: int, kernels
             computed += sum(r.computed for r in records)
             active += sum(r.active for r in records)
             for m, r in zip(runtime.modes, records):
-                value = m.recall(r)
+                value = share(m.recall(r))  # a MoE layer's: over its chosen experts
                 if value is not None:
                     recall, recalls = recall + value, recalls + 1
     return {

@@ -7,19 +7,21 @@ fall under it on text like it. Threshold mode then computes up and down only whe
 with s and quality falls; a dReLU gate is zero for most neurons, so t_l stays 0 up to its
 natural sparsity.
 
-The thresholds are kept on the pack (PackedModel.calibrated) per sparsity, and freed with it.
+The calibration is threshold mode's own on a prompt (ThresholdMode.calibrated, in its prefill at
+a target sparsity), on the calibration text; the thresholds are kept on the pack
+(PackedModel.calibrated) per sparsity, and freed with it.
 """
 
 import torch
 
 from turbo_demo.paths import ASSETS
+from turbo_demo.runtime.decoder import Thresholds
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import ThresholdOptions
 from turbo_demo.runtime.packing import PackedModel
 
 CALIBRATION_TEXT = ASSETS / "calibration.txt"
 CALIBRATION_TOKENS = 384
-Thresholds = list[float | list[float]]  # per layer; a MoE layer's: one per expert
 
 
 def calibration_ids(tokenizer, context: int) -> list[int]:
@@ -29,17 +31,14 @@ def calibration_ids(tokenizer, context: int) -> list[int]:
 
 
 def calibrate(packed: PackedModel, ids: list[int], sparsity: float, kernels: Kernels | None = None) -> Thresholds:
-    """t_l per layer: a threshold-mode run at the target sparsity calibrates each layer on the
-    prefill of ids (ThresholdMode.prefill); the calibration is what it leaves behind. A MoE
-    layer's experts calibrate each on the tokens routed to it (one that got none keeps 0)."""
+    """t_l per layer: the thresholds a threshold-mode runtime at the target sparsity calibrates
+    on the prefill of ids (Decoder.thresholds). A MoE layer's experts calibrate each on the
+    tokens routed to it (one that got none: 0)."""
     from turbo_demo.runtime import open_runtime  # the engines import this package's modules
 
     runtime = open_runtime(packed, "threshold", kernels, ThresholdOptions(sparsity=sparsity))
     runtime.prefill(torch.tensor(ids))
-    return [
-        [float(e.threshold) for e in m.experts] if hasattr(m, "experts") else float(m.threshold)  # type: ignore[attr-defined]
-        for m in runtime.modes
-    ]
+    return runtime.thresholds()
 
 
 def threshold_options(packed: PackedModel, tokenizer, sparsity: float, context: int) -> list:

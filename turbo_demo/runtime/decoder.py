@@ -2,25 +2,30 @@
 
     sample(kernels, logits, ...) -> token   greedy, or temperature + top-p at one seeded uniform
     Decoder.warm_up(steps)                   untimed prefill + decode steps on a throwaway prompt
-    Decoder.generate(...)                    yields one StepStats per new token
+    Decoder.generate(prompt, n, Sampling())  yields one StepStats per new token
 
 An engine gives `prefill(ids) -> logits`, `decode(token) -> (logits, records)` (one LayerRecord
-per layer), `reset()`, and its per-layer modes; the runtime owns the firing counts (L, I).
+per layer), `reset()`, and its per-layer modes; the runtime owns the firing counts (L, I) and
+starts each sequence's modes afresh (`new_sequence`: threshold mode's threshold, which a prefill
+may calibrate on its prompt, is per sequence).
 """
 
 import statistics
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from threading import Event
 
 import torch
 
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
-from turbo_demo.runtime.modes import Mode, make_modes, mode_options
+from turbo_demo.runtime.modes import Mode, ThresholdMode, make_modes, mode_options
 from turbo_demo.runtime.packing import PackedModel
 from turbo_demo.runtime.stats import LayerRecord, StepStats, neuron_codes
+
+Thresholds = list[float | list[float]]  # per layer; a MoE layer's: one per expert
 
 # Untimed decode steps before a runtime's first timed one: the first calls of a runtime's
 # kernels (OpenMP's thread pool, oneDNN's GEMMs in prefill, the allocator's first blocks, the
@@ -33,6 +38,16 @@ WARM_UP_PROMPT = 8  # tokens of the throwaway prompt (ids 0..7)
 # such a step runs on every core (kernels.prefill_threads). Shorter steps keep the caller's
 # threads, which a server keeps below its core count (app.py).
 LONG_STEP_S = 0.02
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a generation chooses its tokens: greedy at temperature <= 0, else nucleus sampling
+    (`sample`) from a CPU generator seeded with `seed`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 def sample(kernels: Kernels, logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -107,6 +122,27 @@ class Decoder:
         """The threads its decode steps run on."""
         return self.decode_threads or torch.get_num_threads()
 
+    def new_sequence(self) -> None:
+        """Before a sequence's prefill: threshold mode's threshold back to the given one
+        (ThresholdMode.reset), so that no sequence decodes with one calibrated on another's
+        prompt (a one-token prompt has no prefill; a MoE expert may get none of a prompt's tokens)."""
+        for mode in self.modes:
+            for leaf in getattr(mode, "experts", (mode,)):  # a MoE layer's modes: its experts'
+                if isinstance(leaf, ThresholdMode):
+                    leaf.reset()
+
+    def thresholds(self) -> Thresholds:
+        """Threshold mode's threshold in each layer for the current sequence: the given one, or
+        with a target sparsity the one the prefill calibrated on the prompt (a MoE layer's: one per
+        expert; an expert none of the prompt's tokens reached keeps the given one)."""
+
+        def of(mode) -> float:
+            if not isinstance(mode, ThresholdMode):
+                raise UserError(f"{self.mode} mode has no activation threshold")
+            return mode.threshold
+
+        return [[of(e) for e in mode.experts] if hasattr(mode, "experts") else of(mode) for mode in self.modes]
+
     def firing_counts(self) -> list[list[int]]:
         """Per layer and neuron: in how many decode steps of the last generation the neuron fired
         (h != 0 among the neurons its mode computed)."""
@@ -114,14 +150,11 @@ class Decoder:
 
     def warm_up(self, steps: int = WARM_UP_STEPS) -> None:
         """Prefill a throwaway prompt and run `steps` decode steps and samples (greedy and
-        nucleus), untimed, so that no timed step pays a first call. The modes' own state (a
-        threshold calibrated on a prefill) is restored, the firing counts zeroed: the next
-        generation starts as if this never ran. Its time is kept in `warm_up_s`, and its steps'
-        median time chooses `decode_threads` (LONG_STEP_S)."""
+        nucleus), untimed, so that no timed step pays a first call. Then the firing counts are
+        zeroed, the cache reset and the modes started afresh (`new_sequence`): the next generation
+        runs as if this never had. Its time is kept in `warm_up_s`, and its steps' median time
+        chooses `decode_threads` (LONG_STEP_S)."""
         start = time.perf_counter()
-        # a MoE layer's state is in its experts' modes
-        leaves = [m for mode in self.modes for m in getattr(mode, "experts", (mode,))]
-        saved = [dict(vars(mode)) for mode in leaves]
         vocab = self.packed.model.config.vocab_size
         ids = [i % vocab for i in range(min(WARM_UP_PROMPT, max(1, self.max_len - steps - 1)))]
         gen = torch.Generator().manual_seed(0)
@@ -140,10 +173,9 @@ class Decoder:
         if step_s and every_core and every_core > torch.get_num_threads():
             # the first step pays first calls: the later ones decide
             self.decode_threads = every_core if statistics.median(step_s[1:] or step_s) >= LONG_STEP_S else None
-        for mode, state in zip(leaves, saved):
-            vars(mode).update(state)
         self.firing.zero_()
         self.reset()
+        self.new_sequence()
         self.warm = True
         self.warm_up_s = time.perf_counter() - start
 
@@ -151,9 +183,7 @@ class Decoder:
         self,
         prompt_ids: list[int],
         max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        sampling: Sampling = Sampling(),
         stop: Event | None = None,
         stop_ids: Collection[int] = (),
         vocab: int | None = None,
@@ -161,7 +191,8 @@ class Decoder:
         warm_up: int = WARM_UP_STEPS,
         codes: bool = False,
     ) -> Iterator[StepStats]:
-        """Yield one StepStats per new token, until max_new_tokens, a token in stop_ids, or stop.
+        """Yield one StepStats per new token, until max_new_tokens, a token in stop_ids, or stop;
+        each token chosen as `sampling` says (greedy by default).
 
         vocab: only ids below it are ever sampled (logits[:vocab]): an embedding padded beyond
         the tokenizer's ids has rows no text decodes to (None: every row).
@@ -179,9 +210,10 @@ class Decoder:
             raise UserError("empty prompt: give at least one token")
         if warm_up and not self.warm:
             self.warm_up(warm_up)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(sampling.seed)
         max_new_tokens = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
         self.firing.zero_()
+        self.new_sequence()
         start = time.perf_counter()
         if len(prompt_ids) > 1:
             with torch_threads(self.kernels.prefill_threads):
@@ -196,12 +228,11 @@ class Decoder:
             start = time.perf_counter()
             with torch_threads(self.decode_threads):
                 logits, records = self.decode(token)
-                token = sample(self.kernels, logits[:vocab], temperature, top_p, gen)
+                token = sample(self.kernels, logits[:vocab], sampling.temperature, sampling.top_p, gen)
             elapsed = time.perf_counter() - start
             truly = [mode.truly_active(record) for mode, record in zip(self.modes, records)] if audit else None
-            for mode, record, active in zip(self.modes, records, truly or ()):
-                record.recall = mode.recall(record, active)
-            stats = StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes)
+            recalls = None if truly is None else [m.recall(r, t) for m, r, t in zip(self.modes, records, truly)]
+            stats = StepStats.from_records(step, token, elapsed, records, n, self.dense_ffn_bytes, recalls)
             if before is not None:  # the kernels add 1 to the count of every neuron that fired
                 stats.codes = neuron_codes(torch.ne(self.firing, before), records, truly)
             yield stats

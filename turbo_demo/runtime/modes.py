@@ -218,21 +218,33 @@ class PredictorMode(Mode):
 
 
 class ThresholdMode(Mode):
+    """`threshold` is per sequence: the given one from `reset` (the runtime's new_sequence), or
+    with a target sparsity the one a prefill calibrates on its prompt (`calibrated`)."""
+
     name = "threshold"
     options_class = ThresholdOptions
     can_miss = True
 
     def __init__(self, w: FFNWeights, kernels: Kernels, options: ThresholdOptions | None = None):
         super().__init__(w, kernels, options)
+        self.reset()
+
+    def reset(self) -> None:
+        """A new sequence: the given threshold (0 if none) until a prefill calibrates one."""
         self.threshold = self.options.threshold or 0.0
 
+    def calibrated(self, x: torch.Tensor, sparsity: float) -> float:
+        """The threshold that skips a share `sparsity` of x's (T, H) neurons: that quantile of
+        |act(W_gate x)| over its tokens and neurons (the first million values)."""
+        if sparsity <= 0:
+            return 0.0
+        a = self.act(self.kernels.linear(x, self.w.wg)).abs().flatten().float()
+        return float(torch.quantile(a[:1_000_000], sparsity))
+
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """Dense prefill; with a target sparsity, first calibrate the threshold on x (T, H): the
-        target quantile of |act(W_gate x)| over the prompt's tokens and neurons."""
-        target = self.options.sparsity
-        if target is not None:
-            a = self.act(self.kernels.linear(x, self.w.wg)).abs().flatten().float()
-            self.threshold = float(torch.quantile(a[:1_000_000], target)) if target > 0 else 0.0
+        """Dense prefill; with a target sparsity, first this sequence's threshold calibrated on x."""
+        if self.options.sparsity is not None:
+            self.threshold = self.calibrated(x, self.options.sparsity)
         return super().prefill(x, r)
 
     def step(self, x, r, add_to=None, counts=None):

@@ -30,7 +30,7 @@ from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import plus
 from turbo_demo.runtime.modes import Mode
-from turbo_demo.runtime.stats import LayerRecord
+from turbo_demo.runtime.stats import LayerRecord, MoERecall
 from turbo_demo.runtime.weights import FFNWeights, Quantizer, nbytes, neuron_major
 
 
@@ -143,17 +143,19 @@ class MoEMode:
             truly[e * n : (e + 1) * n] = self.experts[e].dense_h(x) != 0
         return truly
 
-    def recall(self, record: LayerRecord, truly: torch.Tensor | None = None) -> float | None:
+    def recall(self, record: LayerRecord, truly: torch.Tensor | None = None) -> MoERecall | None:
         """The layer's recall over all chosen experts' truly active neurons (`truly_active`,
-        computed if not given); each chosen expert's own recall goes into its part's record."""
+        computed if not given), and each chosen expert's own over its neurons."""
         truly = self.truly_active(record) if truly is None else truly
         if truly is None or record.choice is None:
             return None
         n = self.w.expert_n
+        experts = []
         for e, part in zip(record.experts or (), record.parts or ()):
             own, computed = truly[e * n : (e + 1) * n], part.choice[1]  # type: ignore[index]
-            part.recall = own.index_select(0, computed).sum().item() / max(1, int(own.sum()))
-        return truly.index_select(0, record.choice[1]).sum().item() / max(1, int(truly.sum()))
+            experts.append(own.index_select(0, computed).sum().item() / max(1, int(own.sum())))
+        share = truly.index_select(0, record.choice[1]).sum().item() / max(1, int(truly.sum()))
+        return MoERecall(share, experts)
 
 
 def is_moe(model) -> bool:

@@ -4,7 +4,8 @@ Per layer and step, an FFN mode records:
     computed   neurons whose up/down rows were read (the predicted or gate-active set)
     active     neurons with a non-zero combined activation h among those computed
     bytes      FFN weight bytes read (gate, up, down and the predictor; a MoE layer's router)
-and, where the step was audited against the dense FFN (predictor and threshold modes):
+and, where the step was audited against the dense FFN (predictor and threshold modes), the mode
+measures after the step (Mode.recall; a MoE layer's: MoERecall):
     recall     share of the truly active neurons (h != 0 in the dense FFN) that were computed
 Per neuron, over a generation, the runtime counts the steps in which it fired (h != 0 among the
 neurons its mode computed; Decoder.firing_counts), in the kernels' own loops: the hot and cold
@@ -16,6 +17,7 @@ On request (the app's token inspector), each step also says what every neuron di
     3  missed: active in the dense FFN but not computed (audited steps only)
 """
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -33,7 +35,6 @@ class LayerRecord:
     computed: int = 0
     active: int = 0
     bytes: int = 0
-    recall: float | None = None
     choice: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # a MoE layer (runtime/moe.py): the chosen experts (ascending), their routing weights, each
     # one's own record, and the bytes a dense MoE reads in this layer (router + chosen experts)
@@ -43,14 +44,33 @@ class LayerRecord:
     routed_bytes: int = 0
 
 
-def moe_fields(records: list[LayerRecord]) -> dict:
-    """StepStats' MoE fields from a MoE model's layer records ({} for dense FFNs)."""
+@dataclass(frozen=True)
+class MoERecall:
+    """An audited MoE layer's recall: `share` over all its chosen experts' neurons, and each
+    chosen expert's own, in its record's `experts` order."""
+
+    share: float
+    experts: list[float]
+
+
+Recall = float | MoERecall | None  # one layer's, as its mode's recall() measures it (None: unaudited)
+
+
+def share(recall: Recall) -> float | None:
+    """A layer's recall over all its neurons (a MoE layer's: over all its chosen experts')."""
+    return recall.share if isinstance(recall, MoERecall) else recall
+
+
+def moe_fields(records: list[LayerRecord], recalls: Sequence[Recall]) -> dict:
+    """StepStats' MoE fields from a MoE model's layer records and recalls ({} for dense FFNs)."""
     if not records or records[0].experts is None:
         return {}
     return dict(
         experts=[r.experts for r in records],
         expert_weights=[r.weights for r in records],
-        expert_recall=[[p.recall for p in r.parts or ()] for r in records],
+        expert_recall=[
+            c.experts if isinstance(c, MoERecall) else [None] * len(r.parts or ()) for r, c in zip(records, recalls)
+        ],
         ffn_bytes_routed=sum(r.routed_bytes for r in records),
     )
 
@@ -79,9 +99,22 @@ class StepStats:
     codes: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def from_records(cls, step, token, time_s, records: list[LayerRecord], intermediate_size, dense_bytes):
+    def from_records(
+        cls,
+        step,
+        token,
+        time_s,
+        records: list[LayerRecord],
+        intermediate_size,
+        dense_bytes,
+        recalls: Sequence[Recall] | None = None,
+    ) -> "StepStats":
+        """The step's statistics from its layer records and, where it was audited, each layer's
+        recall (recalls: one per layer; None: not audited). `recall` is set only where every
+        layer has one."""
         n = intermediate_size
-        recalls = [r.recall for r in records if r.recall is not None]
+        recalls = [None] * len(records) if recalls is None else recalls
+        audited = [s for s in map(share, recalls) if s is not None]
         return cls(
             step=step,
             token=token,
@@ -90,10 +123,10 @@ class StepStats:
             active_share=[r.active / n for r in records],
             computed_share=[r.computed / n for r in records],
             false_positive_share=[(r.computed - r.active) / max(1, r.computed) for r in records],
-            recall=recalls if len(recalls) == len(records) else None,
+            recall=audited if len(audited) == len(records) else None,
             ffn_bytes=sum(r.bytes for r in records),
             ffn_bytes_dense=dense_bytes,
-            **moe_fields(records),
+            **moe_fields(records, recalls),
         )
 
     @property

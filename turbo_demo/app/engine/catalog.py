@@ -27,6 +27,7 @@ from turbo_demo.checkpoints.hub import fetch, is_hub_id
 from turbo_demo.checkpoints.memory import BUDGET_ENV, Estimate, check_fits, default_budget, estimate
 from turbo_demo.checkpoints.powerinfer import predictor_folder
 from turbo_demo.checkpoints.quantized import check_quant, load_quantized, stored_config, stored_quant
+from turbo_demo.choices import modes_for
 from turbo_demo.errors import UserError
 from turbo_demo.paths import DENSE_MODEL, DRELU_MODEL, MODELS_DIR, MOE_DENSE_MODEL, MOE_DRELU_MODEL, RELUFIED_MODEL
 from turbo_demo.runtime.packing import PackedModel, pack
@@ -67,19 +68,6 @@ def is_dir(path: Path) -> bool:
         return path.is_dir()
     except OSError:  # a name too long, a directory we may not enter: check_model_dir says which
         return False
-
-
-def modes_for(config, predictor_folder: bool = False) -> list[str]:
-    """The backend modes a model supports: exact needs a ReLU gate, predictor trained predictors
-    (its own, or a PowerInfer `predictor_folder` that loading attaches)."""
-    modes = ["dense"]
-    if getattr(config, "hidden_act", None) == "relu":
-        modes.append("exact")
-    if getattr(config, "predictor_rank", None) or predictor_folder:
-        modes.append("predictor")
-    if hasattr(config, "intermediate_size"):
-        modes.append("threshold")
-    return modes
 
 
 def embedded_names() -> list[str]:

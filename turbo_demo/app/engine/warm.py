@@ -18,8 +18,9 @@ import time
 from threading import Event
 
 from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore
-from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary, run_compare
+from turbo_demo.app.engine.compare import Settings, last_round, run_compare
 from turbo_demo.app.engine.prompts import API_PROMPT, EXAMPLES
+from turbo_demo.app.engine.sides import SideRequest, compare_summary
 from turbo_demo.models.activations import activation_histograms
 from turbo_demo.runtime import Kernels
 
@@ -35,13 +36,11 @@ def warm_up(
 ) -> list[str]:
     """Run the page's default compare once, `tokens` long, and the activation forward; return
     each side's error (empty where it warmed), so that the caller can say what did not."""
-    sides = SideRecord(*left), SideRecord(*right)
-    settings = Settings(max_new_tokens=tokens)
-    for _ in run_compare(store, *sides, EXAMPLES[0], settings, Event(), kernels):
-        pass
+    asked, settings = (SideRequest(*left), SideRequest(*right)), Settings(max_new_tokens=tokens)
+    sides = last_round(run_compare(store, *asked, EXAMPLES[0], settings, Event(), kernels))
     for rec in sides:
         if not rec.error and rec.token_ids:
-            activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
+            activation_histograms(store.get(rec.model).model, rec.ids)
     return [rec.error for rec in sides]
 
 
@@ -51,11 +50,10 @@ def time_compare(path: str, quant: str | None, kernels: Kernels, tokens: int = W
     its wall seconds, the sides' own prefill and decode steps' seconds, and the rest (`engine_s`:
     statistics, the recall audit, neuron maps, detokenizing, alternating the sides)."""
     store, settings = ModelStore(), Settings(max_new_tokens=tokens, temperature=0.0)
+    dense, predictor = SideRequest(path, "dense", quant), SideRequest(path, "predictor", quant)
     for _ in range(2):
-        sides = SideRecord(path, "dense", quant=quant), SideRecord(path, "predictor", quant=quant)
         start = time.perf_counter()
-        for _ in run_compare(store, *sides, EXAMPLES[0], settings, Event(), kernels):
-            pass
+        sides = last_round(run_compare(store, dense, predictor, EXAMPLES[0], settings, Event(), kernels))
         wall = time.perf_counter() - start
     own = sum((rec.prefill_s or 0.0) + sum(s.time_s for s in rec.steps) for rec in sides)
     return {
@@ -73,9 +71,8 @@ def default_compares(kernels: Kernels, runs: int = 4) -> list[dict]:
     store = ModelStore()
     warm_up(store, kernels)
     summaries = []
+    left, right = SideRequest(*DEFAULT_LEFT), SideRequest(*DEFAULT_RIGHT)
     for _ in range(runs):
-        left, right = SideRecord(*DEFAULT_LEFT), SideRecord(*DEFAULT_RIGHT)
-        for _ in run_compare(store, left, right, API_PROMPT, Settings(64, 0.0, 1.0, 0), Event(), kernels):
-            pass
-        summaries.append(compare_summary(left, right))
+        sides = last_round(run_compare(store, left, right, API_PROMPT, Settings(64, 0.0, 1.0, 0), Event(), kernels))
+        summaries.append(compare_summary(*sides))
     return summaries

@@ -6,9 +6,10 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from turbo_demo.app.engine.compare import MAX_SPARSITY, Settings, SideRecord
+from turbo_demo.app.engine.compare import MAX_SPARSITY, Settings
 from turbo_demo.app.engine.prompts import EXAMPLES
 from turbo_demo.app.engine.public import MAX_NEW_TOKENS, Policy
+from turbo_demo.app.engine.sides import SideRequest
 from turbo_demo.app.ui.menus import AS_STORED, QUANT_CHOICES, mode_choices, mode_help, quant_of, settled_mode
 from turbo_demo.app.views.compare import CompareView
 
@@ -173,14 +174,14 @@ def run_inputs(tab: CompareTab) -> set:
     return {tab.prompt, *panes, *settings}
 
 
-def read_run(tab: CompareTab, values: dict, policy: Policy) -> tuple[str, SideRecord, SideRecord, Settings]:
+def read_run(tab: CompareTab, values: dict, policy: Policy) -> tuple[str, SideRequest, SideRequest, Settings]:
     """A Generate click's (prompt, left, right, settings) from `values` (run_inputs' components):
     each side's mode settled as its menu settles it; a UserError for what the policy refuses."""
     sides = []
     for pane in (tab.left, tab.right):
         name = values[pane.model]
         mode = settled_mode(mode_choices(name, policy.allowed)[0], values[pane.mode], pane.default_mode)
-        sides.append(SideRecord(name, mode, quant=quant_of(values[pane.quant])))
+        sides.append(SideRequest(name, mode, quant_of(values[pane.quant])))
     settings = Settings(values[tab.max_new], values[tab.temperature], values[tab.top_p], values[tab.seed])
     settings = replace(settings, chat=values[tab.chat], system=values[tab.system], sparsity=values[tab.sparsity])
     policy.check_prompt(values[tab.prompt])

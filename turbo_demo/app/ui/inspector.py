@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from turbo_demo.app.engine.compare import SideRecord
 from turbo_demo.app.engine.public import MAX_NEW_TOKENS
+from turbo_demo.app.engine.sides import SideSnapshot
 from turbo_demo.app.plots import inspector as plots_inspector
 from turbo_demo.app.ui.texts import INSPECT
 from turbo_demo.app.views import inspector
@@ -55,7 +55,7 @@ def inspector_tab(session: gr.State) -> InspectorTab:
     return InspectorTab(left, right, step, maps)
 
 
-def show_inspect(tab: InspectorTab, left_rec: SideRecord, right_rec: SideRecord, state: dict) -> dict:
+def show_inspect(tab: InspectorTab, left_rec: SideSnapshot, right_rec: SideSnapshot, state: dict) -> dict:
     """A finished run on the tab; the run's maps are kept in the session's state for the slider."""
     kept = state["inspect"] = inspector.keep(left_rec, right_rec)
     steps = max(2, inspector.steps_of(kept))  # a slider needs min < max

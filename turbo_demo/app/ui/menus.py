@@ -20,7 +20,7 @@ QUANT_CHOICES = [
 
 
 def quant_of(value) -> str | None:
-    """A side's weights menu value as SideRecord.quant: None for the weights as stored."""
+    """A side's weights menu value as SideRequest.quant: None for the weights as stored."""
     return None if value in (AS_STORED, None, "") else str(value)  # the store refuses others
 
 

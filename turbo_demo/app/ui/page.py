@@ -12,8 +12,9 @@ from threading import Event
 import gradio as gr
 
 from turbo_demo.app.engine.catalog import DEFAULT_LEFT, DEFAULT_RIGHT, ModelStore, embedded_names
-from turbo_demo.app.engine.compare import SideRecord, run_compare
+from turbo_demo.app.engine.compare import Settings, run_compare
 from turbo_demo.app.engine.public import LOCAL, Policy, RunQueue, client_of
+from turbo_demo.app.engine.sides import SideSnapshot
 from turbo_demo.app.ui import api as page_api
 from turbo_demo.app.ui import inspector as page_inspector
 from turbo_demo.app.ui import talk as page_talk
@@ -52,7 +53,7 @@ class Page:
     @property
     def outputs(self) -> list:
         """Every component a run updates."""
-        empty = views.compare_view(SideRecord("", ""), SideRecord("", ""))
+        empty = views.compare_view(SideSnapshot("", ""), SideSnapshot("", ""))
         n = self.neurons
         return [
             *show_compare(self.compare, empty, ""), self.compare.download, self.compare.share,
@@ -92,19 +93,24 @@ class Page:
                 policy=self.policy,
             )
             last = 0.0
-            for _ in rounds:
+            # the page shows only what the engine yielded (the latest round's snapshots, values);
+            # before the first round, the sides as asked
+            sides = SideSnapshot.of(left), SideSnapshot.of(right)
+            for sides in rounds:
                 if time.monotonic() - last >= 1 / UPDATES_PER_SECOND:
                     last = time.monotonic()
-                    view = views.compare_view(left, right)
-                    yield {**show_compare(c, view, "Generating…"), **page_talk.show_talk(self.talk, left, right)}
+                    view = views.compare_view(*sides)
+                    yield {**show_compare(c, view, "Generating…"), **page_talk.show_talk(self.talk, *sides)}
         except UserError as exc:
             yield {c.run_status: f"⚠️ {exc}"}
             return
         finally:
             queue.leave(ticket)
-        yield self.finished(prompt, left, right, settings, state, "Stopped." if stop.is_set() else "Done.")
+        yield self.finished(prompt, *sides, settings, state, "Stopped." if stop.is_set() else "Done.")
 
-    def finished(self, prompt: str, left: SideRecord, right: SideRecord, settings, state: dict, done: str) -> dict:
+    def finished(
+        self, prompt: str, left: SideSnapshot, right: SideSnapshot, settings: Settings, state: dict, done: str
+    ) -> dict:
         """A run's final update of every tab, in one update: with the talk view in a second yield
         right after this one, the download button stayed hidden in about half of the browser
         test's runs (Gradio 6)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.engine.sides import SideSnapshot
 from turbo_demo.app.plots import inspector as plots_inspector
 from turbo_demo.app.views import compare as views
 from turbo_demo.app.views import inspector
@@ -16,7 +16,7 @@ from turbo_demo.app.views import inspector
 TALK_TAB = "talk"
 
 
-def big_numbers(rec: SideRecord) -> str:
+def big_numbers(rec: SideSnapshot) -> str:
     """One side's headline as large HTML: its label, tokens/s (median step) and FFN sparsity."""
     if rec.error:
         return f"<div style='font-size:1.4em'>⚠️ {html.escape(rec.error)}</div>"
@@ -29,13 +29,13 @@ def big_numbers(rec: SideRecord) -> str:
     )
 
 
-def big_text(rec: SideRecord) -> str:
+def big_text(rec: SideSnapshot) -> str:
     """One side's output as large monospace HTML (escaped; line breaks kept)."""
     style = "font-size:1.5em;font-family:monospace;white-space:pre-wrap;min-height:8em"
     return f"<div style='{style}'>{html.escape(rec.text)}</div>"
 
 
-def live_maps(left: SideRecord, right: SideRecord):
+def live_maps(left: SideSnapshot, right: SideSnapshot):
     """Both sides' neuron maps at the latest position either has reached (None before a token)."""
     kept = inspector.keep(left, right)
     steps = inspector.steps_of(kept)
@@ -70,7 +70,7 @@ def talk_tab() -> TalkTab:
     return TalkTab(generate, stop, tuple(panes), maps)
 
 
-def show_talk(tab: TalkTab, left: SideRecord, right: SideRecord) -> dict:
+def show_talk(tab: TalkTab, left: SideSnapshot, right: SideSnapshot) -> dict:
     """The run so far on the talk layout: each side's big numbers and text, the live maps."""
     shown = {tab.maps: live_maps(left, right)}
     for (numbers, text), rec in zip(tab.panes, (left, right)):

@@ -4,6 +4,7 @@ page's Blocks, with the Compare tab's prompt box and the session's state; `paper
 
 import gradio as gr
 
+from turbo_demo import paper_figures
 from turbo_demo.app.engine.catalog import ModelStore
 from turbo_demo.app.plots import teaching as plots_teaching
 from turbo_demo.app.ui.texts import LIMITS, PAPER, WHY_DRELU, WHY_DRELU_PLANE, WHY_DRELU_TEXT
@@ -69,5 +70,5 @@ def paper_tab() -> None:
         gr.Markdown(PAPER)
         gr.Markdown(paper.paper_table(), elem_id="paper-table")
         gr.Markdown(LIMITS)
-        figure = plots_teaching.speed_limit_figure(paper.speed_limits(), paper.PAPER_SPEEDUPS, paper.PAPER_SPARSITY)
+        figure = plots_teaching.speed_limit_figure(paper.speed_limits(), paper_figures.SPEEDUPS, paper_figures.SPARSITY)
         gr.Plot(value=figure, label="FFN time vs the bandwidth limit", elem_id="limits")

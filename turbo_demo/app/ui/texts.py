@@ -1,4 +1,9 @@
-"""The words of the page: its introduction, the tabs' texts and the API's description."""
+"""The words of the page: its introduction, the tabs' texts and the API's description. The
+paper's figures they quote are paper_figures'."""
+
+from turbo_demo import paper_figures as paper
+
+TOPK = paper.TOPK_PERPLEXITY  # Table 3's perplexities by FFN, at each of paper.TOPK_SPARSITY
 
 INTRO = """# TurboSparse Studio
 Two language models continue your prompt side by side. The right one uses **dReLU**
@@ -7,10 +12,10 @@ exactly zero for each token, so the sparse backend can skip them. Watch which ne
 what skipping them buys. The embedded models are tiny (trained here on Python's own source
 code), so they write Python-flavoured text. The embedded dReLU models were trained with a small L1
 penalty on the FFN activation (ProSparse-style) on top of dReLU; see the About tab."""
-ABOUT = """### dReLU
+ABOUT = f"""### dReLU
 SwiGLU FFNs multiply `silu(x W_gate)` by a dense `x W_up`: almost no neuron is ever exactly
 zero. dReLU puts a ReLU on both branches, so a neuron contributes only when both are positive;
-the paper reports ~90% of neurons at exactly zero per token with no loss of quality.
+the paper reports ~{paper.SPARSITY:.0%} of neurons at exactly zero per token with no loss of quality.
 
 ### Predictors
 A zero neuron costs nothing only if we know it is zero *before* reading its weights. Like
@@ -24,12 +29,12 @@ backend reads only the rows of W_gate, W_up and (neuron-major) W_down of the pre
 so FFN bytes per token fall with sparsity; in exact mode it computes the gate densely and skips
 up/down for the zero neurons, which is lossless.
 
-| | paper (TurboSparse-Mistral-7B / PowerInfer) |
+| | paper ({paper.MODEL} / PowerInfer) |
 |---|---|
-| FFN sparsity | ~90% (Mixtral: 97% per MoE layer) |
-| 300M pretraining, WikiText-2 perplexity | dReLU 28.45 vs SwiGLU 28.48 |
-| top-k 90% sparsity perplexity | dReLU 29.19 vs SwiGLU 112.36 |
-| CPU-only decoding vs llama.cpp dense | 2.08x (i7-12700K, Mistral-7B FP16) |
+| FFN sparsity | ~{paper.SPARSITY:.0%} (Mixtral: {paper.MOE_IDLE[1]:.0%} per MoE layer) |
+| {paper.TOPK_MODEL_SIZE} pretraining, WikiText-2 perplexity | dReLU {TOPK["dReLU"][0]} vs SwiGLU {TOPK["SwiGLU"][0]} |
+| top-k {paper.TOPK_SPARSITY[-1]:.0%} sparsity perplexity | dReLU {TOPK["dReLU"][-1]} vs SwiGLU {TOPK["SwiGLU"][-1]} |
+| CPU-only decoding vs llama.cpp dense | {paper.SPEEDUPS["i7-12700K"]:.2f}x (i7-12700K, Mistral-7B FP16) |
 """
 NEURONS = """The last run, neuron by neuron. **Firing frequency**: the share of its decode steps
 in which each FFN neuron fired (h ≠ 0 among the neurons the side's mode computed), counted by the
@@ -61,11 +66,11 @@ Returns:
     or {{"error": why}}.
 """
 
-WHY_DRELU = """### Why dReLU
+WHY_DRELU = f"""### Why dReLU
 **Top-k sparsity against quality** (the paper's Table 3): per token, keep only the neurons with
 the largest |h| and zero the rest, then measure perplexity. Each curve is relative to the
 model's own perplexity with nothing pruned, on the held-out split (`python -m turbo_demo eval
-DIR --json`, in each model's `eval.json`); the paper's 300M models in grey. A dReLU model's h
+DIR --json`, in each model's `eval.json`); the paper's {paper.TOPK_MODEL_SIZE} models in grey. A dReLU model's h
 is already zero for most neurons, so pruning them costs nothing; a SwiGLU model loses real
 contributions."""
 WHY_DRELU_TEXT = """The button runs the same sweep on the **prompt** of the Compare tab (its first

@@ -1,6 +1,6 @@
-"""What the app shows for a run, as plain functions of the run's records (tested without a browser).
+"""What the app shows for a run, as plain functions of the run's snapshots (tested without a browser).
 
-`compare_view` turns the two SideRecords into a CompareView (texts, status lines, headline and
+`compare_view` turns the two SideSnapshots into a CompareView (texts, status lines, headline and
 the live figures); `neurons_view` into a NeuronsView (the runtime's firing counts, and the
 activation distributions); `about_numbers`, `bench_numbers` and `training_curve` read what the
 project's own commands wrote next to the embedded models (eval.json, bench.json, training log).
@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import psutil
 
 from turbo_demo.app.engine.catalog import EMBEDDED
-from turbo_demo.app.engine.compare import SideRecord, speedup
+from turbo_demo.app.engine.sides import SideSnapshot, speedup
 from turbo_demo.app.plots import compare as plots
 from turbo_demo.app.plots import moe as plots_moe
 from turbo_demo.paths import MODELS_DIR, bench_results, eval_results, read_json
@@ -22,11 +22,11 @@ from turbo_demo.runtime.moe import routing_counts, routing_weights
 MB = 2**20
 
 
-def side_label(rec: SideRecord) -> str:
+def side_label(rec: SideSnapshot) -> str:
     return f"{rec.model} · {rec.mode}"
 
 
-def side_markdown(rec: SideRecord) -> str:
+def side_markdown(rec: SideSnapshot) -> str:
     """One pane's status line: what runs, where its visitor's time went (load, warm-up, prefill,
     first token, then decode speed), how sparse, and any notice or error."""
     if rec.error:
@@ -52,7 +52,7 @@ def side_markdown(rec: SideRecord) -> str:
     return " · ".join(parts)
 
 
-def headline(left: SideRecord, right: SideRecord) -> str:
+def headline(left: SideSnapshot, right: SideSnapshot) -> str:
     """The numbers above the plots: tokens/s each (1 / median step), speed-up (decode against
     decode), time to first token (prefill included, apart from the speed), mean sparsity, peak
     RSS, and each side's decode threads (the runtime's warm-up chose them: runtime/decoder.py)."""
@@ -106,7 +106,7 @@ class CompareView:
     routing: go.Figure | None = None  # MoE sides only
 
 
-def routing_view(sides: dict[str, SideRecord]) -> go.Figure | None:
+def routing_view(sides: dict[str, SideSnapshot]) -> go.Figure | None:
     """The routing figure of the MoE sides that have generated (None where neither is MoE)."""
     shown = {}
     for label, rec in sides.items():
@@ -117,15 +117,15 @@ def routing_view(sides: dict[str, SideRecord]) -> go.Figure | None:
     return plots_moe.routing_figure(shown) if shown else None
 
 
-def mean_routed(rec: SideRecord) -> float | None:
+def mean_routed(rec: SideSnapshot) -> float | None:
     """A MoE side's mean FFN bytes per token of a dense MoE (router + the chosen experts in
     full); None for dense FFNs."""
     routed = [s.ffn_bytes_routed for s in rec.steps if s.ffn_bytes_routed is not None]
     return sum(routed) / len(routed) if routed else None
 
 
-def compare_view(left: SideRecord, right: SideRecord) -> CompareView:
-    """Texts, status lines, headline and figures for the Compare tab, from the two records."""
+def compare_view(left: SideSnapshot, right: SideSnapshot) -> CompareView:
+    """Texts, status lines, headline and figures for the Compare tab, from the two sides' snapshots."""
     sides = {side_label(r): r for r in (left, right)}
     ffn_read = {}
     for label, rec in (("left", left), ("right", right)):
@@ -173,7 +173,7 @@ class NeuronsView:
     hist: go.Figure | None
 
 
-def firing_shares(rec: SideRecord) -> list[list[float]] | None:
+def firing_shares(rec: SideSnapshot) -> list[list[float]] | None:
     """Per layer and neuron, the share of the run's decode steps in which the neuron fired,
     from the runtime's own counts (h != 0 among the neurons the side's mode computed)."""
     if rec.error or not rec.steps or not rec.firing_counts or not rec.firing_counts[0]:
@@ -181,8 +181,8 @@ def firing_shares(rec: SideRecord) -> list[list[float]] | None:
     return [[c / len(rec.steps) for c in layer] for layer in rec.firing_counts]
 
 
-def neurons_view(left: SideRecord, right: SideRecord, hists: dict[str, dict]) -> NeuronsView:
-    """Firing heatmaps from the records, and histograms (keyed by side label) drawn together."""
+def neurons_view(left: SideSnapshot, right: SideSnapshot, hists: dict[str, dict]) -> NeuronsView:
+    """Firing heatmaps from the snapshots, and histograms (keyed by side label) drawn together."""
     figures = []
     for rec, key in ((left, "firing-left"), (right, "firing-right")):
         shares = firing_shares(rec)

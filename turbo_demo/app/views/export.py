@@ -20,7 +20,8 @@ from urllib.parse import urlencode
 
 import plotly.graph_objects as go
 
-from turbo_demo.app.engine.compare import Settings, SideRecord, compare_summary
+from turbo_demo.app.engine.compare import Settings
+from turbo_demo.app.engine.sides import SideSnapshot, compare_summary
 from turbo_demo.choices import MODES, QUANTS
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.stats import NEURON_CODES
@@ -48,7 +49,7 @@ MAPS_FORMAT = (
 )
 
 
-def step_rows(side: str, rec: SideRecord) -> list[list]:
+def step_rows(side: str, rec: SideSnapshot) -> list[list]:
     rows = []
     for s in rec.steps:
         for layer, active in enumerate(s.active_share):
@@ -58,14 +59,14 @@ def step_rows(side: str, rec: SideRecord) -> list[list]:
     return rows
 
 
-def side_dict(rec: SideRecord) -> dict:
+def side_dict(rec: SideSnapshot) -> dict:
     """A side's record as JSON: its fields, steps as StepStats.to_dict, maps in base64."""
     fields = asdict(replace(rec, steps=[], maps=[]))  # emptied: asdict would deep-copy them
     maps = [base64.b64encode(m).decode() for m in rec.maps]
     return fields | {"steps": [s.to_dict() for s in rec.steps], "maps": maps}
 
 
-def run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: dict[str, go.Figure]) -> bytes:
+def run_zip(left: SideSnapshot, right: SideSnapshot, settings: Settings, figures: dict[str, go.Figure]) -> bytes:
     """The run as a zip archive (bytes)."""
     records = {
         "settings": asdict(settings),
@@ -87,7 +88,7 @@ def run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: di
     return out.getvalue()
 
 
-def write_run_zip(left: SideRecord, right: SideRecord, settings: Settings, figures: dict[str, go.Figure]) -> str:
+def write_run_zip(left: SideSnapshot, right: SideSnapshot, settings: Settings, figures: dict[str, go.Figure]) -> str:
     """run_zip written to a fresh temporary directory (Gradio serves it from there, and the
     page's cache cleaning deletes it) -> the file's path."""
     path = Path(tempfile.mkdtemp(prefix="turbosparse-run-")) / "turbosparse-run.zip"

@@ -1,6 +1,6 @@
 """The token inspector's data, as plain functions of a run's records (no gradio, no tensors kept).
 
-Each decode step's neuron codes (stats.NEURON_CODES) come packed in the SideRecord, 2 bits a
+Each decode step's neuron codes (stats.NEURON_CODES) come packed in the SideSnapshot, 2 bits a
 neuron (stats.pack_codes). A session keeps its last run as `keep(left, right)`, a few hundred
 kB for the embedded models (compare.MAX_MAP_BYTES per side at most); `token_spans` gives a
 pane's tokens with their FFN sparsity for the highlighted text, `maps_at(kept, step)` both
@@ -9,7 +9,7 @@ panes' maps at one position for `plots_inspector.neuron_maps_figure`.
 
 import math
 
-from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.engine.sides import SideSnapshot
 from turbo_demo.app.views.compare import side_label
 from turbo_demo.runtime.stats import unpack_codes
 
@@ -18,13 +18,13 @@ from turbo_demo.runtime.stats import unpack_codes
 SESSION_BOUND = 2**20
 
 
-def token_spans(rec: SideRecord) -> list[tuple[str, float | None]]:
+def token_spans(rec: SideSnapshot) -> list[tuple[str, float | None]]:
     """(text piece, FFN sparsity of the step that produced it) per generated token, for a
     highlighted-text view (the score shades the piece; None where the mode records none)."""
     return [(piece, step.sparsity) for piece, step in zip(rec.pieces, rec.steps)]
 
 
-def keep(left: SideRecord, right: SideRecord) -> dict:
+def keep(left: SideSnapshot, right: SideSnapshot) -> dict:
     """What a session keeps of a run for the inspector: per side its label, mode, token pieces,
     step sparsities and packed maps, with the map's shape (layers, neurons)."""
     return {

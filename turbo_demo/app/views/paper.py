@@ -13,6 +13,7 @@ exactly on the active neurons):
 Each mode's time cannot go below its bytes / the machine's measured read bandwidth.
 """
 
+from turbo_demo import paper_figures
 from turbo_demo.app.engine.catalog import EMBEDDED
 from turbo_demo.paths import MODELS_DIR, bench_results, eval_results
 
@@ -50,13 +51,10 @@ def speed_limits(bench: dict | None = None) -> dict:
     return {"gbps": gbps, "shapes": shapes}
 
 
-# The paper's end-to-end CPU speed-up of PowerInfer + TurboSparse-Mistral-7B (FP16, ~90% FFN
-# sparsity) over llama.cpp's dense model, by machine (../shared/reference/turbosparse.md)
-PAPER_SPEEDUPS = {"i7-12700K": 2.08, "i9-14900HX": 2.11}
-PAPER_SPARSITY = 0.9
-# ... and of TurboSparse-Mixtral-47B (INT4) over llama.cpp's dense Mixtral, CPU only
-PAPER_MOE_SPEEDUPS = {"i7-12700K": 2.81, "i9-14900HX": 2.32}
 NO_MOE = "– (no eval.json next to the embedded MoE pair)"
+EVAL = "`python -m turbo_demo eval DIR --json` (held-out split)"
+BENCH = "`python -m turbo_demo bench --json`"
+Row = tuple[str, str, str, str]  # (figure, the paper's value, ours, the command that measured ours)
 
 
 def eval_of(folder: str) -> dict:
@@ -69,63 +67,88 @@ def e2e_row(bench: dict, model: str, engine: str, quant: str | None = None) -> d
 
 
 def topk_rise(ev: dict) -> float:
-    """The rise of perplexity at 90% top-k sparsity over the model's own."""
-    return ev["topk_perplexity"]["0.9"] / ev["perplexity"] - 1
+    """The rise of perplexity at the paper's top-k sparsity over the model's own (eval.json)."""
+    return ev["topk_perplexity"][str(paper_figures.TOPK_SPARSITY[-1])] / ev["perplexity"] - 1
 
 
-def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
-    """(figure, the paper's value, ours, the command that measured ours), one per paper figure;
-    ours says why where this project has not measured it."""
+def paper_topk_rise(ffn: str) -> float:
+    """The same rise in the paper's Table 3, for its dReLU or SwiGLU model."""
+    ppl = paper_figures.TOPK_PERPLEXITY[ffn]
+    return ppl[-1] / ppl[0] - 1
+
+
+def speedups(by_machine: dict[str, float]) -> str:
+    return ", ".join(f"{v:.2f}x ({m})" for m, v in by_machine.items())
+
+
+def paper_rows(bench: dict | None = None) -> list[Row]:
+    """One row per paper figure; ours says why where this project has not measured it."""
     bench = bench_results() if bench is None else bench
     bench = bench or {}
     dense, drelu = eval_of(EMBEDDED["Dense SwiGLU"]), eval_of(EMBEDDED["TurboSparse dReLU"])
-    ev = "`python -m turbo_demo eval DIR --json` (held-out split)"
     rows = []
     if drelu:
-        rows.append(
-            (
-                "FFN sparsity (share of neurons with h = 0)",
-                "~90% (TurboSparse-Mistral-7B)",
-                f"{drelu['sparsity']['mean']:.1%} (embedded dReLU + L1, 5M parameters)",
-                ev,
-            )
-        )
+        rows.append(sparsity_row(drelu))
     if dense and drelu:
-        rows.append(
-            (
-                "Perplexity, dReLU vs SwiGLU, same data and budget",
-                "28.45 vs 28.48 (300M, WikiText-2)",
-                f"{drelu['perplexity']:.2f} vs {dense['perplexity']:.2f} (5M, Python's stdlib)",
-                ev,
-            )
-        )
-        rows.append(
-            (
-                "Top-k 90% sparsity: perplexity rise, SwiGLU vs dReLU",
-                "+294% vs +2.6% (112.36, 29.19)",
-                f"+{topk_rise(dense):.1%} vs +{topk_rise(drelu):.1%}",
-                ev,
-            )
-        )
+        rows += quality_rows(dense, drelu)
+    if speed := speed_row(bench):
+        rows.append(speed)
+    return [*rows, moe_idle_row(), moe_speed_row(bench)]
+
+
+def sparsity_row(drelu: dict) -> Row:
+    return (
+        "FFN sparsity (share of neurons with h = 0)",
+        f"~{paper_figures.SPARSITY:.0%} ({paper_figures.MODEL})",
+        f"{drelu['sparsity']['mean']:.1%} (embedded dReLU + L1, 5M parameters)",
+        EVAL,
+    )
+
+
+def quality_rows(dense: dict, drelu: dict) -> list[Row]:
+    """dReLU against SwiGLU: perplexity as trained, and its rise at the paper's top-k sparsity."""
+    paper = paper_figures.TOPK_PERPLEXITY
+    return [
+        (
+            "Perplexity, dReLU vs SwiGLU, same data and budget",
+            f"{paper['dReLU'][0]} vs {paper['SwiGLU'][0]} ({paper_figures.TOPK_MODEL_SIZE}, WikiText-2)",
+            f"{drelu['perplexity']:.2f} vs {dense['perplexity']:.2f} (5M, Python's stdlib)",
+            EVAL,
+        ),
+        (
+            f"Top-k {paper_figures.TOPK_SPARSITY[-1]:.0%} sparsity: perplexity rise, SwiGLU vs dReLU",
+            f"+{paper_topk_rise('SwiGLU'):.1%} vs +{paper_topk_rise('dReLU'):.1%} "
+            f"({paper['SwiGLU'][-1]}, {paper['dReLU'][-1]})",
+            f"+{topk_rise(dense):.1%} vs +{topk_rise(drelu):.1%}",
+            EVAL,
+        ),
+    ]
+
+
+def speed_row(bench: dict) -> Row | None:
+    """The 7b-shape stack's predictor decoding against our dense, llama.cpp's and transformers'
+    (None without its e2e row in bench.json)."""
     pred, hf = e2e_row(bench, "7b-shape", "predictor"), e2e_row(bench, "7b-shape", "transformers")
     llama = e2e_row(bench, "7b-shape", "llama.cpp", "f16")
-    if pred:
-        paper = ", ".join(f"{v:.2f}x ({m})" for m, v in PAPER_SPEEDUPS.items())
-        ours = f"{pred['speedup_vs_dense']:.2f}x over our dense at {pred['sparsity']:.0%} sparsity"
-        if llama:
-            ours += f", {pred['tokens_per_s'] / llama['tokens_per_s']:.2f}x over llama.cpp F16 dense"
-        if hf:
-            ours += f", {pred['tokens_per_s'] / hf['tokens_per_s']:.1f}x over transformers"
-        ranks = pred.get("predictor_ranks")
-        at = f", predictor ranks {min(ranks)}-{max(ranks)}" if ranks else ""
-        rows.append(
-            (
-                "CPU decoding speed-up, batch 1, 7B shape",
-                f"{paper} over llama.cpp dense, FP16",
-                ours + f" (8 random layers{at}, bf16)",
-                "`python -m turbo_demo bench --json`",
-            )
-        )
+    if not pred:
+        return None
+    ours = f"{pred['speedup_vs_dense']:.2f}x over our dense at {pred['sparsity']:.0%} sparsity"
+    if llama:
+        ours += f", {pred['tokens_per_s'] / llama['tokens_per_s']:.2f}x over llama.cpp F16 dense"
+    if hf:
+        ours += f", {pred['tokens_per_s'] / hf['tokens_per_s']:.1f}x over transformers"
+    ranks = pred.get("predictor_ranks")
+    at = f", predictor ranks {min(ranks)}-{max(ranks)}" if ranks else ""
+    return (
+        "CPU decoding speed-up, batch 1, 7B shape",
+        f"{speedups(paper_figures.SPEEDUPS)} over llama.cpp dense, FP16",
+        ours + f" (8 random layers{at}, bf16)",
+        BENCH,
+    )
+
+
+def moe_idle_row() -> Row:
+    """Idle neurons per MoE layer, by routing alone and with dReLU (the embedded MoE pair's eval.json)."""
     sparse_moe, dense_moe = eval_of(EMBEDDED["TurboSparse MoE"]), eval_of(EMBEDDED["Dense MoE"])
     moe_ev = sparse_moe.get("moe")
     idle = NO_MOE
@@ -139,14 +162,16 @@ def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
                 else ")"
             )
         )
-    rows.append(
-        (
-            "MoE: idle neurons per layer, routing -> with dReLU",
-            "75% -> 97% (TurboSparse-Mixtral-47B)",
-            idle,
-            ev if moe_ev else "–",
-        )
+    routed, with_drelu = paper_figures.MOE_IDLE
+    return (
+        "MoE: idle neurons per layer, routing -> with dReLU",
+        f"{routed:.0%} -> {with_drelu:.0%} ({paper_figures.MOE_MODEL})",
+        idle,
+        EVAL if moe_ev else "–",
     )
+
+
+def moe_speed_row(bench: dict) -> Row:
     moe = {r["mode"]: r for r in bench.get("moe", [])}
     ours = "– (no MoE rows in assets/bench.json yet)"
     if "predictor" in moe:
@@ -155,16 +180,12 @@ def paper_rows(bench: dict | None = None) -> list[tuple[str, str, str, str]]:
             f"{p['speedup']:.2f}x our dense MoE, {p['speedup_vs_transformers']:.1f}x transformers' "
             f"({p['layers']} random {p['shape']} layer(s), {p['in_expert_sparsity']:.0%} in-expert sparsity)"
         )
-    paper = ", ".join(f"{v:.2f}x ({m})" for m, v in PAPER_MOE_SPEEDUPS.items())
-    rows.append(
-        (
-            "MoE CPU decoding speed-up",
-            f"{paper} over llama.cpp dense, Mixtral-47B INT4",
-            ours,
-            "`python -m turbo_demo bench --json`",
-        )
+    return (
+        "MoE CPU decoding speed-up",
+        f"{speedups(paper_figures.MOE_SPEEDUPS)} over llama.cpp dense, Mixtral-47B INT4",
+        ours,
+        BENCH,
     )
-    return rows
 
 
 def paper_table(bench: dict | None = None) -> str:

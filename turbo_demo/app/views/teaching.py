@@ -14,18 +14,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from turbo_demo import paper_figures
 from turbo_demo.app.engine.catalog import EMBEDDED, ModelStore, embedded_names
-from turbo_demo.app.engine.compare import SideRecord
+from turbo_demo.app.engine.sides import SideSnapshot
 from turbo_demo.app.views.compare import side_label
 from turbo_demo.models.activations import activation_histograms
 from turbo_demo.models.hooks import on_gate_up
 from turbo_demo.offline.evaluate import text_sweep
 from turbo_demo.paths import MODELS_DIR, eval_results
 
-# The paper's Table 3 (WikiText-2, the two ~300M models trained on 5B tokens; top-k by |h|)
+# The paper's Table 3 as the sweep plot's curves, beside shipped_sweeps' (same form)
 PAPER_SWEEP = {
-    "paper: dReLU 300M": ([0.0, 0.5, 0.8, 0.85, 0.9], [28.45, 28.45, 28.45, 28.65, 29.19]),
-    "paper: SwiGLU 300M": ([0.0, 0.5, 0.8, 0.85, 0.9], [28.48, 28.62, 36.28, 48.55, 112.36]),
+    f"paper: {ffn} {paper_figures.TOPK_MODEL_SIZE}": (list(paper_figures.TOPK_SPARSITY), list(perplexity))
+    for ffn, perplexity in paper_figures.TOPK_PERPLEXITY.items()
 }
 VARIANTS = {
     "SwiGLU: silu(g) * u": lambda g, u: F.silu(g) * u,
@@ -57,13 +58,13 @@ def text_sweeps(store: ModelStore, text: str) -> tuple[dict[str, tuple[list[floa
     return curves, scored
 
 
-def last_run(left: SideRecord, right: SideRecord) -> list[tuple[str, str, list[int]]]:
+def last_run(left: SideSnapshot, right: SideSnapshot) -> list[tuple[str, str, list[int]]]:
     """(model, side label, prompt + generated ids) of each side that generated: all the plane
     needs of a run (a few hundred ints per side in the session's state)."""
-    return [(r.model, side_label(r), r.prompt_ids + r.token_ids) for r in float_sides(left, right)]
+    return [(r.model, side_label(r), r.ids) for r in float_sides(left, right)]
 
 
-def float_sides(left: SideRecord, right: SideRecord) -> list[SideRecord]:
+def float_sides(left: SideSnapshot, right: SideSnapshot) -> list[SideSnapshot]:
     """The sides that generated on float weights: a side quantized at load has no float gate
     and up matrices for the model's own forward to measure (they stay on the meta device)."""
     return [r for r in (left, right) if not r.error and r.token_ids and not r.quant]
@@ -86,11 +87,10 @@ def gate_up_pairs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def run_histograms(store: ModelStore, left: SideRecord, right: SideRecord) -> dict[str, dict]:
+def run_histograms(store: ModelStore, left: SideSnapshot, right: SideSnapshot) -> dict[str, dict]:
     """The Neurons tab's activation histograms of each side that generated, by side label."""
     return {
-        side_label(rec): activation_histograms(store.get(rec.model).model, rec.prompt_ids + rec.token_ids)
-        for rec in float_sides(left, right)
+        side_label(rec): activation_histograms(store.get(rec.model).model, rec.ids) for rec in float_sides(left, right)
     }
 
 
