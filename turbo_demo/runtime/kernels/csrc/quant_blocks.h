@@ -223,38 +223,6 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
 
 constexpr int kGroup = 8;  // rows per pass of qaxpy over the accumulators
 
-#if defined(__AVX512F__)
-// The scales a pass of M rows applies, before it reads their values: cd[r * nb + b] = coef[r] d_rb,
-// and for int4 mb[b] = sum_r coef[r] m_rb (added once per block), 16 blocks at a time (one gather
-// of their headers, one conversion of 16 halves). In the pass, a block's scale is then one
-// broadcast load: converting it there, row by row, cost as many shuffles as the block's values.
-template <int FMT, int M>
-inline void group_scales(int64_t nb, const uint8_t* const rows[], const float coef[], float* cd, float* mb) {
-  constexpr int bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(bb));
-  if constexpr (FMT == kQ4) std::fill(mb, mb + nb, 0.f);
-  for (int r = 0; r < M; ++r) {
-    const __m512 c = _mm512_set1_ps(coef[r]);
-    int64_t b = 0;
-    for (; b + 16 <= nb; b += 16) {
-      // each block's first 4 bytes: d (fp16), then m (int4) or the first two values (int8)
-      const __m512i head = _mm512_i32gather_epi32(offsets, rows[r] + b * bb, 1);
-      _mm512_storeu_ps(cd + r * nb + b, _mm512_mul_ps(c, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head))));
-      if constexpr (FMT == kQ4) {
-        const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
-        _mm512_storeu_ps(mb + b, _mm512_add_ps(_mm512_loadu_ps(mb + b), _mm512_mul_ps(c, m)));
-      }
-    }
-    for (; b < nb; ++b) {
-      const uint8_t* blk = rows[r] + b * bb;
-      cd[r * nb + b] = coef[r] * half_at(blk);
-      if constexpr (FMT == kQ4) mb[b] += coef[r] * half_at(blk + 2);
-    }
-  }
-}
-#endif
-
 // acc[0 : B * 32] += sum_{r < M} coef[r] * dequantize(rows[r]) for M <= kGroup rows of format FMT,
 // in fp32: one load and store of the accumulators per block for all M rows (a row at a time,
 // they would cost as much as the row's own bytes); prefetches next[r], the rows read after
@@ -263,24 +231,25 @@ template <int FMT, int M>
 inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
                         float* acc) {
   constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
-#if defined(__AVX512F__)
-  thread_local std::vector<float> scales;  // cd (M x nb), then mb (nb): a few kB, reused
-  scales.resize(static_cast<size_t>((M + 1) * nb));
-  float* const cd = scales.data();
-  float* const mb = cd + M * nb;
-  group_scales<FMT, M>(nb, rows, coef, cd, mb);
   for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
+#if defined(__AVX512F__)
     __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
+    __m128 mins = _mm_setzero_ps();  // int4: lane 1 = sum_r coef[r] * m_r, the same for the block's 32 values
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
       if (next && b % 2 == 0) prefetch(next[r] + b * bb);
-      const __m512 dv = _mm512_set1_ps(cd[r * nb + b]);
       if constexpr (FMT == kQ8) {
-        const __m128i* q = reinterpret_cast<const __m128i*>(blk + 2);
-        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), a0);
-        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), a1);
+        const __m512 dv = _mm512_set1_ps(coef[r] * half_at(blk));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), a0);
+        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), a1);
       } else {
+        uint32_t dm;  // (d, m) in one conversion: [coef d, coef m, 0, 0]
+        std::memcpy(&dm, blk, sizeof dm);
+        const __m128 cdm = _mm_mul_ps(_mm_set1_ps(coef[r]), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm))));
+        mins = _mm_add_ps(mins, cdm);
+        const __m512 dv = _mm512_broadcastss_ps(cdm);
         // byte j holds value j (low nibble) and value j + 16 (high nibble): one widening for both
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
         a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), a0);
@@ -288,15 +257,13 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
       }
     }
     if constexpr (FMT == kQ4) {
-      const __m512 mv = _mm512_set1_ps(mb[b]);
+      const __m512 mv = _mm512_broadcastss_ps(_mm_movehdup_ps(mins));
       a0 = _mm512_add_ps(a0, mv);
       a1 = _mm512_add_ps(a1, mv);
     }
     _mm512_storeu_ps(acc, a0);
     _mm512_storeu_ps(acc + 16, a1);
-  }
 #else
-  for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
     for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
       if (next && b % 2 == 0) prefetch(next[r] + b * bb);
@@ -313,8 +280,8 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
         for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + mm;
       }
     }
-  }
 #endif
+  }
 }
 
 template <int FMT, int M = kGroup>
