@@ -40,7 +40,8 @@ def card_text(path: Path) -> str:
         f"# {path.name}",
         "",
         f"{HOW[log['preset']]}; {penalty}. Part of TurboSparse Studio; load it with "
-        "`import turbo_demo` then `AutoModelForCausalLM.from_pretrained(dir)` (no remote code).",
+        "`from turbo_demo.models import register_auto_classes; register_auto_classes()` then "
+        "`AutoModelForCausalLM.from_pretrained(dir)` (no remote code).",
         "",
         "## Training",
         "",
