@@ -22,6 +22,7 @@ import torch
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.modes import Mode, ThresholdMode, make_modes, mode_options
+from turbo_demo.runtime.moe import MoEMode
 from turbo_demo.runtime.packing import PackedModel
 from turbo_demo.runtime.stats import LayerRecord, StepStats, neuron_codes
 
@@ -127,9 +128,7 @@ class Decoder:
         (ThresholdMode.reset), so that no sequence decodes with one calibrated on another's
         prompt (a one-token prompt has no prefill; a MoE expert may get none of a prompt's tokens)."""
         for mode in self.modes:
-            for leaf in getattr(mode, "experts", (mode,)):  # a MoE layer's modes: its experts'
-                if isinstance(leaf, ThresholdMode):
-                    leaf.reset()
+            mode.reset()
 
     def thresholds(self) -> Thresholds:
         """Threshold mode's threshold in each layer for the current sequence: the given one, or
@@ -141,7 +140,7 @@ class Decoder:
                 raise UserError(f"{self.mode} mode has no activation threshold")
             return mode.threshold
 
-        return [[of(e) for e in mode.experts] if hasattr(mode, "experts") else of(mode) for mode in self.modes]
+        return [[of(e) for e in mode.experts] if isinstance(mode, MoEMode) else of(mode) for mode in self.modes]
 
     def firing_counts(self) -> list[list[int]]:
         """Per layer and neuron: in how many decode steps of the last generation the neuron fired

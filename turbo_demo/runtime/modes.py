@@ -106,6 +106,9 @@ class Mode:
     def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """A new sequence: a mode keeps nothing per sequence, but threshold mode's threshold."""
+
     def gathered(self, x, idx, a, bytes_before: int, add_to, counts) -> tuple[torch.Tensor, LayerRecord]:
         """Up and down for the neurons idx (k,) whose activated gate values are a (k,); with
         a = None, the gate too, on those rows only. Up reads only the rows whose gate value is

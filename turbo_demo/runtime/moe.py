@@ -94,6 +94,11 @@ class MoEMode:
         self.w, self.kernels, self.name, self.can_miss = w, kernels.for_weights(w.router), cls.name, cls.can_miss
         self.experts: list[Mode] = [cls(e, kernels, o) for e, o in zip(w.experts, per_expert)]
 
+    def reset(self) -> None:
+        """A new sequence: each expert's mode's (Mode.reset)."""
+        for mode in self.experts:
+            mode.reset()
+
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """x (..., T, H) -> (..., T, H): each token through its k experts' prefill formula (the
         predictor's mask from the expert's routed input x); r is not read."""
