@@ -106,6 +106,16 @@ def rotated(items, turn: int) -> list:
 SETTLE_S = 0.05
 
 
+def settle() -> None:
+    """Wait SETTLE_S on this thread's core, busy: on the 2-vCPU VMs here, once every vCPU has
+    idled for ~30 ms, the next call's first parallel region waits 5-8 ms for its other thread to
+    wake (a 0.2 ms int8 matvec of 1280x4096 measured 5.6 ms after a 50 ms sleep, 0.4 ms after a
+    50 ms spin). That is a once-per-request cost (in a request's TTFT), not a kernel's."""
+    end = time.perf_counter() + SETTLE_S
+    while time.perf_counter() < end:
+        pass
+
+
 def timed_rounds(calls: dict, rounds: int, bar) -> dict:
     """Each call's results, medians over `rounds` rounds: one untimed warm-up call each, then
     rounds that call each once (after SETTLE_S), in an order rotating every round; a call
@@ -129,7 +139,7 @@ def timed_rounds(calls: dict, rounds: int, bar) -> dict:
         call(key, False)
     for turn in range(rounds):
         for key in rotated(list(calls), turn):
-            time.sleep(SETTLE_S)
+            settle()
             call(key, True)
         bar.update()
     return {key: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for key, rs in results.items()}
