@@ -1,6 +1,7 @@
 """The benchmark's machinery on tiny shapes: the JSON schema and sane numbers, no timing asserts."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -49,8 +50,20 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     assert json.loads(json.dumps(result)) == result
     assert set(result) == {"machine", "kernels", "ffn", "moe", "e2e", "prefill", "request", "notes"}
     machine = result["machine"]
-    assert set(machine) == {"cpu", "vendor", "simd", "threads", "torch", "backend", "dtype", "read_gbps", "read_method"}
+    assert set(machine) == {
+        "cpu",
+        "vendor",
+        "family_model",
+        "simd",
+        "threads",
+        "torch",
+        "backend",
+        "dtype",
+        "read_gbps",
+        "read_method",
+    }
     assert set(machine["simd"]) <= set(SIMD_FLAGS) and machine["cpu"]
+    assert re.fullmatch(r"\d+/\d+", machine["family_model"])  # x86 Linux, as every machine here
     assert machine["backend"] in ("cpp", "torch") and positive(machine["read_gbps"])
 
     # each kernel alone on the first FFN shape (128 x 32), per format: the bytes it reads

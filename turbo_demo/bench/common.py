@@ -160,8 +160,10 @@ SIMD_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "
 
 
 def cpu_info() -> dict:
-    """{"cpu": model name, "vendor": AMD / Intel / ..., "simd": the SIMD_FLAGS this CPU has}:
-    every bench result carries it, since the kernels and the peers take other paths per family."""
+    """{"cpu": model name, "vendor": AMD / Intel / ..., "family_model": "cpu family/model" as
+    /proc/cpuinfo numbers them, "simd": the SIMD_FLAGS this CPU has}: every bench result carries
+    it, since the kernels and the peers take other paths per family. A VM's model name can be a
+    bare "AMD EPYC": the numbers tell its generation (AMD family 25 model 17 is Zen 4 Genoa)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -174,6 +176,7 @@ def cpu_info() -> dict:
     return {
         "cpu": fields.get("model name") or platform.processor() or platform.machine(),
         "vendor": vendor or platform.machine(),
+        "family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
         "simd": [f for f in SIMD_FLAGS if f in flags],
     }
 

@@ -8,7 +8,8 @@ from turbo_demo.bench.ffn import FFN_MODES
 def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"{m['cpu']} ({' '.join(m['simd'])}), {m['threads']} threads, torch {m['torch']}, "
+        f"{m['cpu']} (family/model {m.get('family_model', '?')}; {' '.join(m['simd'])}), "
+        f"{m['threads']} threads, torch {m['torch']}, "
         f"{m['backend']} kernels, {m['dtype']}",
         f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']})",
         "",
