@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -292,3 +293,16 @@ def test_decode_rows_arithmetic_from_crafted_timings(monkeypatch):
         assert row["limit_tokens_per_s"] == pytest.approx(10.0e9 / row["bytes_per_token"])
         assert row["bandwidth_share"] == pytest.approx(row["bytes_per_token"] / 10.0e9 / (seconds / 4))
     assert rows["exact"]["bytes_per_token"] < rows["dense"]["bytes_per_token"]  # it skips rows
+
+
+def test_a_fresh_process_peak_rss_is_its_own_not_its_parents():
+    # The bench measures a load's peak in a fresh interpreter. Its parent here held 1.5 GB just
+    # before starting it; ru_maxrss would report at least that in the child (Linux carries a
+    # parent's peak across fork and exec), the child's own peak is importing torch (~0.5 GB).
+    child = "from turbo_demo.bench.common import peak_rss; print(peak_rss())"
+    parent = (
+        "import subprocess, sys; block = b'x' * (1536 << 20); del block; "
+        f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)"
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True)
+    assert 0 < int(out.stdout.strip()) < 1 << 30

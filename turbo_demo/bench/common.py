@@ -1,6 +1,7 @@
 """What every part of the benchmark shares: its settings, fair timing, the machine, random layers."""
 
 import platform
+import resource
 import statistics
 import time
 from collections import defaultdict
@@ -179,6 +180,21 @@ def cpu_info() -> dict:
         "family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
         "simd": [f for f in SIMD_FLAGS if f in flags],
     }
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes since its exec: /proc/self/status's VmHWM, the
+    peak of this address space. Not ru_maxrss: a child's starts at its parent's peak at fork
+    (Linux keeps the old address space's peak across exec), so a fresh interpreter started by a
+    bench that had just written a GGUF (16 GB of shards mapped) reported a 7B int8 load peaking
+    at 15.7 GB, where VmHWM and the process's own watch both say 9.0 GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts it in KiB
 
 
 def read_bandwidth(kernels: Kernels, buf: torch.Tensor, bar) -> tuple[float, str]:

@@ -27,7 +27,6 @@ gives, not its quality.
 """
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from turbo_demo.bench.common import MISTRAL_7B, cpu_info, published_ranks
+from turbo_demo.bench.common import MISTRAL_7B, cpu_info, peak_rss, published_ranks
 from turbo_demo.bench.phases import (
     PEER_TYPE,
     PREFILL_TOKENS,
@@ -156,7 +155,7 @@ def seconds(fn, *args) -> float:
 
 def measure(path: str, quant: str, backend: str, also: str | None = None, gguf: str | None = None) -> dict:
     """Every measurement of the module docstring on the checkpoint at `path`, in this process
-    (a fresh one: the peak RSS is ru_maxrss, this process's lifetime peak). also: "module:function",
+    (a fresh one: the peak RSS is this process's own, peak_rss). also: "module:function",
     called last as function(path, quant, kernels) with the model freed, its result under "compare"
     (the CLI passes the app's compare timing, which this layer does not import). gguf: the same
     weights as llama.cpp's file (write_peer_gguf), for "versus"."""
@@ -176,7 +175,7 @@ def measure(path: str, quant: str, backend: str, also: str | None = None, gguf: 
     start = time.perf_counter()
     packed = load_quantized(path, quant, torch.bfloat16)
     load_s = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_rss() - base
     config = packed.model.config
     result = {
         "model": "published-7b" if config.num_hidden_layers == LAYERS else f"published-{config.num_hidden_layers}",

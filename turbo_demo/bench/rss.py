@@ -1,9 +1,8 @@
 """A load's peak RSS, measured (docs/your-own-models.md, "Memory"): `write_random_checkpoint`, then `measure_load`,
-which loads it in a fresh interpreter (ru_maxrss is a process's lifetime peak) and reports the
+which loads it in a fresh interpreter (peak_rss is a process's lifetime peak) and reports the
 peaks after loading, packing and reading every weight, beside what checkpoints/memory.py estimates."""
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from turbo_demo.bench.common import peak_rss
 from turbo_demo.checkpoints.checkpoint import load_model
 from turbo_demo.checkpoints.config import DTYPES, dtype_name
 from turbo_demo.checkpoints.headers import read_headers
@@ -38,12 +38,12 @@ def write_random_checkpoint(out: str | Path, layers: int = 12) -> Path:
 
 
 def measure_here(path: str, dtype: str) -> dict:
-    """Peak RSS above the RSS before the load (ru_maxrss: this process's lifetime peak, so only
+    """Peak RSS above the RSS before the load (peak_rss: this process's lifetime peak, so only
     meaningful in a fresh process, as measure_load runs it) after load_model(path, dtype), after
     pack, and after reading every weight once (as decoding does: mapped pages come in)."""
 
     def peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        return peak_rss() - base
 
     base = psutil.Process().memory_info().rss
     model = load_model(path, DTYPES.get(dtype))
@@ -65,7 +65,7 @@ def measure_quantized_here(path: str, quant: str) -> dict:
     the largest float matrix (one layer's share of what streams through a load)."""
     base = psutil.Process().memory_info().rss
     packed = load_quantized(path, quant, torch.bfloat16)
-    load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    load = peak_rss() - base
     kept = sum(p.numel() * p.element_size() for p in packed.model.parameters() if not p.is_meta)
     largest = max(t.nbytes for t in read_headers(Path(path)).values())
     return {"quant": quant, "load": load, "quantized": packed.owned_bytes + kept, "largest_tensor": largest}
