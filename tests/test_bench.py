@@ -62,10 +62,12 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
         "dtype",
         "read_gbps",
         "read_method",
+        "read_gbps_at_end",
     }
     assert set(machine["simd"]) <= set(SIMD_FLAGS) and machine["cpu"]
     assert re.fullmatch(r"\d+/\d+", machine["family_model"])  # x86 Linux, as every machine here
     assert machine["backend"] in ("cpp", "torch") and positive(machine["read_gbps"])
+    assert positive(machine["read_gbps_at_end"]) and machine["read_gbps_at_end"] != machine["read_gbps"]
 
     # each kernel alone on the first FFN shape (128 x 32), per format: the bytes it reads
     kernels = {(e["kernel"], e["format"]): e for e in result["kernels"]}

@@ -1,7 +1,9 @@
 """`python -m turbo_demo bench`: the speed of the sparse FFN and of batch-1 decoding, measured.
 
     machine  read_gbps: memory read bandwidth, the faster of two readers of one large buffer
-             (torch.sum over it as fp32, or the kernels' matvec over it as bf16 rows)
+             (torch.sum over it as fp32, or the kernels' matvec over it as bf16 rows), measured
+             first; every limit and share below is against it. read_gbps_at_end: the same
+             reading after the last row (the machine's drift during the run)
     ffn      ms of one FFN step (batch 1) per mode and sparsity, through the product's FFN
              modes on synthetic dReLU layers, and of the transformers MLP module's own
              forward (PyTorch's GEMVs, HF's weight layout) as the reference users start from;

@@ -14,6 +14,11 @@ from turbo_demo.checkpoints.config import dtype_name
 from turbo_demo.runtime.kernels import cpp, load_kernels
 
 
+def read_buffer(s: Settings) -> torch.Tensor:
+    """s.read_bytes of fp32 ones: a whole number of 4096-wide bf16 rows (read_bandwidth)."""
+    return torch.ones(s.read_bytes // 8192 * 2048)
+
+
 def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict:
     """The whole benchmark as one JSON-ready dict: machine, kernels, ffn, e2e and notes. The kernels are
     chosen once, for the whole run."""
@@ -22,7 +27,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
     if kernels.name == "torch" and backend == "auto":
         notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
     with torch.inference_mode():
-        buf = torch.ones(s.read_bytes // 8192 * 2048)  # a whole number of 4096-wide bf16 rows
+        buf = read_buffer(s)
         bar = tqdm(total=5, desc="read bandwidth", file=sys.stderr, disable=not progress, leave=False)
         gbps, method = read_bandwidth(kernels, buf, bar)
         bar.close()
@@ -38,8 +43,15 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         kernel_rows = bench_kernels(s, kernels, gbps, progress)
         ffn = bench_ffn(s, kernels, buf, progress)
         moe = bench_moe(s, kernels, buf, gbps, progress)
-        del buf
+        del buf  # 1 GiB by default, not held while the models are
         e2e, phases = bench_e2e(s, kernels, gbps, notes, progress)
+        # again at the end: these shared machines drift during a run; a share over 100% or a
+        # second reading far from the first says the limits above were off by that much
+        buf = read_buffer(s)
+        bar = tqdm(total=5, desc="read bandwidth, again", file=sys.stderr, disable=not progress, leave=False)
+        machine["read_gbps_at_end"] = read_bandwidth(kernels, buf, bar)[0]
+        bar.close()
+        del buf
     notes.append(
         f"moe: {s.moe_layers} MoE layer(s) per step, each of {s.moe_experts} experts of "
         f"{s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
