@@ -49,7 +49,7 @@ def test_moe_rows_say_what_each_variant_reads(backends):
         assert least < by_mode["predictor"]["bytes"] <= least + 2 * 8 * fc2_row
         assert by_mode["dense"]["speedup"] == 1.0 and by_mode["transformers"]["speedup_vs_transformers"] == 1.0
     result = {"machine": {"cpu": "?", "simd": [], "threads": 1, "torch": "?", "backend": "torch", "dtype": "bf16"}}
-    result["machine"].update(read_gbps=10.0, read_method="?")
+    result["machine"].update(family_model="?/?", read_gbps=10.0, read_method="?", read_gbps_at_end=10.0)
     assert "MoE step through the stack" in format_table({**result, "ffn": [], "moe": rows, "e2e": [], "notes": []})
 
 

@@ -109,9 +109,9 @@ SETTLE_S = 0.05
 
 def settle() -> None:
     """Wait SETTLE_S on this thread's core, busy: on the 2-vCPU VMs here, once every vCPU has
-    idled for ~30 ms, the next call's first parallel region waits 5-8 ms for its other thread to
-    wake (a 0.2 ms int8 matvec of 1280x4096 measured 5.6 ms after a 50 ms sleep, 0.4 ms after a
-    50 ms spin). That is a once-per-request cost (in a request's TTFT), not a kernel's."""
+    idled for some tens of ms, the next call's first parallel region waits milliseconds for its
+    other thread to wake (docs/speed.md, "On an AMD EPYC (Zen 4)"). That is a once-per-request
+    cost (in a request's TTFT), not a kernel's; a sleeping pause would charge it to every call."""
     end = time.perf_counter() + SETTLE_S
     while time.perf_counter() < end:
         pass
@@ -185,9 +185,8 @@ def cpu_info() -> dict:
 def peak_rss() -> int:
     """This process's peak resident set in bytes since its exec: /proc/self/status's VmHWM, the
     peak of this address space. Not ru_maxrss: a child's starts at its parent's peak at fork
-    (Linux keeps the old address space's peak across exec), so a fresh interpreter started by a
-    bench that had just written a GGUF (16 GB of shards mapped) reported a 7B int8 load peaking
-    at 15.7 GB, where VmHWM and the process's own watch both say 9.0 GB."""
+    (Linux keeps the old address space's peak across exec), so a fresh interpreter would report
+    the peak of whatever its parent did before (bench --full writes a GGUF there)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

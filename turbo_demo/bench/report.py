@@ -8,11 +8,11 @@ from turbo_demo.bench.ffn import FFN_MODES
 def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"{m['cpu']} (family/model {m.get('family_model', '?')}; {' '.join(m['simd'])}), "
+        f"{m['cpu']} (family/model {m['family_model']}; {' '.join(m['simd'])}), "
         f"{m['threads']} threads, torch {m['torch']}, "
         f"{m['backend']} kernels, {m['dtype']}",
         f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']}), "
-        f"{m.get('read_gbps_at_end', float('nan')):.1f} GB/s at the end of the run",
+        f"{m['read_gbps_at_end']:.1f} GB/s at the end of the run",
         "",
         "Each kernel alone, batch 1: ms, bytes read, GB/s and share of the read bandwidth",
         *(

@@ -11,12 +11,20 @@ from turbo_demo.bench.ffn import bench_ffn
 from turbo_demo.bench.kernels import bench_kernels
 from turbo_demo.bench.moe import bench_moe
 from turbo_demo.checkpoints.config import dtype_name
-from turbo_demo.runtime.kernels import cpp, load_kernels
+from turbo_demo.runtime.kernels import Kernels, cpp, load_kernels
 
 
 def read_buffer(s: Settings) -> torch.Tensor:
     """s.read_bytes of fp32 ones: a whole number of 4096-wide bf16 rows (read_bandwidth)."""
     return torch.ones(s.read_bytes // 8192 * 2048)
+
+
+def bandwidth(kernels: Kernels, buf: torch.Tensor, desc: str, progress: bool) -> tuple[float, str]:
+    """read_bandwidth over buf, behind a progress bar named desc."""
+    bar = tqdm(total=5, desc=desc, file=sys.stderr, disable=not progress, leave=False)
+    reading = read_bandwidth(kernels, buf, bar)
+    bar.close()
+    return reading
 
 
 def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict:
@@ -28,9 +36,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         notes.append("C++ kernels unavailable (no compiler or a failed build): torch backend used")
     with torch.inference_mode():
         buf = read_buffer(s)
-        bar = tqdm(total=5, desc="read bandwidth", file=sys.stderr, disable=not progress, leave=False)
-        gbps, method = read_bandwidth(kernels, buf, bar)
-        bar.close()
+        gbps, method = bandwidth(kernels, buf, "read bandwidth", progress)
         machine = {
             **cpu_info(),
             "threads": torch.get_num_threads(),
@@ -47,11 +53,7 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
         e2e, phases = bench_e2e(s, kernels, gbps, notes, progress)
         # again at the end: these shared machines drift during a run; a share over 100% or a
         # second reading far from the first says the limits above were off by that much
-        buf = read_buffer(s)
-        bar = tqdm(total=5, desc="read bandwidth, again", file=sys.stderr, disable=not progress, leave=False)
-        machine["read_gbps_at_end"] = read_bandwidth(kernels, buf, bar)[0]
-        bar.close()
-        del buf
+        machine["read_gbps_at_end"] = bandwidth(kernels, read_buffer(s), "read bandwidth, again", progress)[0]
     notes.append(
         f"moe: {s.moe_layers} MoE layer(s) per step, each of {s.moe_experts} experts of "
         f"{s.ffn_shapes[0][0]}x{s.ffn_shapes[0][1]}, top-"
