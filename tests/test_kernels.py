@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.kernels import CppKernels, Kernels, cpp, load_kernels
@@ -147,6 +148,46 @@ def test_build_cache_is_keyed_by_cpu_and_sources(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(cpp, "FLAGS", [*cpp.FLAGS, "-DOTHER"])
     assert cpp.build_key() != key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_gemms_through_fp32_equal_torchs(monkeypatch, dtype):
+    """fp32_linear and fp32_times (a prompt's GEMMs where the CPU has no bf16 dot products)
+    against F.linear and matmul in the weights' dtype, over row chunks with a ragged last one.
+    Both multiply the same values (bf16 ones are exact in fp32) and sum K products in fp32 in
+    different orders: about sqrt(K) roundings of eps32 of the sum of |terms| (a factor 4 of room);
+    a bf16 result may then round to the neighbouring bf16 value, one step of at most 2^-7 |y|."""
+    monkeypatch.setattr(cpp, "WIDEN_ROWS", 16)
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(40, 96, generator=g) * torch.linspace(0.2, 2, 96)).to(dtype)  # uneven columns
+    b = torch.randn(40, generator=g).to(dtype)
+    x = torch.randn(2, 5, 96, generator=g).to(dtype)
+    h = torch.relu(torch.randn(2, 5, 40, generator=g)).to(dtype)  # dReLU-like zeros
+    eps32, step = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
+    cases = [
+        (cpp.fp32_linear(x, w, b), F.linear(x, w, b), x.abs().double() @ w.abs().double().t() + b.abs().double(), 96),
+        (cpp.fp32_times(h, w), h @ w, h.abs().double() @ w.abs().double(), 40),
+    ]
+    for got, ref, terms, k in cases:
+        assert got.dtype == dtype and got.shape == ref.shape
+        allowed = 4 * k**0.5 * eps32 * terms + (step * ref.abs().double() if dtype == torch.bfloat16 else 0)
+        assert ((got.double() - ref.double()).abs() <= allowed).all()
+        assert not ((got.double() * 1.01 - ref.double()).abs() <= allowed).all()
+
+
+@pytest.mark.parametrize(
+    "flags,through_fp32", [("avx2 fma", True), ("avx512f avx512_bf16", False), ("amx_bf16", False)]
+)
+def test_cpp_kernels_choose_the_prompt_gemms_by_the_cpu(cpp_kernels, monkeypatch, flags, through_fp32):
+    """torch's GEMMs where the CPU has bf16 dot products, the fp32 ones elsewhere, chosen once."""
+    calls = []
+    monkeypatch.setattr(cpp, "cpu_flags", lambda: f"flags\t\t: {flags}")
+    monkeypatch.setattr(cpp, "fp32_linear", lambda x, w, b=None: calls.append("linear") or F.linear(x, w, b))
+    monkeypatch.setattr(cpp, "fp32_times", lambda h, wt: calls.append("times") or h @ wt)
+    kernels = CppKernels(cpp_kernels.ops)
+    kernels.linear(torch.randn(3, 8), torch.randn(4, 8))
+    kernels.times(torch.randn(3, 4), torch.randn(4, 8))
+    assert calls == (["linear", "times"] if through_fp32 else [])
 
 
 def ffn_case(n, h, dtype, seed=0):

@@ -174,6 +174,37 @@ def build(verbose: bool = False):
         ) from exc
 
 
+def bf16_in_hardware() -> bool:
+    """Whether the CPU has bf16 dot products (AVX512-BF16 or AMX-BF16), which oneDNN's bf16 GEMMs
+    run on. Without them, a bf16 GEMM runs several times slower than an fp32 one."""
+    flags = cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+WIDEN_ROWS = 2048  # rows of a matrix widened to fp32 at a time by fp32_linear / fp32_times
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b) as fp32 GEMMs on w's rows widened to fp32 WIDEN_ROWS at a time, rounded to
+    x's dtype: a bf16 GEMM's products and fp32 sums, for a CPU without bf16 in hardware."""
+    xf = x.float()
+    parts = [
+        F.linear(xf, w[r : r + WIDEN_ROWS].float(), None if b is None else b[r : r + WIDEN_ROWS].float())
+        for r in range(0, w.size(0), WIDEN_ROWS)
+    ]
+    return torch.cat(parts, dim=-1).to(x.dtype)
+
+
+def fp32_times(h: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """h @ wt as fp32 GEMMs on wt's rows widened to fp32 WIDEN_ROWS at a time (partial sums in
+    fp32), rounded to h's dtype: see fp32_linear."""
+    h2 = h.reshape(-1, h.size(-1))
+    acc = torch.zeros(h2.size(0), wt.size(1))
+    for r in range(0, wt.size(0), WIDEN_ROWS):
+        acc.addmm_(h2[:, r : r + WIDEN_ROWS].float(), wt[r : r + WIDEN_ROWS].float())
+    return acc.to(h.dtype).reshape(*h.shape[:-1], wt.size(1))
+
+
 class CppKernels(Kernels):
     """The C++ kernels on weights held as tensors: the reference's contracts, computed without
     gathered copies, in fp32 sums, one call per fused step. Their tensors must be on the CPU."""
@@ -184,6 +215,9 @@ class CppKernels(Kernels):
     def __init__(self, ops):
         super().__init__()
         self.ops = ops  # the compiled module
+        # a prompt's GEMMs on weights held as tensors: torch's, or through fp32 where the CPU has
+        # no bf16 dot products (chosen once, for the CPU this process runs on)
+        self._linear, self._times = (F.linear, torch.matmul) if bf16_in_hardware() else (fp32_linear, fp32_times)
 
     @functools.cached_property
     def blocks(self) -> Kernels:
@@ -219,10 +253,10 @@ class CppKernels(Kernels):
         )
 
     def linear(self, x, w, b=None):
-        return F.linear(x, w, b)
+        return self._linear(x, w, b)
 
     def times(self, h, wt):
-        return h @ wt
+        return self._times(h, wt)
 
     def rms_norm(self, x, w, eps):
         return self.ops.rms_norm(x, w, eps)

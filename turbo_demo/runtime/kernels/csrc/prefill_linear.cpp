@@ -12,7 +12,7 @@
 // unsigned by signed bytes: int8 weights are read as w + 128 (the sum starts at -128 sum(q_x)),
 // int4 ones are unsigned already (q in 0..15, plus m d_x sum(q_x)). Results match the reference
 // up to fp32 summation order, rounded to x's dtype. Without AVX-512 VNNI, each token is the
-// decode step's q_dot.
+// decode step's q_dot, a few rows at a time against every token.
 
 #include "quant_blocks.h"
 
@@ -180,15 +180,30 @@ void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
 }
 
 #else
-// Without AVX-512 VNNI: each token as a decode step computes it, rows in parallel.
+// Without AVX-512 VNNI: each token's products are the decode step's q_dot, but a thread takes its
+// rows kLinearRows at a time against every token of the prompt, so that each row is read from
+// memory once (then from L1), not once per token.
+constexpr int64_t kLinearRows = 4;
+
 template <typename T>
 void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
-  for (int64_t t = 0; t < tokens; ++t) {
-    const QAct x = quantize_act(xp + t * w.cols, w.cols, w.fmt);
-    const int threads = threads_for<uint8_t>(w.rows * w.row_bytes);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < w.rows; ++r)
-      store(y + t * w.rows + r, qdot(w, w.row(r), w.row(std::min(r + 1, w.rows - 1)), x));
+  std::vector<QAct> xs(tokens);
+  const int64_t groups = (w.rows + kLinearRows - 1) / kLinearRows;
+  const int threads = threads_for<uint8_t>(w.rows * w.row_bytes);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) xs[t] = quantize_act(xp + t * w.cols, w.cols, w.fmt);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = g * kLinearRows, r1 = std::min(w.rows, r0 + kLinearRows);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t r = r0; r < r1; ++r) {
+          // the first token's pass prefetches the next group's rows; the others read cached ones
+          const int64_t next = t == 0 ? std::min(r + kLinearRows, w.rows - 1) : r;
+          store(y + t * w.rows + r, qdot(w, w.row(r), w.row(next), xs[t]));
+        }
+    }
   }
 }
 

@@ -9,8 +9,9 @@
 // rows into bf16 pairs (row i, row i + 1), multiplied into 12 tokens at a time by vdpbf16ps.
 // Else, with AVX-512: each block of 32 columns dequantized once per row and multiplied into up to
 // 12 tokens' fp32 accumulators; a row whose h is zero for all of them is skipped (dReLU's zeros,
-// the predictor's mask). Without AVX-512, each token is the decode step's q_axpy (a bf16 h then
-// multiplies the exact block values, not rounded).
+// the predictor's mask). With AVX2 alone: the same, a few rows' values dequantized into an fp32
+// panel in L1 once for all tokens. Without SIMD, each token is the decode step's q_axpy (a bf16 h
+// then multiplies the exact block values, not rounded).
 
 #include "quant_blocks.h"
 
@@ -214,8 +215,91 @@ void times_bf16(const QW& wt, const bf16_bits* hp, int64_t tokens, bf16_bits* y)
   }
 }
 #endif
+#elif defined(TD_SIMD)
+// With AVX2 (no AVX-512): a thread takes kTimesBlocks neighbouring column blocks of y at a time. Their
+// values in kTimesChunk rows are dequantized once into an fp32 panel (rounded to h's dtype, as
+// above), which then multiplies into every token's accumulators from L1, over the rows whose h is
+// not zero for that token.
+constexpr int64_t kTimesBlocks = 2, kTimesCols = kTimesBlocks * kQBlock, kTimesChunk = 64;
+constexpr int64_t kColVecs = kTimesCols / kLanes;
+
+// Rows [i0, i0 + rows) of column blocks [b0, b0 + n_blocks) in fp32 (as T), into panel (rows x
+// kTimesCols; the columns of absent blocks zero).
+template <typename T>
+void fill_panel(const QW& wt, int64_t i0, int64_t rows, int64_t b0, int64_t n_blocks, float* panel) {
+  const int64_t bb = block_bytes(wt.fmt);
+  std::fill(panel, panel + kTimesChunk * kTimesCols, 0.f);
+  for (int64_t i = 0; i < rows; ++i) {
+    prefetch(wt.row(std::min(i0 + i + 8, wt.rows - 1)) + b0 * bb);
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      const uint8_t* blk = wt.row(i0 + i) + (b0 + k) * bb;
+      float* out = panel + i * kTimesCols + k * kQBlock;
+      const float d = half_at(blk);
+      if (wt.fmt == kQ8) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int j = 0; j < kQBlock; ++j) out[j] = rounded<T>(d * static_cast<float>(q[j]));
+      } else {
+        const float m = half_at(blk + 2);
+        uint8_t q[kQBlock];
+        unpack_q4(blk + 4, q);
+        for (int j = 0; j < kQBlock; ++j) out[j] = rounded<T>(d * static_cast<float>(q[j]) + m);
+      }
+    }
+  }
+}
+
+template <typename T>
+void times_impl(const QW& wt, const T* hp, int64_t tokens, T* y) {
+  const int64_t n_in = wt.rows, nb = (wt.cols + kQBlock - 1) / kQBlock;
+  const int64_t groups = (nb + kTimesBlocks - 1) / kTimesBlocks;
+  // each token's non-zero h as (row, value) lists, token after token from start[t]: the panel's
+  // rows are then walked without a branch per row (dReLU's zeros fall at random)
+  std::vector<int32_t> nz_row;
+  std::vector<float> nz_h;
+  std::vector<int64_t> start(tokens + 1, 0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < n_in; ++i)
+      if (const float v = to_f32(hp[t * n_in + i]); v != 0.f) {
+        nz_row.push_back(static_cast<int32_t>(i));
+        nz_h.push_back(v);
+      }
+    start[t + 1] = static_cast<int64_t>(nz_row.size());
+  }
+  const int threads = threads_for<uint8_t>(wt.rows * wt.row_bytes);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<float> panel(kTimesChunk * kTimesCols), acc(tokens * kTimesCols);
+    std::vector<int64_t> pos(tokens);  // per token: its first non-zero at or after the chunk
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t b0 = g * kTimesBlocks, n_blocks = std::min(kTimesBlocks, nb - b0);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::copy(start.begin(), start.end() - 1, pos.begin());
+      for (int64_t i0 = 0; i0 < n_in; i0 += kTimesChunk) {
+        const int64_t rows = std::min(kTimesChunk, n_in - i0);
+        fill_panel<T>(wt, i0, rows, b0, n_blocks, panel.data());
+        for (int64_t t = 0; t < tokens; ++t) {
+          float* at = acc.data() + t * kTimesCols;
+          vec a[kColVecs];
+          for (int64_t v = 0; v < kColVecs; ++v) a[v] = vload(at + v * kLanes);
+          int64_t p = pos[t];
+          for (; p < start[t + 1] && nz_row[p] < i0 + rows; ++p) {
+            const vec hv = vset(nz_h[p]);
+            const float* w = panel.data() + (nz_row[p] - i0) * kTimesCols;
+            for (int64_t v = 0; v < kColVecs; ++v) a[v] = vfma(hv, vload(w + v * kLanes), a[v]);
+          }
+          pos[t] = p;
+          for (int64_t v = 0; v < kColVecs; ++v) vstore(at + v * kLanes, a[v]);
+        }
+      }
+      const int64_t c0 = b0 * kQBlock, width = std::min(kTimesCols, wt.cols - c0);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t c = 0; c < width; ++c) store(y + t * wt.cols + c0 + c, acc[t * kTimesCols + c]);
+    }
+  }
+}
 #else
-// Without AVX-512: each token as a decode step computes it, tokens in parallel.
+// Without SIMD: each token as a decode step computes it, tokens in parallel.
 template <typename T>
 void times_impl(const QW& wt, const T* hp, int64_t tokens, T* y) {
   const int64_t hp_cols = (wt.cols + kQBlock - 1) / kQBlock * kQBlock;

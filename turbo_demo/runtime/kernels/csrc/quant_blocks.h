@@ -263,6 +263,41 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
     }
     _mm512_storeu_ps(acc, a0);
     _mm512_storeu_ps(acc + 16, a1);
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    // a[i] holds values 8i .. 8i + 7 of the block
+    __m256 a[4] = {_mm256_loadu_ps(acc), _mm256_loadu_ps(acc + 8), _mm256_loadu_ps(acc + 16),
+                   _mm256_loadu_ps(acc + 24)};
+    __m128 mins = _mm_setzero_ps();  // int4: lane 1 = sum_r coef[r] * m_r, as above
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const uint8_t* blk = rows[r] + b * bb;
+      if (next && b % 2 == 0) prefetch(next[r] + b * bb);
+      if constexpr (FMT == kQ8) {
+        const __m256 dv = _mm256_set1_ps(coef[r] * half_at(blk));
+        for (int i = 0; i < 4; ++i) {
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * i));
+          a[i] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), a[i]);
+        }
+      } else {
+        uint32_t dm;
+        std::memcpy(&dm, blk, sizeof dm);
+        const __m128 cdm = _mm_mul_ps(_mm_set1_ps(coef[r]), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm))));
+        mins = _mm_add_ps(mins, cdm);
+        const __m256 dv = _mm256_broadcastss_ps(cdm);
+        const __m256i mask = _mm256_set1_epi32(15);
+        // nibble bytes 0-7 hold values 0-7 (low) and 16-23 (high); bytes 8-15 values 8-15 and 24-31
+        for (int i = 0; i < 2; ++i) {
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 4 + 8 * i)));
+          a[i] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), a[i]);
+          a[i + 2] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), a[i + 2]);
+        }
+      }
+    }
+    if constexpr (FMT == kQ4) {
+      const __m256 mv = _mm256_broadcastss_ps(_mm_movehdup_ps(mins));
+      for (int i = 0; i < 4; ++i) a[i] = _mm256_add_ps(a[i], mv);
+    }
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
 #else
     for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
