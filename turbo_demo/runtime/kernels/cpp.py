@@ -18,7 +18,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -217,6 +217,8 @@ class CppKernels(Kernels):
         self.ops = ops  # the compiled module
         # a prompt's GEMMs on weights held as tensors: torch's, or through fp32 where the CPU has
         # no bf16 dot products (chosen once, for the CPU this process runs on)
+        self._linear: Callable[..., torch.Tensor]
+        self._times: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._linear, self._times = (F.linear, torch.matmul) if bf16_in_hardware() else (fp32_linear, fp32_times)
 
     @functools.cached_property
