@@ -221,6 +221,15 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
   return w.fmt == kQ8 ? qdot_fmt<kQ8>(nb, row, next, x) : qdot_fmt<kQ4>(nb, row, next, x);
 }
 
+#if defined(TD_SIMD) && defined(__F16C__)
+// [coef d, coef m, 0, 0] for an int4 block's (d, m) header, in one conversion.
+inline __m128 scaled_dm(const uint8_t* blk, float coef) {
+  uint32_t dm;
+  std::memcpy(&dm, blk, sizeof dm);
+  return _mm_mul_ps(_mm_set1_ps(coef), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm))));
+}
+#endif
+
 constexpr int kGroup = 8;  // rows per pass of qaxpy over the accumulators
 
 // acc[0 : B * 32] += sum_{r < M} coef[r] * dequantize(rows[r]) for M <= kGroup rows of format FMT,
@@ -245,9 +254,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
         a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), a0);
         a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), a1);
       } else {
-        uint32_t dm;  // (d, m) in one conversion: [coef d, coef m, 0, 0]
-        std::memcpy(&dm, blk, sizeof dm);
-        const __m128 cdm = _mm_mul_ps(_mm_set1_ps(coef[r]), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm))));
+        const __m128 cdm = scaled_dm(blk, coef[r]);
         mins = _mm_add_ps(mins, cdm);
         const __m512 dv = _mm512_broadcastss_ps(cdm);
         // byte j holds value j (low nibble) and value j + 16 (high nibble): one widening for both
@@ -279,9 +286,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
           a[i] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), a[i]);
         }
       } else {
-        uint32_t dm;
-        std::memcpy(&dm, blk, sizeof dm);
-        const __m128 cdm = _mm_mul_ps(_mm_set1_ps(coef[r]), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm))));
+        const __m128 cdm = scaled_dm(blk, coef[r]);
         mins = _mm_add_ps(mins, cdm);
         const __m256 dv = _mm256_broadcastss_ps(cdm);
         const __m256i mask = _mm256_set1_epi32(15);
