@@ -180,15 +180,14 @@ void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
 }
 
 #else
-// Without AVX-512 VNNI: each token's products are the decode step's q_dot, but a thread takes its
-// rows kLinearRows at a time against every token of the prompt, so that each row is read from
-// memory once (then from L1), not once per token.
-constexpr int64_t kLinearRows = 4;
+// Without AVX-512 VNNI: each token's products are the decode step's q_dot (four rows at a time,
+// qdot4), but a thread takes its rows four at a time against every token of the prompt, so that
+// each row is read from memory once (then from L1), not once per token.
 
 template <typename T>
 void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
   std::vector<QAct> xs(tokens);
-  const int64_t groups = (w.rows + kLinearRows - 1) / kLinearRows;
+  const int64_t groups = (w.rows + 3) / 4;
   const int threads = threads_for<uint8_t>(w.rows * w.row_bytes);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -196,13 +195,18 @@ void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
     for (int64_t t = 0; t < tokens; ++t) xs[t] = quantize_act(xp + t * w.cols, w.cols, w.fmt);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t r0 = g * kLinearRows, r1 = std::min(w.rows, r0 + kLinearRows);
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t r = r0; r < r1; ++r) {
-          // the first token's pass prefetches the next group's rows; the others read cached ones
-          const int64_t next = t == 0 ? std::min(r + kLinearRows, w.rows - 1) : r;
-          store(y + t * w.rows + r, qdot(w, w.row(r), w.row(next), xs[t]));
-        }
+      const int64_t r0 = 4 * g;
+      const uint8_t *rows[4], *next[4];  // a short last group repeats its last row
+      for (int i = 0; i < 4; ++i) {
+        rows[i] = w.row(std::min(r0 + i, w.rows - 1));
+        next[i] = w.row(std::min(r0 + 4 + i, w.rows - 1));
+      }
+      for (int64_t t = 0; t < tokens; ++t) {
+        float out[4];
+        // the first token's pass prefetches the next group's rows; the others read cached ones
+        qdot4(w, rows, t == 0 ? next : rows, xs[t], out);
+        for (int i = 0; i < 4 && r0 + i < w.rows; ++i) store(y + t * w.rows + r0 + i, out[i]);
+      }
     }
   }
 }

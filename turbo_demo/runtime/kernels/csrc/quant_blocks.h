@@ -221,6 +221,113 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
   return w.fmt == kQ8 ? qdot_fmt<kQ8>(nb, row, next, x) : qdot_fmt<kQ4>(nb, row, next, x);
 }
 
+#if defined(__AVX2__) && defined(__F16C__) && !defined(TD_Q4_PAIRS)
+#define TD_QDOT4 1
+// Four rows' dot products on AVX2, block by block: one load of the activation block and one
+// conversion of the four rows' fp16 headers per block (a row at a time, both are paid per row,
+// and the kernel is bound by these instructions, not by memory). Each block's integer sums are
+// exact (int16 lanes hold at most 8 products of |q_w| <= 15 (int4) and |q_x| <= 127: 15240),
+// scaled in fp32 as qdot_block's; the sum over blocks differs from qdot's in order only.
+
+// int4: rows in pairs, two rows' 16 nibble bytes in one register ([row 2k | row 2k + 1]) against
+// the block's values 0-15 (low nibbles) and 16-31 (high nibbles) in both halves.
+inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x,
+                     float out[4]) {
+  constexpr int64_t bb = 4 + kQBlock / 2;
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  // the (d_w d_x) lanes of a block's header products, in the lane order of its integer sums
+  const __m256i d_lanes = _mm256_setr_epi32(0, 0, 4, 4, 2, 2, 6, 6);
+  __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();  // mins: lane 2t + 1 = row t's m_w d_x sum(q_x)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* xq = x.q.data() + b * kQBlock;
+    const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
+    const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
+    uint32_t dm[4];
+    for (int t = 0; t < 4; ++t) std::memcpy(&dm[t], r[t] + b * bb, sizeof dm[t]);
+    // [d_0 d_x, m_0 s_x, d_1 d_x, m_1 s_x, ...]
+    const __m256 prod = _mm256_mul_ps(
+        _mm256_cvtph_ps(_mm_setr_epi32(static_cast<int>(dm[0]), static_cast<int>(dm[1]), static_cast<int>(dm[2]),
+                                       static_cast<int>(dm[3]))),
+        _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x.ds.data() + 2 * b))));
+    mins = _mm256_add_ps(mins, prod);
+    if (b % 2 == 0)
+      for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
+    __m256i pair[2];
+    for (int k = 0; k < 2; ++k) {
+      const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(r[2 * k + 1] + b * bb + 4),
+                                            reinterpret_cast<const __m128i*>(r[2 * k] + b * bb + 4));
+      pair[k] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask), xlo),
+                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), xhi));
+    }
+    // int32 lanes: [row 0, row 0, row 2, row 2 | row 1, row 1, row 3, row 3]
+    const __m256i isum = _mm256_madd_epi16(_mm256_hadd_epi16(pair[0], pair[1]), ones);
+    acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(prod, d_lanes), _mm256_cvtepi32_ps(isum), acc);
+  }
+  alignas(32) float a[8], m[8];
+  _mm256_store_ps(a, acc);
+  _mm256_store_ps(m, mins);
+  constexpr int lane[4] = {0, 4, 2, 6};  // row t's two lanes: lane[t], lane[t] + 1
+  for (int t = 0; t < 4; ++t) out[t] = m[2 * t + 1] + (a[lane[t]] + a[lane[t] + 1]);
+}
+
+// int8: each row's sums as qdot_block's, reduced to one int32 lane per row ([row 0..3 | row 0..3]).
+inline void qdot4_q8(int64_t nb, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x,
+                     float out[4]) {
+  constexpr int64_t bb = 2 + kQBlock;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + b * kQBlock));
+    uint16_t d[4];
+    for (int t = 0; t < 4; ++t) std::memcpy(&d[t], r[t] + b * bb, sizeof d[t]);
+    const __m128 d4 = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]),
+                                                             static_cast<short>(d[2]), static_cast<short>(d[3]), 0, 0,
+                                                             0, 0)),
+                                 _mm_set1_ps(x.d(b)));
+    if (b % 2 == 0)
+      for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
+    __m256i isum[4];
+    for (int t = 0; t < 4; ++t) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[t] + b * bb + 2));
+      isum[t] = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    }
+    const __m256i rows = _mm256_hadd_epi32(_mm256_hadd_epi32(isum[0], isum[1]), _mm256_hadd_epi32(isum[2], isum[3]));
+    acc = _mm256_fmadd_ps(_mm256_set_m128(d4, d4), _mm256_cvtepi32_ps(rows), acc);
+  }
+  alignas(32) float a[8];
+  _mm256_store_ps(a, acc);
+  for (int t = 0; t < 4; ++t) out[t] = a[t] + a[t + 4];
+}
+#endif
+
+// out[t] = qdot of row r[t] for four rows of w, prefetching next[t] (the rows read after these).
+inline void qdot4(const QW& w, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x, float out[4]) {
+#if defined(TD_QDOT4)
+  const int64_t nb = (w.cols + kQBlock - 1) / kQBlock;
+  if (w.fmt == kQ8)
+    qdot4_q8(nb, r, next, x, out);
+  else
+    qdot4_q4(nb, r, next, x, out);
+#else
+  for (int t = 0; t < 4; ++t) out[t] = qdot(w, r[t], next[t], x);
+#endif
+}
+
+// fn(j, row_at(j) . x) for each j in [j0, j1), in increasing j, four rows at a time (a short last
+// group repeats its last row, whose results are not passed on), each group prefetching the next.
+template <typename RowAt, typename Fn>
+inline void qdot_range(const QW& w, int64_t j0, int64_t j1, RowAt row_at, const QAct& x, Fn fn) {
+  for (int64_t j = j0; j < j1; j += 4) {
+    const uint8_t *r[4], *next[4];
+    for (int t = 0; t < 4; ++t) {
+      r[t] = row_at(std::min(j + t, j1 - 1));
+      next[t] = row_at(std::min(j + 4 + t, j1 - 1));
+    }
+    float out[4];
+    qdot4(w, r, next, x, out);
+    for (int t = 0; t < 4 && j + t < j1; ++t) fn(j + t, out[t]);
+  }
+}
+
 #if defined(TD_SIMD) && defined(__F16C__)
 // [coef d, coef m, 0, 0] for an int4 block's (d, m) header, in one conversion.
 inline __m128 scaled_dm(const uint8_t* blk, float coef) {

@@ -74,24 +74,22 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const auto [j0, j1] = share(k, t, nt, 1);
     std::vector<float> gate(j1 - j0);  // dense: W_gate x; else a = relu(W_gate x)
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t n = pick(idx, j), nn = pick(idx, std::min(j + 1, j1 - 1));
-      if (a_given)
-        gate[j - j0] = to_f32(a_given[j]);
-      else {
-        const float g = rounded<T>(qdot(wg, wg.row(n), wg.row(nn), x));
+    if (a_given)
+      for (int64_t j = j0; j < j1; ++j) gate[j - j0] = to_f32(a_given[j]);
+    else
+      qdot_range(wg, j0, j1, [&](int64_t j) { return wg.row(pick(idx, j)); }, x, [&](int64_t j, float v) {
+        const float g = rounded<T>(v);
         gate[j - j0] = dense ? g : std::max(g, 0.f);
-      }
-    }
+      });
     std::vector<int64_t> up;  // the candidates whose up row is read
     for (int64_t j = j0; j < j1; ++j)
       if (dense || gate[j - j0] != 0.f) up.push_back(j);
     std::vector<const uint8_t*> down;
     std::vector<float> hs;
     const int64_t m = static_cast<int64_t>(up.size());
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t j = up[i], n = pick(idx, j), nn = pick(idx, up[std::min(i + 1, m - 1)]);
-      const float u = rounded<T>(qdot(wu, wu.row(n), wu.row(nn), x));
+    qdot_range(wu, 0, m, [&](int64_t i) { return wu.row(pick(idx, up[i])); }, x, [&](int64_t i, float uv) {
+      const int64_t j = up[i], n = pick(idx, j);
+      const float u = rounded<T>(uv);
       float hv;
       if (dense) {
         const float a = rounded<T>(apply(act, gate[j - j0]));
@@ -110,7 +108,7 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
         down.push_back(wd.row(n));
         hs.push_back(hv);
       }
-    }
+    });
     up_rows += m;
     qaxpy_list(wd, down, hs, partial.data() + static_cast<size_t>(t) * hp);
   }
@@ -136,8 +134,12 @@ torch::Tensor q_dot(const torch::Tensor& w, int64_t fmt, int64_t cols, const tor
     const QAct xa = quantize_act(ptr_of<T>(x), cols, qw.fmt);
     T* yp = ptr_of<T>(y);
     const int threads = threads_for<uint8_t>(k * qw.row_bytes);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t j = 0; j < k; ++j) store(yp + j, qdot(qw, qw.row(pick(ip, j)), qw.row(pick(ip, std::min(j + 1, k - 1))), xa));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      const auto [j0, j1] = share(k, omp_get_thread_num(), omp_get_num_threads(), 4);
+      qdot_range(qw, j0, j1, [&](int64_t j) { return qw.row(pick(ip, j)); }, xa,
+                 [&](int64_t j, float v) { store(yp + j, v); });
+    }
   });
   return y;
 }
@@ -166,8 +168,11 @@ std::vector<torch::Tensor> q_matvecs(const std::vector<torch::Tensor>& ws, int64
     const QAct xa = quantize_act(ptr_of<T>(x), cols, qws[0].fmt);
     const int64_t k = static_cast<int64_t>(rows.size());
     const int threads = threads_for<uint8_t>(k * qws[0].row_bytes);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t j = 0; j < k; ++j) store(outs[j], qdot(qws[0], rows[j], rows[std::min(j + 1, k - 1)], xa));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      const auto [j0, j1] = share(k, omp_get_thread_num(), omp_get_num_threads(), 4);
+      qdot_range(qws[0], j0, j1, [&](int64_t j) { return rows[j]; }, xa, [&](int64_t j, float v) { store(outs[j], v); });
+    }
   });
   return ys;
 }
@@ -246,9 +251,12 @@ std::tuple<torch::Tensor, int64_t> q_predict(const torch::Tensor& fc1, int64_t f
     const QAct ra = quantize_act(ptr_of<T>(r), h, w1.fmt);
     std::vector<float> all(w1.rows);
     const int threads = threads_for<uint8_t>(w1.rows * w1.row_bytes);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t j = 0; j < w1.rows; ++j)
-      all[j] = std::max(rounded<T>(qdot(w1, w1.row(j), w1.row(std::min(j + 1, w1.rows - 1)), ra)), 0.f);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      const auto [j0, j1] = share(w1.rows, omp_get_thread_num(), omp_get_num_threads(), 4);
+      qdot_range(w1, j0, j1, [&](int64_t j) { return w1.row(j); }, ra,
+                 [&](int64_t j, float v) { all[j] = std::max(rounded<T>(v), 0.f); });
+    }
     std::vector<float> z;
     std::vector<int64_t> rows;
     for (int64_t j = 0; j < w1.rows; ++j)
