@@ -108,6 +108,34 @@ def test_cpp_quantized_gemv_matches_torch(cpp_kernels, fmt, dtype, n, h, k):
         torch.testing.assert_close(got, ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_cpp_quantized_dots_hold_the_largest_block_sums(cpp_kernels, fmt):
+    """Blocks whose integer sums are as large as the formats allow: every weight at its format's
+    largest |q| (int4 15, int8 127) against x at +-127 everywhere. The AVX2 kernels keep partial
+    sums of up to 8 such products in 16-bit lanes (15 x 127 x 8 = 15240, 2 x 127 x 127 = 32258);
+    a wrapped lane would be off by 65536 steps, a single product dropped by one whole product."""
+    n, h = 13, 32 * 9 + 5  # a short last group of four rows, a padded last block
+    g = torch.Generator().manual_seed(5)
+    ones = torch.ones(n, h)
+    if fmt == "int4":  # each block [0, 1, 1, ...] or [-1, 0, 0, ...]: q = 15 but one value
+        w = torch.where(torch.arange(h) % 32 == 0, 0.0, 1.0).expand(n, h).clone()
+        w[1::2] -= 1.0
+    else:  # every value +-1: q = +-127
+        w = torch.where(torch.rand(n, h, generator=g) < 0.5, -ones, ones)
+    qw = quantize(w, fmt)
+    x = torch.where(torch.rand(h, generator=g) < 0.8, 1.0, -1.0)
+    tokens = torch.stack([x, -x, x.flip(0)])
+    for got, ref in (
+        (cpp_kernels.blocks.matvec(qw, x), REF.matvec(qw, x)),
+        (cpp_kernels.blocks.rows_dot(qw, x, torch.arange(n).flip(0)), REF.rows_dot(qw, x, torch.arange(n).flip(0))),
+        (cpp_kernels.blocks.linear(tokens, qw), REF.linear(tokens, qw)),
+    ):
+        torch.testing.assert_close(got, ref, **TOL[torch.float32])
+        one_product = (torch.arange(ref.numel()) == 3).view_as(ref).float()  # |w x| = 1 here
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(got, ref + one_product, **TOL[torch.float32])
+
+
 def test_reference_is_dequantize_then_the_float_formula():
     """The reference's quantized GEMV is the float GEMV of the dequantized rows and of x after
     its per-block quantization; against the unquantized x it is off by that rounding only."""
