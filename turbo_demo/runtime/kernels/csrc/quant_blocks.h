@@ -1,7 +1,8 @@
 // The block formats of runtime/quant.py (Q8_0 "int8" and Q4_1 "int4", blocks of 32 values along a
 // row) and the primitives the q_* kernels of quant_ops.cpp are built from: an activation quantized
-// per block (quantize_act), one row's dot product with it (qdot) and a weighted sum of up to
-// kGroup rows into fp32 accumulators (qaxpy, qaxpy_list). See quant_ops.cpp for the arithmetic.
+// per block (quantize_act), one row's dot product with it (qdot), four rows' (qdot4, and
+// qdot_range over a selection of rows) and a weighted sum of up to kGroup rows into fp32
+// accumulators (qaxpy, qaxpy_list). See quant_ops.cpp for the arithmetic.
 
 #pragma once
 
