@@ -180,9 +180,9 @@ void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
 }
 
 #else
-// Without AVX-512 VNNI: each token's products are the decode step's q_dot (four rows at a time,
-// qdot4), but a thread takes its rows four at a time against every token of the prompt, so that
-// each row is read from memory once (then from L1), not once per token.
+// Without AVX-512 VNNI: each token's products are the decode step's four-row dot product (qdot4),
+// and a thread takes its rows four at a time against every token of the prompt, so that each row
+// is read from memory once (then from L1), not once per token.
 
 template <typename T>
 void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
@@ -196,11 +196,8 @@ void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t r0 = 4 * g;
-      const uint8_t *rows[4], *next[4];  // a short last group repeats its last row
-      for (int i = 0; i < 4; ++i) {
-        rows[i] = w.row(std::min(r0 + i, w.rows - 1));
-        next[i] = w.row(std::min(r0 + 4 + i, w.rows - 1));
-      }
+      const uint8_t *rows[4], *next[4];
+      rows4([&](int64_t r) { return w.row(r); }, r0, w.rows, rows, next);
       for (int64_t t = 0; t < tokens; ++t) {
         float out[4];
         // the first token's pass prefetches the next group's rows; the others read cached ones

@@ -313,16 +313,23 @@ inline void qdot4(const QW& w, const uint8_t* const r[4], const uint8_t* const n
 #endif
 }
 
-// fn(j, row_at(j) . x) for each j in [j0, j1), in increasing j, four rows at a time (a short last
-// group repeats its last row, whose results are not passed on), each group prefetching the next.
+// The group of four rows at j of the rows row_at(j0 .. j1 - 1) (r) and the group after it (next),
+// for qdot4: a short group repeats the last row (its results are dropped by the caller).
+template <typename RowAt>
+inline void rows4(RowAt row_at, int64_t j, int64_t j1, const uint8_t* r[4], const uint8_t* next[4]) {
+  for (int t = 0; t < 4; ++t) {
+    r[t] = row_at(std::min(j + t, j1 - 1));
+    next[t] = row_at(std::min(j + 4 + t, j1 - 1));
+  }
+}
+
+// fn(j, row_at(j) . x) for each j in [j0, j1), in increasing j, four rows at a time (rows4), each
+// group prefetching the next.
 template <typename RowAt, typename Fn>
 inline void qdot_range(const QW& w, int64_t j0, int64_t j1, RowAt row_at, const QAct& x, Fn fn) {
   for (int64_t j = j0; j < j1; j += 4) {
     const uint8_t *r[4], *next[4];
-    for (int t = 0; t < 4; ++t) {
-      r[t] = row_at(std::min(j + t, j1 - 1));
-      next[t] = row_at(std::min(j + 4 + t, j1 - 1));
-    }
+    rows4(row_at, j, j1, r, next);
     float out[4];
     qdot4(w, r, next, x, out);
     for (int t = 0; t < 4 && j + t < j1; ++t) fn(j + t, out[t]);
