@@ -4,6 +4,7 @@ model, every mode on both backends, exact == dense at the same quantization, qua
 -> load bit for bit, and the embedded MoE pair's greedy tokens at int8 against float."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def mixtral(tmp_path_factory, tokenizer):
 
 
 def expert_matrices(packed) -> list:
-    return [w for e in ffn_parts(packed.ffns) for w in (e.wg, e.wu, e.wd_t, e.fc1, e.fc2_t) if w is not None]
+    return [w for e in ffn_parts(packed.ffns) for w in e.matrices]
 
 
 def same_blocks(a, b) -> bool:
@@ -71,7 +72,8 @@ def test_streamed_experts_equal_quantizing_the_loaded_model(request, layout, fmt
     blocks = sum(w.nbytes for w in expert_matrices(streamed)) + sum(
         w.nbytes for a in streamed.lean.attention for w in (a.wq, a.wk, a.wv, a.wo)
     )
-    assert need.weights == blocks + streamed.lean.lm_head.nbytes + floats
+    rows = sum(e.wd.nbytes for e in ffn_parts(streamed.ffns))  # W_down's second blocks: copies
+    assert need.weights == blocks - rows + streamed.lean.lm_head.nbytes + floats and need.copies == rows
     assert greedy(streamed, "dense", Kernels()) == greedy(packed, "dense", Kernels())
 
 
@@ -93,20 +95,33 @@ def test_fused_experts_are_split_per_expert(mixtral, tmp_path):
         )
 
 
+def neuron_major_only(packed):
+    """The pack with its experts' (H, I) blocks of W_down dropped: the dense formula on the
+    neuron-major blocks, which the sparse steps read."""
+    ffns = [replace(f, experts=[replace(e, wd=None) for e in f.experts]) for f in packed.ffns]
+    return replace(packed, ffns=ffns)
+
+
 @pytest.mark.parametrize("fmt", QUANTS)
 def test_every_mode_runs_on_quantized_experts_on_both_backends(published, backends, fmt):
     """Dense, exact, predictor and threshold on int8 / int4 experts: each backend's greedy tokens
-    are the torch reference's, and exact's logits are dense's (the same rows, the same sums)."""
+    are the torch reference's; exact's logits are those of the dense formula on the neuron-major
+    blocks (the same rows, the same sums), and dense's, which reads W_down's (H, I) blocks with
+    h quantized (FFNWeights.wd), are not."""
     packed = load_quantized(published, fmt, torch.float32)
+    assert all(e.wd is not None and e.wd.shape == (CONFIG["hidden_size"], e.n) for e in ffn_parts(packed.ffns))
     tokens = {(k.name, mode): greedy(packed, mode, k) for k in backends for mode in ("dense", "exact", "predictor")}
-    assert all(t == tokens["torch", "dense" if mode == "exact" else mode] for (_, mode), t in tokens.items())
+    assert all(t == tokens["torch", mode] for (_, mode), t in tokens.items())
     for kernels in backends:
         logits = {}
-        for mode in ("dense", "exact"):
-            runtime = LeanRuntime(packed, mode, kernels)
+        neurons = neuron_major_only(packed)  # the prompt too through the neuron-major blocks
+        for name, mode, p in (("dense", "dense", packed), ("neurons", "dense", neurons), ("exact", "exact", neurons)):
+            runtime = LeanRuntime(p, mode, kernels)
             runtime.prefill(torch.tensor(PROMPT[:-1]))
-            logits[mode] = runtime.decode(PROMPT[-1])[0]
-        torch.testing.assert_close(logits["exact"], logits["dense"], atol=1e-5, rtol=1e-5)
+            logits[name] = runtime.decode(PROMPT[-1])[0]
+        torch.testing.assert_close(logits["exact"], logits["neurons"], atol=1e-5, rtol=1e-5)
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(logits["dense"], logits["neurons"], atol=1e-5, rtol=1e-5)
         threshold = LeanRuntime(packed, "threshold", kernels, threshold=0.05)
         assert len([s.token for s in threshold.generate(PROMPT, 4)]) == 4
 

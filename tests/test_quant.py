@@ -18,7 +18,7 @@ from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer, save_c
 from turbo_demo.checkpoints.quantized import load_quantized
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
-from turbo_demo.runtime.kernels.reference import LayerCache
+from turbo_demo.runtime.kernels.reference import ACTS, LayerCache
 from turbo_demo.runtime.quant import BLOCK_BYTES, QWeight, dequantize, quantize, quantize_activation
 from turbo_demo.runtime.weights import AttentionWeights, FFNWeights
 
@@ -183,6 +183,34 @@ def test_cpp_quantized_ffn_steps_match_torch(cpp_kernels, fmt, dtype, act, act_u
         torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
 
 
+@pytest.mark.parametrize("fmt", QUANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,act_up", [("relu", True), ("silu", False)])
+def test_cpp_quantized_dense_step_reads_w_down_rows(cpp_kernels, fmt, dtype, act, act_up):
+    """Given W_down's (H, I) blocks (wd), the dense step is llama.cpp's: h quantized per block,
+    dotted with wd's rows. The C++ step against the reference; the reference against that
+    formula written out; a one-product change fails the same comparison. I = 203: a padded
+    last block of h; H = 97 outputs: a short last group of rows."""
+    (wg, wu, _), _, _, x = qffn(203, 97, fmt, dtype)
+    g = torch.Generator().manual_seed(5)
+    down = torch.randn(97, 203, generator=g) / 203**0.5
+    w = FFNWeights(wg, wu, quantize(down.t().contiguous(), fmt), act, act_up, wd=quantize(down, fmt))
+    r = torch.randn(97, generator=g).to(dtype)
+    counts, ref_counts = torch.zeros(203, dtype=torch.int32), torch.zeros(203, dtype=torch.int32)
+    y, active = cpp_kernels.blocks.ffn_dense(w, x, add_to=r, counts=counts)
+    ref_y, ref_active = REF.ffn_dense(w, x, add_to=r, counts=ref_counts)
+    torch.testing.assert_close(y, ref_y, **TOL[dtype])
+    assert active == ref_active == int(torch.count_nonzero(ref_counts)) and torch.equal(counts, ref_counts)
+    f = ACTS[act]
+    u = REF.matvec(wu, x)
+    h = f(REF.matvec(wg, x)) * (f(u) if act_up else u)
+    terms = dequantize(w.wd) * quantize_activation(h).float()  # (H, I): each output's products
+    torch.testing.assert_close(ref_y, (terms.sum(1).to(dtype) + r), **TOL[dtype])
+    one_product = torch.zeros(97).index_fill_(0, torch.tensor([3]), float(terms[3].abs().max())).to(dtype)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(y, ref_y + one_product, **TOL[dtype])
+
+
 def test_cpp_quantized_kernels_reject_bad_input(cpp_kernels):
     w, x, _, _ = qcase(10, 40, "int8", torch.float32, 3)
     with pytest.raises(RuntimeError, match="bytes per row"):
@@ -211,44 +239,68 @@ def test_every_mode_runs_quantized_on_both_backends(backends, fmt):
         for mode in ("dense", "exact", "predictor", "threshold"):
             tokens[kernels.name, mode] = greedy(packed, mode, kernels)
     for (_, mode), t in tokens.items():
-        assert t == tokens["torch", "dense" if mode in ("dense", "exact", "threshold") else mode]
+        assert t == tokens["torch", mode]
 
 
-def quantized_reference(model, fmt: str):
+class QuantizedDown(torch.nn.Module):
+    """W_down as a quantized pack computes it: the dense formula (every prompt token, and the
+    last one when `last` is "dense") quantizes h per block and dots it with W_down's blocks along
+    the neurons (FFNWeights.wd); a sparse step (the last token when `last` is "sparse") sums
+    W_down's neuron-major blocks weighted by h unquantized."""
+
+    def __init__(self, w: torch.Tensor, fmt: str, last: str):
+        super().__init__()
+        self.rows, self.neurons = dequantize(quantize(w, fmt)), dequantize(quantize(w.t(), fmt)).t()
+        self.last = last
+
+    def forward(self, h):
+        y = quantize_activation(h) @ self.rows.t()
+        if self.last == "sparse":
+            y[..., -1, :] = h[..., -1, :] @ self.neurons.t()
+        return y
+
+
+def quantized_reference(model, fmt: str, last: str = "dense"):
     """The model as a quantized runtime computes it, in transformers' own forward: each matrix
-    replaced by its dequantized blocks, and the input of each linear layer but the down
-    projection (whose row sums read h unquantized) quantized per block to Q8_0 first."""
+    replaced by its dequantized blocks, the input of each linear layer quantized per block to
+    Q8_0 first, and W_down as QuantizedDown (`last`: the decoded token's FFN step)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:  # W_down in blocks of its neuron-major rows
-                p.copy_(dequantize(quantize(p.t(), fmt)).t() if "down_proj" in name else dequantize(quantize(p, fmt)))
+            if p.dim() == 2 and "embed" not in name and "down_proj" not in name:
+                p.copy_(dequantize(quantize(p, fmt)))
         # a tied LM head is quantized, its embedding (a lookup) is not: untie them
         model.lm_head.weight = torch.nn.Parameter(dequantize(quantize(model.lm_head.weight, fmt)))
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("down_proj"):
             module.register_forward_pre_hook(lambda _, args: (quantize_activation(args[0]),))
+    for layer in model.model.layers:
+        layer.mlp.down_proj = QuantizedDown(layer.mlp.down_proj.weight.detach(), fmt, last)
     return model
 
 
-def test_int8_exact_equals_dense_and_the_quantized_formula(backends):
-    """exact == dense at int8 (the same rows, the same arithmetic), and the int8 runtime's
-    logits are those of transformers' forward on the dequantized weights with the activations
-    quantized where the kernels quantize them (quantized_reference), up to fp32 summation order
-    and a Q8 rounding an order flips (1e-3 of the logits' scale). W_down 20% off fails it."""
+def test_int8_dense_and_exact_are_their_quantized_formulas(backends):
+    """The int8 runtime's logits are those of transformers' forward on the dequantized weights
+    with the activations quantized where the kernels quantize them (quantized_reference): dense
+    with W_down's blocks along the neurons and h quantized, exact the same for the prompt and,
+    for the decoded token, W_down's neuron-major blocks and h as it is; up to fp32 summation
+    order and a Q8 rounding an order flips (1e-3 of the logits' scale). W_down 20% off fails it,
+    and so does each mode against the other's formula (two quantizations of W_down)."""
     model = tiny_model("drelu", seed=2)
     packed = pack(model, "int8")
     ids = torch.tensor([3, 17, 42, 7])
+    expected = {}
     with torch.no_grad():
-        expected = quantized_reference(tiny_model("drelu", seed=2), "int8")(ids[None]).logits[0, -1]
-    tol = dict(atol=1e-3 * float(expected.abs().max()), rtol=0.0)
+        for mode, last in (("dense", "dense"), ("exact", "sparse")):
+            expected[mode] = quantized_reference(tiny_model("drelu", seed=2), "int8", last)(ids[None]).logits[0, -1]
+    tol = dict(atol=1e-3 * float(expected["dense"].abs().max()), rtol=0.0)
     for kernels in backends:
-        logits = {}
-        for mode in ("dense", "exact"):
+        for mode, other in (("dense", "exact"), ("exact", "dense")):
             runtime = LeanRuntime(packed, mode, kernels)
             runtime.prefill(ids[:-1])
-            logits[mode] = runtime.decode(int(ids[-1]))[0]
-        torch.testing.assert_close(logits["exact"], logits["dense"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits["dense"], expected, **tol)
+            logits = runtime.decode(int(ids[-1]))[0]
+            torch.testing.assert_close(logits, expected[mode], **tol)
+            with pytest.raises(AssertionError):
+                torch.testing.assert_close(logits, expected[other], **tol)
     wrong = tiny_model("drelu", seed=2)
     with torch.no_grad():
         for layer in wrong.model.layers:
@@ -256,7 +308,7 @@ def test_int8_exact_equals_dense_and_the_quantized_formula(backends):
     runtime = LeanRuntime(pack(wrong, "int8"), "dense", backends[0])
     runtime.prefill(ids[:-1])
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(runtime.decode(int(ids[-1]))[0], expected, **tol)
+        torch.testing.assert_close(runtime.decode(int(ids[-1]))[0], expected["dense"], **tol)
 
 
 @pytest.fixture(scope="module")
@@ -267,13 +319,14 @@ def untied_dir(tmp_path_factory, tokenizer):
 
 def matrices(packed) -> list[QWeight]:
     attention = [w for a in packed.lean.attention for w in (a.wq, a.wk, a.wv, a.wo)]
-    return [packed.lean.lm_head, *attention, *(w for f in packed.ffns for w in (f.wg, f.wu, f.wd_t, f.fc1, f.fc2_t))]
+    return [packed.lean.lm_head, *attention, *(w for f in packed.ffns for w in f.matrices)]
 
 
 @pytest.mark.parametrize("fmt", QUANTS)
 def test_streamed_load_equals_quantizing_the_loaded_model(untied_dir, fmt):
     """load_quantized never holds the float matrices, and gives the same blocks as pack(model,
-    quant) on the model loaded in float; its memory estimate counts exactly those blocks."""
+    quant) on the model loaded in float (W_down in both layouts); its memory estimate counts
+    exactly those blocks, W_down's (H, I) ones as copies."""
     streamed, packed = load_quantized(untied_dir, fmt), pack(load_model(untied_dir), fmt)
     assert all(p.is_meta for n, p in streamed.model.named_parameters() if n.endswith("proj.weight"))
     assert not streamed.model.model.embed_tokens.weight.is_meta
@@ -281,7 +334,9 @@ def test_streamed_load_equals_quantizing_the_loaded_model(untied_dir, fmt):
     assert all(a.fmt == b.fmt and torch.equal(a.data, b.data) for a, b in pairs)
     need = memory.estimate(untied_dir, None, None, fmt)
     floats = sum(p.numel() * 4 for p in streamed.model.parameters() if not p.is_meta)
-    assert need.quant == fmt and need.weights == sum(w.nbytes for w in matrices(streamed)) + floats
+    rows = sum(f.wd.nbytes for f in streamed.ffns)  # W_down's (H, I) blocks: runtime copies
+    assert need.quant == fmt and need.weights + need.copies == sum(w.nbytes for w in matrices(streamed)) + floats
+    assert need.copies == rows > 0 and streamed.ffns[0].wd.shape == streamed.ffns[0].wd_t.shape[::-1]
     assert f"of {fmt} weights" in need.describe()
     assert greedy(streamed, "predictor", Kernels()) == greedy(packed, "predictor", Kernels())
 
@@ -322,6 +377,22 @@ def test_quantize_save_load_is_bit_identical_and_transformers_refuses(untied_dir
     other = "int4" if fmt == "int8" else "int8"
     assert main(["generate", str(dst), "--quant", other, "--prompt", "def"]) == 2
     assert f"holds {fmt} weights" in capsys.readouterr().err
+    # a checkpoint written before W_down's (H, I) blocks were kept: its dense formula reads wd_t
+    from safetensors.torch import load_file, save_file
+
+    tensors = {n: t for n, t in load_file(dst / "model.safetensors").items() if ".rows." not in n}
+    layout = {n: v for n, v in json.loads(safe_metadata(dst)["turbo_demo_blocks"]).items() if n in tensors}
+    save_file(tensors, dst / "model.safetensors", metadata={"turbo_demo_blocks": json.dumps(layout)})
+    older = load_quantized(dst)
+    assert all(f.wd is None for f in older.ffns) and all(f.wd is not None for f in loaded.ffns)
+    assert greedy(older, "dense", Kernels()) == greedy(older, "exact", Kernels())
+
+
+def safe_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return f.metadata()
 
 
 def test_model_store_and_compare_load_a_side_quantized(untied_dir):
@@ -372,7 +443,8 @@ def test_int8_greedy_tokens_agree_with_float_on_the_embedded_model(backends):
 
 def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
     """The estimate before loading, from headers alone (no data): TurboSparse-Mistral-7B's
-    shapes (7.99B parameters with rank-1280 predictors) need 22.3 GB in bf16 and 9.6 GB at int8."""
+    shapes (7.99B parameters with rank-1280 predictors) need 22.3 GB in bf16 and 11.6 GB at int8
+    (2.0 GB of it W_down's second blocks, quant.DOWN)."""
     import struct
 
     from turbo_demo.errors import UserError
@@ -401,7 +473,7 @@ def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
     config.save_pretrained(tmp_path)
     assert offset / 2 == pytest.approx(7.99e9, rel=0.002)
     need = {q: memory.estimate(tmp_path, torch.bfloat16, None, q) for q in (None, "int8", "int4")}
-    assert [round(need[q].total / 1e9, 1) for q in need] == [22.3, 9.6, 6.4]
+    assert [round(need[q].total / 1e9, 1) for q in need] == [22.3, 11.6, 7.6]
     memory.check_fits(need["int8"], 16 * 10**9)
     with pytest.raises(UserError, match=r"needs 22.3 GB \(16.0 GB of bfloat16 weights .* but 16.0 GB"):
         memory.check_fits(need[None], 16 * 10**9)

@@ -26,7 +26,7 @@ from turbo_demo.checkpoints.config import auto_dtype, dtype_name, load_config, s
 from turbo_demo.checkpoints.headers import read_headers
 from turbo_demo.errors import UserError
 from turbo_demo.runtime.lean import MAX_CONTEXT
-from turbo_demo.runtime.quant import block_nbytes, checkpoint_matrices, format_of, packed_shape
+from turbo_demo.runtime.quant import DOWN, block_nbytes, checkpoint_matrices, format_of, packed_shape
 
 SLACK = 0.05
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -87,8 +87,9 @@ def kv_cache_bytes(config, itemsize: int) -> int:
 def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None, quant: str | None = None) -> Estimate:
     """What `path` needs loaded in `dtype` (None: the dtype `load_model` picks), from its headers;
     with quant ("int8", "int4"), as checkpoints/quantized.py loads it: each matrix quant.format_of
-    names in its blocks (W_down and fc2 quantized in their neuron-major layout: no copies), a
-    tied LM head's quantized copy beside the float embedding, everything else in dtype."""
+    names in its blocks (W_down and fc2 quantized in their neuron-major layout), copies: W_down
+    once more in blocks as stored (quant.DOWN) and a tied LM head's quantized copy beside the
+    float embedding; everything else in dtype."""
     path = Path(path)
     config = config if config is not None else load_config(path)
     dtype = dtype if dtype is not None else auto_dtype(path, config)
@@ -98,19 +99,23 @@ def estimate(path: str | Path, dtype: torch.dtype | None = None, config=None, qu
         tensors.pop("lm_head.weight", None)  # one matrix, whatever the file holds
     if tensors and quant is not None:
 
-        def size(name: str, t) -> int:
+        def size(name: str, t) -> tuple[int, int]:
+            """(bytes as loaded, bytes of W_down's second blocks (quant.DOWN))."""
             if t.dtype not in FLOAT_DTYPES:
-                return t.nbytes
-            total = 0
+                return t.nbytes, 0
+            total = rows = 0
             for part, m in checkpoint_matrices(name, torch.empty(t.shape, device="meta")):  # fused experts: each
                 fmt = format_of(part, quant) if m.dim() == 2 else None
                 total += m.numel() * itemsize if fmt is None else block_nbytes(packed_shape(part, m.shape), fmt)
-            return total
+                rows += block_nbytes(m.shape, fmt) if fmt is not None and part.endswith(DOWN) else 0
+            return total, rows
 
-        weights = sum(size(name, t) for name, t in tensors.items())
+        sizes = [size(name, t) for name, t in tensors.items()]
+        weights = sum(s for s, _ in sizes)
         embed = tensors.get("model.embed_tokens.weight")
         tied = getattr(config, "tie_word_embeddings", False) and embed is not None
-        copies = block_nbytes(embed.shape, format_of("lm_head.weight", quant)) if tied else 0
+        head = block_nbytes(embed.shape, format_of("lm_head.weight", quant)) if tied else 0
+        copies = sum(r for _, r in sizes) + head
     elif tensors:
         weights = sum(t.numel * itemsize if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors.values())
         copies = sum(t.numel * itemsize for name, t in tensors.items() if is_copied(name))

@@ -6,8 +6,9 @@
 The model is built on the meta device; the tensors are read one at a time (pread, as
 checkpoint.converted_state_dict): each matrix that `quant.format_of` names is quantized at once
 (W_down, a MoE expert's w2 and the predictors' fc2 transposed first, into the neuron-major
-layout the pack keeps; experts stored fused split into one matrix each, quant.checkpoint_matrices)
-and its float tensor dropped; the rest (embeddings, norms, biases) is converted to the load
+layout the pack keeps, and W_down and w2 also as stored, for the dense formula (quant.DOWN);
+experts stored fused split into one matrix each, quant.checkpoint_matrices) and its float
+tensor dropped; the rest (embeddings, norms, biases) is converted to the load
 dtype and assigned to the model. So the peak during a load is the quantized model plus one
 float tensor and its quantization's temporaries, never the float model.
 
@@ -25,7 +26,10 @@ are, bit for bit). Its layout, also in the model card it writes (CARD):
                        instead of filling the missing matrices with random values
     model.safetensors  the matrices as uint8 "<parameter name>.blocks" (N, B * block bytes),
                        W_down, w2 and fc2 neuron-major (transposed), a MoE layer's experts one
-                       matrix each (mlp.experts.{e}.w1 / w2 / w3); embeddings, norms and
+                       matrix each (mlp.experts.{e}.w1 / w2 / w3), W_down and w2 also as
+                       stored (H, I) under quant.rows_name (`down_proj.rows`, `w2.rows`;
+                       a checkpoint without them runs its dense formula on the neuron-major
+                       blocks); embeddings, norms and
                        routers as loaded;
                        metadata "turbo_demo_blocks": JSON {name: [format, columns]}
 """
@@ -50,6 +54,7 @@ from turbo_demo.models import register_auto_classes
 from turbo_demo.runtime.moe import moe_shape
 from turbo_demo.runtime.packing import PackedModel, lean_supports, pack
 from turbo_demo.runtime.quant import (
+    DOWN,
     FORMATS,
     QUANTS,
     TRANSPOSED,
@@ -58,6 +63,7 @@ from turbo_demo.runtime.quant import (
     format_of,
     is_blocks,
     quantize,
+    rows_name,
 )
 
 
@@ -159,6 +165,8 @@ def stream_quantized(path: Path, config, quant: str, dtype: torch.dtype):
                         small[name] = m.to(dtype) if m.is_floating_point() else m
                     else:
                         quantized[name] = quantize(m.t().contiguous() if name.endswith(TRANSPOSED) else m, fmt)
+                        if name.endswith(DOWN):  # and as stored, for the dense formula (FFNWeights.wd)
+                            quantized[rows_name(name)] = quantize(m, fmt)
                 del t, m
                 release_freed_memory()
     return finish(model, config, small, quantized, path)
@@ -206,7 +214,8 @@ Layout: config.json holds the source's config under `turbo_demo_quantized.base_c
 model.safetensors holds each quantized matrix as uint8 `<parameter>.blocks` (one row per
 neuron: W_gate, W_up, attention and the LM head as HF stores them (out, in), W_down and the
 predictors' fc2 transposed; a MoE layer's experts as `mlp.experts.{{e}}.w1` (gate), `w3` (up)
-and `w2` (down, transposed)), in blocks of 32 values: int8 = fp16 scale d + 32 int8 q
+and `w2` (down, transposed); W_down and w2 once more as stored, `down_proj.rows` and `w2.rows`,
+for the dense formula), in blocks of 32 values: int8 = fp16 scale d + 32 int8 q
 (w = d q, llama.cpp's Q8_0), int4 = fp16 d + fp16 m + 16 bytes of nibbles (value j in the low
 nibble of byte j, value j + 16 in its high nibble; w = d q + m, llama.cpp's Q4_1); the rest
 (embeddings, norms, MoE routers) as loaded. The safetensors metadata `turbo_demo_blocks` gives each
@@ -252,6 +261,7 @@ def packed_blocks(packed: PackedModel) -> dict[str, QWeight]:
         ffns = {f"experts.{e}.": x for e, x in enumerate(f.parts)} if moe else {"": f}
         for sub, x in ffns.items():
             parts = dict(zip(names, (x.wg, x.wu, x.wd_t))) | {"predictor.fc1": x.fc1, "predictor.fc2": x.fc2_t}
+            parts[f"{names[2]}.rows"] = x.wd  # rows_name of W_down
             out.update({f"model.layers.{i}.mlp.{sub}{short}.weight": w for short, w in parts.items() if w is not None})
     if not all(map(is_blocks, out.values())):
         raise UserError("only fully quantized packs can be written")

@@ -6,6 +6,9 @@ up(x) = act(W_up x) for dReLU and W_up x otherwise:
     dense      y = sum_i h_i W_down[:, i] over every neuron i
     exact      dReLU / ReGLU: the gate for every neuron, then up and down only where
                relu(W_gate x)_i > 0; equal to dense, since the other neurons have h_i = 0
+               (in a quantized pack, up to W_down's two quantizations: the dense formula
+               reads its (H, I) blocks with h quantized, the sparse steps its neuron-major
+               blocks with h as it is; FFNWeights.wd)
     predictor  S = {i : score_i > threshold} (or the `budget` share of highest scores), with
                score = fc2(relu(fc1(r))); gate, up and down only on S (PowerInfer, Deja Vu).
                At threshold 0 this is the published TurboSparse forward, whose mask
@@ -101,7 +104,7 @@ class Mode:
 
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The dense FFN of x (..., T, H) -> (..., T, H); r, the residual, is for the predictor."""
-        return self.kernels.times(self.dense_h(x), self.w.wd_t)
+        return self.kernels.dense_down(self.w, self.dense_h(x))
 
     def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
         raise NotImplementedError

@@ -182,6 +182,7 @@ def expert_ffn(expert: Any, act: str, q: Quantizer, prefix: str) -> FFNWeights:
         fc1=None if predictor is None else q(f"{prefix}predictor.fc1.weight", predictor.fc1.weight.detach()),
         fc2_t=None if predictor is None else q(f"{prefix}predictor.fc2.weight", neuron_major(predictor.fc2)),
         threshold=None if predictor is None else expert.threshold,
+        wd=q.rows(f"{prefix}w2.weight", expert.w2.weight.detach()),
     )
 
 
@@ -202,6 +203,7 @@ def expert_weights(experts: Any, config, q: Quantizer, prefix: str) -> list[FFNW
                 q(f"{prefix}{e}.w2.weight", down[e].t().contiguous()),
                 act=config.hidden_act,
                 drelu=False,
+                wd=q.rows(f"{prefix}{e}.w2.weight", down[e]),
             )
         )
     return weights

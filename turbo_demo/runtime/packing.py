@@ -17,7 +17,8 @@ for Gemma one of its RMSNorm weights, stored as the (1 + w) they multiply by.
 loaded), in the same neuron-major layout. Matrices already quantized at load
 (`quantized`, by parameter name, W_down and fc2 in their neuron-major layout) are taken as they
 are, so that a model streamed from its safetensors (checkpoints/quantized.py) never holds its float
-matrices at all.
+matrices at all. A quantized pack keeps W_down twice: neuron-major for the sparse steps
+(PowerInfer's layout), and as HF stores it for the dense formula (llama.cpp's: quant.DOWN).
 """
 
 import math
@@ -90,6 +91,7 @@ def pack_ffn(mlp, config, layer: int, q: Quantizer | None = None) -> FFNWeights:
         fc1=None if predictor is None else q(f"{prefix}predictor.fc1.weight", predictor.fc1.weight.detach()),
         fc2_t=None if predictor is None else q(f"{prefix}predictor.fc2.weight", neuron_major(predictor.fc2)),
         threshold=score_bound(predictor, config, layer),
+        wd=q.rows(f"{prefix}down_proj.weight", mlp.down_proj.weight.detach()),
     )
 
 
@@ -150,7 +152,7 @@ class PackedModel:
         ffns = sum(
             nbytes(f.wd_t)
             + sum(nbytes(w) for w in (f.wg, f.wu, f.fc1) if w is not None and is_blocks(w))  # quantized copies
-            + (0 if f.fc2_t is None else nbytes(f.fc2_t))
+            + sum(nbytes(w) for w in (f.fc2_t, f.wd) if w is not None)
             for f in ffn_parts(self.ffns)
         )
         return ffns + (0 if self.lean is None else self.lean.copied_bytes)

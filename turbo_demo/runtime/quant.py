@@ -80,6 +80,17 @@ FORMATS = {
 # a MoE expert's w2, and every predictor's fc2).
 TRANSPOSED = ("mlp.down_proj.weight", ".w2.weight", "predictor.fc2.weight")
 
+# A quantized pack also keeps W_down (and a MoE expert's w2) as HF stores it, (H, I) in blocks
+# along the neurons, llama.cpp's ffn_down: the dense formula reads it as integer dot products
+# with h quantized per block (its neuron-major blocks, read as a weighted sum of rows, convert
+# every weight to fp32: half the speed at int4). Its name in a pack: `rows_name` of W_down's.
+DOWN = ("mlp.down_proj.weight", ".w2.weight")
+
+
+def rows_name(name: str) -> str:
+    """The pack's name for the (H, I) blocks of W_down `name`: mlp.down_proj.rows.weight."""
+    return name.removesuffix(".weight") + ".rows.weight"
+
 
 def packed_shape(name: str, shape) -> tuple[int, int]:
     """The (rows, cols) a parameter of HF shape `shape` has in a pack."""

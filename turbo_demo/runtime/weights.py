@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from turbo_demo.runtime.quant import QWeight, Weight, format_of, quantize, row_bytes, weight_bytes
+from turbo_demo.runtime.quant import QWeight, Weight, format_of, quantize, row_bytes, rows_name, weight_bytes
 
 
 def nbytes(t: Weight) -> int:
@@ -28,6 +28,17 @@ class Quantizer:
         fmt = format_of(name, self.quant)
         return w if fmt is None else quantize(w, fmt)
 
+    def rows(self, name: str, w: torch.Tensor) -> QWeight | None:
+        """A quantized pack's (H, I) blocks of W_down `name` (w as HF stores it; quant.DOWN):
+        from `done` (rows_name), else quantized here; None unquantized (the dense formula reads
+        wd_t), and for a checkpoint quantized before these blocks existed (w on the meta device)."""
+        if self.quant is None:
+            return None
+        key = rows_name(name)
+        if key in self.done:
+            return self.done[key]
+        return None if w.is_meta else quantize(w, format_of(key, self.quant))
+
 
 def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
     """linear.weight (out, in) as a contiguous (in, out) copy; the module keeps its own."""
@@ -38,7 +49,9 @@ def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
 class FFNWeights:
     """One layer's gated FFN: wg, wu (I, H), wd_t (I, H); act applies to the gate, and to the up
     branch too when drelu (bamboo; a ReLU Llama is ReGLU: drelu False); the predictor fc1 (R, H),
-    fc2_t (R, I) and the bound its scores must exceed (score_bound) when the model has one."""
+    fc2_t (R, I) and the bound its scores must exceed (score_bound) when the model has one;
+    in a quantized pack, wd: W_down (H, I) in blocks along the neurons, which the dense formula
+    reads (Quantizer.rows; None: it reads wd_t)."""
 
     wg: Weight
     wu: Weight
@@ -48,6 +61,7 @@ class FFNWeights:
     fc1: Weight | None = None
     fc2_t: Weight | None = None
     threshold: float | None = None
+    wd: QWeight | None = None
     # sizes, fixed once (a decode step reads them in every layer): neurons, the bytes of one
     # neuron's row in one of the three matrices, and of the whole FFN
     n: int = field(init=False)
@@ -62,7 +76,7 @@ class FFNWeights:
     @property
     def matrices(self) -> tuple[Weight, ...]:
         """What the FFN kernels read: the three matrices, and the predictor's where it has one."""
-        return tuple(w for w in (self.wg, self.wu, self.wd_t, self.fc1, self.fc2_t) if w is not None)
+        return tuple(w for w in (self.wg, self.wu, self.wd_t, self.fc1, self.fc2_t, self.wd) if w is not None)
 
     @property
     def parts(self) -> tuple["FFNWeights", ...]:

@@ -310,14 +310,16 @@ class CppBlockKernels(CppKernels, BlockKernels):
         return self.ops.q_axpy(wt.data, wt.code, wt.cols, h)
 
     def q_ffn(self, w, x, **given):
-        """quant_ops.cpp's q_ffn on w's three matrices (one format) -> (y, up_rows, active)."""
+        """quant_ops.cpp's q_ffn on w's three matrices (one format) -> (y, up_rows, active); a
+        dense step given wd reads W_down's (H, I) blocks (dense_down)."""
         return self.ops.q_ffn(w.wg.data, w.wu.data, w.wd_t.data, w.wu.code, w.wu.cols, x, **given)
 
     def up_down(self, w, x, idx, a, add_to=None, counts=None):
         return self.q_ffn(w, x, idx=idx, a=a, act_up=w.drelu, add_to=add_to, counts=counts)
 
     def ffn_dense(self, w, x, add_to=None, counts=None):
-        y, _, active = self.q_ffn(w, x, act=w.act, act_up=w.drelu, dense=True, add_to=add_to, counts=counts)
+        wd = None if w.wd is None else w.wd.data
+        y, _, active = self.q_ffn(w, x, act=w.act, act_up=w.drelu, dense=True, add_to=add_to, counts=counts, wd=wd)
         return y, active
 
     def ffn_exact(self, w, x, add_to=None, counts=None):

@@ -170,15 +170,20 @@ class Kernels:
         count_firing(counts, idx, h)
         return plus(self.rows_axpy(w.wd_t, h, idx), add_to), idx.numel(), int(torch.count_nonzero(h))
 
+    def dense_down(self, w: FFNWeights, h: torch.Tensor) -> torch.Tensor:
+        """The dense formula's down projection of h (I,) or a prompt's (..., T, I) -> (..., H):
+        h Wd_t (vecmat, or times for a prompt)."""
+        return self.vecmat(h, w.wd_t) if h.dim() == 1 else self.times(h, w.wd_t)
+
     def ffn_dense(self, w: FFNWeights, x, add_to=None, counts=None):
         """The dense FFN of one token -> (y, active): h = act(Wg x) * (act(Wu x) if w.drelu else
-        Wu x), y = h Wd_t, active = #{i : h_i != 0}; act = ACTS[w.act]."""
+        Wu x), y = dense_down(w, h), active = #{i : h_i != 0}; act = ACTS[w.act]."""
         f = ACTS[w.act]
         u = self.matvec(w.wu, x)
         h = f(self.matvec(w.wg, x)) * (f(u) if w.drelu else u)
         if counts is not None:
             counts += h != 0
-        return plus(self.vecmat(h, w.wd_t), add_to), int(torch.count_nonzero(h))
+        return plus(self.dense_down(w, h), add_to), int(torch.count_nonzero(h))
 
     def ffn_exact(self, w: FFNWeights, x, add_to=None, counts=None):
         """A ReLU-gated FFN on its gate-active neurons -> (y, computed, active): g = Wg x,
@@ -306,6 +311,13 @@ class BlockKernels(Kernels):
 
     def vecmat(self, h, wt):
         return q_rows_axpy(wt, h)
+
+    def dense_down(self, w, h):
+        """With W_down's (H, I) blocks (w.wd): h quantized per block, then their dot products,
+        as llama.cpp's ffn_down (matvec, or linear for a prompt); without: Kernels' h Wd_t."""
+        if w.wd is None:
+            return super().dense_down(w, h)
+        return self.matvec(w.wd, h) if h.dim() == 1 else self.linear(h, w.wd)
 
     def linear(self, x, w, b=None):
         """Each token's row is matvec's: x quantized per block, then the dequantized rows' dot

@@ -116,6 +116,49 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
   return {up_rows, active};
 }
 
+// The dense step with W_down as HF stores it (wd: H rows of I values, llama.cpp's layout): each
+// thread computes h for its share of the neurons from their gate and up rows; h (rounded to T)
+// is quantized per block as a GEMV's input (quantize_act, once, by one thread); then each
+// thread computes its share of the H outputs as dot products of wd's rows with Q8(h). The down
+// projection then runs at the speed of the gate's and up's integer dot products, where the
+// neuron-major axpy converts every weight to fp32 (half the bytes per second at int4).
+// Returns the number of non-zero h_i, counted in counts when given (each thread its own rows).
+template <typename T>
+int64_t qffn_dense_rows(const QW& wg, const QW& wu, const QW& wd, const QAct& x, Act act, bool act_up, T* y,
+                        const T* add_to, int32_t* counts) {
+  const int64_t n = wu.rows;
+  std::vector<T> hs(n);
+  QAct hq;
+  const int threads = threads_for<uint8_t>(3 * n * wu.row_bytes);
+  int64_t active = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : active)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const auto [j0, j1] = share(n, t, nt, 4);
+    std::vector<float> gate(j1 - j0);
+    qdot_range(wg, j0, j1, [&](int64_t j) { return wg.row(j); }, x,
+               [&](int64_t j, float v) { gate[j - j0] = rounded<T>(v); });
+    qdot_range(wu, j0, j1, [&](int64_t j) { return wu.row(j); }, x, [&](int64_t j, float uv) {
+      const float u = rounded<T>(uv);
+      const float a = rounded<T>(apply(act, gate[j - j0]));
+      const float hv = rounded<T>(a * (act_up ? rounded<T>(apply(act, u)) : u));
+      store(hs.data() + j, hv);
+      if (hv != 0.f) {
+        ++active;
+        if (counts) ++counts[j];
+      }
+    });
+#pragma omp barrier
+#pragma omp single
+    hq = quantize_act(hs.data(), n, wd.fmt);
+    const auto [c0, c1] = share(wd.rows, t, nt, 4);
+    qdot_range(wd, c0, c1, [&](int64_t c) { return wd.row(c); }, hq, [&](int64_t c, float v) {
+      store(y + c, add_to ? to_f32(add_to[c]) + rounded<T>(v) : v);
+    });
+  }
+  return active;
+}
+
 }  // namespace
 
 torch::Tensor top_indices(const torch::Tensor& v, int64_t k);  // decode_ops.cpp
@@ -205,7 +248,8 @@ std::tuple<torch::Tensor, int64_t, int64_t> q_ffn(const torch::Tensor& wg, const
                                                   const std::optional<torch::Tensor>& a_given,
                                                   const std::string& act_name, bool act_up, bool dense,
                                                   const std::optional<torch::Tensor>& add_to,
-                                                  const std::optional<torch::Tensor>& counts) {
+                                                  const std::optional<torch::Tensor>& counts,
+                                                  const std::optional<torch::Tensor>& wd) {
   const char* fn = "q_ffn";
   const QW g = qw_of(wg, fmt, cols, fn), u = qw_of(wu, fmt, cols, fn), d = qw_of(wd_t, fmt, cols, fn);
   TORCH_CHECK(g.rows == u.rows && d.rows == u.rows, fn, ": the three weights must have one shape");
@@ -222,12 +266,21 @@ std::tuple<torch::Tensor, int64_t, int64_t> q_ffn(const torch::Tensor& wg, const
                 fn, ": counts must be a contiguous CPU int32 tensor of shape (", u.rows, ",)");
     cp = counts->data_ptr<int32_t>();
   }
+  TORCH_CHECK(!wd || dense, fn, ": W_down's rows (wd) are read by a dense step only");
+  const std::optional<QW> rows = wd ? std::optional<QW>(qw_of(*wd, fmt, u.rows, fn)) : std::nullopt;
+  TORCH_CHECK(!rows || rows->rows == cols, fn, ": wd must be (", cols, ", ", u.rows, "), W_down as HF stores it");
   const Act act = act_of(act_name);
   auto y = torch::empty({cols}, x.options());
   std::pair<int64_t, int64_t> rows_active;
   by_dtype(x, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     const QAct xa = quantize_act(ptr_of<T>(x), cols, g.fmt);
+    if (rows) {
+      const int64_t active = qffn_dense_rows(g, u, *rows, xa, act, act_up, ptr_of<T>(y),
+                                             add_to ? ptr_of<T>(*add_to) : static_cast<const T*>(nullptr), cp);
+      rows_active = {u.rows, active};
+      return;
+    }
     rows_active = qffn_impl(g, u, d, xa, a_given ? ptr_of<T>(*a_given) : static_cast<const T*>(nullptr),
                             idx ? idx->data_ptr<int64_t>() : nullptr, k, act, act_up, dense, ptr_of<T>(y),
                             add_to ? ptr_of<T>(*add_to) : static_cast<const T*>(nullptr), cp);
@@ -281,7 +334,7 @@ void register_quant_ops(pybind11::module& m) {
   m.def("q_ffn", &q_ffn, "see Kernels.ffn_dense / ffn_exact / up_down on QWeights (reference.py)", py::arg("wg"),
         py::arg("wu"), py::arg("wd_t"), py::arg("fmt"), py::arg("cols"), py::arg("x"), py::arg("idx") = py::none(),
         py::arg("a") = py::none(), py::arg("act") = "relu", py::arg("act_up") = false, py::arg("dense") = false,
-        py::arg("add_to") = py::none(), py::arg("counts") = py::none());
+        py::arg("add_to") = py::none(), py::arg("counts") = py::none(), py::arg("wd") = py::none());
   m.def("q_predict", &q_predict, "see Kernels.predict on QWeights (reference.py)", py::arg("fc1"), py::arg("fmt1"),
         py::arg("fc2_t"), py::arg("fmt2"), py::arg("n"), py::arg("r"), py::arg("threshold"), py::arg("budget"));
 }
