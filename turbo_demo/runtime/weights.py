@@ -37,7 +37,8 @@ class Quantizer:
         key = rows_name(name)
         if key in self.done:
             return self.done[key]
-        return None if w.is_meta else quantize(w, format_of(key, self.quant))
+        fmt = format_of(key, self.quant)
+        return None if w.is_meta or fmt is None else quantize(w, fmt)
 
 
 def neuron_major(linear: torch.nn.Linear) -> torch.Tensor:
