@@ -243,27 +243,23 @@ def test_every_mode_runs_quantized_on_both_backends(backends, fmt):
 
 
 class QuantizedDown(torch.nn.Module):
-    """W_down as a quantized pack computes it: the dense formula (every prompt token, and the
-    last one when `last` is "dense") quantizes h per block and dots it with W_down's blocks along
-    the neurons (FFNWeights.wd); a sparse step (the last token when `last` is "sparse") sums
-    W_down's neuron-major blocks weighted by h unquantized."""
+    """W_down as a quantized pack computes it: dense mode quantizes h per block and dots it with
+    W_down's blocks along the neurons (FFNWeights.wd); the other modes sum W_down's neuron-major
+    blocks weighted by h unquantized."""
 
-    def __init__(self, w: torch.Tensor, fmt: str, last: str):
+    def __init__(self, w: torch.Tensor, fmt: str, mode: str):
         super().__init__()
-        self.rows, self.neurons = dequantize(quantize(w, fmt)), dequantize(quantize(w.t(), fmt)).t()
-        self.last = last
+        self.dense = mode == "dense"
+        self.w = dequantize(quantize(w, fmt)) if self.dense else dequantize(quantize(w.t(), fmt)).t()
 
     def forward(self, h):
-        y = quantize_activation(h) @ self.rows.t()
-        if self.last == "sparse":
-            y[..., -1, :] = h[..., -1, :] @ self.neurons.t()
-        return y
+        return (quantize_activation(h) if self.dense else h) @ self.w.t()
 
 
-def quantized_reference(model, fmt: str, last: str = "dense"):
-    """The model as a quantized runtime computes it, in transformers' own forward: each matrix
-    replaced by its dequantized blocks, the input of each linear layer quantized per block to
-    Q8_0 first, and W_down as QuantizedDown (`last`: the decoded token's FFN step)."""
+def quantized_reference(model, fmt: str, mode: str = "dense"):
+    """The model as a quantized runtime computes it in `mode` (dense, or exact with every neuron),
+    in transformers' own forward: each matrix replaced by its dequantized blocks, the input of
+    each linear layer quantized per block to Q8_0 first, and W_down as QuantizedDown."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name and "down_proj" not in name:
@@ -274,15 +270,15 @@ def quantized_reference(model, fmt: str, last: str = "dense"):
         if isinstance(module, torch.nn.Linear) and not name.endswith("down_proj"):
             module.register_forward_pre_hook(lambda _, args: (quantize_activation(args[0]),))
     for layer in model.model.layers:
-        layer.mlp.down_proj = QuantizedDown(layer.mlp.down_proj.weight.detach(), fmt, last)
+        layer.mlp.down_proj = QuantizedDown(layer.mlp.down_proj.weight.detach(), fmt, mode)
     return model
 
 
 def test_int8_dense_and_exact_are_their_quantized_formulas(backends):
     """The int8 runtime's logits are those of transformers' forward on the dequantized weights
     with the activations quantized where the kernels quantize them (quantized_reference): dense
-    with W_down's blocks along the neurons and h quantized, exact the same for the prompt and,
-    for the decoded token, W_down's neuron-major blocks and h as it is; up to fp32 summation
+    with W_down's blocks along the neurons and h quantized, exact with W_down's neuron-major
+    blocks and h as it is, in the prompt and the decoded token; up to fp32 summation
     order and a Q8 rounding an order flips (1e-3 of the logits' scale). W_down 20% off fails it,
     and so does each mode against the other's formula (two quantizations of W_down)."""
     model = tiny_model("drelu", seed=2)
@@ -290,8 +286,8 @@ def test_int8_dense_and_exact_are_their_quantized_formulas(backends):
     ids = torch.tensor([3, 17, 42, 7])
     expected = {}
     with torch.no_grad():
-        for mode, last in (("dense", "dense"), ("exact", "sparse")):
-            expected[mode] = quantized_reference(tiny_model("drelu", seed=2), "int8", last)(ids[None]).logits[0, -1]
+        for mode in ("dense", "exact"):
+            expected[mode] = quantized_reference(tiny_model("drelu", seed=2), "int8", mode)(ids[None]).logits[0, -1]
     tol = dict(atol=1e-3 * float(expected["dense"].abs().max()), rtol=0.0)
     for kernels in backends:
         for mode, other in (("dense", "exact"), ("exact", "dense")):

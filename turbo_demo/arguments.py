@@ -123,7 +123,7 @@ def bench(p: argparse.ArgumentParser) -> None:
         "--full",
         action="store_true",
         help="instead: the whole request at the paper's scale, on a 32-layer random checkpoint in "
-        "TurboSparse-Mistral-7B's published layout (writes 16 GB to a temporary folder, needs ~10 GB of "
+        "TurboSparse-Mistral-7B's published layout (writes 16 GB to a temporary folder, needs ~12 GB of "
         "memory at int8, about 15 minutes on 2 cores; the first of --quant): load, peak RSS against the "
         "estimate, prefill, a request, and the app's compare (bench/full.py)",
     )

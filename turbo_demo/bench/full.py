@@ -1,5 +1,5 @@
 """`bench --full`: the whole request at the paper's scale, never in CI (it writes 16 GB of shards
-and needs about 10 GB of memory for int8).
+and needs about 12 GB of memory for int8).
 
 A random checkpoint in TurboSparse-Mistral-7B's published layout (the shared reference's
 published-formats.md: bamboo, 32 layers of 4096 x 14336, 32 / 8 heads, vocab 32064, a config

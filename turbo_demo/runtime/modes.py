@@ -6,9 +6,9 @@ up(x) = act(W_up x) for dReLU and W_up x otherwise:
     dense      y = sum_i h_i W_down[:, i] over every neuron i
     exact      dReLU / ReGLU: the gate for every neuron, then up and down only where
                relu(W_gate x)_i > 0; equal to dense, since the other neurons have h_i = 0
-               (in a quantized pack, up to W_down's two quantizations: the dense formula
-               reads its (H, I) blocks with h quantized, the sparse steps its neuron-major
-               blocks with h as it is; FFNWeights.wd)
+               (in a quantized pack, up to W_down's two quantizations: dense mode reads its
+               (H, I) blocks with h quantized, llama.cpp's ffn_down, the other modes its
+               neuron-major blocks with h as it is, in the prompt too; FFNWeights.wd)
     predictor  S = {i : score_i > threshold} (or the `budget` share of highest scores), with
                score = fc2(relu(fc1(r))); gate, up and down only on S (PowerInfer, Deja Vu).
                At threshold 0 this is the published TurboSparse forward, whose mask
@@ -19,7 +19,8 @@ up(x) = act(W_up x) for dReLU and W_up x otherwise:
 `step(x, r, add_to, counts) -> (y, LayerRecord)`: y (H,), or add_to + y (the layer's residual
 add, fused into the kernel); counts (I,) int32 gets 1 added for every neuron with h_i != 0
 among those the step computed. Prefill (`prefill(x, r)`, x and r (T, H)) is the dense formula
-in every mode but predictor, which masks it as the published model does.
+in every mode but predictor, which masks it as the published model does; each mode reads
+W_down in its prompt as in its steps.
 A mode's options are a dataclass, validated when it is made (`mode_options`).
 """
 
@@ -104,7 +105,7 @@ class Mode:
 
     def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The dense FFN of x (..., T, H) -> (..., T, H); r, the residual, is for the predictor."""
-        return self.kernels.dense_down(self.w, self.dense_h(x))
+        return self.kernels.times(self.dense_h(x), self.w.wd_t)
 
     def step(self, x, r, add_to=None, counts=None) -> tuple[torch.Tensor, LayerRecord]:
         raise NotImplementedError
@@ -155,6 +156,11 @@ class Mode:
 
 class DenseMode(Mode):
     name = "dense"
+
+    def prefill(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The dense formula of its steps (Kernels.dense_down: in a quantized pack, W_down's
+        (H, I) blocks), so that a prompt and the tokens after it are computed alike."""
+        return self.kernels.dense_down(self.w, self.dense_h(x))
 
     def step(self, x, r, add_to=None, counts=None):
         w = self.w

@@ -7,7 +7,8 @@
 // each block's dot product is an exact integer sum (AVX-512 VNNI's vpdpbusd where the CPU has
 // it, else AVX2's vpmaddubsw + vpmaddwd), scaled in
 // fp32: int8 d_w d_x sum(q_w q_x), int4 d_w d_x sum(q_w q_x) + m_w d_x sum(q_x). A weighted sum
-// of rows (the down projection) reads h in fp32 and dequantizes each row on the fly. Results
+// of rows (a sparse step's down projection) reads h in fp32 and dequantizes each row on the fly;
+// a dense step given W_down as stored (wd) quantizes h and takes dot products instead. Results
 // match the reference up to fp32 summation order; values are rounded to the activations' dtype T
 // (fp32 or bf16) where the reference's tensor operations store them.
 
