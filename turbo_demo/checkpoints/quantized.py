@@ -261,8 +261,9 @@ def packed_blocks(packed: PackedModel) -> dict[str, QWeight]:
         ffns = {f"experts.{e}.": x for e, x in enumerate(f.parts)} if moe else {"": f}
         for sub, x in ffns.items():
             parts = dict(zip(names, (x.wg, x.wu, x.wd_t))) | {"predictor.fc1": x.fc1, "predictor.fc2": x.fc2_t}
-            parts[f"{names[2]}.rows"] = x.wd  # rows_name of W_down
             out.update({f"model.layers.{i}.mlp.{sub}{short}.weight": w for short, w in parts.items() if w is not None})
+            if x.wd is not None:
+                out[rows_name(f"model.layers.{i}.mlp.{sub}{names[2]}.weight")] = x.wd
     if not all(map(is_blocks, out.values())):
         raise UserError("only fully quantized packs can be written")
     return out

@@ -57,6 +57,13 @@ void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<i
   reduce(partial, threads, hp, wt.cols, y, static_cast<const T*>(nullptr));
 }
 
+// The dense formula's h_i from gate and up values g, u (rounded to T): act(g) * (act(u) when
+// act_up, else u), each value rounded to T where the reference's tensor operations store it.
+template <typename T>
+inline float dense_h(Act act, bool act_up, float g, float u) {
+  return rounded<T>(rounded<T>(apply(act, g)) * (act_up ? rounded<T>(apply(act, u)) : u));
+}
+
 // One FFN step over the candidates (idx (k,), or every neuron), in one parallel region, each
 // thread over its share of them in three passes, each streaming one matrix's rows (interleaved,
 // the three streams read slower): the gate rows (unless a_given), the up rows where the gate
@@ -93,8 +100,7 @@ std::pair<int64_t, int64_t> qffn_impl(const QW& wg, const QW& wu, const QW& wd, 
       const float u = rounded<T>(uv);
       float hv;
       if (dense) {
-        const float a = rounded<T>(apply(act, gate[j - j0]));
-        hv = rounded<T>(a * (act_up ? rounded<T>(apply(act, u)) : u));
+        hv = dense_h<T>(act, act_up, gate[j - j0], u);
       } else {
         hv = rounded<T>(gate[j - j0] * (act_up ? std::max(u, 0.f) : u));
       }
@@ -140,9 +146,7 @@ int64_t qffn_dense_rows(const QW& wg, const QW& wu, const QW& wd, const QAct& x,
     qdot_range(wg, j0, j1, [&](int64_t j) { return wg.row(j); }, x,
                [&](int64_t j, float v) { gate[j - j0] = rounded<T>(v); });
     qdot_range(wu, j0, j1, [&](int64_t j) { return wu.row(j); }, x, [&](int64_t j, float uv) {
-      const float u = rounded<T>(uv);
-      const float a = rounded<T>(apply(act, gate[j - j0]));
-      const float hv = rounded<T>(a * (act_up ? rounded<T>(apply(act, u)) : u));
+      const float hv = dense_h<T>(act, act_up, gate[j - j0], rounded<T>(uv));
       store(hs.data() + j, hv);
       if (hv != 0.f) {
         ++active;
