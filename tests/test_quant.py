@@ -16,6 +16,7 @@ from conftest import tiny_model
 from turbo_demo.checkpoints import memory
 from turbo_demo.checkpoints.checkpoint import load_model, load_tokenizer, save_checkpoint
 from turbo_demo.checkpoints.quantized import load_quantized
+from turbo_demo.errors import UserError
 from turbo_demo.runtime import LeanRuntime, pack
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.kernels.reference import ACTS, LayerCache
@@ -52,18 +53,38 @@ def test_int8_block_is_q8_0():
     torch.testing.assert_close(dequantize(w)[0], x, atol=d / 2 + 1e-6, rtol=0)
 
 
-def test_int4_block_is_q4_1():
-    """One block: fp16 d = (max - min) / 15, fp16 m = min, value j in the low nibble of byte j
-    and value j + 16 in its high nibble, as llama.cpp's block_q4_1."""
-    x = torch.arange(32, dtype=torch.float32) * 0.1 - 1.0
+def test_int4_block_is_q4_0():
+    """One block: fp16 d = -(the value of largest |x|) / 8, value j in the low nibble of byte j
+    and value j + 16 in its high nibble, w = d (q - 8), as llama.cpp's block_q4_0."""
+    x = torch.arange(32, dtype=torch.float32) * 0.1 - 2.0  # -2.0 .. 1.1: the extreme is -2
     w = quantize(x[None], "int4")
-    assert w.data.shape == (1, 20)
-    d, m = w.data[0, :4].view(torch.float16).tolist()
-    assert d == pytest.approx(3.1 / 15, rel=1e-3) and m == pytest.approx(-1.0, rel=1e-3)
-    nibbles = w.data[0, 4:]
+    assert w.data.shape == (1, 18) and BLOCK_BYTES["int4"] == 18
+    d = w.data[0, :2].view(torch.float16).item()
+    assert d == pytest.approx(2.0 / 8, rel=1e-3)
+    nibbles = w.data[0, 2:]
     q = torch.cat((nibbles & 15, nibbles >> 4))
-    assert q[0] == 0 and q[31] == 15
-    torch.testing.assert_close(dequantize(w)[0], x, atol=d / 2 + 2e-3, rtol=0)
+    assert q[0] == 0 and torch.equal(q, (x / d + 8.5).trunc().clamp(max=15).to(torch.uint8))
+    torch.testing.assert_close(dequantize(w)[0], x, atol=d / 2 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("fmt", "qtype"), [("int8", "Q8_0"), ("int4", "Q4_0")])
+def test_blocks_are_the_bytes_gguf_writes(fmt, qtype):
+    """Our blocks are llama.cpp's, byte for byte: gguf's own quantizer (the reference rounding
+    llama.cpp's GGUF files are written with) gives the same bytes for the same weights, ties of
+    |x| and all-zero blocks included, and its dequantizer the same values."""
+    gguf = pytest.importorskip("gguf")
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(64, 32 * 12, generator=g) * 0.02).bfloat16().float()
+    w[0, :32] = 0.0  # a zero block: d = 0
+    w[1, :32] = torch.where(torch.arange(32) % 2 == 0, 0.5, -0.5)  # |x| tied: the first one wins
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    theirs = gguf.quants.quantize(w.numpy(), kind)
+    ours = quantize(w, fmt).data.numpy()
+    assert ours.shape == theirs.shape and (ours == theirs).all()
+    assert torch.equal(dequantize(quantize(w, fmt)), torch.from_numpy(gguf.quants.dequantize(theirs, kind)))
+    flipped = w.clone()
+    flipped[1, :32] = -flipped[1, :32]  # the extreme's sign decides int4's d and every q
+    assert not (quantize(flipped, fmt).data.numpy() == theirs).all()
 
 
 @pytest.mark.parametrize("fmt", QUANTS)
@@ -74,10 +95,12 @@ def test_quantize_error_is_half_a_step_and_padding_is_dropped(fmt):
     back = dequantize(q)
     assert back.shape == (5, 70)
     blocks = torch.nn.functional.pad(w, (0, 26)).view(5, 3, 32)
-    levels = 127 if fmt == "int8" else 15
-    spread = blocks.abs().amax(-1) if fmt == "int8" else blocks.amax(-1) - blocks.amin(-1)
-    step = (spread / levels).repeat_interleave(32, dim=1)[:, :70]
-    assert ((back - w).abs() <= step / 2 + 4e-3 * w.abs().clamp(min=1e-3)).all()
+    step = (blocks.abs().amax(-1) / (127 if fmt == "int8" else 8)).repeat_interleave(32, dim=1)[:, :70]
+    # int4 clamps q to 15: a value more than 7.5 steps on the side opposite the block's extreme
+    # is one step off at most; every other value half a step
+    clamped = (w / step).abs() > 7.5 if fmt == "int4" else torch.zeros_like(w, dtype=torch.bool)
+    bound = torch.where(clamped, step, step / 2) + 4e-3 * w.abs().clamp(min=1e-3)
+    assert ((back - w).abs() <= bound).all()
     idx = torch.tensor([4, 0, 4])
     assert torch.equal(dequantize(q, idx), back[idx])
 
@@ -117,9 +140,9 @@ def test_cpp_quantized_dots_hold_the_largest_block_sums(cpp_kernels, fmt):
     n, h = 13, 32 * 9 + 5  # a short last group of four rows, a padded last block
     g = torch.Generator().manual_seed(5)
     ones = torch.ones(n, h)
-    if fmt == "int4":  # each block [0, 1, 1, ...] or [-1, 0, 0, ...]: q = 15 but one value
-        w = torch.where(torch.arange(h) % 32 == 0, 0.0, 1.0).expand(n, h).clone()
-        w[1::2] -= 1.0
+    if fmt == "int4":  # each block [1, -1, -1, ...] or its negation: q = 15 (clamped) but the first
+        w = torch.where(torch.arange(h) % 32 == 0, 1.0, -1.0).expand(n, h).clone()
+        w[1::2] *= -1.0
     else:  # every value +-1: q = +-127
         w = torch.where(torch.rand(n, h, generator=g) < 0.5, -ones, ones)
     qw = quantize(w, fmt)
@@ -382,6 +405,14 @@ def test_quantize_save_load_is_bit_identical_and_transformers_refuses(untied_dir
     older = load_quantized(dst)
     assert all(f.wd is None for f in older.ffns) and all(f.wd is not None for f in loaded.ffns)
     assert greedy(older, "dense", Kernels()) == greedy(older, "exact", Kernels())
+    # blocks not of their format's size are refused: int4 as Q4_1 wrote them (20 bytes per 32
+    # values, before Q4_0's 18), int8 one byte short
+    name = next(n for n, (f, _) in layout.items() if f == fmt)
+    rows, width = tensors[name].shape
+    tensors[name] = torch.zeros(rows, width // 18 * 20 if fmt == "int4" else width - 1, dtype=torch.uint8)
+    save_file(tensors, dst / "model.safetensors", metadata={"turbo_demo_blocks": json.dumps(layout)})
+    with pytest.raises(UserError, match=r"Q4_1.*quantize` on the float" if fmt == "int4" else "bytes per row"):
+        load_quantized(dst)
 
 
 def safe_metadata(path) -> dict:
@@ -443,7 +474,6 @@ def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
     (2.0 GB of it W_down's second blocks, quant.DOWN)."""
     import struct
 
-    from turbo_demo.errors import UserError
     from turbo_demo.models.bamboo import BambooConfig
 
     rank, shapes = 1280, {"model.embed_tokens.weight": [32064, 4096], "lm_head.weight": [32064, 4096]}
@@ -469,7 +499,7 @@ def test_turbosparse_mistral_7b_at_int8_fits_16_gb_and_bf16_does_not(tmp_path):
     config.save_pretrained(tmp_path)
     assert offset / 2 == pytest.approx(7.99e9, rel=0.002)
     need = {q: memory.estimate(tmp_path, torch.bfloat16, None, q) for q in (None, "int8", "int4")}
-    assert [round(need[q].total / 1e9, 1) for q in need] == [22.3, 11.6, 7.6]
+    assert [round(need[q].total / 1e9, 1) for q in need] == [22.3, 11.6, 7.0]
     memory.check_fits(need["int8"], 16 * 10**9)
     with pytest.raises(UserError, match=r"needs 22.3 GB \(16.0 GB of bfloat16 weights .* but 16.0 GB"):
         memory.check_fits(need[None], 16 * 10**9)

@@ -59,6 +59,7 @@ from turbo_demo.runtime.quant import (
     QUANTS,
     TRANSPOSED,
     QWeight,
+    block_nbytes,
     checkpoint_matrices,
     format_of,
     is_blocks,
@@ -121,10 +122,24 @@ def read_blocks(path: Path, config, dtype: torch.dtype):
             t = f.get_tensor(name)
             if name.endswith(SUFFIX):
                 fmt, cols = layout[name]
+                check_row_bytes(path, name, t, fmt, cols)
                 quantized[name.removesuffix(SUFFIX)] = QWeight(t, fmt, cols)
             else:
                 small[name] = t.to(dtype) if t.is_floating_point() else t
     return finish(model, config, small, quantized, path)
+
+
+def check_row_bytes(path: Path, name: str, t: torch.Tensor, fmt: str, cols: int) -> None:
+    """Refuse blocks whose rows are not `fmt`'s size for `cols` values: int4 was Q4_1 (20 bytes
+    per 32 values) before it became Q4_0 (18), and such a file must be written again."""
+    want = block_nbytes((1, cols), fmt)
+    if t.dim() != 2 or t.size(1) != want:
+        q4_1 = fmt == "int4" and t.size(-1) * 18 == want * 20
+        older = " (int4 written as Q4_1 by an older `quantize`)" if q4_1 else ""
+        raise UserError(
+            f"{path}: {name} has {t.size(-1)} bytes per row where {fmt} takes {want} for {cols} values{older}; "
+            "run `python -m turbo_demo quantize` on the float checkpoint again"
+        )
 
 
 def finish(model, config, small: dict, quantized: dict, path: Path):
@@ -216,8 +231,8 @@ neuron: W_gate, W_up, attention and the LM head as HF stores them (out, in), W_d
 predictors' fc2 transposed; a MoE layer's experts as `mlp.experts.{{e}}.w1` (gate), `w3` (up)
 and `w2` (down, transposed); W_down and w2 once more as stored, `down_proj.rows` and `w2.rows`,
 for the dense formula), in blocks of 32 values: int8 = fp16 scale d + 32 int8 q
-(w = d q, llama.cpp's Q8_0), int4 = fp16 d + fp16 m + 16 bytes of nibbles (value j in the low
-nibble of byte j, value j + 16 in its high nibble; w = d q + m, llama.cpp's Q4_1); the rest
+(w = d q, llama.cpp's Q8_0), int4 = fp16 d + 16 bytes of nibbles (value j in the low nibble
+of byte j, value j + 16 in its high nibble; w = d (q - 8), llama.cpp's Q4_0); the rest
 (embeddings, norms, MoE routers) as loaded. The safetensors metadata `turbo_demo_blocks` gives each
 matrix's format and column count.
 """

@@ -1,11 +1,15 @@
-"""Block-quantized weights: llama.cpp's Q8_0 and Q4_1 blocks, one row per neuron.
+"""Block-quantized weights: llama.cpp's Q8_0 and Q4_0 blocks, one row per neuron.
 
 A weight W (N, H) is stored as `QWeight.data`, uint8 (N, B * block_bytes) with B = ceil(H / 32)
 blocks of 32 consecutive values of a row, the scale beside the data as in llama.cpp:
 
-    int8 (Q8_0)  34 bytes: d (fp16), q[32] (int8)              w = d * q,      d = amax / 127
-    int4 (Q4_1)  20 bytes: d (fp16), m (fp16), nibbles[16]     w = d * q + m,  d = (max - min) / 15,
-                 q[j] in [0, 15]: the low nibble of byte j is value j, the high nibble value j + 16
+    int8 (Q8_0)  34 bytes: d (fp16), q[32] (int8)     w = d * q,        d = amax / 127
+    int4 (Q4_0)  18 bytes: d (fp16), nibbles[16]      w = d * (q - 8),  d = -(the value of largest
+                 |x|) / 8, q[j] in [0, 15]: the low nibble of byte j is value j, the high nibble
+                 value j + 16
+
+Both are llama.cpp's blocks byte for byte (the same bytes as gguf's quantize), so a GGUF written
+from the same weights holds the same values as our pack.
 
 A row past H is padded with zeros to the block. Rows are neurons, as in the bf16 pack: W_gate,
 W_up as HF stores them, W_down transposed (wd_t), so that a sparse step reads each chosen
@@ -25,7 +29,7 @@ import torch
 from turbo_demo.choices import QUANTS
 
 BLOCK = 32
-BLOCK_BYTES = {"int8": 2 + BLOCK, "int4": 4 + BLOCK // 2}
+BLOCK_BYTES = {"int8": 2 + BLOCK, "int4": 2 + BLOCK // 2}
 FORMAT_CODE = {"int8": 0, "int4": 1}  # the C++ kernels' names for the formats
 
 
@@ -164,7 +168,9 @@ def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
 def quantize(w: torch.Tensor, fmt: str, chunk_rows: int = 1024) -> QWeight:
     """W (N, H) float -> QWeight, `chunk_rows` rows at a time (so that the fp32 temporaries stay
     a few MB above the result), with llama.cpp's reference rounding (quantize_row_q8_0_ref,
-    quantize_row_q4_1_ref): the scale from fp32, stored as fp16."""
+    quantize_row_q4_0_ref, as gguf's numpy quantizer writes them): the scale from fp32, stored
+    as fp16; int4's q = min(15, trunc(x / d + 8.5)), the value opposite the block's extreme
+    clamped to 15 (one step off, where the others are half a step at most)."""
     if fmt not in QUANTS:
         raise ValueError(f"unknown quantization {fmt!r}; one of {', '.join(QUANTS)}")
     n, h = w.shape
@@ -174,14 +180,18 @@ def quantize(w: torch.Tensor, fmt: str, chunk_rows: int = 1024) -> QWeight:
         if fmt == "int8":
             d = x.abs().amax(-1) / 127
             inv = torch.where(d > 0, 1 / d, 0)
-            q = (x * inv[..., None]).round().clamp(-127, 127).to(torch.int8).view(torch.uint8)
+            # rounded half away from zero, as roundf (torch.round: half to even), in exact steps
+            a = (x * inv[..., None]).abs()
+            whole = a.floor()
+            v = (x.sign() * (whole + (2 * (a - whole)).floor())).clamp(-127, 127)
+            q = v.to(torch.int8).view(torch.uint8)
             parts: tuple[torch.Tensor, ...] = (fp16_bytes(d), q)
         else:
-            lo, hi = x.amin(-1), x.amax(-1)
-            d = (hi - lo) / 15
-            inv = torch.where(d > 0, 1 / d, 0)
-            q = ((x - lo[..., None]) * inv[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)
-            parts = (fp16_bytes(d), fp16_bytes(lo), q[..., :16] | (q[..., 16:] << 4))
+            extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # the first of largest |x|
+            d = extreme / -8
+            inv = torch.where(d != 0, 1 / d, 0)
+            q = (x * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+            parts = (fp16_bytes(d.squeeze(-1)), q[..., :16] | (q[..., 16:] << 4))
         out[r : r + chunk_rows] = torch.cat(parts, dim=-1).view(x.size(0), -1)
     return QWeight(out.to(w.device), fmt, h)
 
@@ -195,10 +205,9 @@ def dequantize(w: QWeight, idx: torch.Tensor | None = None) -> torch.Tensor:
     if w.fmt == "int8":
         values = d * blocks[..., 2:].contiguous().view(torch.int8).float()
     else:
-        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
-        nibbles = blocks[..., 4:]
+        nibbles = blocks[..., 2:]
         q = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).float()
-        values = d * q + m
+        values = d * (q - 8)
     return values.reshape(data.size(0), values.size(1) * BLOCK)[:, : w.cols]
 
 

@@ -10,7 +10,7 @@
 // groups (lane r = row r), each token's 4-byte group broadcast against them (vpdpbusd), so that
 // the 16 lanes end as the 16 rows' integer sums with no horizontal reduction. vpdpbusd multiplies
 // unsigned by signed bytes: int8 weights are read as w + 128 (the sum starts at -128 sum(q_x)),
-// int4 ones are unsigned already (q in 0..15, plus m d_x sum(q_x)). Results match the reference
+// int4 ones are unsigned already (q in 0..15, plus the block's offset d_w s_x, quantize_act). Results match the reference
 // up to fp32 summation order, rounded to x's dtype. Without AVX-512 VNNI, each token is the
 // decode step's q_dot, a few rows at a time against every token.
 
@@ -73,11 +73,11 @@ inline void transpose16x4(const uint8_t* const p[kRows], __m512i V[4]) {
 }
 
 // Block b of 16 rows (rows[r]: row r's block b; rows past the matrix repeat its last one, their
-// lanes never stored): W[c] lane r = values 4c .. 4c + 3 of row r as unsigned bytes; dv (and mv,
-// int4) the rows' d (and m) in fp32.
+// lanes never stored): W[c] lane r = values 4c .. 4c + 3 of row r as unsigned bytes; dv the rows'
+// d in fp32 (int4: mv too, the d that multiplies a token's offset term s_x).
 template <int FMT>
 inline void load_block(const uint8_t* const rows[kRows], __m512i W[8], __m512& dv, __m512& mv) {
-  alignas(64) uint32_t dm[kRows];  // each row's first four bytes: d, and m (int4) or q[0..1]
+  alignas(64) uint32_t dm[kRows];  // each row's first four bytes: d, then q[0..1] or nibbles
   for (int r = 0; r < kRows; ++r) std::memcpy(&dm[r], rows[r], sizeof dm[r]);
   const __m512i dmv = _mm512_load_si512(dm);
   dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dmv));
@@ -89,8 +89,8 @@ inline void load_block(const uint8_t* const rows[kRows], __m512i W[8], __m512& d
     transpose16x4(p, W + 4);
     for (int c = 0; c < 8; ++c) W[c] = _mm512_xor_si512(W[c], _mm512_set1_epi8(static_cast<char>(0x80)));
   } else {
-    mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dmv, 16)));
-    for (int r = 0; r < kRows; ++r) p[r] = rows[r] + 4;
+    mv = dv;
+    for (int r = 0; r < kRows; ++r) p[r] = rows[r] + 2;
     __m512i V[4];
     transpose16x4(p, V);
     const __m512i low = _mm512_set1_epi8(15);

@@ -37,8 +37,9 @@ inline void dequant32(const uint8_t* blk, __m512& w0, __m512& w1) {
     w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
     w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
   } else {
-    const __m512 d = _mm512_set1_ps(half_at(blk)), m = _mm512_set1_ps(half_at(blk + 2));
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)), low = _mm_set1_epi8(15);
+    const float dw = half_at(blk);  // w = d q + m, m = -8 d (quant_blocks.h)
+    const __m512 d = _mm512_set1_ps(dw), m = _mm512_set1_ps(-8.f * dw);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)), low = _mm_set1_epi8(15);
     w0 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low))), m);
     w1 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low))), m);
   }
@@ -239,9 +240,9 @@ void fill_panel(const QW& wt, int64_t i0, int64_t rows, int64_t b0, int64_t n_bl
         const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
         for (int j = 0; j < kQBlock; ++j) out[j] = rounded<T>(d * static_cast<float>(q[j]));
       } else {
-        const float m = half_at(blk + 2);
+        const float m = -8.f * d;
         uint8_t q[kQBlock];
-        unpack_q4(blk + 4, q);
+        unpack_q4(blk + 2, q);
         for (int j = 0; j < kQBlock; ++j) out[j] = rounded<T>(d * static_cast<float>(q[j]) + m);
       }
     }

@@ -1,4 +1,4 @@
-// The block formats of runtime/quant.py (Q8_0 "int8" and Q4_1 "int4", blocks of 32 values along a
+// The block formats of runtime/quant.py (Q8_0 "int8" and Q4_0 "int4", blocks of 32 values along a
 // row) and the primitives the q_* kernels of quant_ops.cpp are built from: an activation quantized
 // per block (quantize_act), one row's dot product with it (qdot), four rows' (qdot4, and
 // qdot_range over a selection of rows) and a weighted sum of up to kGroup rows into fp32
@@ -17,7 +17,11 @@ namespace {
 constexpr int64_t kQBlock = 32;
 enum Fmt { kQ8 = 0, kQ4 = 1 };
 
-inline int64_t block_bytes(int fmt) { return fmt == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2; }
+// Both formats start with the block's fp16 scale d; its values follow at byte 2 (int8: q[32];
+// int4: 16 bytes of nibbles, w = d (q - 8) = d q + m with m = -8 d, so that the kernels sum d q
+// over unsigned nibbles and add the block's offset term m once).
+constexpr int64_t kQ8Bytes = 2 + kQBlock, kQ4Bytes = 2 + kQBlock / 2;
+inline int64_t block_bytes(int fmt) { return fmt == kQ8 ? kQ8Bytes : kQ4Bytes; }
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -37,8 +41,9 @@ struct QW {
   const uint8_t* row(int64_t i) const { return data + i * row_bytes; }
 };
 
-// x quantized per block: q (B * 32,) int8 and ds (2B,) each block's scale d and s = d * sum(q)
-// (int4's min term), interleaved in the order of an int4 block's (d, m) header. With AVX-512 VNNI,
+// x quantized per block: q (B * 32,) int8 and ds (2B,) each block's scale d and s = -8 d sum(q),
+// interleaved: an int4 block's dot product is d_w d_x sum(q_w q_x) + d_w s_x (its offset term m_w
+// d_x sum(q_x), m_w = -8 d_w), so [d_w, d_w] * [d_x, s_x] gives both of its scales at once. With AVX-512 VNNI,
 // for int4 weights (fmt), pairs: q per pair of blocks (b, b + 1) as [b 0-15, b+1 0-15, b 16-31,
 // b+1 16-31], the order of two int4 blocks' nibbles unpacked into one 512-bit register.
 struct QAct {
@@ -69,7 +74,7 @@ QAct quantize_act(const T* x, int64_t h, [[maybe_unused]] int fmt) {
       sum += a.q[c];
     }
     a.ds[2 * b] = d;
-    a.ds[2 * b + 1] = d * static_cast<float>(sum);
+    a.ds[2 * b + 1] = -8.f * d * static_cast<float>(sum);
   }
 #if defined(TD_Q4_PAIRS)
   if (fmt != kQ4) return a;  // only int4 rows read the pairs
@@ -118,7 +123,14 @@ inline DotAcc dot_zero() { return 0.f; }
 inline float dot_sum(DotAcc a, DotAcc b) { return a + b; }
 #endif
 
-// One block's dot product, added to acc (its scaled integer sum) and mins (int4's m_w d_x sum(q_x)).
+// An int4 block's d twice, as two fp16 in one word: [d, d], the header that multiplies [d_x, s_x].
+inline uint32_t q4_dd(const uint8_t* blk) {
+  uint16_t d;
+  std::memcpy(&d, blk, sizeof d);
+  return d | static_cast<uint32_t>(d) << 16;
+}
+
+// One block's dot product, added to acc (its scaled integer sum) and mins (int4's offset, d_w s_x).
 template <int FMT>
 inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc, float& mins) {
   const float d = half_at(blk) * x.d(b);
@@ -131,7 +143,7 @@ inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc
     // |w| * (x * sign(w)) = w * x, with an unsigned left operand as the instructions want
     isum = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
   } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
     isum = dot_u8s8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15)), xv);
   }
   acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
@@ -142,31 +154,28 @@ inline void qdot_block(const uint8_t* blk, const QAct& x, int64_t b, DotAcc& acc
     for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
   } else {
     uint8_t q[kQBlock];
-    unpack_q4(blk + 4, q);
+    unpack_q4(blk + 2, q);
     for (int j = 0; j < kQBlock; ++j) isum += q[j] * xq[j];
   }
   acc += d * static_cast<float>(isum);
 #endif
-  if constexpr (FMT == kQ4) mins += half_at(blk + 2) * x.s(b);
+  if constexpr (FMT == kQ4) mins += half_at(blk) * x.s(b);
 }
 
 #if defined(TD_Q4_PAIRS)
-// Two int4 blocks (b, b + 1) in one 512-bit dot product, added to acc as qdot_block; their min terms
-// m_w d_x sum(q_x) go to lanes 1 and 3 of mins (lanes 0 and 2 collect d_w d_x, not read).
+// Two int4 blocks (b, b + 1) in one 512-bit dot product, added to acc as qdot_block; their offset
+// terms d_w s_x go to lanes 1 and 3 of mins (lanes 0 and 2 collect d_w d_x, not read).
 inline void q4_pair(const uint8_t* blk, const QAct& x, int64_t b, __m512& acc, __m128& mins) {
-  constexpr int64_t bb = 4 + kQBlock / 2;
+  constexpr int64_t bb = kQ4Bytes;
   const __m256i mask = _mm256_set1_epi8(15);
-  const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + bb + 4),
-                                          reinterpret_cast<const __m128i*>(blk + 4));
+  const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + bb + 2),
+                                          reinterpret_cast<const __m128i*>(blk + 2));
   const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, mask)),
                                         _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), 1);
   const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(x.pairs.data() + b * kQBlock));
-  // both blocks' (d, m) in one conversion: [d_w, m_w, d_w', m_w'] * [d_x, s_x, d_x', s_x']
-  uint32_t dm0, dm1;
-  std::memcpy(&dm0, blk, sizeof dm0);
-  std::memcpy(&dm1, blk + bb, sizeof dm1);
-  const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128(static_cast<int>(dm0)),
-                                                    _mm_cvtsi32_si128(static_cast<int>(dm1))));
+  // both blocks' scales in one conversion: [d_w, d_w, d_w', d_w'] * [d_x, s_x, d_x', s_x']
+  const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128(static_cast<int>(q4_dd(blk))),
+                                                    _mm_cvtsi32_si128(static_cast<int>(q4_dd(blk + bb)))));
   const __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(x.ds.data() + 2 * b));
   mins = _mm_add_ps(mins, prod);
   // lanes 0-3 and 8-11 hold block b's sums (scale: prod's lane 0), 4-7 and 12-15 block b + 1's (lane 2)
@@ -177,7 +186,7 @@ inline void q4_pair(const uint8_t* blk, const QAct& x, int64_t b, __m512& acc, _
 
 // qdot_fmt<kQ4> four blocks at a time, in two chains of pairs; the last nb % 4 blocks as qdot_block.
 inline float qdot_q4_pairs(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
-  constexpr int64_t bb = 4 + kQBlock / 2;
+  constexpr int64_t bb = kQ4Bytes;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   __m128 mins0 = _mm_setzero_ps(), mins1 = _mm_setzero_ps();
   int64_t b = 0;
@@ -201,7 +210,7 @@ inline float qdot_q4_pairs(int64_t nb, const uint8_t* row, const uint8_t* next, 
 // next, the row read after this one.
 template <int FMT>
 inline float qdot_fmt(int64_t nb, const uint8_t* row, const uint8_t* next, const QAct& x) {
-  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
+  constexpr int64_t bb = FMT == kQ8 ? kQ8Bytes : kQ4Bytes;
 #if defined(TD_Q4_PAIRS)
   if constexpr (FMT == kQ4) return qdot_q4_pairs(nb, row, next, x);
 #endif
@@ -234,18 +243,18 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
 // the block's values 0-15 (low nibbles) and 16-31 (high nibbles) in both halves.
 inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x,
                      float out[4]) {
-  constexpr int64_t bb = 4 + kQBlock / 2;
+  constexpr int64_t bb = kQ4Bytes;
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   // the (d_w d_x) lanes of a block's header products, in the lane order of its integer sums
   const __m256i d_lanes = _mm256_setr_epi32(0, 0, 4, 4, 2, 2, 6, 6);
-  __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();  // mins: lane 2t + 1 = row t's m_w d_x sum(q_x)
+  __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();  // mins: lane 2t + 1 = row t's offset d_w s_x
   for (int64_t b = 0; b < nb; ++b) {
     const int8_t* xq = x.q.data() + b * kQBlock;
     const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
     const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
     uint32_t dm[4];
-    for (int t = 0; t < 4; ++t) std::memcpy(&dm[t], r[t] + b * bb, sizeof dm[t]);
-    // [d_0 d_x, m_0 s_x, d_1 d_x, m_1 s_x, ...]
+    for (int t = 0; t < 4; ++t) dm[t] = q4_dd(r[t] + b * bb);
+    // [d_0 d_x, d_0 s_x, d_1 d_x, d_1 s_x, ...]
     const __m256 prod = _mm256_mul_ps(
         _mm256_cvtph_ps(_mm_setr_epi32(static_cast<int>(dm[0]), static_cast<int>(dm[1]), static_cast<int>(dm[2]),
                                        static_cast<int>(dm[3]))),
@@ -255,8 +264,8 @@ inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const
       for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
     __m256i pair[2];
     for (int k = 0; k < 2; ++k) {
-      const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(r[2 * k + 1] + b * bb + 4),
-                                            reinterpret_cast<const __m128i*>(r[2 * k] + b * bb + 4));
+      const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(r[2 * k + 1] + b * bb + 2),
+                                            reinterpret_cast<const __m128i*>(r[2 * k] + b * bb + 2));
       pair[k] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask), xlo),
                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), xhi));
     }
@@ -337,11 +346,9 @@ inline void qdot_range(const QW& w, int64_t j0, int64_t j1, RowAt row_at, const 
 }
 
 #if defined(TD_SIMD) && defined(__F16C__)
-// [coef d, coef m, 0, 0] for an int4 block's (d, m) header, in one conversion.
+// [coef d, coef m, 0, 0] for an int4 block of scale d (its offset m = -8 d).
 inline __m128 scaled_dm(const uint8_t* blk, float coef) {
-  uint32_t dm;
-  std::memcpy(&dm, blk, sizeof dm);
-  return _mm_mul_ps(_mm_set1_ps(coef), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm))));
+  return _mm_mul_ps(_mm_setr_ps(coef, -8.f * coef, 0.f, 0.f), _mm_set1_ps(half_at(blk)));
 }
 #endif
 
@@ -354,7 +361,7 @@ constexpr int kGroup = 8;  // rows per pass of qaxpy over the accumulators
 template <int FMT, int M>
 inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
                         float* acc) {
-  constexpr int64_t bb = FMT == kQ8 ? 2 + kQBlock : 4 + kQBlock / 2;
+  constexpr int64_t bb = FMT == kQ8 ? kQ8Bytes : kQ4Bytes;
   for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
@@ -373,7 +380,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
         mins = _mm_add_ps(mins, cdm);
         const __m512 dv = _mm512_broadcastss_ps(cdm);
         // byte j holds value j (low nibble) and value j + 16 (high nibble): one widening for both
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
         a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), a0);
         a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), a1);
       }
@@ -407,7 +414,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
         const __m256i mask = _mm256_set1_epi32(15);
         // nibble bytes 0-7 hold values 0-7 (low) and 16-23 (high); bytes 8-15 values 8-15 and 24-31
         for (int i = 0; i < 2; ++i) {
-          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 4 + 8 * i)));
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * i)));
           a[i] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), a[i]);
           a[i + 2] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), a[i + 2]);
         }
@@ -428,9 +435,9 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
 #pragma omp simd
         for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
       } else {
-        const float mm = coef[r] * half_at(blk + 2);
+        const float mm = -8.f * coef[r] * half_at(blk);
         uint8_t q[kQBlock];
-        unpack_q4(blk + 4, q);
+        unpack_q4(blk + 2, q);
 #pragma omp simd
         for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]) + mm;
       }

@@ -1,4 +1,4 @@
-// Block-quantized weights (runtime/quant.py: Q8_0 "int8" and Q4_1 "int4" blocks of 32, one row
+// Block-quantized weights (runtime/quant.py: Q8_0 "int8" and Q4_0 "int4" blocks of 32, one row
 // per neuron): q_dot (rows_dot and matvec), q_matvecs (several matvecs on one x), q_axpy
 // (rows_axpy and vecmat), q_ffn (the dense and sparse FFN steps) and q_predict. What each
 // computes is the docstring of the same method of Kernels in ../reference.py on a QWeight: the
@@ -6,7 +6,7 @@
 // q = round-half-even(x * (1 / d)), as quant.py's quantize_activation, bit for bit), so that
 // each block's dot product is an exact integer sum (AVX-512 VNNI's vpdpbusd where the CPU has
 // it, else AVX2's vpmaddubsw + vpmaddwd), scaled in
-// fp32: int8 d_w d_x sum(q_w q_x), int4 d_w d_x sum(q_w q_x) + m_w d_x sum(q_x). A weighted sum
+// fp32: int8 d_w d_x sum(q_w q_x), int4 d_w d_x (sum(q_w q_x) - 8 sum(q_x)). A weighted sum
 // of rows (a sparse step's down projection) reads h in fp32 and dequantizes each row on the fly;
 // a dense step given W_down as stored (wd) quantizes h and takes dot products instead. Results
 // match the reference up to fp32 summation order; values are rounded to the activations' dtype T
