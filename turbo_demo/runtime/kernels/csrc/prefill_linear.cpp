@@ -10,9 +10,10 @@
 // groups (lane r = row r), each token's 4-byte group broadcast against them (vpdpbusd), so that
 // the 16 lanes end as the 16 rows' integer sums with no horizontal reduction. vpdpbusd multiplies
 // unsigned by signed bytes: int8 weights are read as w + 128 (the sum starts at -128 sum(q_x)),
-// int4 ones are unsigned already (q in 0..15, plus the block's offset d_w s_x, quantize_act). Results match the reference
-// up to fp32 summation order, rounded to x's dtype. Without AVX-512 VNNI, each token is the
-// decode step's q_dot, a few rows at a time against every token.
+// int4 ones are unsigned already (q in 0..15, plus the block's offset d_w s_x, quantize_act).
+// Results match the reference up to fp32 summation order, rounded to x's dtype. Without AVX-512
+// VNNI, each token's products are the decode step's four-row dot products, four rows against
+// several tokens at a time.
 
 #include "quant_blocks.h"
 
@@ -179,8 +180,64 @@ void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
   }
 }
 
+#elif defined(TD_QDOT4)
+// On AVX2: a thread takes its rows four at a time, and the prompt's tokens kTile at a time against
+// them (qdot4_q8 / qdot4_q4 for NT tokens: each token's products are the decode step's, bit for
+// bit, with the rows' values and headers unpacked once per block for all NT tokens), so that each
+// row is read from memory once (then from L1).
+constexpr int kTile = 4;
+
+template <int FMT, int NT = kTile>
+inline void tile_m(int m, int64_t nb, const uint8_t* const r[4], const uint8_t* const* next, const QAct* const xs[],
+                   float out[][4]) {
+  if constexpr (NT > 0) {
+    if (m != NT) return tile_m<FMT, NT - 1>(m, nb, r, next, xs, out);
+    if constexpr (FMT == kQ8)
+      qdot4_q8<NT>(nb, r, next, xs, out);
+    else
+      qdot4_q4<NT>(nb, r, next, xs, out);
+  }
+}
+
+// y[:, 4g : 4g + 4] for every token.
+template <int FMT, typename T>
+void linear_rows4(const QW& w, const std::vector<QAct>& xs, int64_t tokens, int64_t g, T* y) {
+  const int64_t r0 = 4 * g, nb = (w.cols + kQBlock - 1) / kQBlock;
+  const uint8_t *rows[4], *next[4];
+  rows4([&](int64_t r) { return w.row(r); }, r0, w.rows, rows, next);
+  for (int64_t t = 0; t < tokens; t += kTile) {
+    const int m = static_cast<int>(std::min<int64_t>(kTile, tokens - t));
+    const QAct* xt[kTile];
+    for (int j = 0; j < m; ++j) xt[j] = &xs[t + j];
+    float out[kTile][4];
+    // the first tile prefetches the next group's rows; the others read cached ones
+    tile_m<FMT>(m, nb, rows, t == 0 ? next : nullptr, xt, out);
+    for (int j = 0; j < m; ++j)
+      for (int i = 0; i < 4 && r0 + i < w.rows; ++i) store(y + (t + j) * w.rows + r0 + i, out[j][i]);
+  }
+}
+
+template <typename T>
+void linear_impl(const QW& w, const T* xp, int64_t tokens, T* y) {
+  std::vector<QAct> xs(tokens);
+  const int64_t groups = (w.rows + 3) / 4;
+  const int threads = threads_for<uint8_t>(w.rows * w.row_bytes);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) xs[t] = quantize_act(xp + t * w.cols, w.cols, w.fmt);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      if (w.fmt == kQ8)
+        linear_rows4<kQ8>(w, xs, tokens, g, y);
+      else
+        linear_rows4<kQ4>(w, xs, tokens, g, y);
+    }
+  }
+}
+
 #else
-// Without AVX-512 VNNI: each token's products are the decode step's four-row dot product (qdot4),
+// Without AVX2: each token's products are the decode step's four-row dot product (qdot4),
 // and a thread takes its rows four at a time against every token of the prompt, so that each row
 // is read from memory once (then from L1), not once per token.
 

@@ -239,73 +239,99 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
 // exact (int16 lanes hold at most 8 products of |q_w| <= 15 (int4) and |q_x| <= 127: 15240),
 // scaled in fp32 as qdot_block's; the sum over blocks differs from qdot's in order only.
 
+// The same four rows against NT tokens xs[j] at once (a prompt's tokens: q_linear), out[j][t]: the
+// rows' values and headers are unpacked once per block for all NT tokens, and each token's sums
+// are formed exactly as for one (bit for bit the decode step's, NT = 1). next (or nullptr): the
+// rows read after these, prefetched.
+
 // int4: rows in pairs, two rows' 16 nibble bytes in one register ([row 2k | row 2k + 1]) against
 // the block's values 0-15 (low nibbles) and 16-31 (high nibbles) in both halves.
-inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x,
-                     float out[4]) {
+template <int NT>
+inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const* next, const QAct* const xs[],
+                     float out[][4]) {
   constexpr int64_t bb = kQ4Bytes;
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   // the (d_w d_x) lanes of a block's header products, in the lane order of its integer sums
   const __m256i d_lanes = _mm256_setr_epi32(0, 0, 4, 4, 2, 2, 6, 6);
-  __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();  // mins: lane 2t + 1 = row t's offset d_w s_x
+  __m256 acc[NT], mins[NT];  // mins: lane 2t + 1 = row t's offset d_w s_x
+  for (int j = 0; j < NT; ++j) acc[j] = mins[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* xq = x.q.data() + b * kQBlock;
-    const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
-    const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
     uint32_t dm[4];
     for (int t = 0; t < 4; ++t) dm[t] = q4_dd(r[t] + b * bb);
-    // [d_0 d_x, d_0 s_x, d_1 d_x, d_1 s_x, ...]
-    const __m256 prod = _mm256_mul_ps(
-        _mm256_cvtph_ps(_mm_setr_epi32(static_cast<int>(dm[0]), static_cast<int>(dm[1]), static_cast<int>(dm[2]),
-                                       static_cast<int>(dm[3]))),
-        _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x.ds.data() + 2 * b))));
-    mins = _mm256_add_ps(mins, prod);
-    if (b % 2 == 0)
+    const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi32(static_cast<int>(dm[0]), static_cast<int>(dm[1]),
+                                                     static_cast<int>(dm[2]), static_cast<int>(dm[3])));
+    if (next && b % 2 == 0)
       for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
-    __m256i pair[2];
+    __m256i lo[2], hi[2];
     for (int k = 0; k < 2; ++k) {
       const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(r[2 * k + 1] + b * bb + 2),
                                             reinterpret_cast<const __m128i*>(r[2 * k] + b * bb + 2));
-      pair[k] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask), xlo),
-                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), xhi));
+      lo[k] = _mm256_and_si256(v, mask);
+      hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     }
-    // int32 lanes: [row 0, row 0, row 2, row 2 | row 1, row 1, row 3, row 3]
-    const __m256i isum = _mm256_madd_epi16(_mm256_hadd_epi16(pair[0], pair[1]), ones);
-    acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(prod, d_lanes), _mm256_cvtepi32_ps(isum), acc);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const QAct& x = *xs[j];
+      const int8_t* xq = x.q.data() + b * kQBlock;
+      const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
+      const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
+      // [d_0 d_x, d_0 s_x, d_1 d_x, d_1 s_x, ...]
+      const __m256 prod =
+          _mm256_mul_ps(dw, _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x.ds.data() + 2 * b))));
+      mins[j] = _mm256_add_ps(mins[j], prod);
+      __m256i pair[2];
+      for (int k = 0; k < 2; ++k)
+        pair[k] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[k], xlo), _mm256_maddubs_epi16(hi[k], xhi));
+      // int32 lanes: [row 0, row 0, row 2, row 2 | row 1, row 1, row 3, row 3]
+      const __m256i isum = _mm256_madd_epi16(_mm256_hadd_epi16(pair[0], pair[1]), ones);
+      acc[j] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(prod, d_lanes), _mm256_cvtepi32_ps(isum), acc[j]);
+    }
   }
-  alignas(32) float a[8], m[8];
-  _mm256_store_ps(a, acc);
-  _mm256_store_ps(m, mins);
   constexpr int lane[4] = {0, 4, 2, 6};  // row t's two lanes: lane[t], lane[t] + 1
-  for (int t = 0; t < 4; ++t) out[t] = m[2 * t + 1] + (a[lane[t]] + a[lane[t] + 1]);
+  for (int j = 0; j < NT; ++j) {
+    alignas(32) float a[8], m[8];
+    _mm256_store_ps(a, acc[j]);
+    _mm256_store_ps(m, mins[j]);
+    for (int t = 0; t < 4; ++t) out[j][t] = m[2 * t + 1] + (a[lane[t]] + a[lane[t] + 1]);
+  }
 }
 
 // int8: each row's sums as qdot_block's, reduced to one int32 lane per row ([row 0..3 | row 0..3]).
-inline void qdot4_q8(int64_t nb, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x,
-                     float out[4]) {
-  constexpr int64_t bb = 2 + kQBlock;
-  __m256 acc = _mm256_setzero_ps();
+template <int NT>
+inline void qdot4_q8(int64_t nb, const uint8_t* const r[4], const uint8_t* const* next, const QAct* const xs[],
+                     float out[][4]) {
+  constexpr int64_t bb = kQ8Bytes;
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + b * kQBlock));
     uint16_t d[4];
     for (int t = 0; t < 4; ++t) std::memcpy(&d[t], r[t] + b * bb, sizeof d[t]);
-    const __m128 d4 = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]),
-                                                             static_cast<short>(d[2]), static_cast<short>(d[3]), 0, 0,
-                                                             0, 0)),
-                                 _mm_set1_ps(x.d(b)));
-    if (b % 2 == 0)
+    const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]),
+                                                  static_cast<short>(d[2]), static_cast<short>(d[3]), 0, 0, 0, 0));
+    if (next && b % 2 == 0)
       for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
-    __m256i isum[4];
+    __m256i wv[4], aw[4];  // the rows' q and |q|
     for (int t = 0; t < 4; ++t) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[t] + b * bb + 2));
-      isum[t] = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+      wv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[t] + b * bb + 2));
+      aw[t] = _mm256_sign_epi8(wv[t], wv[t]);
     }
-    const __m256i rows = _mm256_hadd_epi32(_mm256_hadd_epi32(isum[0], isum[1]), _mm256_hadd_epi32(isum[2], isum[3]));
-    acc = _mm256_fmadd_ps(_mm256_set_m128(d4, d4), _mm256_cvtepi32_ps(rows), acc);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const QAct& x = *xs[j];
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + b * kQBlock));
+      const __m128 d4 = _mm_mul_ps(dw, _mm_set1_ps(x.d(b)));
+      __m256i isum[4];
+      for (int t = 0; t < 4; ++t) isum[t] = dot_u8s8(aw[t], _mm256_sign_epi8(xv, wv[t]));
+      const __m256i rows =
+          _mm256_hadd_epi32(_mm256_hadd_epi32(isum[0], isum[1]), _mm256_hadd_epi32(isum[2], isum[3]));
+      acc[j] = _mm256_fmadd_ps(_mm256_set_m128(d4, d4), _mm256_cvtepi32_ps(rows), acc[j]);
+    }
   }
-  alignas(32) float a[8];
-  _mm256_store_ps(a, acc);
-  for (int t = 0; t < 4; ++t) out[t] = a[t] + a[t + 4];
+  for (int j = 0; j < NT; ++j) {
+    alignas(32) float a[8];
+    _mm256_store_ps(a, acc[j]);
+    for (int t = 0; t < 4; ++t) out[j][t] = a[t] + a[t + 4];
+  }
 }
 #endif
 
@@ -313,10 +339,13 @@ inline void qdot4_q8(int64_t nb, const uint8_t* const r[4], const uint8_t* const
 inline void qdot4(const QW& w, const uint8_t* const r[4], const uint8_t* const next[4], const QAct& x, float out[4]) {
 #if defined(TD_QDOT4)
   const int64_t nb = (w.cols + kQBlock - 1) / kQBlock;
+  const QAct* xs[1] = {&x};
+  float one[1][4];
   if (w.fmt == kQ8)
-    qdot4_q8(nb, r, next, x, out);
+    qdot4_q8<1>(nb, r, next, xs, one);
   else
-    qdot4_q4(nb, r, next, x, out);
+    qdot4_q4<1>(nb, r, next, xs, one);
+  std::copy(one[0], one[0] + 4, out);
 #else
   for (int t = 0; t < 4; ++t) out[t] = qdot(w, r[t], next[t], x);
 #endif
