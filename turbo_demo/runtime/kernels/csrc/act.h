@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -27,6 +29,14 @@ inline float apply(Act act, float v) {
     case Act::kGeluTanh: return 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
     default: return 0.5f * v * (1.f + std::erf(v * 0.70710678f));
   }
+}
+
+// The dense formula's h_i from gate and up values g, u (rounded to T): act(g) * (act(u) when
+// act_up, else u), each value rounded to T where the reference's tensor operations store it.
+template <typename T>
+inline float dense_h(Act act, bool act_up, float g, float u) {
+  using turbo_demo::rounded;
+  return rounded<T>(rounded<T>(apply(act, g)) * (act_up ? rounded<T>(apply(act, u)) : u));
 }
 
 }  // namespace

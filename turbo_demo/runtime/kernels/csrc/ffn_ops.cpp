@@ -146,9 +146,7 @@ int64_t dense_impl(const T* wg, const T* wu, const T* wd_t, const T* x, int64_t 
       group(wu, static_cast<const int64_t*>(nullptr), j, r1, h, r, next);
       dot4(r, next, x, h, u);
       for (int q = 0; q < 4; ++q) {
-        const float uv = rounded<T>(u[q]);
-        const float up = act_up ? rounded<T>(apply(act, uv)) : uv;
-        w[q] = j + q < r1 ? rounded<T>(rounded<T>(apply(act, rounded<T>(g[q]))) * up) : 0.f;
+        w[q] = j + q < r1 ? dense_h<T>(act, act_up, rounded<T>(g[q]), rounded<T>(u[q])) : 0.f;
         active += w[q] != 0.f;
         if (counts && w[q] != 0.f) ++counts[j + q];
       }

@@ -57,13 +57,6 @@ void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<i
   reduce(partial, threads, hp, wt.cols, y, static_cast<const T*>(nullptr));
 }
 
-// The dense formula's h_i from gate and up values g, u (rounded to T): act(g) * (act(u) when
-// act_up, else u), each value rounded to T where the reference's tensor operations store it.
-template <typename T>
-inline float dense_h(Act act, bool act_up, float g, float u) {
-  return rounded<T>(rounded<T>(apply(act, g)) * (act_up ? rounded<T>(apply(act, u)) : u));
-}
-
 // One FFN step over the candidates (idx (k,), or every neuron), in one parallel region, each
 // thread over its share of them in three passes, each streaming one matrix's rows (interleaved,
 // the three streams read slower): the gate rows (unless a_given), the up rows where the gate
