@@ -374,13 +374,6 @@ inline void qdot_range(const QW& w, int64_t j0, int64_t j1, RowAt row_at, const 
   }
 }
 
-#if defined(TD_SIMD) && defined(__F16C__)
-// [coef d, coef m, 0, 0] for an int4 block of scale d (its offset m = -8 d).
-inline __m128 scaled_dm(const uint8_t* blk, float coef) {
-  return _mm_mul_ps(_mm_setr_ps(coef, -8.f * coef, 0.f, 0.f), _mm_set1_ps(half_at(blk)));
-}
-#endif
-
 constexpr int kGroup = 8;  // rows per pass of qaxpy over the accumulators
 
 // acc[0 : B * 32] += sum_{r < M} coef[r] * dequantize(rows[r]) for M <= kGroup rows of format FMT,
@@ -394,7 +387,9 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
   for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
-    __m128 mins = _mm_setzero_ps();  // int4: lane 1 = sum_r coef[r] * m_r, the same for the block's 32 values
+    // int4: sum_r coef[r] d_r; the block's offset sum_r coef[r] m_r is -8 times it (exact: a
+    // power of two scales every rounding alike)
+    float dsum = 0.f;
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
@@ -405,9 +400,9 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
         a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), a0);
         a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), a1);
       } else {
-        const __m128 cdm = scaled_dm(blk, coef[r]);
-        mins = _mm_add_ps(mins, cdm);
-        const __m512 dv = _mm512_broadcastss_ps(cdm);
+        const float cd = coef[r] * half_at(blk);
+        dsum += cd;
+        const __m512 dv = _mm512_set1_ps(cd);
         // byte j holds value j (low nibble) and value j + 16 (high nibble): one widening for both
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
         a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), a0);
@@ -415,7 +410,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
       }
     }
     if constexpr (FMT == kQ4) {
-      const __m512 mv = _mm512_broadcastss_ps(_mm_movehdup_ps(mins));
+      const __m512 mv = _mm512_set1_ps(-8.f * dsum);
       a0 = _mm512_add_ps(a0, mv);
       a1 = _mm512_add_ps(a1, mv);
     }
@@ -425,7 +420,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
     // a[i] holds values 8i .. 8i + 7 of the block
     __m256 a[4] = {_mm256_loadu_ps(acc), _mm256_loadu_ps(acc + 8), _mm256_loadu_ps(acc + 16),
                    _mm256_loadu_ps(acc + 24)};
-    __m128 mins = _mm_setzero_ps();  // int4: lane 1 = sum_r coef[r] * m_r, as above
+    float dsum = 0.f;  // as above
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
@@ -437,9 +432,9 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
           a[i] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), a[i]);
         }
       } else {
-        const __m128 cdm = scaled_dm(blk, coef[r]);
-        mins = _mm_add_ps(mins, cdm);
-        const __m256 dv = _mm256_broadcastss_ps(cdm);
+        const float cd = coef[r] * half_at(blk);
+        dsum += cd;
+        const __m256 dv = _mm256_set1_ps(cd);
         const __m256i mask = _mm256_set1_epi32(15);
         // nibble bytes 0-7 hold values 0-7 (low) and 16-23 (high); bytes 8-15 values 8-15 and 24-31
         for (int i = 0; i < 2; ++i) {
@@ -450,7 +445,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
       }
     }
     if constexpr (FMT == kQ4) {
-      const __m256 mv = _mm256_broadcastss_ps(_mm_movehdup_ps(mins));
+      const __m256 mv = _mm256_set1_ps(-8.f * dsum);
       for (int i = 0; i < 4; ++i) a[i] = _mm256_add_ps(a[i], mv);
     }
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
