@@ -459,7 +459,7 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
 #pragma omp simd
         for (int c = 0; c < kQBlock; ++c) acc[c] += d * static_cast<float>(q[c]);
       } else {
-        const float mm = -8.f * coef[r] * half_at(blk);
+        const float mm = -8.f * d;  // m = -8 d, scaled by coef[r] as d is (exact)
         uint8_t q[kQBlock];
         unpack_q4(blk + 2, q);
 #pragma omp simd
