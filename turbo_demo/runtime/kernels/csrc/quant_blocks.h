@@ -252,14 +252,16 @@ inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const
   constexpr int64_t bb = kQ4Bytes;
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   // the (d_w d_x) lanes of a block's header products, in the lane order of its integer sums
-  const __m256i d_lanes = _mm256_setr_epi32(0, 0, 4, 4, 2, 2, 6, 6);
-  __m256 acc[NT], mins[NT];  // mins: lane 2t + 1 = row t's offset d_w s_x
-  for (int j = 0; j < NT; ++j) acc[j] = mins[j] = _mm256_setzero_ps();
+  const __m256i d_lanes = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+  __m256 acc[NT];
+  __m128 mins[NT];  // lane t: row t's offset d_w s_x
+  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps(), mins[j] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    uint32_t dm[4];
-    for (int t = 0; t < 4; ++t) dm[t] = q4_dd(r[t] + b * bb);
-    const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi32(static_cast<int>(dm[0]), static_cast<int>(dm[1]),
-                                                     static_cast<int>(dm[2]), static_cast<int>(dm[3])));
+    // the four rows' scales [d_0, d_1, d_2, d_3], inserted as fp16 words and converted at once
+    uint16_t d[4];
+    for (int t = 0; t < 4; ++t) std::memcpy(&d[t], r[t] + b * bb, sizeof d[t]);
+    const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]),
+                                                  static_cast<short>(d[2]), static_cast<short>(d[3]), 0, 0, 0, 0));
     if (next && b % 2 == 0)
       for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
     __m256i lo[2], hi[2];
@@ -275,24 +277,23 @@ inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const
       const int8_t* xq = x.q.data() + b * kQBlock;
       const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
       const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
-      // [d_0 d_x, d_0 s_x, d_1 d_x, d_1 s_x, ...]
-      const __m256 prod =
-          _mm256_mul_ps(dw, _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x.ds.data() + 2 * b))));
-      mins[j] = _mm256_add_ps(mins[j], prod);
+      const __m128 prod = _mm_mul_ps(dw, _mm_set1_ps(x.d(b)));  // d_t d_x
+      mins[j] = _mm_add_ps(mins[j], _mm_mul_ps(dw, _mm_set1_ps(x.s(b))));
       __m256i pair[2];
       for (int k = 0; k < 2; ++k)
         pair[k] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[k], xlo), _mm256_maddubs_epi16(hi[k], xhi));
       // int32 lanes: [row 0, row 0, row 2, row 2 | row 1, row 1, row 3, row 3]
       const __m256i isum = _mm256_madd_epi16(_mm256_hadd_epi16(pair[0], pair[1]), ones);
-      acc[j] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(prod, d_lanes), _mm256_cvtepi32_ps(isum), acc[j]);
+      const __m256 dd = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(prod), d_lanes);
+      acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
     }
   }
   constexpr int lane[4] = {0, 4, 2, 6};  // row t's two lanes: lane[t], lane[t] + 1
   for (int j = 0; j < NT; ++j) {
-    alignas(32) float a[8], m[8];
+    alignas(32) float a[8], m[4];
     _mm256_store_ps(a, acc[j]);
-    _mm256_store_ps(m, mins[j]);
-    for (int t = 0; t < 4; ++t) out[j][t] = m[2 * t + 1] + (a[lane[t]] + a[lane[t] + 1]);
+    _mm_store_ps(m, mins[j]);
+    for (int t = 0; t < 4; ++t) out[j][t] = m[t] + (a[lane[t]] + a[lane[t] + 1]);
   }
 }
 
