@@ -244,6 +244,14 @@ inline float qdot(const QW& w, const uint8_t* row, const uint8_t* next, const QA
 // are formed exactly as for one (bit for bit the decode step's, NT = 1). next (or nullptr): the
 // rows read after these, prefetched.
 
+// The fp16 scales of the four rows' blocks at byte off, [d_0, d_1, d_2, d_3], in one conversion.
+inline __m128 scales4(const uint8_t* const r[4], int64_t off) {
+  uint16_t d[4];
+  for (int t = 0; t < 4; ++t) std::memcpy(&d[t], r[t] + off, sizeof d[t]);
+  return _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]), static_cast<short>(d[2]),
+                                     static_cast<short>(d[3]), 0, 0, 0, 0));
+}
+
 // int4: rows in pairs, two rows' 16 nibble bytes in one register ([row 2k | row 2k + 1]) against
 // the block's values 0-15 (low nibbles) and 16-31 (high nibbles) in both halves.
 template <int NT>
@@ -257,11 +265,7 @@ inline void qdot4_q4(int64_t nb, const uint8_t* const r[4], const uint8_t* const
   __m128 mins[NT];  // lane t: row t's offset d_w s_x
   for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps(), mins[j] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    // the four rows' scales [d_0, d_1, d_2, d_3], inserted as fp16 words and converted at once
-    uint16_t d[4];
-    for (int t = 0; t < 4; ++t) std::memcpy(&d[t], r[t] + b * bb, sizeof d[t]);
-    const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]),
-                                                  static_cast<short>(d[2]), static_cast<short>(d[3]), 0, 0, 0, 0));
+    const __m128 dw = scales4(r, b * bb);
     if (next && b % 2 == 0)
       for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
     __m256i lo[2], hi[2];
@@ -305,10 +309,7 @@ inline void qdot4_q8(int64_t nb, const uint8_t* const r[4], const uint8_t* const
   __m256 acc[NT];
   for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    uint16_t d[4];
-    for (int t = 0; t < 4; ++t) std::memcpy(&d[t], r[t] + b * bb, sizeof d[t]);
-    const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(d[0]), static_cast<short>(d[1]),
-                                                  static_cast<short>(d[2]), static_cast<short>(d[3]), 0, 0, 0, 0));
+    const __m128 dw = scales4(r, b * bb);
     if (next && b % 2 == 0)
       for (int t = 0; t < 4; ++t) prefetch(next[t] + b * bb);
     __m256i wv[4], aw[4];  // the rows' q and |q|
