@@ -48,10 +48,11 @@ def case(n, h, t, fmt, dtype, seed=0):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,h,t", [(100, 256, 5), (37, 203, 14), (9, 7, 1), (16, 64, 15)])
+@pytest.mark.parametrize("n,h,t", [(100, 256, 5), (37, 203, 14), (9, 7, 1), (16, 64, 15), (300, 96, 7)])
 def test_cpp_prefill_products_match_the_reference(cpp_kernels, fmt, dtype, n, h, t):
     """Shapes: rows past a group of 16 (or 4), a padded last block, one token, token tiles and
-    tails of each length (AVX-512: 6 tokens a tile, AVX2: 4)."""
+    tails of each length (AVX-512: 6 tokens a tile, AVX2: 4), times' rows past two panels of 128
+    and a short third (AVX2), column blocks in pairs and one alone."""
     w, x = case(n, h, t, fmt, dtype)
     values = dequantize(w)  # (N, H), as both backends see them
     y, ref = cpp_kernels.blocks.linear(x, w), REF.linear(x, w)
