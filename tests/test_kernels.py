@@ -151,22 +151,26 @@ def test_build_cache_is_keyed_by_cpu_and_sources(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prompt_gemms_through_fp32_equal_torchs(monkeypatch, dtype):
-    """fp32_linear and fp32_times (a prompt's GEMMs where the CPU has no bf16 dot products)
-    against F.linear and matmul in the weights' dtype, over row chunks with a ragged last one.
-    Both multiply the same values (bf16 ones are exact in fp32) and sum K products in fp32 in
-    different orders: about sqrt(K) roundings of eps32 of the sum of |terms| (a factor 4 of room);
-    a bf16 result may then round to the neighbouring bf16 value, one step of at most 2^-7 |y|."""
+def test_prompt_gemms_through_fp32_equal_torchs(cpp_kernels, monkeypatch, dtype):
+    """widened_linear (wide_linear) and fp32_times (a prompt's GEMMs where the CPU has no bf16 dot
+    products) against F.linear and matmul in the weights' dtype. linear: 39 tokens (a block of 32,
+    then a tile of 4 and a short one), 40 rows (a short group of three), 101 columns (a tail past
+    the last vector); times: row chunks with a ragged last one. Both multiply the same values
+    (bf16 ones are exact in fp32) and sum K products in fp32 in different orders: about sqrt(K)
+    roundings of eps32 of the sum of |terms| (a factor 4 of room); a bf16 result may then round
+    to the neighbouring bf16 value, one step of at most 2^-7 |y|."""
     monkeypatch.setattr(cpp, "WIDEN_ROWS", 16)
     g = torch.Generator().manual_seed(3)
-    w = (torch.randn(40, 96, generator=g) * torch.linspace(0.2, 2, 96)).to(dtype)  # uneven columns
+    w = (torch.randn(40, 101, generator=g) * torch.linspace(0.2, 2, 101)).to(dtype)  # uneven columns
     b = torch.randn(40, generator=g).to(dtype)
-    x = torch.randn(2, 5, 96, generator=g).to(dtype)
+    x = torch.randn(3, 13, 101, generator=g).to(dtype)
     h = torch.relu(torch.randn(2, 5, 40, generator=g)).to(dtype)  # dReLU-like zeros
     eps32, step = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
+    terms = x.abs().double() @ w.abs().double().t()
     cases = [
-        (cpp.fp32_linear(x, w, b), F.linear(x, w, b), x.abs().double() @ w.abs().double().t() + b.abs().double(), 96),
-        (cpp.fp32_times(h, w), h @ w, h.abs().double() @ w.abs().double(), 40),
+        (cpp_kernels.widened_linear(x, w, b), F.linear(x, w, b), terms + b.abs().double(), 101),
+        (cpp_kernels.widened_linear(x, w), F.linear(x, w), terms, 101),
+        (cpp.fp32_times(h, w[:, :96]), h @ w[:, :96], h.abs().double() @ w[:, :96].abs().double(), 40),
     ]
     for got, ref, terms, k in cases:
         assert got.dtype == dtype and got.shape == ref.shape
@@ -182,7 +186,9 @@ def test_cpp_kernels_choose_the_prompt_gemms_by_the_cpu(cpp_kernels, monkeypatch
     """torch's GEMMs where the CPU has bf16 dot products, the fp32 ones elsewhere, chosen once."""
     calls = []
     monkeypatch.setattr(cpp, "cpu_flags", lambda: f"flags\t\t: {flags}")
-    monkeypatch.setattr(cpp, "fp32_linear", lambda x, w, b=None: calls.append("linear") or F.linear(x, w, b))
+    monkeypatch.setattr(
+        CppKernels, "widened_linear", lambda self, x, w, b=None: calls.append("linear") or F.linear(x, w, b)
+    )
     monkeypatch.setattr(cpp, "fp32_times", lambda h, wt: calls.append("times") or h @ wt)
     kernels = CppKernels(cpp_kernels.ops)
     kernels.linear(torch.randn(3, 8), torch.randn(4, 8))

@@ -39,6 +39,7 @@ SOURCES = [
         "quant_ops.cpp",
         "prefill_linear.cpp",
         "prefill_times.cpp",
+        "prefill_wide.cpp",
     )
 ]
 HEADERS = [CSRC / name for name in ("act.h", "bf16.h", "gemv.h", "quant_blocks.h")]
@@ -181,23 +182,13 @@ def bf16_in_hardware() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-WIDEN_ROWS = 2048  # rows of a matrix widened to fp32 at a time by fp32_linear / fp32_times
-
-
-def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) as fp32 GEMMs on w's rows widened to fp32 WIDEN_ROWS at a time, rounded to
-    x's dtype: a bf16 GEMM's products and fp32 sums, for a CPU without bf16 in hardware."""
-    xf = x.float()
-    parts = [
-        F.linear(xf, w[r : r + WIDEN_ROWS].float(), None if b is None else b[r : r + WIDEN_ROWS].float())
-        for r in range(0, w.size(0), WIDEN_ROWS)
-    ]
-    return torch.cat(parts, dim=-1).to(x.dtype)
+WIDEN_ROWS = 2048  # rows of a matrix widened to fp32 at a time by fp32_times
 
 
 def fp32_times(h: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """h @ wt as fp32 GEMMs on wt's rows widened to fp32 WIDEN_ROWS at a time (partial sums in
-    fp32), rounded to h's dtype: see fp32_linear."""
+    fp32), rounded to h's dtype: a bf16 GEMM's products and fp32 sums, for a CPU without bf16 in
+    hardware."""
     h2 = h.reshape(-1, h.size(-1))
     acc = torch.zeros(h2.size(0), wt.size(1))
     for r in range(0, wt.size(0), WIDEN_ROWS):
@@ -219,7 +210,9 @@ class CppKernels(Kernels):
         # no bf16 dot products (chosen once, for the CPU this process runs on)
         self._linear: Callable[..., torch.Tensor]
         self._times: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-        self._linear, self._times = (F.linear, torch.matmul) if bf16_in_hardware() else (fp32_linear, fp32_times)
+        self._linear, self._times = (
+            (F.linear, torch.matmul) if bf16_in_hardware() else (self.widened_linear, fp32_times)
+        )
 
     @functools.cached_property
     def blocks(self) -> Kernels:
@@ -256,6 +249,13 @@ class CppKernels(Kernels):
 
     def linear(self, x, w, b=None):
         return self._linear(x, w, b)
+
+    def widened_linear(self, x, w, b=None):
+        """F.linear(x, w, b) where the CPU has no bf16 dot products: wide_linear (prefill_wide.cpp)
+        widens w's values to fp32 in registers (a bf16 GEMM's products, fp32 sums); the bias is
+        added in fp32 and the result rounded to x's dtype once, as torch's bf16 GEMM rounds."""
+        y = self.ops.wide_linear(x.float().contiguous(), w.contiguous())
+        return (y if b is None else y + b.float()).to(x.dtype)
 
     def times(self, h, wt):
         return self._times(h, wt)

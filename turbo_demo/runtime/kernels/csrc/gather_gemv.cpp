@@ -64,6 +64,7 @@ void register_ffn_ops(pybind11::module& m);     // ffn_ops.cpp: whole FFN steps
 void register_quant_ops(pybind11::module& m);   // quant_ops.cpp: the same on block-quantized weights
 void register_prefill_linear(pybind11::module& m);  // prefill_linear.cpp: a prompt's x W^T on blocks
 void register_prefill_times(pybind11::module& m);   // prefill_times.cpp: a prompt's h Wt on blocks
+void register_prefill_wide(pybind11::module& m);    // prefill_wide.cpp: a prompt's x W^T, bf16 widened
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU decode kernels: gather-GEMV for sparse FFNs, their dense forms, fused decode ops";
@@ -78,4 +79,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_quant_ops(m);
   register_prefill_linear(m);
   register_prefill_times(m);
+  register_prefill_wide(m);
 }
