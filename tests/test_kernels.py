@@ -152,31 +152,41 @@ def test_build_cache_is_keyed_by_cpu_and_sources(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_gemms_through_fp32_equal_torchs(cpp_kernels, monkeypatch, dtype):
-    """widened_linear (wide_linear) and fp32_times (a prompt's GEMMs where the CPU has no bf16 dot
-    products) against F.linear and matmul in the weights' dtype. linear: 39 tokens (a block of 32,
-    then a tile of 4 and a short one), 40 rows (a short group of three), 101 columns (a tail past
-    the last vector); times: row chunks with a ragged last one. Both multiply the same values
-    (bf16 ones are exact in fp32) and sum K products in fp32 in different orders: about sqrt(K)
-    roundings of eps32 of the sum of |terms| (a factor 4 of room); a bf16 result may then round
-    to the neighbouring bf16 value, one step of at most 2^-7 |y|."""
+    """widened_linear and widened_times (a prompt's GEMMs where the CPU has no bf16 dot products)
+    against F.linear and matmul in the weights' dtype. linear: 39 tokens (a block of 32, then a
+    tile of 4 and a short one), 40 rows (a short group of three), 101 columns (a tail past the
+    last vector). times: 10 tokens (tiles of 3 and a short one) over 300 rows (panels of 128 and a
+    short third) into 101 columns (strips and a tail), through wide_times, and through fp32_times
+    (row chunks with a ragged last one) once the prompt is longer than WIDE_TIMES_TOKENS. Both
+    sides multiply the same values (bf16 ones are exact in fp32) and sum K products in fp32 in
+    different orders: about sqrt(K) roundings of eps32 of the sum of |terms| (a factor 4 of room);
+    a bf16 result may then round to the neighbouring bf16 value, one step of at most 2^-7 |y|."""
     monkeypatch.setattr(cpp, "WIDEN_ROWS", 16)
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(40, 101, generator=g) * torch.linspace(0.2, 2, 101)).to(dtype)  # uneven columns
+    wt = (torch.randn(300, 101, generator=g) * torch.linspace(2, 0.2, 101)).to(dtype)
     b = torch.randn(40, generator=g).to(dtype)
     x = torch.randn(3, 13, 101, generator=g).to(dtype)
-    h = torch.relu(torch.randn(2, 5, 40, generator=g)).to(dtype)  # dReLU-like zeros
+    h = torch.relu(torch.randn(2, 5, 300, generator=g)).to(dtype)  # dReLU-like zeros
     eps32, step = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
     terms = x.abs().double() @ w.abs().double().t()
+    h_terms = h.abs().double() @ wt.abs().double()
     cases = [
         (cpp_kernels.widened_linear(x, w, b), F.linear(x, w, b), terms + b.abs().double(), 101),
         (cpp_kernels.widened_linear(x, w), F.linear(x, w), terms, 101),
-        (cpp.fp32_times(h, w[:, :96]), h @ w[:, :96], h.abs().double() @ w[:, :96].abs().double(), 40),
+        (cpp_kernels.widened_times(h, wt), h @ wt, h_terms, 300),
     ]
+    monkeypatch.setattr(cpp, "WIDE_TIMES_TOKENS", 4)
+    cases.append((cpp_kernels.widened_times(h, wt), h @ wt, h_terms, 300))
     for got, ref, terms, k in cases:
         assert got.dtype == dtype and got.shape == ref.shape
         allowed = 4 * k**0.5 * eps32 * terms + (step * ref.abs().double() if dtype == torch.bfloat16 else 0)
         assert ((got.double() - ref.double()).abs() <= allowed).all()
         assert not ((got.double() * 1.01 - ref.double()).abs() <= allowed).all()
+    with pytest.raises(RuntimeError, match="100 values per token, the weight takes 101"):
+        cpp_kernels.ops.wide_linear(torch.zeros(3, 100), w)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpp_kernels.ops.wide_times(torch.zeros(3, 300), wt.double())
 
 
 @pytest.mark.parametrize(
@@ -189,7 +199,7 @@ def test_cpp_kernels_choose_the_prompt_gemms_by_the_cpu(cpp_kernels, monkeypatch
     monkeypatch.setattr(
         CppKernels, "widened_linear", lambda self, x, w, b=None: calls.append("linear") or F.linear(x, w, b)
     )
-    monkeypatch.setattr(cpp, "fp32_times", lambda h, wt: calls.append("times") or h @ wt)
+    monkeypatch.setattr(CppKernels, "widened_times", lambda self, h, wt: calls.append("times") or h @ wt)
     kernels = CppKernels(cpp_kernels.ops)
     kernels.linear(torch.randn(3, 8), torch.randn(4, 8))
     kernels.times(torch.randn(3, 4), torch.randn(4, 8))
