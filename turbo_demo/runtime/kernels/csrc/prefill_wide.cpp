@@ -1,8 +1,9 @@
-// A prompt's x W^T on weights held as tensors (fp32 or bf16), for a CPU without bf16 dot products
-// (where the CPU has them, torch's bf16 GEMM runs on them: CppKernels): wide_linear, y (T, N) fp32
-// = x (T, K) fp32 . W (N, K)^T, each weight value widened to fp32 in a register as it is loaded.
-// A bf16 value is exact in fp32, so the products are those of a bf16 GEMM and the sums fp32's,
-// as torch's; only their order differs.
+// A prompt's products on weights held as tensors (fp32 or bf16), for a CPU without bf16 dot
+// products (where the CPU has them, torch's bf16 GEMM runs on them: CppKernels): wide_linear,
+// y (T, N) fp32 = x (T, K) fp32 . W (N, K)^T, each weight value widened to fp32 in a register as
+// it is loaded, and wide_times (below), y = h . Wt, its rows widened into a panel in cache. A
+// bf16 value is exact in fp32, so the products are those of a bf16 GEMM and the sums fp32's, as
+// torch's; only their order differs.
 //
 // Three rows against four tokens at a time (12 accumulators, three weight vectors and one token's:
 // AVX2's 16 registers), so that each weight vector loaded and widened serves four tokens and each
