@@ -159,12 +159,14 @@ void times_wide_impl(const float* h, const TW* wt, int64_t tokens, int64_t m, in
                      s * kStrip, y);
       }
 #endif
-    // the columns past the last strip, a token at a time
+    // the columns past the last strip (none where n is a multiple of kStrip), a token at a time
+    if (c_tail < n) {  // the same on every thread: all of them meet the loop, or none
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t i = 0; i < m; ++i)
-        if (const float hv = h[t * m + i]; hv != 0.f)
-          for (int64_t c = c_tail; c < n; ++c) y[t * n + c] += hv * to_f32(wt[i * n + c]);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t i = 0; i < m; ++i)
+          if (const float hv = h[t * m + i]; hv != 0.f)
+            for (int64_t c = c_tail; c < n; ++c) y[t * n + c] += hv * to_f32(wt[i * n + c]);
+    }
   }
 }
 
