@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from turbo_demo.bench.common import SIMD_FLAGS, Settings, settings_for
+from turbo_demo.bench.common import SIMD_FLAGS, InRounds, Settings, settings_for
 from turbo_demo.bench.ffn import FFN_MODES
 from turbo_demo.bench.peers import all_peers, close_all
 from turbo_demo.bench.report import format_table
@@ -79,7 +79,9 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
     for e in kernels.values():
         assert e["shape"] == "128x32" and positive(e["ms"])
         assert e["gbps"] == pytest.approx(e["bytes"] / e["ms"] / 1e6)
-        assert e["share_of_read_bandwidth"] == pytest.approx(e["gbps"] / machine["read_gbps"])
+        assert positive(e["read_gbps"])  # the kernels' own rounds' reading, not the machine's first
+        assert e["share_of_read_bandwidth"] == pytest.approx(e["gbps"] / e["read_gbps"])
+    assert len({e["read_gbps"] for e in kernels.values()}) == 1
 
     assert len(result["ffn"]) == 2 * 2 * len(FFN_MODES)
     for e in result["ffn"]:
@@ -124,6 +126,7 @@ def test_bench_schema_on_tiny_shapes(tiny_dirs, backend):
             "speedup_vs_dense",
             "stats_share",
             "predictor_ranks",
+            "read_gbps",
         }
         assert e["predictor_ranks"] == ([8] if (e["model"], e["engine"]) == ("7b-shape", "predictor") else None)
         assert all(positive(e[k]) for k in ("tokens_per_s", "bandwidth_share", "speedup_vs_dense"))
@@ -273,11 +276,15 @@ def test_phase_rows_arithmetic_from_crafted_timings(monkeypatch):
 
 def test_decode_rows_arithmetic_from_crafted_timings(monkeypatch):
     """The e2e rows' derived numbers from timings chosen here: tokens/s, the ratio to our dense,
-    the tokens/s the bandwidth allows at the row's bytes, and the share of it reached."""
+    the read bandwidth of the same rounds (the faster reader's median), the tokens/s it allows at
+    the row's bytes, and the share of it reached."""
     from turbo_demo.bench import e2e
 
     real = e2e.round_robin
-    crafted = {("transformers", None): 2.0, ("dense", None): 0.5, ("exact", None): 0.25}
+    reference = InRounds.over(Kernels(), 1 << 20)
+    sum_reader, matvec_reader = reference.calls  # crafted: 10 GB/s and 5 GB/s
+    crafted = {("transformers", None): 2.0, ("dense", None): 0.5, ("exact", None): 0.25,
+               sum_reader: reference.nbytes / 10.0e9, matvec_reader: reference.nbytes / 5.0e9}  # fmt: skip
 
     def timings(calls, rounds, bar):
         real(calls, 1, bar)  # every engine decodes once: the rows' bytes and sparsity are real
@@ -286,12 +293,13 @@ def test_decode_rows_arithmetic_from_crafted_timings(monkeypatch):
     monkeypatch.setattr(e2e, "round_robin", timings)
     settings = tiny_settings(None)
     model = tiny_model("drelu")
-    rows = {r["engine"]: r for r in e2e.bench_model("tiny", model, None, 4, settings, Kernels(), 10.0, False)}
+    rows = {r["engine"]: r for r in e2e.bench_model("tiny", model, None, 4, settings, Kernels(), reference, False)}
     assert set(rows) == {"transformers", "dense", "exact"}
     for engine, seconds in (("transformers", 2.0), ("dense", 0.5), ("exact", 0.25)):
         row = rows[engine]
         assert row["tokens_per_s"] == pytest.approx(4 / seconds)
         assert row["speedup_vs_dense"] == pytest.approx(0.5 / seconds)
+        assert row["read_gbps"] == pytest.approx(10.0)
         assert row["limit_tokens_per_s"] == pytest.approx(10.0e9 / row["bytes_per_token"])
         assert row["bandwidth_share"] == pytest.approx(row["bytes_per_token"] / 10.0e9 / (seconds / 4))
     assert rows["exact"]["bytes_per_token"] < rows["dense"]["bytes_per_token"]  # it skips rows

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_moe import CONFIG, write_layout
 
-from turbo_demo.bench.common import Settings
+from turbo_demo.bench.common import InRounds, Settings
 from turbo_demo.bench.e2e import bench_moe_models
 from turbo_demo.bench.moe import MOE_MODES, bench_moe, random_moe, shape_experts
 from turbo_demo.bench.report import format_table
@@ -60,7 +60,7 @@ def test_moe_checkpoints_decode_in_the_engines_their_configs_allow(tmp_path, tok
     write_layout(sparse, tokenizer, CONFIG, predictors=True)
     settings = Settings(embedded_moe=(dense, sparse, tmp_path / "nowhere"), embedded_tokens=3, e2e_rounds=2)
     notes = []
-    rows = bench_moe_models(settings, Kernels(), 10.0, notes, progress=False)
+    rows = bench_moe_models(settings, Kernels(), InRounds.over(Kernels(), 1 << 16), notes, progress=False)
     assert [(r["model"], r["engine"]) for r in rows] == [
         ("embedded-moe-dense", "transformers"),
         ("embedded-moe-dense", "dense"),

@@ -2,8 +2,11 @@
 
     machine  read_gbps: memory read bandwidth, the faster of two readers of one large buffer
              (torch.sum over it as fp32, or the kernels' matvec over it as bf16 rows), measured
-             first; every limit and share below is against it. read_gbps_at_end: the same
-             reading after the last row (the machine's drift during the run)
+             first; the moe rows' limits are against it. read_gbps_at_end: the same reading
+             after the last row (the machine's drift during the run)
+    kernels  each decode kernel alone (bench/kernels.py): GB/s, and share_of_read_bandwidth
+             against the row's own read_gbps, the two readers' bandwidth measured in the same
+             rounds as the kernels (common.InRounds)
     ffn      ms of one FFN step (batch 1) per mode and sparsity, through the product's FFN
              modes on synthetic dReLU layers, and of the transformers MLP module's own
              forward (PyTorch's GEMVs, HF's weight layout) as the reference users start from;
@@ -16,7 +19,9 @@
              in the dense, exact and predictor modes, on a Mistral-7B-shaped stack of random
              layers and on the shipped dReLU checkpoint (in the benchmark's dtype, and in fp32,
              the dtype the app runs it in), with
-             bandwidth_share = (weight bytes read per token / read bandwidth) / seconds per token
+             bandwidth_share = (weight bytes read per token / read_gbps) / seconds per token,
+             the row's own read_gbps being the two readers' bandwidth measured in the same
+             rounds as the engines (common.InRounds)
              (above 1 where the weights partly fit in the caches, as a small model's do),
              sparsity = the share of FFN neurons whose rows were skipped (1 - computed share)
              and stats_share = the time to build one step's statistics (a LayerRecord per

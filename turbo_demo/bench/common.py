@@ -5,6 +5,7 @@ import resource
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -196,14 +197,41 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts it in KiB
 
 
-def read_bandwidth(kernels: Kernels, buf: torch.Tensor, bar) -> tuple[float, str]:
-    """(GB/s, reader) of the faster of two readers of the fp32 buffer `buf`: torch.sum, and the
-    kernels' matvec over it as bf16 rows."""
+def readers(kernels: Kernels, buf: torch.Tensor) -> dict[str, Callable]:
+    """The two readers of the fp32 buffer `buf`, by name: torch.sum, and the kernels' matvec over
+    it as bf16 rows (4096 wide)."""
     rows, x = buf.view(torch.bfloat16).view(-1, 4096), torch.zeros(4096, dtype=torch.bfloat16)
-    readers = {"torch.sum over fp32": buf.sum, f"{kernels.name} matvec over bf16 rows": lambda: kernels.matvec(rows, x)}
-    seconds = round_robin(readers, 5, bar)
+    return {"torch.sum over fp32": buf.sum, f"{kernels.name} matvec over bf16 rows": lambda: kernels.matvec(rows, x)}
+
+
+def read_bandwidth(kernels: Kernels, buf: torch.Tensor, bar) -> tuple[float, str]:
+    """(GB/s, reader) of the faster of the two readers of the fp32 buffer `buf`."""
+    seconds = round_robin(readers(kernels, buf), 5, bar)
     best = min(seconds, key=seconds.get)
     return nbytes(buf) / seconds[best] / 1e9, best
+
+
+@dataclass(frozen=True)
+class InRounds:
+    """The read bandwidth measured inside a bench's own rounds: read_bandwidth's two readers, over
+    a buffer larger than the caches, take their turns among the variants, and the faster one's
+    median is the reading the rounds' shares are against. The bandwidth these shared machines
+    give moves by up to 2x within a minute (a 40 s trace of torch.sum on a Zen 5 read 26 to 75
+    GB/s, in spells of seconds), so a reading taken minutes before the rounds says more about that
+    moment than about a kernel."""
+
+    calls: dict  # {("read", reader name): the reader}
+    nbytes: int
+
+    @classmethod
+    def over(cls, kernels: Kernels, size: int) -> "InRounds":
+        """Readers of a new buffer of `size` bytes (whole 4096-wide bf16 rows)."""
+        buf = torch.ones(max(1, size // 8192) * 2048)
+        return cls({("read", name): fn for name, fn in readers(kernels, buf).items()}, nbytes(buf))
+
+    def gbps(self, seconds: dict) -> float:
+        """The reading from the rounds' median seconds by key (the readers' among them)."""
+        return self.nbytes / min(seconds[key] for key in self.calls) / 1e9
 
 
 def randomize_(model: nn.Module, std: float = 0.02) -> None:

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from turbo_demo.bench.common import Settings, published_ranks, randomize_, round_robin, timed
+from turbo_demo.bench.common import InRounds, Settings, published_ranks, randomize_, round_robin, timed
 from turbo_demo.bench.peers import LLAMA_CPP_CONTEXT, Peer, all_peers, close_all
 from turbo_demo.bench.phases import bench_phases
 from turbo_demo.checkpoints.checkpoint import load_model
@@ -77,7 +77,7 @@ def bench_model(
     tokens: int,
     s: Settings,
     kernels: Kernels,
-    gbps: float,
+    reference: InRounds,
     progress: bool,
     packs: dict | None = None,
     peers: dict[tuple, Peer] | None = None,
@@ -85,7 +85,8 @@ def bench_model(
     """tokens/s of each engine decoding `tokens` tokens after a one-token prompt: transformers'
     generate on the model as loaded, the lean runtime on each of `packs` (packs_of: the model
     as loaded, None: only that, and quantized; engine (mode, quant)), and the `peers`
-    (bench/peers.py), all in one round robin."""
+    (bench/peers.py), all in one round robin with the `reference` readers, whose reading there
+    (read_gbps) is what every row's limit and share are against."""
     peers = peers or {}
     packs = packs or packs_of(model)
     ranks = model.config.predictor_rank if predictor is not None else None
@@ -106,10 +107,12 @@ def bench_model(
         ("transformers", None): lambda: model.generate(torch.tensor([PROMPT]), generation_config=generation),
         **{key: lambda key=key: decode(key) for key in runtimes},
         **{key: peer.run for key, peer in peers.items()},
+        **reference.calls,
     }
     bar = tqdm(total=s.e2e_rounds, desc=f"e2e {label}", file=sys.stderr, disable=not progress, leave=False)
     seconds = round_robin(calls, s.e2e_rounds, bar)
     bar.close()
+    gbps = reference.gbps(seconds)
     # what transformers reads of the FFN: all of it, or in a MoE model the chosen experts' (as dense mode)
     dense_ffn = statistics.mean(st.ffn_bytes for st in steps["dense", None])
     stats_cost = {key: stats_seconds(runtime) for key, runtime in runtimes.items()}
@@ -130,6 +133,7 @@ def bench_model(
             "speedup_vs_dense": seconds["dense", None] / seconds[key],
             "stats_share": None if stats_cost is None else stats_cost / per_token,
             "predictor_ranks": ranks if key[0] == "predictor" else None,
+            "read_gbps": gbps,
         }
 
     results = []
@@ -147,21 +151,21 @@ def bench_model(
 
 
 def bench_e2e(
-    s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool
+    s: Settings, kernels: Kernels, reference: InRounds, notes: list[str], progress: bool
 ) -> tuple[list[dict], list[dict]]:
     """(the decoding rows, the 7b-shape stack's prompt-phase rows: bench/phases.py)."""
     with tempfile.TemporaryDirectory(prefix="turbo-demo-gguf-") as tmp:  # the peers' GGUF files
-        return bench_models(s, kernels, gbps, notes, progress, Path(tmp))
+        return bench_models(s, kernels, reference, notes, progress, Path(tmp))
 
 
 def bench_models(
-    s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool, tmp: Path
+    s: Settings, kernels: Kernels, reference: InRounds, notes: list[str], progress: bool, tmp: Path
 ) -> tuple[list[dict], list[dict]]:
     stack = random_stack(s)
     peers = all_peers(stack, None, PROMPT, s.stack_tokens, tmp / "7b-shape", notes) if s.peers else None
     packs = packs_of(stack, s.quants)
     predictor = {"budget": s.stack_budget}
-    results = bench_model("7b-shape", stack, predictor, s.stack_tokens, s, kernels, gbps, progress, packs, peers)
+    results = bench_model("7b-shape", stack, predictor, s.stack_tokens, s, kernels, reference, progress, packs, peers)
     ranks = stack.config.predictor_rank
     phases = bench_phases("7b-shape", packs, {"dense": {}, "predictor": predictor}, ranks, s, kernels, progress, peers)
     close_all(peers)
@@ -185,7 +189,7 @@ def bench_models(
             peers = all_peers(model, Path(s.embedded), PROMPT, s.embedded_tokens, tmp / "embedded", notes)
         packs = packs_of(model, quants)
         results += bench_model(
-            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, gbps, progress, packs, peers
+            "embedded-drelu", model, predictor, s.embedded_tokens, s, kernels, reference, progress, packs, peers
         )
         close_all(peers)
     if predictor is None:
@@ -196,10 +200,12 @@ def bench_models(
     notes.append(
         f"embedded-drelu: in {dtype_name(s.dtype)} and in {dtype_name(app_dtype)}, the dtype the app runs it in"
     )
-    return results + bench_moe_models(s, kernels, gbps, notes, progress), phases
+    return results + bench_moe_models(s, kernels, reference, notes, progress), phases
 
 
-def bench_moe_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str], progress: bool) -> list[dict]:
+def bench_moe_models(
+    s: Settings, kernels: Kernels, reference: InRounds, notes: list[str], progress: bool
+) -> list[dict]:
     """The embedded MoE checkpoints (s.embedded_moe), each in its own round robin, in the app's
     dtype: transformers' generate and the lean engines its config allows (exact for dReLU
     experts, predictor where they carry predictors). Rows are labelled embedded-<folder>."""
@@ -211,7 +217,7 @@ def bench_moe_models(s: Settings, kernels: Kernels, gbps: float, notes: list[str
             continue
         model = load_model(path)
         predictor = {} if getattr(model.config, "predictor_rank", None) else None
-        results += bench_model(label, model, predictor, s.embedded_tokens, s, kernels, gbps, progress)
+        results += bench_model(label, model, predictor, s.embedded_tokens, s, kernels, reference, progress)
         notes.append(
             f"{label}: {model.config.num_local_experts} experts, top-{model.config.num_experts_per_tok}, "
             f"in {dtype_name(model.dtype)} (as the app loads it); bytes_per_token counts the chosen experts' rows"

@@ -3,8 +3,9 @@
 A dense FFN step is two matvecs (W_gate x, W_up x: dot products along rows) and one vecmat
 (h W_down: a weighted sum of neuron-major rows); a predictor's choice is one matvec on fc1 and
 a vecmat over the rows of fc2_t whose z_j is non-zero. At batch 1 each is bound by the bytes it
-reads, so each row gives its GB/s and its share of the machine's measured read bandwidth: a
-kernel well under the others' share is bound by its arithmetic, not by memory.
+reads, so each row gives its GB/s and its share of the read bandwidth measured in the same
+rounds (read_gbps, common.InRounds): a kernel well under the others' share is bound by its
+arithmetic, not by memory.
 
     matvec     y = W x over every row of a (I, H) matrix
     vecmat     y = h Wt over every row of a (I, H) matrix, h without zeros
@@ -22,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from turbo_demo.bench.common import Settings, published_ranks, timed, timed_rounds
+from turbo_demo.bench.common import InRounds, Settings, published_ranks, timed, timed_rounds
 from turbo_demo.runtime.kernels import Kernels
 from turbo_demo.runtime.quant import FORMATS, quantize, row_bytes, weight_bytes
 from turbo_demo.runtime.weights import FFNWeights
@@ -71,20 +72,24 @@ def kernel_calls(fmt: str | None, s: Settings, kernels: Kernels, gen: torch.Gene
     }
 
 
-def bench_kernels(s: Settings, kernels: Kernels, gbps: float, progress: bool) -> list[dict]:
-    """One row per kernel and format: median ms, bytes, GB/s and its share of `gbps`."""
+def bench_kernels(s: Settings, kernels: Kernels, reference: InRounds, progress: bool) -> list[dict]:
+    """One row per kernel and format: median ms, bytes, GB/s and its share of the `reference`
+    readers' reading in the same rounds."""
     gen = torch.Generator().manual_seed(0)
     calls = {}
     for fmt in (None, *s.quants):
         calls |= kernel_calls(fmt, s, kernels, gen)
+    calls |= {key: lambda fn=fn: (timed(fn), reference.nbytes) for key, fn in reference.calls.items()}
     bar = tqdm(total=ROUNDS, desc="kernels", file=sys.stderr, disable=not progress, leave=False)
     medians = timed_rounds(calls, ROUNDS, bar)
     bar.close()
+    gbps = reference.gbps({key: medians.pop(key)[0] for key in reference.calls})
     hidden, inter = s.ffn_shapes[0]
     rows = []
     for (kernel, fmt), (seconds, nbytes) in medians.items():
         rows.append(
             {"kernel": kernel, "format": fmt, "shape": f"{inter}x{hidden}", "ms": seconds * 1e3, "bytes": int(nbytes),
-             "gbps": nbytes / seconds / 1e9, "share_of_read_bandwidth": nbytes / seconds / 1e9 / gbps}
+             "gbps": nbytes / seconds / 1e9, "share_of_read_bandwidth": nbytes / seconds / 1e9 / gbps,
+             "read_gbps": gbps}
         )  # fmt: skip
     return rows

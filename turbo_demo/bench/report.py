@@ -14,10 +14,10 @@ def format_table(result: dict) -> str:
         f"read bandwidth {m['read_gbps']:.1f} GB/s ({m['read_method']}), "
         f"{m['read_gbps_at_end']:.1f} GB/s at the end of the run",
         "",
-        "Each kernel alone, batch 1: ms, bytes read, GB/s and share of the read bandwidth",
+        "Each kernel alone, batch 1: ms, bytes read, GB/s, and share of the read bandwidth in the same rounds",
         *(
             f"{e['kernel']:<10}{e['format']:<10}{e['shape']:<12}{e['ms']:>8.2f} ms{e['bytes'] / 1e6:>9.1f} MB"
-            f"{e['gbps']:>8.1f} GB/s{e['share_of_read_bandwidth']:>6.0%}"
+            f"{e['gbps']:>8.1f} GB/s{e['share_of_read_bandwidth']:>6.0%} of {e['read_gbps']:.1f}"
             for e in result.get("kernels", ())
         ),
         "",
@@ -46,9 +46,9 @@ def format_table(result: dict) -> str:
         )
     lines += [
         "",
-        "Decoding, batch 1",
+        "Decoding, batch 1 (bandwidth: the share of the read bandwidth in the same rounds, read GB/s)",
         f"{'model':<16}{'dtype':<10}{'weights':<9}{'engine':<22}{'tokens/s':>10}{'limit':>10}{'sparsity':>10}"
-        f"{'bandwidth':>11}{'vs dense':>10}{'stats':>8}",
+        f"{'bandwidth':>11}{'read':>7}{'vs dense':>10}{'stats':>8}",
     ]
     for e in result["e2e"]:
         sparsity = "-" if e["sparsity"] is None else f"{e['sparsity']:.2f}"
@@ -56,7 +56,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{e['model']:<16}{e['dtype']:<10}{e.get('quant') or '-':<9}{e['engine']:<22}{e['tokens_per_s']:>10.2f}"
             f"{e.get('limit_tokens_per_s', 0):>10.1f}{sparsity:>10}"
-            f"{e['bandwidth_share']:>11.0%}{e['speedup_vs_dense']:>9.2f}x{stats:>8}"
+            f"{e['bandwidth_share']:>11.0%}{e['read_gbps']:>7.1f}{e['speedup_vs_dense']:>9.2f}x{stats:>8}"
         )
     lines += ["", "Prefill (the prompt as one batch): tokens/s, vs llama.cpp at the same precision, vs our decode"]
     for e in result.get("prefill", ()):

@@ -5,7 +5,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from turbo_demo.bench.common import Settings, cpu_info, read_bandwidth
+from turbo_demo.bench.common import InRounds, Settings, cpu_info, read_bandwidth
 from turbo_demo.bench.e2e import bench_e2e
 from turbo_demo.bench.ffn import bench_ffn
 from turbo_demo.bench.kernels import bench_kernels
@@ -46,13 +46,15 @@ def run_bench(s: Settings, backend: str = "auto", progress: bool = True) -> dict
             "read_gbps": gbps,
             "read_method": method,
         }
-        kernel_rows = bench_kernels(s, kernels, gbps, progress)
+        # the kernel and decode rows' shares: against the bandwidth read in their own rounds
+        reference = InRounds.over(kernels, s.working_set)
+        kernel_rows = bench_kernels(s, kernels, reference, progress)
         ffn = bench_ffn(s, kernels, buf, progress)
         moe = bench_moe(s, kernels, buf, gbps, progress)
         del buf  # 1 GiB by default, not held while the models are
-        e2e, phases = bench_e2e(s, kernels, gbps, notes, progress)
-        # again at the end: these shared machines drift during a run; a share over 100% or a
-        # second reading far from the first says the limits above were off by that much
+        e2e, phases = bench_e2e(s, kernels, reference, notes, progress)
+        # again at the end: how far these shared machines drifted during the run (the moe rows'
+        # limits are against the first reading)
         machine["read_gbps_at_end"] = bandwidth(kernels, read_buffer(s), "read bandwidth, again", progress)[0]
     notes.append(
         f"moe: {s.moe_layers} MoE layer(s) per step, each of {s.moe_experts} experts of "
