@@ -132,6 +132,28 @@ def test_cpp_quantized_gemv_matches_torch(cpp_kernels, fmt, dtype, n, h, k):
 
 
 @pytest.mark.parametrize("fmt", QUANTS)
+@pytest.mark.parametrize("n,h,k", [(60, 32 * 130 + 7, 40), (700, 203, 600)])
+def test_cpp_quantized_axpy_splits_columns_or_rows_between_threads(cpp_kernels, fmt, n, h, k):
+    """rows_axpy past the one-thread size (64 KB of rows read), on two threads: few rows of many
+    columns (4k < h, as the predictor's fc2) split the columns at multiples of 512 values (here a
+    short, padded last part), else the rows (partial sums added up). Against the reference; one
+    value changed by a thousandth of its row's contribution fails the same comparison."""
+    w, _, idx, hv = qcase(n, h, fmt, torch.float32, k, seed=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = cpp_kernels.blocks.rows_axpy(w, hv, idx)
+    finally:
+        torch.set_num_threads(threads)
+    ref = REF.rows_axpy(w, hv, idx)
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    nudged = ref.clone()
+    nudged[h - 1] += 1e-3 * ref.abs().max()
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, nudged, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
 def test_cpp_quantized_dots_hold_the_largest_block_sums(cpp_kernels, fmt):
     """Blocks whose integer sums are as large as the formats allow: every weight at its format's
     largest |q| (int4 15, int8 127) against x at +-127 everywhere. The AVX2 kernels keep partial
