@@ -393,6 +393,9 @@ template <int FMT, int M>
 inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coef[], const uint8_t* const* next,
                         float* acc) {
   constexpr int64_t bb = FMT == kQ8 ? kQ8Bytes : kQ4Bytes;
+#if defined(__AVX512F__)
+  [[maybe_unused]] const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
   for (int64_t b = 0; b < nb; ++b, acc += kQBlock) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
@@ -412,10 +415,12 @@ inline void qaxpy_group(int64_t nb, const uint8_t* const rows[], const float coe
         const float cd = coef[r] * half_at(blk);
         dsum += cd;
         const __m512 dv = _mm512_set1_ps(cd);
-        // byte j holds value j (low nibble) and value j + 16 (high nibble): one widening for both
+        // byte j holds value j (low nibble) and value j + 16 (high nibble): one widening for both;
+        // a nibble's fp32 value by one vpermps from the table 0..15, which reads the low four bits
+        // of each lane (the low nibbles need no mask and no conversion)
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-        a0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), a0);
-        a1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), a1);
+        a0 = _mm512_fmadd_ps(dv, _mm512_permutexvar_ps(v, nibbles), a0);
+        a1 = _mm512_fmadd_ps(dv, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nibbles), a1);
       }
     }
     if constexpr (FMT == kQ4) {
