@@ -135,9 +135,9 @@ def test_cpp_quantized_gemv_matches_torch(cpp_kernels, fmt, dtype, n, h, k):
 @pytest.mark.parametrize("n,h,k", [(60, 32 * 130 + 7, 40), (700, 203, 600)])
 def test_cpp_quantized_axpy_splits_columns_or_rows_between_threads(cpp_kernels, fmt, n, h, k):
     """rows_axpy past the one-thread size (64 KB of rows read), on two threads: few rows of many
-    columns (4k < h, as the predictor's fc2) split the columns at multiples of 512 values (here a
-    short, padded last part), else the rows (partial sums added up). Against the reference; one
-    value changed by a thousandth of its row's contribution fails the same comparison."""
+    columns (4k < h, as the predictor's fc2) split the columns at multiples of 512 values (here the
+    second part ends in a padded block), else the rows (partial sums added up). Against the
+    reference; the last output moved by a thousandth of the largest fails the same comparison."""
     w, _, idx, hv = qcase(n, h, fmt, torch.float32, k, seed=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

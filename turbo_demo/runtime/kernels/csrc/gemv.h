@@ -172,6 +172,12 @@ inline void group(const T* w, const int64_t* idx, int64_t j, int64_t j1, int64_t
   }
 }
 
+// Whether a weighted sum of k rows of h columns, on `threads` threads, splits the threads over
+// its rows (each summing into private fp32 partial sums, added up at the end) rather than its
+// columns: few rows of many columns (4k < h) split the columns, where adding up threads x h
+// partial sums would cost more than the rows themselves.
+inline bool split_rows(int threads, int64_t k, int64_t h) { return threads > 1 && 4 * k >= h; }
+
 // Thread t's share [lo, hi) of 0..n split nt ways, cut at multiples of `align` (the last share
 // ends at n).
 inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt, int64_t align) {
@@ -246,12 +252,12 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
   // within L1).
   constexpr int64_t kBlock = 4096, kAlign = 32;
   const int threads = threads_for<T>(k * h);
-  const bool split_rows = threads > 1 && 4 * k >= h;
-  std::vector<float> partial(split_rows ? threads * h : 0, 0.f);
+  const bool by_rows = split_rows(threads, k, h);
+  std::vector<float> partial(by_rows ? threads * h : 0, 0.f);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int rt = split_rows ? t : 0, rn = split_rows ? nt : 1, ct = split_rows ? 0 : t, cn = split_rows ? 1 : nt;
+    const int rt = by_rows ? t : 0, rn = by_rows ? nt : 1, ct = by_rows ? 0 : t, cn = by_rows ? 1 : nt;
     const auto [j0, j1] = share(k, rt, rn, 1);
     const auto [c_lo, c_hi] = share(h, ct, cn, kAlign);
     float acc[kBlock];
@@ -269,13 +275,13 @@ void axpy_impl(const T* wt, const T* hv, const int64_t* idx, T* y, int64_t k, in
         }
         axpy4(acc, wj, r, next, n);
       }
-      if (split_rows)
+      if (by_rows)
         std::copy(acc, acc + n, partial.data() + t * h + c0);
       else
         for (int64_t c = 0; c < n; ++c) store(y + c0 + c, acc[c]);
     }
   }
-  if (split_rows) store_sum(partial, threads, h, y);
+  if (by_rows) store_sum(partial, threads, h, y);
 }
 
 inline void check_weight(const torch::Tensor& w, const char* fn) {

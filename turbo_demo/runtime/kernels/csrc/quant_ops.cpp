@@ -39,18 +39,18 @@ void reduce(const std::vector<float>& partial, int threads, int64_t hp, int64_t 
   }
 }
 
-// y (h,) = sum_j coef_j Wt[rows_j] over the k given rows. Threads split the rows, each summing
-// into its own fp32 partial sums added up at the end; or, for few rows of many columns (4k < h:
-// the predictor's fc2 over its live hidden units), the columns, at multiples of kColumnAlign
-// values, each thread reading its part of every row and storing its part of y, with no partial
-// sums to add up one thread at a time (as gemv.h's axpy_impl splits bf16 rows).
+// y (h,) = sum_j coef_j Wt[rows_j] over the k given rows, the threads split as gemv.h's
+// split_rows says (and as its axpy_impl splits bf16 rows): over the rows, each thread summing into
+// its own fp32 partial sums added up at the end; or, for few rows of many columns (the predictor's
+// fc2 over its live hidden units), over the columns at multiples of kColumnAlign values, each
+// thread reading its part of every row and storing its part of y.
 constexpr int64_t kColumnAlign = 16 * kQBlock;
 
 template <typename T>
 void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<int64_t>& rows, T* y) {
-  const int64_t k = static_cast<int64_t>(rows.size()), hp = (wt.cols + kQBlock - 1) / kQBlock * kQBlock;
+  const int64_t k = static_cast<int64_t>(rows.size());
   const int threads = threads_for<uint8_t>(k * wt.row_bytes);
-  if (threads > 1 && 4 * k < wt.cols) {
+  if (threads > 1 && !split_rows(threads, k, wt.cols)) {
 #pragma omp parallel num_threads(threads)
     {
       const auto [c0, c1] = share(wt.cols, omp_get_thread_num(), omp_get_num_threads(), kColumnAlign);
@@ -64,6 +64,7 @@ void axpy_rows(const QW& wt, const std::vector<float>& coef, const std::vector<i
     }
     return;
   }
+  const int64_t hp = (wt.cols + kQBlock - 1) / kQBlock * kQBlock;
   std::vector<float> partial(static_cast<size_t>(threads) * hp, 0.f);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
